@@ -1,0 +1,322 @@
+"""Checkpoint -> fixed-shape ONNX graphs (one per batch bucket), verified against PyTorch every time.
+
+`trident export CHECKPOINT --out DIR [--buckets 2,8,32] [--fp16]` writes into DIR:
+  <graph>_b<N>.onnx          fp32 graph, every dimension static (batch N included), for the CPU path
+  fp16/<graph>_b<N>.onnx     optional fp16 graph with float32 inputs/outputs, for the GPU path
+  metadata.json              everything a client needs to sample with no other file (kind, image shape, class names,
+                             null class, schedule, prediction type, latent size, buckets, tensor specs, parity figures)
+DIR is built in a temporary folder next to it and renamed into place only after every graph passed its checks, so a
+failed export never leaves half-written model files.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from trident.serving.spec import DEFAULT_BUCKETS, ENCODER, GRAPHS_OF_KIND, GraphSpec, graph_spec_from_meta
+from trident.training import checkpoint as ckpt
+
+OPSET = 17  # GroupNorm exports as InstanceNormalization here; GroupNormalization at opset 21 breaks ORT and TensorRT
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 2e-2  # measured max abs error of the fp16 graphs is stated in metadata.json
+EXPORTABLE = tuple(GRAPHS_OF_KIND)
+
+
+class ExportError(RuntimeError):
+    """The export cannot proceed or its checks failed; nothing was written to the output directory."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graph wrappers: each one is exactly the served function, with the spec's argument order
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = vae.encoder
+
+    def forward(self, image):
+        return self.encoder(image)
+
+
+def graph_module(graph: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The torch module whose forward(*spec inputs) returns the spec outputs."""
+    if graph == ENCODER:
+        return _Encoder(model).eval()
+    if graph == "vae_decoder":
+        return model.decoder.eval()
+    return model.eval()
+
+
+def example_inputs(spec: GraphSpec, n: int, meta: dict, seed: int = 0) -> list[np.ndarray]:
+    """Random but valid inputs for a graph at batch n (timesteps across [0, T), labels across [0, null])."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in spec.inputs:
+        if t.name == "timestep":
+            T = int(meta["schedule"]["num_train_timesteps"])
+            out.append(rng.uniform(0, T - 1, size=n).astype(np.float32))
+        elif t.name == "class_label":
+            hi = int(meta.get("null_class", len(meta["class_names"]) - 1))
+            out.append(rng.integers(0, hi + 1, size=n).astype(np.int64))
+        else:
+            out.append(rng.standard_normal(t.batched(n)).astype(np.float32))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------
+
+def static_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Every graph input/output's dims; a dim that is not a concrete positive integer shows as its dim_param or None."""
+    dims = {}
+    for v in list(model.graph.input) + list(model.graph.output):
+        dims[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                        for d in v.type.tensor_type.shape.dim]
+    return dims
+
+
+def check_graph(model: onnx.ModelProto, spec: GraphSpec, n: int) -> None:
+    onnx.checker.check_model(model)
+    for name, dims in static_dims(model).items():
+        if not all(isinstance(d, int) for d in dims):
+            raise ExportError(f"{spec.name} b{n}: tensor {name!r} has non-static dims {dims}")
+    names_in = [i.name for i in model.graph.input]
+    names_out = [o.name for o in model.graph.output]
+    if names_in != [t.name for t in spec.inputs] or names_out != [t.name for t in spec.outputs]:
+        raise ExportError(f"{spec.name} b{n}: graph I/O {names_in} -> {names_out} does not match the spec")
+    # Each input must feed some node: a timestep embedding constant-folded away would leave 'timestep' unused.
+    consumed = {i for node in model.graph.node for i in node.input}
+    unused = [name for name in names_in if name not in consumed]
+    if unused:
+        raise ExportError(f"{spec.name} b{n}: graph inputs {unused} are not used by any node (constant-folded?)")
+
+
+def _session(model_bytes: bytes, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def parity(model_bytes: bytes, module: torch.nn.Module, spec: GraphSpec, n: int, meta: dict, seed: int = 0) -> float:
+    """Max abs difference between ONNX Runtime and PyTorch on the same random inputs, over all outputs."""
+    inputs = example_inputs(spec, n, meta, seed)
+    with torch.no_grad():
+        ref = module(*[torch.from_numpy(a) for a in inputs])
+    ref = [ref] if torch.is_tensor(ref) else list(ref)
+    got = _session(model_bytes).run(None, {t.name: a for t, a in zip(spec.inputs, inputs)})
+    return max(float(np.max(np.abs(g.astype(np.float64) - r.numpy().astype(np.float64)))) for g, r in zip(got, ref))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+
+def export_graph(module: torch.nn.Module, spec: GraphSpec, n: int, meta: dict, exporter: str = "legacy") -> onnx.ModelProto:
+    args = tuple(torch.from_numpy(a) for a in example_inputs(spec, n, meta))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            torch.onnx.export(module, args, buf, input_names=[t.name for t in spec.inputs],
+                              output_names=[t.name for t in spec.outputs], opset_version=OPSET,
+                              do_constant_folding=True, dynamo=False)
+            return onnx.load_from_string(buf.getvalue())
+        if exporter == "dynamo":
+            prog = torch.onnx.export(module, args, input_names=[t.name for t in spec.inputs],
+                                     output_names=[t.name for t in spec.outputs], opset_version=18, dynamo=True,
+                                     verbose=False)
+            return prog.model_proto
+    raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and math, float32 inputs and outputs (casts at the edges)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(model, keep_io_types=True)
+    return _toposort(half)
+
+
+def _toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fp16 converter appends its input casts at the end of the node list; onnx.checker wants topological order."""
+    ready = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ExportError(f"fp16 graph has a cycle or dangling inputs at {rest[0].name}")
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
+
+
+def parse_buckets(text: str | list | tuple | None, graph: str) -> tuple[int, ...]:
+    if text is None:
+        return DEFAULT_BUCKETS[graph]
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    if not items or items == [""]:
+        raise ExportError("the bucket list is empty; give batch sizes such as --buckets 2,8,32")
+    try:
+        values = [int(s) for s in items]
+    except ValueError:
+        raise ExportError(f"bucket sizes must be integers, got {text!r}") from None
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise ExportError(f"bucket sizes must be positive, got {bad} in {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def client_metadata(meta: dict) -> dict:
+    """What a client needs from a checkpoint's metadata, nothing about training."""
+    keep = ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "class_centroids")
+    out = {k: meta[k] for k in keep if k in meta}
+    if "latent_dim" in meta["config"]:
+        out["latent_dim"] = meta["config"]["latent_dim"]
+    out["conditional"] = meta["kind"] in ("diffusion", "gan")
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, buckets=None, fp16: bool = False,
+                      exporter: str = "legacy", log=print) -> dict:
+    """Export every graph of a checkpoint at every bucket; returns the metadata written to out_dir/metadata.json."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    meta0 = ckpt.read_meta(checkpoint)
+    if meta0.get("kind") not in EXPORTABLE:
+        raise ExportError(f"{checkpoint} holds a {meta0.get('kind')!r} model; only {EXPORTABLE} checkpoints export")
+    model, meta = ckpt.load_model(checkpoint)
+    graphs = GRAPHS_OF_KIND[meta["kind"]]
+    bucket_map = {g: parse_buckets(buckets, g) for g in graphs}
+
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+        tmp.chmod(0o755)
+    except OSError as e:
+        raise ExportError(f"cannot write the output directory {out_dir}: {e}") from e
+    try:
+        info = client_metadata(meta)
+        info.update({"format": "trident.export", "version": 1, "opset": OPSET, "exporter": exporter,
+                     "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+                     "source_checkpoint": {"file": checkpoint.name, "sha256": _sha256(checkpoint.read_bytes())},
+                     "graphs": {}})
+        for graph in graphs:
+            spec = graph_spec_from_meta(graph, info)
+            module = graph_module(graph, model)
+            entry = {"spec": spec.to_dict(), "buckets": list(bucket_map[graph]), "fp32": {}, "fp16": {}}
+            for n in bucket_map[graph]:
+                t0 = time.time()
+                proto = export_graph(module, spec, n, info, exporter)
+                check_graph(proto, spec, n)
+                data = proto.SerializeToString()
+                err = parity(data, module, spec, n, info)
+                if not err < FP32_TOLERANCE:
+                    raise ExportError(f"{graph} b{n}: ONNX Runtime vs PyTorch max abs error {err:.3g} "
+                                      f"exceeds {FP32_TOLERANCE}")
+                name = f"{graph}_b{n}.onnx"
+                (tmp / name).write_bytes(data)
+                entry["fp32"][str(n)] = {"file": name, "sha256": _sha256(data), "parity_max_abs_err": err}
+                msg = f"{graph} b{n}: parity {err:.2e}"
+                if fp16:
+                    half = to_fp16(proto)
+                    onnx.checker.check_model(half)
+                    hdata = half.SerializeToString()
+                    herr = parity(hdata, module, spec, n, info)
+                    if not herr < FP16_TOLERANCE:
+                        raise ExportError(f"{graph} b{n} fp16: max abs error {herr:.3g} exceeds {FP16_TOLERANCE}")
+                    (tmp / "fp16").mkdir(exist_ok=True)
+                    (tmp / "fp16" / name).write_bytes(hdata)
+                    entry["fp16"][str(n)] = {"file": f"fp16/{name}", "sha256": _sha256(hdata), "parity_max_abs_err": herr}
+                    msg += f", fp16 parity {herr:.2e}"
+                log(f"{msg} ({time.time() - t0:.1f}s)")
+            info["graphs"][graph] = entry
+        (tmp / "metadata.json").write_text(json.dumps(info, indent=2) + "\n")
+        # Swap into place: the old directory (if any) is removed only after the new one is complete.
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
+            os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def load_export_metadata(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / "metadata.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path} not found: run `trident export CHECKPOINT --out {directory}` first") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from e
+    if info.get("format") != "trident.export":
+        raise ExportError(f"{path} is not a trident export metadata file")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="trident export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a model.safetensors written by `trident train` (diffusion, gan or vae)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--buckets", default=None,
+                   help="comma-separated static batch sizes, e.g. 2,8,32 (default per graph: "
+                        + "; ".join(f"{g}: {','.join(map(str, b))}" for g, b in DEFAULT_BUCKETS.items()) + ")")
+    p.add_argument("--fp16", action="store_true", help="also write fp16 graphs (float32 I/O) for the GPU path")
+    p.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        info = export_checkpoint(args.checkpoint, args.out, args.buckets, args.fp16, args.exporter)
+    except (ExportError, ckpt.CheckpointError) as e:
+        print(f"trident export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/metadata.json ({', '.join(info['graphs'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

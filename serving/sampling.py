@@ -1,0 +1,523 @@
+"""Diffusion sampling math: noise schedules, the DDPM / DDIM / DPM-Solver++(2M) steps, classifier-free guidance and the
+sampling loop.
+
+Pure numpy on float64 schedule tables (no torch, no transport): the same code drives training previews, the in-process
+ONNX Runtime session and the Triton client. The network is only a callable `eps(x, t, y)`; this module never sees how
+it runs.
+
+The samplers follow the diffusers scheduler contract: `set_timesteps(n)`, loop over `timesteps`, `step(eps, t, x)`
+returns a small frozen result. They reproduce diffusers' DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler
+(dpmsolver++, order 2, midpoint) step by step; see tests/test_sampling.py. One deliberate difference: DDIM steps to the
+next timestep in `timesteps`, where diffusers' DDIMScheduler steps to `t - T // n`, which is only right for "leading"
+spacing (diffusers issue #12633).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import Callable, Iterator
+
+import numpy as np
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
+SPACINGS = ("leading", "trailing", "linspace")
+SCHEDULE_KINDS = ("linear", "cosine")
+
+# model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W]
+EpsModel = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), t in [0, T).
+
+    kind "linear": DDPM betas linspace(beta_start, beta_end, T) (Ho et al. 2020).
+    kind "cosine": abar(t) = cos((t/T + s) / (1 + s) * pi/2)^2, s = 0.008, betas capped at 0.999 (Nichol & Dhariwal
+    2021; diffusers "squaredcos_cap_v2"). beta_start and beta_end are unused by it.
+    """
+
+    kind: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"NoiseSchedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        T = self.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+            raise ValueError(f"NoiseSchedule.num_train_timesteps must be an integer >= 1, got {T!r}")
+        for name in ("beta_start", "beta_end"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 < v < 1.0:
+                raise ValueError(f"NoiseSchedule.{name} must be a number in (0, 1), got {v!r}")
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"NoiseSchedule.beta_start ({self.beta_start}) must be <= beta_end ({self.beta_end})")
+        # plain Python numbers, so that to_dict() is JSON-able whatever numpy scalars came in
+        object.__setattr__(self, "num_train_timesteps", int(T))
+        object.__setattr__(self, "beta_start", float(self.beta_start))
+        object.__setattr__(self, "beta_end", float(self.beta_end))
+
+    @cached_property
+    def betas(self) -> np.ndarray:
+        """float64 [T], read-only."""
+        T = self.num_train_timesteps
+        if self.kind == "linear":
+            betas = np.linspace(self.beta_start, self.beta_end, T, dtype=np.float64)
+        else:
+            def abar(u: float) -> float:
+                return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+            # beta_t = 1 - abar((t+1)/T) / abar(t/T) (Nichol & Dhariwal sec. 3.2), capped against the singularity at T
+            betas = np.array([min(1.0 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=np.float64)
+        betas.flags.writeable = False
+        return betas
+
+    @cached_property
+    def alphas_cumprod(self) -> np.ndarray:
+        """abar_t = prod_{s<=t} (1 - beta_s), float64 [T], read-only."""
+        abar = np.cumprod(1.0 - self.betas)
+        abar.flags.writeable = False
+        return abar
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoiseSchedule:
+        """Inverse of to_dict. Values may also be strings (Triton config parameters are string_value)."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"NoiseSchedule: unknown keys {unknown}; allowed: {names}")
+        casts = {"kind": str, "num_train_timesteps": int, "beta_start": float, "beta_end": float}
+        try:
+            kwargs = {k: casts[k](v) if isinstance(v, str) else v for k, v in d.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"NoiseSchedule.from_dict: bad value in {d!r}: {e}") from None
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timestep spacing ("linspace", "leading", "trailing": Lin et al. 2023, table 2; the formulas are diffusers')
+# ----------------------------------------------------------------------------------------------------------------
+
+def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, *, skip_zero: bool = False) -> np.ndarray:
+    """Descending int64 [steps] timesteps in [0, T).
+
+    skip_zero (DPM-Solver): lay out steps + 1 points and drop the last one (t = 0 for linspace/leading), because that
+    solver's final step lands on sigma = 0 instead of evaluating the model there.
+    """
+    T = num_train_timesteps
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        raise ValueError(f"steps (num_inference_steps) must be an integer in [1, {T}] (num_train_timesteps), "
+                         f"got {steps!r}")
+    m = steps + 1 if skip_zero else steps
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, m).round()[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(m) * (T // m)).round()[::-1]
+    else:
+        # float arange can yield one extra point near 0 (e.g. T=1000, steps=61; diffusers then keeps t=-1): cut it.
+        ts = np.round(np.arange(T, 0, -T / steps)) - 1
+    ts = ts[:steps].astype(np.int64)
+    if len(np.unique(ts)) != steps:
+        raise ValueError(f"steps={steps} with spacing={spacing!r} repeats timesteps for num_train_timesteps={T}; "
+                         f"use fewer steps or another spacing")
+    return ts
+
+
+def _timestep_index(timesteps: np.ndarray | None, t) -> int:
+    if timesteps is None:
+        raise ValueError("Number of inference steps is not set: call set_timesteps(num_inference_steps) "
+                         "on the sampler before step()")
+    hits = np.flatnonzero(timesteps == int(t))
+    if len(hits) == 0:
+        raise ValueError(f"timestep {int(t)} is not in this sampler's timesteps; pass values from .timesteps")
+    return int(hits[0])
+
+
+def _as_f64(a, name: str, shape=None) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape} (the sample's shape)")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepOutput:
+    prev_sample: np.ndarray           # x_{t_prev}, float64 [B, C, H, W]
+    pred_original_sample: np.ndarray  # x_0 estimate at t (clipped when the sampler clips), float64 [B, C, H, W]
+
+
+class _Sampler:
+    """Shared timestep bookkeeping. Subclasses implement step()."""
+
+    name = ""
+    default_spacing = "leading"
+    _skip_zero = False
+
+    def __init__(self, schedule: NoiseSchedule, rng: np.random.Generator | None = None):
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        self.schedule = schedule
+        self.rng = rng
+        self.timesteps: np.ndarray | None = None  # set by set_timesteps
+        self.num_inference_steps: int | None = None
+        self.spacing: str | None = None
+
+    def set_timesteps(self, num_inference_steps: int, spacing: str | None = None) -> None:
+        spacing = self.default_spacing if spacing is None else spacing
+        self.timesteps = spaced_timesteps(self.schedule.num_train_timesteps, num_inference_steps, spacing,
+                                          skip_zero=self._skip_zero)
+        self.num_inference_steps = int(num_inference_steps)
+        self.spacing = spacing
+
+    def _noise(self, noise, shape) -> np.ndarray:
+        if noise is not None:
+            return _as_f64(noise, "noise", shape)
+        if self.rng is None:
+            self.rng = np.random.default_rng()  # unseeded: pass rng=np.random.default_rng(seed) to reproduce
+        return self.rng.standard_normal(shape)
+
+    def _abar_prev(self, i: int) -> tuple[int, float]:
+        """The timestep after timesteps[i] and its abar; past the end, t = -1 with abar = 1 (x_0 itself)."""
+        if i + 1 < len(self.timesteps):
+            prev_t = int(self.timesteps[i + 1])
+            return prev_t, float(self.schedule.alphas_cumprod[prev_t])
+        return -1, 1.0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(steps={self.num_inference_steps}, spacing={self.spacing!r})"
+
+
+def _clip(x0: np.ndarray, clip: bool, limit: float) -> np.ndarray:
+    return np.clip(x0, -limit, limit) if clip else x0
+
+
+class DDPMSampler(_Sampler):
+    """Ancestral sampling, Ho et al. 2020 (diffusers DDPMScheduler, variance "fixed_small" or "fixed_large")."""
+
+    name = "ddpm"
+    default_spacing = "leading"
+
+    def __init__(self, schedule: NoiseSchedule, *, clip_sample: bool = True, clip_sample_range: float = 1.0,
+                 variance: str = "fixed_small", rng: np.random.Generator | None = None):
+        super().__init__(schedule, rng)
+        if variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
+        if not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range!r}")
+        self.clip_sample, self.clip_sample_range, self.variance = bool(clip_sample), float(clip_sample_range), variance
+
+    def step(self, model_output, t, sample, noise=None) -> StepOutput:
+        i = _timestep_index(self.timesteps, t)
+        t = int(t)
+        x = _as_f64(sample, "sample")
+        eps = _as_f64(model_output, "model_output", x.shape)
+        _, abar_prev = self._abar_prev(i)
+        abar_t = float(self.schedule.alphas_cumprod[t])
+        beta_t = 1.0 - abar_t / abar_prev  # the beta of the (possibly strided) step t -> prev
+
+        # x_0 from eps: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. eq. 4, solved for x_0; eq. 15)
+        x0 = _clip((x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t), self.clip_sample, self.clip_sample_range)
+
+        # posterior mean mu~_t(x_t, x_0) (Ho et al. eq. 7)
+        mean = (math.sqrt(abar_prev) * beta_t / (1.0 - abar_t)) * x0 \
+            + (math.sqrt(1.0 - beta_t) * (1.0 - abar_prev) / (1.0 - abar_t)) * x
+
+        # x_{t-1} = mu~ + sigma_t z, sigma_t^2 = beta~_t (eq. 7, "fixed_small") or beta_t ("fixed_large"); no z at t=0
+        if t > 0:
+            if self.variance == "fixed_small":
+                var = max((1.0 - abar_prev) / (1.0 - abar_t) * beta_t, 1e-20)
+            else:
+                var = beta_t
+            mean = mean + math.sqrt(var) * self._noise(noise, x.shape)
+        return StepOutput(prev_sample=mean, pred_original_sample=x0)
+
+
+class DDIMSampler(_Sampler):
+    """DDIM, Song et al. 2021 (diffusers DDIMScheduler with use_clipped_model_output=False)."""
+
+    name = "ddim"
+    default_spacing = "leading"
+
+    def __init__(self, schedule: NoiseSchedule, *, eta: float = 0.0, clip_sample: bool = True,
+                 clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
+                 rng: np.random.Generator | None = None):
+        super().__init__(schedule, rng)
+        if not (isinstance(eta, (int, float, np.floating)) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+        if not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range!r}")
+        self.eta, self.clip_sample, self.clip_sample_range = float(eta), bool(clip_sample), float(clip_sample_range)
+        self.set_alpha_to_one = bool(set_alpha_to_one)
+
+    def step(self, model_output, t, sample, noise=None) -> StepOutput:
+        i = _timestep_index(self.timesteps, t)
+        x = _as_f64(sample, "sample")
+        eps = _as_f64(model_output, "model_output", x.shape)
+        prev_t, abar_prev = self._abar_prev(i)
+        if prev_t < 0 and not self.set_alpha_to_one:
+            abar_prev = float(self.schedule.alphas_cumprod[0])
+        abar_t = float(self.schedule.alphas_cumprod[int(t)])
+
+        # "predicted x_0" (Song et al. eq. 12, first term); clipping changes x_0 only, eps stays the model's
+        x0 = _clip((x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t), self.clip_sample, self.clip_sample_range)
+
+        # sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev) (eq. 16)
+        std = self.eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+
+        # x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (eq. 12: "direction pointing to
+        # x_t" plus random noise)
+        prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - std ** 2, 0.0)) * eps
+        if self.eta > 0:
+            prev = prev + std * self._noise(noise, x.shape)
+        return StepOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+class DPMSolverPP2MSampler(_Sampler):
+    """DPM-Solver++(2M), Lu et al. 2022 alg. 2 (diffusers DPMSolverMultistepScheduler, algorithm_type="dpmsolver++",
+    solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero").
+
+    Multistep: step() must see the timesteps in order; set_timesteps() restarts. clip_sample clips the x_0 estimate
+    to [-clip_sample_range, clip_sample_range] (diffusers: thresholding=True with sample_max_value=range).
+    """
+
+    name = "dpmpp-2m"
+    default_spacing = "linspace"
+    _skip_zero = True
+
+    def __init__(self, schedule: NoiseSchedule, *, clip_sample: bool = False, clip_sample_range: float = 1.0,
+                 rng: np.random.Generator | None = None):
+        super().__init__(schedule, rng)
+        if not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range!r}")
+        self.clip_sample, self.clip_sample_range = bool(clip_sample), float(clip_sample_range)
+        self._reset()
+
+    def _reset(self):
+        self._step_index: int | None = None
+        self._prev_x0: np.ndarray | None = None  # data prediction from the previous step (the "2M" memory)
+
+    def set_timesteps(self, num_inference_steps: int, spacing: str | None = None) -> None:
+        super().set_timesteps(num_inference_steps, spacing)
+        abar = self.schedule.alphas_cumprod[self.timesteps]
+        # alpha_t, sigma_t of x_t = alpha_t x_0 + sigma_t eps at each timestep, then the final point sigma = 0
+        self._alpha = np.append(np.sqrt(abar), 1.0)        # [n + 1]
+        self._sigma = np.append(np.sqrt(1.0 - abar), 0.0)  # [n + 1]
+        self._reset()
+
+    def step(self, model_output, t, sample, noise=None) -> StepOutput:
+        if self._step_index is None:
+            self._step_index = _timestep_index(self.timesteps, t)  # may start mid-schedule (e.g. img2img)
+        i = self._step_index
+        if i >= len(self.timesteps):
+            raise ValueError(f"all {len(self.timesteps)} steps are done; call set_timesteps() to sample again")
+        if int(t) != int(self.timesteps[i]):
+            raise ValueError(f"dpmpp-2m is multistep and expects timestep {int(self.timesteps[i])} at step {i}, "
+                             f"got {int(t)}; call set_timesteps() to restart")
+        x = _as_f64(sample, "sample")
+        eps = _as_f64(model_output, "model_output", x.shape)
+        alpha_s, sigma_s = self._alpha[i], self._sigma[i]
+        alpha_t, sigma_t = self._alpha[i + 1], self._sigma[i + 1]
+
+        # data prediction x_theta(x_s, s) = (x_s - sigma_s eps) / alpha_s (Lu et al. 2022, sec. 3)
+        x0 = _clip((x - sigma_s * eps) / alpha_s, self.clip_sample, self.clip_sample_range)
+
+        if sigma_t == 0.0:
+            # last step onto sigma = 0 (lambda = +inf, always first order): x_t = alpha_t x0 with alpha_t = 1
+            prev = x0
+        else:
+            lam_s, lam_t = math.log(alpha_s / sigma_s), math.log(alpha_t / sigma_t)  # lambda = log(alpha / sigma)
+            h = lam_t - lam_s
+            if self._prev_x0 is None:
+                d = x0  # first step: DPM-Solver++(1), i.e. DDIM
+            else:
+                # D = (1 + 1/(2r)) x0_s - 1/(2r) x0_{s-1}, r = h_{prev} / h (alg. 2, line 6)
+                a_p, s_p = self._alpha[i - 1], self._sigma[i - 1]
+                r = (lam_s - math.log(a_p / s_p)) / h
+                d = x0 + (0.5 / r) * (x0 - self._prev_x0)
+            # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D (alg. 2, line 7)
+            prev = (sigma_t / sigma_s) * x - (alpha_t * math.expm1(-h)) * d
+        self._prev_x0 = x0
+        self._step_index = i + 1
+        return StepOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+_SAMPLER_CLASSES = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp-2m": DPMSolverPP2MSampler}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, **options):
+    """A fresh sampler. Options: ddpm: clip_sample, clip_sample_range, variance; ddim: eta, clip_sample,
+    clip_sample_range, set_alpha_to_one; dpmpp-2m: clip_sample, clip_sample_range; all: rng (np.random.Generator)."""
+    if name not in _SAMPLER_CLASSES:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    return _SAMPLER_CLASSES[name](schedule, **options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ----------------------------------------------------------------------------------------------------------------
+
+def _call_model(model: EpsModel, x: np.ndarray, t: int, y: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    out = model(x.astype(np.float32), np.full((n,), t, dtype=np.float32), y.astype(np.int64))
+    out = np.asarray(out, dtype=np.float64)
+    if out.shape != x.shape:
+        raise ValueError(f"model returned shape {out.shape} for input of shape {x.shape}; "
+                         f"expected eps of the same shape")
+    return out
+
+
+def cfg_eps(model: EpsModel, x, t: int, labels, guidance_scale: float, null_class: int) -> np.ndarray:
+    """Guided eps = eps(x, null) + s * (eps(x, y) - eps(x, null)) (Ho & Salimans 2022), float64 [B, C, H, W].
+
+    labels None: unconditional, one call with y = null_class. guidance_scale 1: one call on the conditional batch.
+    Otherwise one call on the stacked batch [x; x] with y = [labels; null], as diffusers' DiT pipeline.
+    """
+    x = np.asarray(x, dtype=np.float64)  # [B, C, H, W]
+    b = x.shape[0]
+    if labels is None:
+        return _call_model(model, x, t, np.full((b,), null_class, dtype=np.int64))
+    labels = np.asarray(labels, dtype=np.int64).reshape(b)
+    if guidance_scale == 1:
+        return _call_model(model, x, t, labels)
+    both = _call_model(model, np.concatenate([x, x]), t,
+                       np.concatenate([labels, np.full((b,), null_class, dtype=np.int64)]))  # [2B, C, H, W]
+    cond, uncond = both[:b], both[b:]
+    return uncond + guidance_scale * (cond - uncond)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling loop
+# ----------------------------------------------------------------------------------------------------------------
+
+class SamplingCancelled(Exception):
+    """Raised when a sampling callback returns False."""
+
+    def __init__(self, index: int, t: int):
+        super().__init__(f"sampling cancelled by the callback after step {index} (t={t})")
+        self.index, self.t = index, t
+
+
+@dataclass(frozen=True)
+class SamplingStep:
+    index: int                        # 0-based step number
+    num_steps: int
+    t: int                            # the timestep the model was evaluated at
+    sample: np.ndarray                # x after this step, float64 [B, C, H, W]
+    pred_original_sample: np.ndarray  # x_0 estimate at t, float64 [B, C, H, W]
+
+
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {rng}, got {v!r}")
+    return int(v)
+
+
+def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
+                       steps: int = 20, guidance_scale: float = 3.0, null_class: int, eta: float = 0.0,
+                       spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
+                       callback: Callable | None = None, progress: bool = False,
+                       clip_sample: bool | None = None) -> Iterator[SamplingStep]:
+    """Like `sample`, but yields a SamplingStep after every step (previews, progress), as guided-diffusion's
+    p_sample_loop_progressive. Arguments are checked here, before the generator starts and before any model call."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 4
+            and all(not isinstance(d, bool) and isinstance(d, (int, np.integer)) and d > 0 for d in shape)):
+        raise ValueError(f"shape must be (batch, channels, height, width) of positive integers, got {shape!r}")
+    shape = tuple(int(d) for d in shape)
+    null_class = _check_int("null_class", null_class, 0)
+    _check_int("steps", steps, 1, schedule.num_train_timesteps)
+    if not (isinstance(guidance_scale, (int, float, np.floating)) and math.isfinite(guidance_scale)
+            and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
+    if not (isinstance(eta, (int, float, np.floating)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if eta > 0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} applies to the 'ddim' sampler only, not {sampler!r}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.shape[0] != shape[0]:
+            raise ValueError(f"labels must be a 1-D sequence of length shape[0]={shape[0]}, got shape {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() > null_class):
+            raise ValueError(f"labels must lie in [0, {null_class}] (null_class={null_class} means unconditional), "
+                             f"got min {labels.min()} max {labels.max()}")
+        labels = labels.astype(np.int64)
+    if seed is not None and rng is not None:
+        raise ValueError("pass seed or rng, not both")
+    if callback is not None and not callable(callback):
+        raise ValueError("callback must be callable as callback(i, t, x, x0)")
+
+    options = {} if clip_sample is None else {"clip_sample": clip_sample}
+    if sampler == "ddim":
+        options["eta"] = eta
+    rng = np.random.default_rng(seed) if rng is None else rng
+    solver = make_sampler(sampler, schedule, rng=rng, **options)
+    solver.set_timesteps(steps, spacing=spacing)  # validates spacing and the steps/spacing combination
+    return _sample_loop(model, shape, labels, solver, guidance_scale, null_class, callback, progress)
+
+
+def _sample_loop(model, shape, labels, solver, guidance_scale, null_class, callback, progress):
+    x = solver.rng.standard_normal(shape)  # x_T ~ N(0, I), float64 [B, C, H, W]
+    n = len(solver.timesteps)
+    bar = _progress_bar(n, solver.name) if progress else None
+    try:
+        for i, t in enumerate(solver.timesteps):
+            t = int(t)
+            eps = cfg_eps(model, x, t, labels, guidance_scale, null_class)
+            out = solver.step(eps, t, x)
+            x = out.prev_sample
+            if bar is not None:
+                bar.update(1)
+            if callback is not None and callback(i, t, x, out.pred_original_sample) is False:
+                raise SamplingCancelled(i, t)
+            yield SamplingStep(i, n, t, x, out.pred_original_sample)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_bar(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step")
+
+
+def sample(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
+           steps: int = 20, guidance_scale: float = 3.0, null_class: int, eta: float = 0.0,
+           spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
+           callback: Callable | None = None, progress: bool = False, clip_sample: bool | None = None) -> np.ndarray:
+    """Draw images from x_T ~ N(0, I): float32 [B, C, H, W], the x_0 estimate, roughly in [-1, 1].
+
+    model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W]; with guidance it is called
+    once per step on 2B rows. labels: int [B] in [0, null_class], or None for unconditional. seed (or rng) fixes the
+    initial noise and any step noise: the same seed gives the same images. spacing None: the sampler's diffusers
+    default. clip_sample None: the sampler's default (ddpm, ddim: True; dpmpp-2m: False). callback(i, t, x, x0)
+    returning False raises SamplingCancelled. progress shows a tqdm bar when tqdm is installed.
+    """
+    x = None
+    for info in sample_progressive(model, shape, labels, schedule=schedule, sampler=sampler, steps=steps,
+                                   guidance_scale=guidance_scale, null_class=null_class, eta=eta, spacing=spacing,
+                                   seed=seed, rng=rng, callback=callback, progress=progress, clip_sample=clip_sample):
+        x = info.sample
+    return x.astype(np.float32)

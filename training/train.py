@@ -1,0 +1,481 @@
+"""Training loops for the four model kinds, in one process or under `torchrun` (DDP: gloo on CPU, nccl on GPU).
+
+`trident train diffusion|gan|vae|classifier --steps N --batch-size B --lr LR --seed S --out DIR`
+Writes into DIR: last.safetensors (resumable: live weights, EMA, optimiser state), model.safetensors (the weights to
+export), log.csv (losses), samples/step_XXXXXXX.png (preview grids, one row per class for conditional models).
+Re-running with the same DIR resumes from last.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trident.serving.images import labelled_grid, save_png, to_uint8
+
+from . import checkpoint as ckpt
+from .data import CLASS_NAMES, load_fashion_mnist
+from .models import CONFIGS, Discriminator, build_model
+
+KINDS = ("diffusion", "gan", "vae", "classifier")
+DEFAULTS = {  # per-kind (lr, batch size) that trained well on Fashion-MNIST here
+    "diffusion": (5e-4, 128), "gan": (2e-4, 128), "vae": (1e-3, 128), "classifier": (1e-3, 128),
+}
+
+
+@dataclass
+class TrainConfig:
+    kind: str
+    out_dir: str
+    steps: int = 1000
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    data_dir: str | None = None
+    limit: int | None = None          # use only the first N training images (tests)
+    model: dict = field(default_factory=dict)   # overrides of the model config dataclass
+    schedule: dict = field(default_factory=dict)  # diffusion: NoiseSchedule overrides (kind, beta_start, ...)
+    label_dropout: float = 0.1        # diffusion: P(label -> null class), for classifier-free guidance
+    ema_decay: float = 0.999
+    warmup_steps: int = 200
+    log_every: int = 50
+    sample_every: int = 1000
+    ckpt_every: int = 500
+    time_limit_min: float | None = None  # stop (and save) after this many minutes of training
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        lr, bs = DEFAULTS[self.kind]
+        self.lr = lr if self.lr is None else self.lr
+        self.batch_size = bs if self.batch_size is None else self.batch_size
+        for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _wrap(module, device, world):
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+def _unwrap(module):
+    return module.module if hasattr(module, "module") else module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-kind pieces: build modules, one optimisation step, preview images
+# ----------------------------------------------------------------------------------------------------------------
+
+def _diffusion_tables(meta: dict, device) -> torch.Tensor:
+    from trident.serving.sampling import NoiseSchedule
+
+    sched = NoiseSchedule.from_dict(meta["schedule"])
+    return torch.tensor(sched.alphas_cumprod, dtype=torch.float32, device=device)
+
+
+def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod):
+    """Ho et al. 2020, Algorithm 1, with label dropout for classifier-free guidance (Ho & Salimans 2022)."""
+    unet = mods["model"]
+    null = _unwrap(unet).config.null_class
+    n = x0.shape[0]
+    t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen, device=x0.device)
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+    a = alphas_cumprod[t][:, None, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps                          # q(x_t | x_0)
+    drop = torch.rand(n, generator=gen, device=x0.device) < cfg.label_dropout
+    y = torch.where(drop, torch.full_like(y, null), y)
+    loss = F.mse_loss(unet(x_t, t.float(), y), eps)
+    opts["model"].zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opts["model"].step()
+    return {"loss": loss.item()}
+
+
+def _gan_step(cfg, mods, opts, x, y, gen, _):
+    """One D turn then one G turn; non-saturating G loss -log D(G(z)) (Goodfellow et al. 2014, sec. 3)."""
+    G, D = mods["model"], mods["disc"]
+    g = _unwrap(G)
+    n = x.shape[0]
+    z = torch.randn(n, g.config.latent_dim, generator=gen, device=x.device)
+    y_fake = torch.randint(0, g.config.num_classes, (n,), generator=gen, device=x.device)
+    fake = G(z, y_fake)
+    # D: maximise log D(x) + log(1 - D(G(z)))  ==  minimise softplus(-D(x)) + softplus(D(G(z)))
+    d_loss = F.softplus(-D(x, y)).mean() + F.softplus(D(fake.detach(), y_fake)).mean()
+    opts["disc"].zero_grad(set_to_none=True)
+    d_loss.backward()
+    opts["disc"].step()
+    # G: maximise log D(G(z))  ==  minimise softplus(-D(G(z)))
+    g_loss = F.softplus(-D(fake, y_fake)).mean()
+    opts["model"].zero_grad(set_to_none=True)
+    g_loss.backward()
+    opts["model"].step()
+    return {"loss_d": d_loss.item(), "loss_g": g_loss.item()}
+
+
+def vae_loss(vae, x, beta):
+    """Negative ELBO per image: Bernoulli reconstruction (summed over pixels) + beta * KL(q(z|x) || N(0, I))."""
+    logits, mean, logvar = vae(x)
+    target = (x + 1) / 2
+    rec = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / x.shape[0]
+    kl = -0.5 * torch.sum(1 + logvar - mean.pow(2) - logvar.exp()) / x.shape[0]
+    return rec + beta * kl, rec, kl
+
+
+def _vae_step(cfg, mods, opts, x, y, gen, _):
+    vae = mods["model"]
+    loss, rec, kl = vae_loss(vae, x, _unwrap(vae).config.beta)
+    opts["model"].zero_grad(set_to_none=True)
+    loss.backward()
+    opts["model"].step()
+    return {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
+
+
+def _classifier_step(cfg, mods, opts, x, y, gen, _):
+    clf = mods["model"]
+    # light augmentation: random horizontal flips (Fashion-MNIST items are left-right symmetric in class)
+    flip = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    logits = clf(x)
+    loss = F.cross_entropy(logits, y)
+    opts["model"].zero_grad(set_to_none=True)
+    loss.backward()
+    opts["model"].step()
+    return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+
+STEPS = {"diffusion": _diffusion_step, "gan": _gan_step, "vae": _vae_step, "classifier": _classifier_step}
+
+
+@torch.no_grad()
+def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, seed: int = 0) -> np.ndarray | None:
+    """A uint8 grid drawn from the model: one row per class for conditional models, (H, W, 3)."""
+    module.eval()
+    names = meta.get("class_names", CLASS_NAMES)
+    k = len(names)
+    labels = np.repeat(np.arange(k), per_class)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "diffusion":
+        from trident.serving.sampling import NoiseSchedule, sample
+
+        c = module.config
+        device = next(module.parameters()).device
+
+        def eps(x, t, y):  # the torch module as the sampler's callable
+            out = module(torch.from_numpy(x).to(device), torch.from_numpy(t).to(device), torch.from_numpy(y).to(device))
+            return out.cpu().numpy()
+
+        imgs = sample(eps, (len(labels), c.in_channels, c.image_size, c.image_size), labels,
+                      schedule=NoiseSchedule.from_dict(meta["schedule"]), sampler="dpmpp-2m", steps=20,
+                      guidance_scale=3.0, null_class=c.null_class, seed=seed)
+    elif kind == "gan":
+        device = next(module.parameters()).device
+        z = torch.randn(len(labels), module.config.latent_dim, generator=g).to(device)
+        imgs = module(z, torch.from_numpy(labels).to(device)).cpu().numpy()
+    elif kind == "vae":
+        dec = module.decoder
+        z = torch.randn(k * per_class, module.config.latent_dim, generator=g).to(next(dec.parameters()).device)
+        imgs = dec(z).cpu().numpy()
+        return labelled_grid(to_uint8(imgs), per_class)
+    else:
+        return None
+    return labelled_grid(to_uint8(imgs), per_class, row_labels=names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+def _meta(cfg: TrainConfig, model_cfg) -> dict:
+    meta = {"kind": cfg.kind, "config": model_cfg.to_dict(), "class_names": list(CLASS_NAMES),
+            "image": {"channels": model_cfg.in_channels, "height": model_cfg.image_size,
+                      "width": model_cfg.image_size, "value_range": [-1.0, 1.0]}}
+    if cfg.kind == "diffusion":
+        from trident.serving.sampling import NoiseSchedule
+
+        meta["schedule"] = NoiseSchedule(**cfg.schedule).to_dict()
+        meta["prediction_type"] = "epsilon"
+        meta["null_class"] = model_cfg.null_class
+        meta["label_dropout"] = cfg.label_dropout
+    return meta
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the path of model.safetensors."""
+    rank, world, device = _setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model_cfg = CONFIGS[cfg.kind].from_dict(cfg.model)
+    meta = _meta(cfg, model_cfg)
+    mods = {"model": build_model(cfg.kind, model_cfg).to(device)}
+    if cfg.kind == "gan":
+        mods["disc"] = Discriminator(model_cfg).to(device)
+    betas = (0.5, 0.999) if cfg.kind == "gan" else (0.9, 0.999)
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0) for name, m in mods.items()}
+    ema = copy.deepcopy(mods["model"]).eval().requires_grad_(False) if cfg.kind == "diffusion" else None
+
+    # Resume.
+    step, elapsed, history = 0, 0.0, {}
+    last = out / "last.safetensors"
+    if last.exists():
+        tensors, old = ckpt.load_checkpoint(last, cfg.kind)
+        if old["config"] != meta["config"]:
+            raise ckpt.CheckpointError(f"{last} was trained with model config {old['config']}, not {meta['config']}; "
+                                       "use another --out directory or the same config")
+        for name, m in mods.items():
+            ckpt.load_state(m, tensors, f"train.{name}", last)
+            ckpt.restore_optimizer(opts[name], name, tensors, old["train"]["optim"][name])
+        if ema is not None:
+            ckpt.load_state(ema, tensors, "model", last)
+        step, elapsed = old["train"]["step"], old["train"]["elapsed_s"]
+        history = old["train"].get("last_losses", {})
+        if rank == 0:
+            print(f"resuming {cfg.kind} from {last} at step {step}", flush=True)
+    if step >= cfg.steps:
+        if rank == 0:
+            print(f"{last} is already at step {step} >= --steps {cfg.steps}; nothing to do")
+        return out / "model.safetensors"
+    for name in mods:
+        mods[name] = _wrap(mods[name], device, world)
+        mods[name].train()
+
+    data = load_fashion_mnist("train", cfg.data_dir, limit=cfg.limit)
+    images = torch.from_numpy(data.images.copy()).float().div(127.5).sub(1).unsqueeze(1).to(device)  # (N, 1, 28, 28) in [-1, 1]
+    labels = torch.from_numpy(data.labels).to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank * 7919 + step)
+    batch_rng = np.random.default_rng([cfg.seed, rank, step])
+    alphas_cumprod = _diffusion_tables(meta, device) if cfg.kind == "diffusion" else None
+    step_fn = STEPS[cfg.kind]
+    local_bs = max(1, cfg.batch_size // world)
+
+    def save(final: bool = False):
+        if rank != 0:
+            return
+        tensors, optim_info = {}, {}
+        for name, m in mods.items():
+            tensors.update(ckpt.with_prefix(_unwrap(m).state_dict(), f"train.{name}"))
+            t_opt, info = ckpt.optimizer_tensors(opts[name], name)
+            tensors.update(t_opt)
+            optim_info[name] = info
+        export_module = ema if ema is not None else _unwrap(mods["model"])
+        export_tensors = ckpt.with_prefix(export_module.state_dict(), "model")
+        tensors.update(export_tensors)
+        train_meta = {"step": step, "elapsed_s": round(elapsed, 1), "batch_size": cfg.batch_size, "lr": cfg.lr,
+                      "seed": cfg.seed, "world_size": world, "last_losses": history,
+                      "command": " ".join(shlex.quote(a) for a in sys.argv), "train_config": asdict(cfg)}
+        ckpt.save_checkpoint(last, tensors, {**meta, "train": {**train_meta, "optim": optim_info}})
+        extra = {}
+        if cfg.kind == "vae":
+            extra["class_centroids"] = _vae_centroids(export_module, images, labels)
+        ckpt.save_checkpoint(out / "model.safetensors", export_tensors, {**meta, **extra, "train": train_meta})
+
+    log_path = out / "log.csv"
+    log_file = None
+    if rank == 0:
+        new = not log_path.exists() or step == 0
+        log_file = open(log_path, "w" if new else "a", newline="")
+    writer = None
+    bar = None
+    if rank == 0 and cfg.progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", dynamic_ncols=True, mininterval=2.0)
+        except ImportError:
+            pass
+    sums: dict[str, float] = {}
+    count = 0
+    t_start = time.time() - elapsed
+    try:
+        while step < cfg.steps:
+            for group in (g for o in opts.values() for g in o.param_groups):
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+            idx = torch.from_numpy(batch_rng.integers(0, len(labels), local_bs)).to(device)
+            losses = step_fn(cfg, mods, opts, images[idx], labels[idx], gen, alphas_cumprod)
+            step += 1
+            if ema is not None:  # EMA with warm-up of the decay (as in many DDPM codebases)
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), _unwrap(mods["model"]).parameters()):
+                        pe.lerp_(pm, 1 - decay)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            elapsed = time.time() - t_start
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                history = {k: round(v / count, 5) for k, v in sums.items()}
+                if rank == 0:
+                    if writer is None:
+                        writer = csv.DictWriter(log_file, fieldnames=["step", "elapsed_s", *history])
+                        if log_file.tell() == 0:
+                            writer.writeheader()
+                    writer.writerow({"step": step, "elapsed_s": round(elapsed, 1), **history})
+                    log_file.flush()
+                sums, count = {}, 0
+            stop = cfg.time_limit_min is not None and elapsed > cfg.time_limit_min * 60
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+                save()
+            if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps or stop):
+                grid = preview(cfg.kind, ema if ema is not None else _unwrap(mods["model"]), meta)
+                _unwrap(mods["model"]).train()
+                if grid is not None:
+                    save_png(out / "samples" / f"step_{step:07d}.png", grid)
+            if stop:
+                if rank == 0:
+                    print(f"time limit of {cfg.time_limit_min} min reached at step {step}", flush=True)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+        if dist.is_initialized():
+            dist.barrier()
+    if cfg.kind == "classifier" and rank == 0:
+        acc = evaluate_classifier(_unwrap(mods["model"]), cfg.data_dir)
+        tensors, m = ckpt.load_checkpoint(out / "model.safetensors")
+        m["test_accuracy"] = acc
+        ckpt.save_checkpoint(out / "model.safetensors", tensors, m)
+        print(f"classifier test accuracy: {acc:.4f}")
+    return out / "model.safetensors"
+
+
+@torch.no_grad()
+def _vae_centroids(vae, images, labels) -> list[list[float]]:
+    """Mean posterior mean per class: lets a client interpolate between classes with the decoder alone."""
+    vae.eval()
+    sums = torch.zeros(int(labels.max()) + 1, vae.config.latent_dim)
+    counts = torch.zeros(int(labels.max()) + 1)
+    for i in range(0, len(labels), 2048):
+        mean, _ = vae.encoder(images[i:i + 2048])
+        sums.index_add_(0, labels[i:i + 2048].cpu(), mean.cpu())
+        counts.index_add_(0, labels[i:i + 2048].cpu(), torch.ones(len(mean)))
+    vae.train()
+    return (sums / counts.clamp(min=1)[:, None]).tolist()
+
+
+@torch.no_grad()
+def evaluate_classifier(clf, data_dir=None, split="test") -> float:
+    clf.eval()
+    data = load_fashion_mnist(split, data_dir)
+    x = torch.from_numpy(data.images).float().div(127.5).sub(1).unsqueeze(1)
+    pred = torch.cat([clf(x[i:i + 1000].to(next(clf.parameters()).device)).argmax(1).cpu() for i in range(0, len(x), 1000)])
+    clf.train()
+    return float((pred.numpy() == data.labels).mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="trident train", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--out", required=True, help="output directory (re-use it to resume)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (split across torchrun ranks)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: $TRIDENT_DATA_DIR or "
+                                                    "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--model", default="{}", help='JSON overrides of the model config, e.g. \'{"base_channels": 16}\'')
+    p.add_argument("--schedule", default="{}", help='diffusion: JSON noise schedule, e.g. \'{"kind": "cosine"}\'')
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--time-limit", type=float, default=None, help="stop and save after this many minutes")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _json_arg(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"trident train: {flag} is not valid JSON ({e}): {text!r}")
+    if not isinstance(value, dict):
+        raise SystemExit(f"trident train: {flag} must be a JSON object, got {text!r}")
+    return value
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = TrainConfig(kind=args.kind, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, data_dir=args.data_dir, limit=args.limit,
+                          model=_json_arg(args.model, "--model"), schedule=_json_arg(args.schedule, "--schedule"),
+                          label_dropout=args.label_dropout, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
+                          log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
+                          time_limit_min=args.time_limit, progress=not args.no_progress)
+        CONFIGS[cfg.kind].from_dict(cfg.model)
+        path = train(cfg)
+    except (ValueError, TypeError) as e:
+        print(f"trident train: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .data import DatasetError
+        if isinstance(e, (DatasetError, ckpt.CheckpointError)):
+            print(f"trident train: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
