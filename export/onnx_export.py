@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 import torch
 
-from trident.serving.spec import DEFAULT_BUCKETS, ENCODER, GRAPHS_OF_KIND, GraphSpec, graph_spec_from_meta
+from trident.serving.spec import (DEFAULT_BUCKETS, ENCODER, EXPORT_FORMAT, GRAPHS_OF_KIND, GraphSpec, ExportMetadataError,
+                                  graph_spec_from_meta, load_export_metadata)
 from trident.training import checkpoint as ckpt
 
 OPSET = 17  # GroupNorm exports as InstanceNormalization here; GroupNormalization at opset 21 breaks ORT and TensorRT
@@ -35,7 +36,7 @@ FP16_TOLERANCE = 2e-2  # measured max abs error of the fp16 graphs is stated in 
 EXPORTABLE = tuple(GRAPHS_OF_KIND)
 
 
-class ExportError(RuntimeError):
+class ExportError(ExportMetadataError):
     """The export cannot proceed or its checks failed; nothing was written to the output directory."""
 
 
@@ -228,7 +229,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         raise ExportError(f"cannot write the output directory {out_dir}: {e}") from e
     try:
         info = client_metadata(meta)
-        info.update({"format": "trident.export", "version": 1, "opset": OPSET, "exporter": exporter,
+        info.update({"format": EXPORT_FORMAT, "version": 1, "opset": OPSET, "exporter": exporter,
                      "torch_version": torch.__version__, "onnx_version": onnx.__version__,
                      "source_checkpoint": {"file": checkpoint.name, "sha256": _sha256(checkpoint.read_bytes())},
                      "graphs": {}})
@@ -274,19 +275,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return info
-
-
-def load_export_metadata(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / "metadata.json"
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path} not found: run `trident export CHECKPOINT --out {directory}` first") from None
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from e
-    if info.get("format") != "trident.export":
-        raise ExportError(f"{path} is not a trident export metadata file")
     return info
 
 

@@ -1,2 +1,52 @@
-def main():
-    print("hi")
+"""`trident` command line: one entry point, each subcommand a thin main() over importable code.
+
+  trident train diffusion|gan|vae|classifier ...   train a model (torch)
+  trident export CHECKPOINT --out DIR ...          checkpoint -> fixed-shape ONNX graphs + metadata (torch, onnx)
+  trident serve build --export DIR ... --out REPO  write a Triton model repository
+  trident serve [--model-repository REPO] ...      start the embedded Triton server
+  trident sample --model diffusion ...             draw images from a running server (client only)
+  trident demo                                     build, serve, sample all three models, write grids
+  trident evaluate                                 classifier agreement of conditional diffusion samples (torch)
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> "module:function" taking argv (list of str) and returning an exit code. Imported lazily so that
+# `trident sample` never imports torch.
+COMMANDS = {
+    "train": "trident.training.train:main",
+    "export": "trident.export.onnx_export:main",
+    "serve": "trident.serving.server:main",
+    "serve build": "trident.serving.repository:main",
+    "sample": "trident.serving.client_cli:main",
+    "demo": "trident.serving.demo:main",
+    "evaluate": "trident.training.evaluate:main",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve" and rest[:1] == ["build"]:
+        cmd, rest = "serve build", rest[1:]
+    if cmd not in COMMANDS:
+        print(f"trident: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[cmd].split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        extra = {"train": "train", "export": "train", "evaluate": "train"}.get(cmd.split()[0], "serve")
+        print(f"trident {cmd}: missing dependency {e.name!r}; install it with `pip install -e .[{extra}]`",
+              file=sys.stderr)
+        return 2
+    return int(getattr(mod, func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,9 @@ Pure Python + numpy (the client imports it).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -89,3 +91,27 @@ def graph_spec_from_meta(graph: str, meta: dict) -> GraphSpec:
     """The spec of a graph from export metadata (or checkpoint metadata)."""
     im = meta["image"]
     return graph_spec(graph, (im["channels"], im["height"], im["width"]), meta.get("latent_dim"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export metadata (metadata.json beside the graphs), read by the repository builder and the in-process backend
+# ----------------------------------------------------------------------------------------------------------------
+
+EXPORT_FORMAT = "trident.export"
+
+
+class ExportMetadataError(RuntimeError):
+    """An export folder is missing or malformed."""
+
+
+def load_export_metadata(directory) -> dict:
+    path = Path(directory) / "metadata.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportMetadataError(f"{path} not found: run `trident export CHECKPOINT --out {directory}` first") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportMetadataError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise ExportMetadataError(f"{path} is not a trident export metadata file (format {EXPORT_FORMAT!r})")
+    return info

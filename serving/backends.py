@@ -1,0 +1,350 @@
+"""Where the networks run: three interchangeable backends behind one small interface.
+
+    backend.metadata            client metadata per model kind: {"diffusion": {...}, "gan": {...}, "vae": {...}}
+    backend.buckets[graph]      the static batch sizes a graph was exported at
+    backend.run(graph, inputs)  {tensor name: array (N, ...)} -> {tensor name: array (N, ...)} for any N
+    backend.close()
+
+- OnnxRuntimeBackend: in-process ONNX Runtime sessions over `trident export` folders (one session per bucket).
+- TritonBackend: a Triton server over HTTP or gRPC; metadata comes from the models' configuration parameters.
+- TorchBackend: the PyTorch modules from checkpoints (only where torch is installed).
+
+All tensor names come from trident.serving.spec. No module here imports torch at import time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .spec import GRAPHS_OF_KIND, KIND_OF_GRAPH, GraphSpec, graph_spec_from_meta
+
+METADATA_PARAMETER = "trident_metadata"  # Triton config parameter that holds the client metadata as JSON
+
+
+class TridentError(RuntimeError):
+    """Base class of the SDK's errors."""
+
+
+class ServerUnreachableError(TridentError):
+    def __init__(self, url: str, detail: str = ""):
+        super().__init__(f"cannot reach a Triton server at {url}{': ' + detail if detail else ''}. "
+                         f"Is it running? Start one with `trident serve` (or `trident demo`), or pass --url.")
+        self.url = url
+
+
+class ModelNotReadyError(TridentError):
+    pass
+
+
+class InvalidArgumentError(TridentError, ValueError):
+    """An argument is out of range; raised before any request is sent."""
+
+
+class InferenceError(TridentError):
+    """The server answered a request with an error."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bucketed execution (shared by the in-process ONNX Runtime backend and the Triton Python-backend model)
+# ----------------------------------------------------------------------------------------------------------------
+
+def plan_chunks(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Split n rows into (start, stop, bucket) chunks: the largest bucket while rows exceed it, then the smallest
+    bucket that fits the rest (padding fills bucket - (stop - start) rows)."""
+    buckets = tuple(sorted(buckets))
+    chunks, start = [], 0
+    while start < n:
+        left = n - start
+        bucket = next((b for b in buckets if b >= left), buckets[-1])
+        stop = start + min(left, bucket)
+        chunks.append((start, stop, bucket))
+        start = stop
+    return chunks
+
+
+def run_bucketed(run_fn: Callable[[int, dict], list], spec: GraphSpec, buckets, inputs: dict[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    """Run `inputs` (N rows) through fixed-batch graphs: chunk, zero-pad each chunk to its bucket, run, drop padding.
+
+    run_fn(bucket, {name: array (bucket, ...)}) -> list of outputs in spec order. Zero padding is valid for every
+    input (timestep 0, class 0) and rows never interact in these networks, so padding cannot leak into results.
+    """
+    n = len(next(iter(inputs.values())))
+    outs: list[list[np.ndarray]] = [[] for _ in spec.outputs]
+    for start, stop, bucket in plan_chunks(n, buckets):
+        feed = {}
+        for t in spec.inputs:
+            a = np.ascontiguousarray(inputs[t.name][start:stop], dtype=t.np_dtype)
+            if stop - start < bucket:
+                a = np.concatenate([a, np.zeros((bucket - (stop - start), *a.shape[1:]), dtype=a.dtype)])
+            feed[t.name] = a
+        for i, o in enumerate(run_fn(bucket, feed)):
+            outs[i].append(o[: stop - start])
+    return {t.name: (np.concatenate(o) if len(o) > 1 else o[0]) for t, o in zip(spec.outputs, outs)}
+
+
+def check_inputs(spec: GraphSpec, inputs: dict[str, np.ndarray]) -> int:
+    """Names, per-item shapes and a common batch size; returns N."""
+    missing = [t.name for t in spec.inputs if t.name not in inputs]
+    if missing:
+        raise InvalidArgumentError(f"{spec.name}: missing inputs {missing}")
+    sizes = set()
+    for t in spec.inputs:
+        a = np.asarray(inputs[t.name])
+        if a.shape[1:] != t.shape:
+            raise InvalidArgumentError(f"{spec.name}: input {t.name!r} must have shape (N, {', '.join(map(str, t.shape))})"
+                                       f", got {a.shape}")
+        sizes.add(a.shape[0])
+    if len(sizes) != 1 or 0 in sizes:
+        raise InvalidArgumentError(f"{spec.name}: inputs must share one batch size >= 1, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-process ONNX Runtime
+# ----------------------------------------------------------------------------------------------------------------
+
+def _ort_session(path: Path, threads: int | None, providers: list[str] | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def _client_meta(info: dict) -> dict:
+    """Client metadata of one kind from export metadata (drops file lists and provenance)."""
+    return {k: v for k, v in info.items() if k not in ("graphs", "format", "version", "torch_version", "onnx_version",
+                                                      "source_checkpoint", "exporter", "opset")}
+
+
+class OnnxRuntimeBackend:
+    """Sessions over one or more `trident export` folders: one ONNX Runtime session per (graph, bucket).
+
+    precision "fp16" loads the fp16 graphs (for the CUDA provider). threads: intra-op threads per session.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dirs, threads: int | None = None, providers: list[str] | None = None,
+                 precision: str = "fp32"):
+        from .spec import load_export_metadata
+
+        if isinstance(export_dirs, (str, os.PathLike)):
+            export_dirs = [export_dirs]
+        if precision not in ("fp32", "fp16"):
+            raise InvalidArgumentError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        self.metadata, self.buckets, self.specs, self._sessions = {}, {}, {}, {}
+        for d in export_dirs:
+            info = load_export_metadata(d)
+            self.metadata[info["kind"]] = _client_meta(info)
+            for graph, entry in info["graphs"].items():
+                files = entry[precision]
+                if not files:
+                    raise InvalidArgumentError(f"{d}: no {precision} graphs for {graph}; re-export with --fp16")
+                self.specs[graph] = graph_spec_from_meta(graph, info)
+                self.buckets[graph] = tuple(sorted(int(b) for b in files))
+                self._sessions[graph] = {int(b): _ort_session(Path(d) / f["file"], threads, providers)
+                                         for b, f in files.items()}
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph not in self._sessions:
+            raise ModelNotReadyError(f"graph {graph!r} is not loaded; loaded: {sorted(self._sessions)}")
+        spec = self.specs[graph]
+        check_inputs(spec, inputs)
+        sessions = self._sessions[graph]
+        return run_bucketed(lambda b, feed: sessions[b].run(None, feed), spec, self.buckets[graph], inputs)
+
+    def close(self):
+        self._sessions.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton (HTTP or gRPC)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_transient(exc: Exception) -> bool:
+    """Connection resets, timeouts and 'unavailable' answers are worth a retry; a 4xx-style error is not."""
+    import socket
+
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, OSError)):
+        return True
+    text = str(exc).lower()
+    status = str(getattr(exc, "status", lambda: "")() or "").lower()
+    return any(s in text or s in status for s in ("unavailable", "deadline", "timed out", "timeout",
+                                                    "connection reset", "connection refused", "broken pipe"))
+
+
+class TritonBackend:
+    """A Triton server at `url` ("host:port"), protocol "http" or "grpc".
+
+    On connect: checks the server is live and ready, every trident model it serves is ready, and reads each model's
+    sampling metadata from its configuration parameters. Requests larger than a model's max_batch_size are split.
+    Transient failures (timeouts, resets, 'unavailable') are retried `retries` times with exponential backoff.
+    """
+
+    name = "triton"
+
+    def __init__(self, url: str = "127.0.0.1:8000", protocol: str = "http", timeout_s: float = 30.0,
+                 retries: int = 3, backoff_s: float = 0.2, models: tuple[str, ...] | None = None):
+        if protocol not in ("http", "grpc"):
+            raise InvalidArgumentError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        self.url, self.protocol, self.timeout_s = url, protocol, float(timeout_s)
+        self.retries, self.backoff_s = int(retries), float(backoff_s)
+        if protocol == "http":
+            import tritonclient.http as tc
+
+            self._client = tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        else:
+            import tritonclient.grpc as tc
+
+            self._client = tc.InferenceServerClient(url)
+        self._tc = tc
+        try:
+            live = self._client.is_server_live()
+            ready = live and self._client.is_server_ready()
+        except Exception as e:  # tritonclient raises several types for a refused connection
+            raise ServerUnreachableError(url, f"{type(e).__name__}: {e}") from None
+        if not ready:
+            raise ServerUnreachableError(url, "the server answered but is not ready")
+        self.metadata, self.buckets, self.specs, self.max_batch = {}, {}, {}, {}
+        wanted = models or tuple(KIND_OF_GRAPH)
+        served = self._repository_models()
+        for graph in wanted:
+            if graph not in served:
+                if models:
+                    raise ModelNotReadyError(f"model {graph!r} is not in the server's repository at {url} "
+                                             f"(it has {sorted(served)})")
+                continue
+            if not self._client.is_model_ready(graph):
+                raise ModelNotReadyError(f"model {graph!r} on {url} is not ready ({served[graph] or 'no state'}); "
+                                         "see the server log")
+            self._load_config(graph)
+
+    def _repository_models(self) -> dict[str, str]:
+        index = self._client.get_model_repository_index()
+        if self.protocol == "grpc":
+            return {m.name: m.state for m in index.models}
+        return {m["name"]: m.get("state", "") for m in index}
+
+    def _load_config(self, graph: str):
+        cfg = self._client.get_model_config(graph)
+        if self.protocol == "grpc":
+            cfg = cfg.config
+            params = {k: v.string_value for k, v in cfg.parameters.items()}
+            max_batch = cfg.max_batch_size
+        else:
+            params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+            max_batch = cfg.get("max_batch_size", 0)
+        if METADATA_PARAMETER not in params:
+            raise ModelNotReadyError(f"model {graph!r} has no {METADATA_PARAMETER!r} parameter: not a trident model")
+        info = json.loads(params[METADATA_PARAMETER])
+        kind = KIND_OF_GRAPH[graph]
+        self.metadata[kind] = _client_meta(info)
+        self.specs[graph] = graph_spec_from_meta(graph, info)
+        self.buckets[graph] = tuple(int(b) for b in info["graphs"][graph]["buckets"]) if "graphs" in info else ()
+        self.max_batch[graph] = int(max_batch) or max(self.buckets[graph] or (1,))
+
+    def _infer_once(self, graph: str, spec: GraphSpec, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        tc = self._tc
+        inputs = []
+        for t in spec.inputs:
+            a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype)
+            inp = tc.InferInput(t.name, list(a.shape), t.triton_dtype)
+            if self.protocol == "http":
+                inp.set_data_from_numpy(a, binary_data=True)
+            else:
+                inp.set_data_from_numpy(a)
+            inputs.append(inp)
+        if self.protocol == "http":
+            outputs = [tc.InferRequestedOutput(t.name, binary_data=True) for t in spec.outputs]
+            res = self._client.infer(graph, inputs, outputs=outputs, timeout=int(self.timeout_s * 1e6))
+        else:
+            outputs = [tc.InferRequestedOutput(t.name) for t in spec.outputs]
+            res = self._client.infer(graph, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        return [res.as_numpy(t.name) for t in spec.outputs]
+
+    def _infer(self, graph, spec, feed):
+        from tritonclient.utils import InferenceServerException
+
+        for attempt in range(self.retries + 1):
+            try:
+                return self._infer_once(graph, spec, feed)
+            except InferenceServerException as e:
+                if attempt == self.retries or not _is_transient(e):
+                    raise InferenceError(f"{graph}: the server rejected the request: {e.message()}") from None
+            except Exception as e:
+                if attempt == self.retries or not _is_transient(e):
+                    raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None
+            time.sleep(self.backoff_s * 2 ** attempt * (1 + 0.1 * random.random()))
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph not in self.specs:
+            raise ModelNotReadyError(f"model {graph!r} is not served at {self.url} (served: {sorted(self.specs)})")
+        spec = self.specs[graph]
+        n = check_inputs(spec, inputs)
+        step = self.max_batch[graph]
+        outs = [self._infer(graph, spec, {k: v[i:i + step] for k, v in inputs.items()}) for i in range(0, n, step)]
+        return {t.name: np.concatenate([o[j] for o in outs]) for j, t in enumerate(spec.outputs)}
+
+    def close(self):
+        try:
+            self._client.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch (reference; needs torch)
+# ----------------------------------------------------------------------------------------------------------------
+
+class TorchBackend:
+    """The PyTorch modules from `trident train` checkpoints, run eagerly in float32 on `device`."""
+
+    name = "torch"
+
+    def __init__(self, checkpoints, device: str = "cpu", threads: int | None = None):
+        try:
+            import torch
+        except ImportError:
+            raise TridentError("TorchBackend needs torch: pip install -e .[train]") from None
+        from trident.export.onnx_export import client_metadata, graph_module
+        from trident.training.checkpoint import load_model
+
+        if isinstance(checkpoints, (str, os.PathLike)):
+            checkpoints = [checkpoints]
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch, self.device = torch, torch.device(device)
+        self.metadata, self.buckets, self.specs, self._modules = {}, {}, {}, {}
+        for path in checkpoints:
+            model, meta = load_model(path)
+            info = client_metadata(meta)
+            self.metadata[meta["kind"]] = info
+            for graph in GRAPHS_OF_KIND.get(meta["kind"], ()):
+                self.specs[graph] = graph_spec_from_meta(graph, info)
+                self.buckets[graph] = ()
+                self._modules[graph] = graph_module(graph, model).to(self.device)
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        spec = self.specs[graph]
+        check_inputs(spec, inputs)
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype)).to(self.device)
+                for t in spec.inputs]
+        with torch.inference_mode():
+            out = self._modules[graph](*args)
+        out = [out] if torch.is_tensor(out) else list(out)
+        return {t.name: o.cpu().numpy() for t, o in zip(spec.outputs, out)}
+
+    def close(self):
+        self._modules.clear()
