@@ -283,8 +283,7 @@ def train(cfg: TrainConfig) -> Path:
     data = load_fashion_mnist("train", cfg.data_dir, limit=cfg.limit)
     images = torch.from_numpy(data.images.copy()).float().div(127.5).sub(1).unsqueeze(1).to(device)  # (N, 1, 28, 28) in [-1, 1]
     labels = torch.from_numpy(data.labels).to(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank * 7919 + step)
-    batch_rng = np.random.default_rng([cfg.seed, rank, step])
+    gen = torch.Generator(device=device)
     alphas_cumprod = _diffusion_tables(meta, device) if cfg.kind == "diffusion" else None
     step_fn = STEPS[cfg.kind]
     local_bs = max(1, cfg.batch_size // world)
@@ -330,7 +329,12 @@ def train(cfg: TrainConfig) -> Path:
         while step < cfg.steps:
             for group in (g for o in opts.values() for g in o.param_groups):
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-            idx = torch.from_numpy(batch_rng.integers(0, len(labels), local_bs)).to(device)
+            # Randomness is a function of (seed, rank, step) alone, so a resumed run repeats an uninterrupted one.
+            step_seed = (cfg.seed * 1_000_003 + rank) * 10_000_019 + step
+            gen.manual_seed(step_seed)
+            torch.manual_seed(step_seed)  # modules' own randomness (VAE reparameterisation, dropout)
+            idx = torch.from_numpy(np.random.default_rng([cfg.seed, rank, step]).integers(0, len(labels), local_bs))
+            idx = idx.to(device)
             losses = step_fn(cfg, mods, opts, images[idx], labels[idx], gen, alphas_cumprod)
             step += 1
             if ema is not None:  # EMA with warm-up of the decay (as in many DDPM codebases)
@@ -358,7 +362,8 @@ def train(cfg: TrainConfig) -> Path:
             stop = cfg.time_limit_min is not None and elapsed > cfg.time_limit_min * 60
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                 save()
-            if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps or stop):
+            final = (step == cfg.steps or stop) and step >= cfg.sample_every  # no preview for tiny test runs
+            if rank == 0 and (step % cfg.sample_every == 0 or final):
                 grid = preview(cfg.kind, ema if ema is not None else _unwrap(mods["model"]), meta)
                 _unwrap(mods["model"]).train()
                 if grid is not None:
@@ -401,7 +406,7 @@ def _vae_centroids(vae, images, labels) -> list[list[float]]:
 def evaluate_classifier(clf, data_dir=None, split="test") -> float:
     clf.eval()
     data = load_fashion_mnist(split, data_dir)
-    x = torch.from_numpy(data.images).float().div(127.5).sub(1).unsqueeze(1)
+    x = torch.from_numpy(data.images.copy()).float().div(127.5).sub(1).unsqueeze(1)
     pred = torch.cat([clf(x[i:i + 1000].to(next(clf.parameters()).device)).argmax(1).cpu() for i in range(0, len(x), 1000)])
     clf.train()
     return float((pred.numpy() == data.labels).mean())
@@ -441,9 +446,9 @@ def _json_arg(text: str, flag: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"trident train: {flag} is not valid JSON ({e}): {text!r}")
+        raise ValueError(f"{flag} is not valid JSON ({e}): {text!r}") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"trident train: {flag} must be a JSON object, got {text!r}")
+        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
     return value
 
 

@@ -1,0 +1,171 @@
+"""Triton Python-backend model: one exported graph served from static-batch ONNX Runtime sessions.
+
+`trident serve build` copies this file to ``<model>/1/model.py`` next to the graph's ``<graph>_b<N>.onnx`` files, so
+the repository runs in any Triton with the Python backend, trident installed or not. It therefore imports only json,
+os, numpy, onnxruntime and triton_python_backend_utils, and learns everything (tensor names, dtypes, buckets, files,
+valid input ranges, threads, execution provider) from its own model configuration.
+
+execute() serves a dynamic batch of requests:
+  1. check each request on its own; a bad one gets an error response, the others go on;
+  2. concatenate the good ones on axis 0 and run them in bucket-sized chunks (the smallest bucket that holds the
+     remaining rows, or the largest bucket while more rows remain), zero-padding the last chunk (zero is a valid
+     timestep and class label, and every graph is per-row independent, so padding never changes a real row);
+  3. drop the padding and split the outputs back per request, in order.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+# Keys of the model configuration's `parameters` written by trident.serving.repository.
+P_FILES = "trident_onnx_files"  # JSON {bucket: file name in the version directory}
+P_RANGES = "trident_input_ranges"  # JSON {input name: {"low": a, "high": b, "hint": "..."}}, valid is low <= x < high
+P_THREADS = "intra_op_num_threads"
+P_PROVIDER = "execution_provider"  # "cpu" or "cuda"
+
+
+class InvalidRequest(ValueError):
+    """A request this model cannot serve; its message goes back to the client."""
+
+
+def _error(message):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.ranges = json.loads(params.get(P_RANGES, "{}"))
+        self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
+        self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(params.get(P_THREADS, "1"))
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if params.get(P_PROVIDER, "cpu") == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                device = int(args.get("model_instance_device_id", "0"))
+                providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+            else:
+                pb_utils.Logger.log_warn(
+                    f"{self.name}: the CUDA execution provider was requested but this onnxruntime has only "
+                    f"{ort.get_available_providers()}; serving on CPU. Install onnxruntime-gpu to use the GPU."
+                )
+
+        directory = os.path.join(args["model_repository"], args["model_version"])
+        files = json.loads(params[P_FILES])
+        self.sessions = {}  # bucket -> InferenceSession with batch axis fixed to that bucket
+        for bucket, file in files.items():
+            self.sessions[int(bucket)] = ort.InferenceSession(
+                os.path.join(directory, file), options, providers=providers
+            )
+        self.buckets = sorted(self.sessions)
+        # Per-item shapes as the graphs see them (after Triton's reshape: a [1] scalar in the config is () here).
+        any_session = self.sessions[self.buckets[0]]
+        self.item_shapes = {i.name: tuple(i.shape[1:]) for i in any_session.get_inputs()}
+        expected = [name for name, _ in self.inputs]
+        if sorted(self.item_shapes) != sorted(expected):
+            raise pb_utils.TritonModelException(
+                f"{self.name}: the ONNX graphs take {sorted(self.item_shapes)} but the configuration lists {expected}; "
+                "rebuild the repository from the same export."
+            )
+
+    # -- one request ----------------------------------------------------------------------------------------------
+
+    def _read(self, request):
+        """The request's inputs as arrays of shape (rows, *item shape), or InvalidRequest saying what is wrong."""
+        arrays, rows = {}, None
+        for name, dtype in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise InvalidRequest(f"{self.name}: input '{name}' is missing")
+            array = tensor.as_numpy()
+            if array.dtype != dtype:
+                raise InvalidRequest(f"{self.name}: input '{name}' must be {np.dtype(dtype).name}, got {array.dtype}")
+            shape = self.item_shapes[name]
+            if array.ndim != 1 + len(shape) or tuple(array.shape[1:]) != shape:
+                raise InvalidRequest(f"{self.name}: input '{name}' must have per-item shape {list(shape)}, "
+                                     f"got {list(array.shape)}")
+            if rows is not None and array.shape[0] != rows:
+                raise InvalidRequest(f"{self.name}: every input needs the same batch size; '{name}' has "
+                                     f"{array.shape[0]}, the others {rows}")
+            rows = array.shape[0]
+            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+                bad = np.argwhere(~np.isfinite(array))[0]
+                raise InvalidRequest(f"{self.name}: input '{name}' holds NaN or Inf (first at index {bad.tolist()}); "
+                                     "send finite values")
+            valid = self.ranges.get(name)
+            if valid is not None:
+                outside = (array < valid["low"]) | (array >= valid["high"])
+                if np.any(outside):
+                    row = int(np.argwhere(outside)[0][0])
+                    raise InvalidRequest(
+                        f"{self.name}: input '{name}' must be in [{valid['low']}, {valid['high']}) "
+                        f"({valid['hint']}); got {array[outside][0].item()} at row {row}"
+                    )
+            arrays[name] = array
+        return arrays, rows
+
+    # -- a batch of rows ------------------------------------------------------------------------------------------
+
+    def _run(self, batch, rows):
+        """Run `rows` rows through the bucket sessions; returns {output name: (rows, ...)}."""
+        names = [name for name, _ in self.outputs]
+        chunks, start = [], 0
+        while start < rows:
+            remaining = rows - start
+            bucket = next((b for b in self.buckets if b >= remaining), self.buckets[-1])
+            take = min(bucket, remaining)
+            feed = {}
+            for name, array in batch.items():
+                part = array[start:start + take]
+                if take < bucket:  # zero rows: valid for every input, never returned
+                    part = np.concatenate([part, np.zeros((bucket - take, *part.shape[1:]), part.dtype)])
+                feed[name] = part
+            chunks.append([out[:take] for out in self.sessions[bucket].run(names, feed)])
+            start += take
+        return {name: np.concatenate([c[k] for c in chunks]) for k, name in enumerate(names)}
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good = []  # (index, arrays, rows) of requests that passed their checks
+        for index, request in enumerate(requests):
+            try:
+                arrays, rows = self._read(request)
+            except InvalidRequest as invalid:
+                responses[index] = _error(str(invalid))
+                continue
+            good.append((index, arrays, rows))
+        if not good:
+            return responses
+
+        batch = {name: np.concatenate([arrays[name] for _, arrays, _ in good]) for name, _ in self.inputs}
+        total = sum(rows for _, _, rows in good)
+        try:
+            results = self._run(batch, total)
+        except Exception as failure:  # ORT failed: every request of this batch learns why, the server stays up
+            for index, _, _ in good:
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"{self.name}: ONNX Runtime failed: {failure}")
+                )
+            return responses
+
+        offset = 0
+        for index, _, rows in good:
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(results[name][offset:offset + rows], dtype=dtype))
+                       for name, dtype in self.outputs]
+            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            offset += rows
+        return responses
+
+    def finalize(self):
+        self.sessions = {}
