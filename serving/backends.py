@@ -258,7 +258,9 @@ class TritonBackend:
         tc = self._tc
         inputs = []
         for t in spec.inputs:
-            a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype)
+            # Per-item scalars (timestep, class_label) travel as (N, 1): Triton needs non-empty dims when
+            # max_batch_size > 0; the model config reshapes them back to (N,).
+            a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype).reshape(len(feed[t.name]), *(t.shape or (1,)))
             inp = tc.InferInput(t.name, list(a.shape), t.triton_dtype)
             if self.protocol == "http":
                 inp.set_data_from_numpy(a, binary_data=True)

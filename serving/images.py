@@ -40,6 +40,7 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shareable artefacts
     try:
         Image.fromarray(arr).save(tmp, format="PNG")
         os.replace(tmp, path)

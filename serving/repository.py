@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trident.serving.spec import DEFAULT_BUCKETS, GRAPHS_OF_KIND, GraphSpec, TensorSpec, graph_spec_from_meta
+from trident.serving.spec import GRAPHS_OF_KIND, GraphSpec, TensorSpec, graph_spec_from_meta
 
 __all__ = [
     "FLAVOURS",
@@ -135,11 +135,16 @@ def input_ranges(spec: GraphSpec, meta: dict) -> dict[str, dict]:
     return ranges
 
 
-def metadata_parameters(graph: str, meta: dict, buckets: list[int], **extra) -> dict[str, str]:
-    """The sampling metadata a client reads from the model configuration, as string parameters."""
+def metadata_parameters(graph: str, meta: dict, buckets: list[int], **serving: str | int | dict) -> dict[str, str]:
+    """The sampling metadata a client reads from the model configuration, as string parameters.
+
+    `trident_metadata` is the export's metadata.json cut down to what a client needs and to this graph, in the same
+    shape (client keys + graphs{graph: {spec, buckets}} + source_checkpoint), so one parser reads both.
+    `serving` (flavour, precision, bucket, ...) becomes flat `trident_<key>` parameters.
+    """
     spec, _ = _graph(meta, graph)
     client = {key: meta[key] for key in CLIENT_KEYS if key in meta}
-    client.update(graph=graph, spec=spec.to_dict(), buckets=list(buckets), **extra)
+    client["graphs"] = {graph: {"spec": spec.to_dict(), "buckets": list(buckets)}}
     if "source_checkpoint" in meta:
         client["source_checkpoint"] = meta["source_checkpoint"]
     image = meta["image"]
@@ -159,6 +164,8 @@ def metadata_parameters(graph: str, meta: dict, buckets: list[int], **extra) -> 
         flat["trident_prediction_type"] = meta["prediction_type"]
     if meta.get("latent_dim") is not None:
         flat["trident_latent_dim"] = str(meta["latent_dim"])
+    for key, value in serving.items():
+        flat[f"trident_{key}"] = value if isinstance(value, str) else json.dumps(value)
     return {METADATA_KEY: json.dumps(client), **flat}
 
 
@@ -344,8 +351,8 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                                       "give one export per model kind")
             source_of[graph] = directory
             _, entry = _graph(meta, graph)
-            precision = "fp16" if fp16 else "fp32"
             if flavour == "embedded":
+                precision = "fp16" if fp16 else "fp32"
                 config = embedded_config(graph, meta, max_batch_size=max_batch_size,
                                          max_queue_delay_us=max_queue_delay_us, gpu=gpu, fp16=fp16,
                                          intra_op_threads=intra_op_threads)
@@ -412,7 +419,7 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
         names = sorted(config["name"] for config, _ in plan)
         (tmp / MARKER).write_text(json.dumps({
             "flavour": flavour, "models": names, "gpu": gpu, "fp16": fp16,
-            "exports": [str(Path(d).resolve()) for d in export_dirs]}, indent=2) + "\n")
+            "exports": sorted(Path(d).name for d in export_dirs)}, indent=2) + "\n")
         # Swap: the old repository is removed only once the new one is complete.
         old = None
         if out.exists():

@@ -31,6 +31,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     header = {"format": FORMAT, "version": VERSION, **meta}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shareable artefacts
     try:
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"trident": json.dumps(header)})

@@ -56,6 +56,7 @@ class TrainConfig:
     ckpt_every: int = 500
     time_limit_min: float | None = None  # stop (and save) after this many minutes of training
     progress: bool = True
+    command: str | None = None        # the command line, recorded in the checkpoint
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -302,7 +303,7 @@ def train(cfg: TrainConfig) -> Path:
         tensors.update(export_tensors)
         train_meta = {"step": step, "elapsed_s": round(elapsed, 1), "batch_size": cfg.batch_size, "lr": cfg.lr,
                       "seed": cfg.seed, "world_size": world, "last_losses": history,
-                      "command": " ".join(shlex.quote(a) for a in sys.argv), "train_config": asdict(cfg)}
+                      "command": cfg.command or " ".join(shlex.quote(a) for a in sys.argv), "train_config": asdict(cfg)}
         ckpt.save_checkpoint(last, tensors, {**meta, "train": {**train_meta, "optim": optim_info}})
         extra = {}
         if cfg.kind == "vae":
@@ -453,6 +454,7 @@ def _json_arg(text: str, flag: str) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -462,7 +464,8 @@ def main(argv=None) -> int:
                           model=_json_arg(args.model, "--model"), schedule=_json_arg(args.schedule, "--schedule"),
                           label_dropout=args.label_dropout, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
                           log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
-                          time_limit_min=args.time_limit, progress=not args.no_progress)
+                          time_limit_min=args.time_limit, progress=not args.no_progress,
+                          command="trident train " + " ".join(shlex.quote(a) for a in argv))
         CONFIGS[cfg.kind].from_dict(cfg.model)
         path = train(cfg)
     except (ValueError, TypeError) as e:

@@ -1,0 +1,238 @@
+"""Client SDK end to end: the sampler over a real embedded Triton server (HTTP, gRPC) vs in-process ONNX Runtime."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from trident.serving import sampling
+from trident.serving.backends import (InvalidArgumentError, ModelNotReadyError, OnnxRuntimeBackend,
+                                      ServerUnreachableError, plan_chunks)
+from trident.serving.client import MAX_IMAGES, TridentClient
+from trident.serving.repository import build_repository
+from trident.serving.server import ServerConfig, TritonServer, free_port
+from trident.serving.spec import UNET
+
+
+@pytest.fixture(scope="module")
+def server(export_dirs, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("client_repo") / "model_repository"
+    build_repository(list(export_dirs.values()), repo)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def ort_client(export_dirs):
+    with TridentClient.from_onnx(list(export_dirs.values()), threads=1) as c:
+        yield c
+
+
+@pytest.fixture(scope="module", params=["http", "grpc"])
+def triton_client(request, server):
+    url = server.http_url if request.param == "http" else server.grpc_url
+    with TridentClient.connect(url, request.param) as c:
+        yield c
+
+
+class Counting:
+    """Wraps a backend and records every run() call: (graph, rows)."""
+
+    def __init__(self, backend):
+        self.inner, self.calls = backend, []
+        self.metadata, self.specs, self.buckets = backend.metadata, backend.specs, backend.buckets
+
+    def run(self, graph, inputs):
+        self.calls.append((graph, len(next(iter(inputs.values())))))
+        return self.inner.run(graph, inputs)
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Same images whichever transport runs the model
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.server
+@pytest.mark.parametrize("sampler,steps", [("dpmpp-2m", 5), ("ddim", 4), ("ddpm", 3)])
+def test_triton_sampling_equals_onnxruntime_when_seed_is_the_same(triton_client, ort_client, sampler, steps):
+    kw = dict(classes=["sneaker", "bag", 0, "ankle boot", "dress"], sampler=sampler, steps=steps, guidance=3.0,
+              seed=7, raw=True)
+    a = triton_client.sample(**kw)
+    b = ort_client.sample(**kw)
+    assert a.shape == (5, 1, 28, 28) and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert triton_client.last_stats.calls == steps  # one request per step: cond and null stacked
+
+
+@pytest.mark.server
+def test_triton_gan_and_vae_equal_onnxruntime(triton_client, ort_client):
+    np.testing.assert_allclose(triton_client.generate(["coat", "bag", 3], seed=3, raw=True),
+                               ort_client.generate(["coat", "bag", 3], seed=3, raw=True), atol=1e-5)
+    np.testing.assert_allclose(triton_client.generate_vae(6, seed=1, raw=True),
+                               ort_client.generate_vae(6, seed=1, raw=True), atol=1e-5)
+    np.testing.assert_allclose(triton_client.interpolate("sneaker", "bag", 5, raw=True),
+                               ort_client.interpolate("sneaker", "bag", 5, raw=True), atol=1e-5)
+
+
+@pytest.mark.server
+def test_triton_splits_batches_larger_than_max_batch(triton_client, ort_client):
+    n = triton_client.backend.max_batch[UNET] * 2 + 1  # 2B rows per step exceed it several times over
+    a = triton_client.sample(list(np.arange(n) % 10), steps=2, seed=1, raw=True)
+    np.testing.assert_allclose(a, ort_client.sample(list(np.arange(n) % 10), steps=2, seed=1, raw=True), atol=1e-4)
+
+
+def test_torch_backend_agrees_with_onnxruntime(checkpoints, ort_client):
+    with TridentClient.from_torch(list(checkpoints.values())) as tc:
+        kw = dict(classes=[1, 5], steps=3, seed=2, raw=True)
+        np.testing.assert_allclose(tc.sample(**kw), ort_client.sample(**kw), atol=1e-4)
+        np.testing.assert_allclose(tc.generate([1, 2], seed=0, raw=True), ort_client.generate([1, 2], seed=0, raw=True),
+                                   atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched classifier-free guidance
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_batched_cfg_equals_two_separate_calls(ort_client):
+    meta = ort_client.meta("diffusion")
+    eps = ort_client.eps_model()
+    null = meta["null_class"]
+
+    def two_calls(x, t, y):  # what batched CFG replaces: cond and uncond halves as separate requests
+        b = len(x) // 2
+        return np.concatenate([eps(x[:b], t[:b], y[:b]), eps(x[b:], t[b:], y[b:])])
+
+    kw = dict(schedule=sampling.NoiseSchedule.from_dict(meta["schedule"]), steps=4, guidance_scale=3.0,
+              null_class=null, seed=5)
+    labels = np.array([2, 7, 9])
+    one = sampling.sample(eps, (3, 1, 28, 28), labels, **kw)
+    two = sampling.sample(two_calls, (3, 1, 28, 28), labels, **kw)
+    np.testing.assert_allclose(one, two, atol=1e-5)
+
+
+def test_sample_sends_one_request_of_2b_per_step_and_b_when_guidance_is_1(export_dirs):
+    backend = Counting(OnnxRuntimeBackend(list(export_dirs.values()), threads=1))
+    client = TridentClient(backend)
+    client.sample(["shirt"] * 3, steps=4, guidance=2.5)
+    assert backend.calls == [(UNET, 6)] * 4
+    backend.calls.clear()
+    client.sample(["shirt"] * 3, steps=4, guidance=1.0)
+    assert backend.calls == [(UNET, 3)] * 4
+    backend.calls.clear()
+    client.sample(None, n=2, steps=2)  # unconditional: the null class only
+    assert backend.calls == [(UNET, 2)] * 2
+
+
+def test_same_seed_gives_same_images_and_other_seed_differs(ort_client):
+    a = ort_client.sample([3, 4], steps=3, seed=11)
+    assert a.dtype == np.uint8 and a.shape == (2, 28, 28, 1)
+    np.testing.assert_array_equal(a, ort_client.sample([3, 4], steps=3, seed=11))
+    assert not np.array_equal(a, ort_client.sample([3, 4], steps=3, seed=12))
+
+
+def test_callback_sees_every_step_and_can_cancel(ort_client):
+    seen = []
+    ort_client.sample([1], steps=5, callback=lambda i, t, x, x0: seen.append((i, t)))
+    assert [i for i, _ in seen] == list(range(5)) and seen[0][1] > seen[-1][1]
+    with pytest.raises(sampling.SamplingCancelled):
+        ort_client.sample([1], steps=5, callback=lambda i, t, x, x0: i < 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Invalid arguments: rejected before any request
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(classes=["spaceship"]), "unknown class name 'spaceship'"),
+    (dict(classes=[12]), r"class id 12 out of range \[0, 9\]"),
+    (dict(classes=[1], steps=0), r"steps must be an integer in \[1, 1000\]"),
+    (dict(classes=[1], steps=1001), r"steps must be an integer in \[1, 1000\]"),
+    (dict(classes=[1], guidance=-1.0), "guidance must be a finite number >= 0"),
+    (dict(classes=[1], guidance=float("nan")), "guidance must be a finite number >= 0"),
+    (dict(classes=[1], sampler="euler"), "sampler must be one of"),
+    (dict(classes=[1], eta=0.5), "eta=0.5 applies to the 'ddim' sampler only"),
+    (dict(classes=[1], eta=-1.0, sampler="ddim"), "eta must be a finite number >= 0"),
+    (dict(classes=None, n=MAX_IMAGES + 1), f"more than allowed per call \\({MAX_IMAGES}\\)"),
+    (dict(classes=None, n=0), "n must be an integer >= 1"),
+    (dict(classes=[1, 2], n=3), "n=3 does not match the 2 classes"),
+])
+def test_invalid_sample_argument_raises_before_any_request(export_dirs, kwargs, match):
+    backend = Counting(OnnxRuntimeBackend([export_dirs["diffusion"]], threads=1))
+    with pytest.raises(InvalidArgumentError, match=match):
+        TridentClient(backend).sample(**kwargs)
+    assert backend.calls == []
+
+
+def test_invalid_gan_and_vae_arguments_raise_before_any_request(export_dirs):
+    backend = Counting(OnnxRuntimeBackend([export_dirs["gan"], export_dirs["vae"]], threads=1))
+    client = TridentClient(backend)
+    for call, match in [(lambda: client.generate(["hat"]), "unknown class name"),
+                        (lambda: client.generate(None, n=MAX_IMAGES + 1), "more than allowed"),
+                        (lambda: client.generate_vae(0), "n must be an integer >= 1"),
+                        (lambda: client.decode(np.zeros((2, 3))), "z must have shape"),
+                        (lambda: client.interpolate("bag", "coat", steps=1), r"steps must be an integer in \[2,")]:
+        with pytest.raises(InvalidArgumentError, match=match):
+            call()
+    assert backend.calls == []
+    with pytest.raises(ModelNotReadyError, match="no diffusion model"):
+        client.sample([1])
+
+
+def test_class_names_resolve_case_and_punctuation_insensitively(ort_client):
+    ids = ort_client.resolve_classes(["Sneaker", "ankle-boot", "T-shirt", "trousers"[:7], 4])
+    assert ids.tolist() == [7, 9, 0, 1, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Server problems
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unreachable_server_raises_with_url_and_hint_within_timeout(protocol):
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachableError, match=r"trident serve") as e:
+        TridentClient.connect(url, protocol, timeout_s=2.0)
+    assert url in str(e.value) and time.monotonic() - t0 < 10
+
+
+@pytest.mark.server
+def test_stopped_server_gives_unreachable_error_within_timeout(export_dirs, tmp_path):
+    repo = tmp_path / "repo"
+    build_repository([export_dirs["vae"]], repo)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+        client = TridentClient.connect(srv.http_url, "http", timeout_s=2.0, retries=1, backoff_s=0.05)
+        client.generate_vae(2)
+        client.close()  # Triton waits for open keep-alive connections on shutdown
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachableError):
+        client.generate_vae(2)
+    assert time.monotonic() - t0 < 10
+
+
+def test_plan_chunks_uses_largest_bucket_then_smallest_fitting():
+    assert plan_chunks(9, (1, 4)) == [(0, 4, 4), (4, 8, 4), (8, 9, 1)]
+    assert plan_chunks(3, (2, 8, 32)) == [(0, 3, 8)]
+    assert plan_chunks(70, (2, 8, 32)) == [(0, 32, 32), (32, 64, 32), (64, 70, 8)]
+
+
+def test_save_grid_writes_png_atomically(ort_client, tmp_path):
+    from PIL import Image
+
+    imgs = ort_client.generate_vae(4)
+    path = ort_client.save_grid(imgs, tmp_path / "g.png", nrow=2)
+    assert Image.open(path).size == (2 * 30 + 2, 2 * 30 + 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def test_importing_the_sdk_does_not_import_torch():
+    code = ("import sys; import trident.serving.client, trident.serving.backends, trident.serving.sampling, "
+            "trident.serving.spec, trident.serving.repository, trident.serving.server; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,685 @@
+"""trident.serving.repository and the model.py it ships, up to a real tritonserver serving the exported graphs.
+
+The oracle for every served result is ONNX Runtime run in this process on the exported batch-1 graph, one row at a
+time: whatever the server batched, padded or chunked, each row must come back as if it had been run alone.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trident.serving.repository import (
+    MARKER,
+    METADATA_KEY,
+    RepositoryError,
+    build_repository,
+    container_config,
+    default_build,
+    embedded_config,
+    main,
+    to_pbtxt,
+)
+from trident.serving.spec import GRAPHS_OF_KIND, KIND_OF_GRAPH, GraphSpec, TensorSpec, graph_spec_from_meta
+
+GRAPHS = tuple(KIND_OF_GRAPH)
+# The served repository lets one execute() hold two largest buckets, so requests above the largest bucket (and
+# dynamic batches of several requests) go through the chunking path.
+SERVED_MAX_BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers: metadata, valid inputs, the in-process oracle
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_meta(export_dir: Path) -> dict:
+    return json.loads((export_dir / "metadata.json").read_text())
+
+
+def label_input(spec: GraphSpec) -> TensorSpec | None:
+    """The class label: the only integer input of any graph."""
+    return next((t for t in spec.inputs if t.np_dtype.kind == "i"), None)
+
+
+def timestep_input(spec: GraphSpec) -> TensorSpec | None:
+    """The diffusion timestep: the only per-item float scalar."""
+    return next((t for t in spec.inputs if t.np_dtype.kind == "f" and t.shape == ()), None)
+
+
+def image_like_input(spec: GraphSpec) -> TensorSpec:
+    return next(t for t in spec.inputs if t.shape)
+
+
+def valid_inputs(spec: GraphSpec, meta: dict, n: int, seed: int) -> list[np.ndarray]:
+    """Model-side arrays (scalars per item have shape (n,))."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in spec.inputs:
+        if t == label_input(spec):
+            out.append(rng.integers(0, len(meta["class_names"]), size=n).astype(t.np_dtype))
+        elif t == timestep_input(spec):
+            out.append(rng.uniform(0, meta["schedule"]["num_train_timesteps"] - 1, size=n).astype(t.np_dtype))
+        else:
+            out.append(rng.standard_normal(t.batched(n)).astype(t.np_dtype))
+    return out
+
+
+def to_wire(tensor: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """What a client sends: a per-item scalar travels as (n, 1) (config dims [1], reshaped to [] for the graph)."""
+    return array.reshape(len(array), *(tensor.shape or (1,)))
+
+
+class Oracle:
+    """ONNX Runtime on the exported batch-1 graphs, in this process, one row at a time."""
+
+    def __init__(self, export_dirs: dict[str, Path]):
+        import onnxruntime as ort
+
+        self.sessions = {}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        for kind, directory in export_dirs.items():
+            meta = read_meta(directory)
+            for graph in GRAPHS_OF_KIND[kind]:
+                file = directory / meta["graphs"][graph]["fp32"]["1"]["file"]
+                self.sessions[graph] = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, spec: GraphSpec, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        rows = []
+        for i in range(len(arrays[0])):
+            feed = {t.name: a[i:i + 1] for t, a in zip(spec.inputs, arrays)}
+            rows.append(self.sessions[spec.name].run([o.name for o in spec.outputs], feed))
+        return [np.concatenate([r[k] for r in rows]) for k in range(len(spec.outputs))]
+
+
+def assert_outputs_close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def metas(export_dirs) -> dict[str, dict]:
+    """graph -> export metadata."""
+    return {graph: read_meta(export_dirs[kind]) for graph, kind in KIND_OF_GRAPH.items()}
+
+
+@pytest.fixture(scope="module")
+def specs(metas) -> dict[str, GraphSpec]:
+    return {graph: graph_spec_from_meta(graph, meta) for graph, meta in metas.items()}
+
+
+@pytest.fixture(scope="module")
+def oracle(export_dirs) -> Oracle:
+    return Oracle(export_dirs)
+
+
+@pytest.fixture(scope="module")
+def repository(export_dirs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("served") / "model_repository"
+    build_repository(list(export_dirs.values()), out, max_batch_size=SERVED_MAX_BATCH)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration as data and as config.pbtxt (no server)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def all_configs(metas) -> list[dict]:
+    configs = []
+    for graph, meta in metas.items():
+        configs.append(embedded_config(graph, meta))
+        configs.append(embedded_config(graph, meta, gpu=True, fp16=True, max_batch_size=16, max_queue_delay_us=100,
+                                       intra_op_threads=2))
+        for n in meta["graphs"][graph]["buckets"]:
+            configs.append(container_config(graph, meta, n))
+            configs.append(container_config(graph, meta, n, gpu=True, fp16=True))
+    return configs
+
+
+def test_to_pbtxt_round_trips_every_field_when_parsed_by_model_config_pb2(metas):
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for config in all_configs(metas):
+        parsed = text_format.Parse(to_pbtxt(config), model_config_pb2.ModelConfig())
+        # ParseDict rejects any key that is not a ModelConfig field, so equality means every field we set is a real
+        # one and survived the text form.
+        expected = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        assert parsed == expected, config["name"]
+        assert parsed.name == config["name"]
+        assert {k: v.string_value for k, v in parsed.parameters.items()} == {
+            k: v["string_value"] for k, v in config["parameters"].items()}
+
+
+def test_embedded_config_declares_scalars_as_dims_1_reshaped_to_empty_when_per_item_scalar(metas, specs):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    spec = specs["diffusion_unet"]
+    parsed = text_format.Parse(to_pbtxt(embedded_config("diffusion_unet", metas["diffusion_unet"])),
+                               model_config_pb2.ModelConfig())
+    by_name = {i.name: i for i in parsed.input}
+    for tensor in spec.inputs:
+        entry = by_name[tensor.name]
+        assert model_config_pb2.DataType.Name(entry.data_type) == "TYPE_" + tensor.triton_dtype
+        if tensor.shape:
+            assert list(entry.dims) == list(tensor.shape) and not entry.HasField("reshape")
+        else:
+            assert list(entry.dims) == [1]
+            assert entry.HasField("reshape") and list(entry.reshape.shape) == []
+
+
+def test_embedded_config_batches_up_to_largest_bucket_with_warmup_per_bucket_when_defaults(metas, specs):
+    for graph, meta in metas.items():
+        config = embedded_config(graph, meta)
+        buckets = meta["graphs"][graph]["buckets"]
+        assert config["backend"] == "python"
+        assert config["max_batch_size"] == max(buckets)
+        assert config["dynamic_batching"] == {"preferred_batch_size": buckets, "max_queue_delay_microseconds": 500}
+        assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+        assert config["parameters"]["intra_op_num_threads"] == {"string_value": "1"}
+        assert config["parameters"]["execution_provider"] == {"string_value": "cpu"}
+        assert [w["batch_size"] for w in config["model_warmup"]] == buckets
+        for warmup in config["model_warmup"]:
+            assert set(warmup["inputs"]) == {t.name for t in specs[graph].inputs}
+            # zero data: Triton's random_data is random bytes, NaN included, which model.py would reject.
+            assert all(entry["zero_data"] is True for entry in warmup["inputs"].values())
+
+
+def test_metadata_parameters_carry_client_metadata_when_read_back(metas, specs):
+    for graph, meta in metas.items():
+        params = {k: v["string_value"] for k, v in embedded_config(graph, meta)["parameters"].items()}
+        carried = json.loads(params[METADATA_KEY])
+        for key in ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "latent_dim",
+                    "class_centroids", "conditional"):
+            assert carried.get(key) == meta.get(key), (graph, key)
+        # Same shape as the export's metadata.json, cut to this graph: one parser reads both.
+        assert carried["graphs"] == {graph: {"spec": specs[graph].to_dict(),
+                                             "buckets": meta["graphs"][graph]["buckets"]}}
+        assert graph_spec_from_meta(graph, carried) == specs[graph]
+        assert (params["trident_graph"], params["trident_flavour"]) == (graph, "embedded")
+        assert json.loads(params["trident_image_shape"]) == [meta["image"][k] for k in ("channels", "height", "width")]
+        assert json.loads(params["trident_value_range"]) == meta["image"]["value_range"]
+        assert json.loads(params["trident_buckets"]) == meta["graphs"][graph]["buckets"]
+
+
+def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_when_built(metas, specs):
+    unet = json.loads(embedded_config("diffusion_unet", metas["diffusion_unet"])["parameters"]
+                      ["trident_input_ranges"]["string_value"])
+    gan = json.loads(embedded_config("gan_generator", metas["gan_generator"])["parameters"]
+                     ["trident_input_ranges"]["string_value"])
+    label, timestep = label_input(specs["diffusion_unet"]).name, timestep_input(specs["diffusion_unet"]).name
+    assert (unet[label]["low"], unet[label]["high"]) == (0, metas["diffusion_unet"]["null_class"] + 1)
+    assert (unet[timestep]["low"], unet[timestep]["high"]) == (
+        0, metas["diffusion_unet"]["schedule"]["num_train_timesteps"])
+    gan_label = label_input(specs["gan_generator"]).name
+    assert (gan[gan_label]["low"], gan[gan_label]["high"]) == (0, len(metas["gan_generator"]["class_names"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Container flavour: generated and checked against the ONNX graphs (the onnxruntime backend is not installed here)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export_dirs, metas, tmp_path):
+    import onnx
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    out = tmp_path / "container_repository"
+    names = build_repository(list(export_dirs.values()), out, flavour="container", gpu=True, fp16=True)
+    expected = sorted(f"{g}_b{n}" for g, meta in metas.items() for n in meta["graphs"][g]["buckets"])
+    assert names == expected
+    for name in names:
+        graph, bucket = name.rsplit("_b", 1)
+        config = text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert (config.name, config.backend, config.max_batch_size) == (name, "onnxruntime", 0)
+        assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert [(a.name, dict(a.parameters)) for a in accelerator] == [("tensorrt", {"precision_mode": "FP16"})]
+        model_file = out / name / "1" / "model.onnx"
+        recorded = metas[graph]["graphs"][graph]["fp32"][bucket]["sha256"]
+        assert hashlib.sha256(model_file.read_bytes()).hexdigest() == recorded
+        model = onnx.load(str(model_file))
+        for declared, actual in ((config.input, model.graph.input), (config.output, model.graph.output)):
+            assert [t.name for t in declared] == [v.name for v in actual]
+            for t, v in zip(declared, actual):
+                np_dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+                triton = "TYPE_" + TensorSpec(v.name, np_dtype.name, ()).triton_dtype
+                assert model_config_pb2.DataType.Name(t.data_type) == triton, (name, v.name)
+                assert list(t.dims) == [d.dim_value for d in v.type.tensor_type.shape.dim], (name, v.name)
+        assert json.loads(config.parameters["trident_bucket"].string_value) == int(bucket)
+        assert len(config.model_warmup) == 1 and config.model_warmup[0].batch_size == 1
+
+
+def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
+    config = container_config("gan_generator", metas["gan_generator"], 1)
+    assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+    assert "optimization" not in config
+    assert config["parameters"]["intra_op_thread_count"] == {"string_value": "1"}
+    with pytest.raises(RepositoryError, match="--gpu"):
+        container_config("gan_generator", metas["gan_generator"], 1, fp16=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building: files, atomic replacement, CLI, default_build
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_build_repository_writes_self_contained_models_when_embedded(repository, metas):
+    assert json.loads((repository / MARKER).read_text())["models"] == sorted(GRAPHS)
+    for graph, meta in metas.items():
+        version = repository / graph / "1"
+        for n in meta["graphs"][graph]["buckets"]:
+            entry = meta["graphs"][graph]["fp32"][str(n)]
+            assert hashlib.sha256((version / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+        # model.py must run where trident is not installed: only these imports.
+        tree = ast.parse((version / "model.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert imported <= {"json", "os", "numpy", "onnxruntime", "triton_python_backend_utils"}, imported
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_build_repository_keeps_old_repository_when_a_graph_file_is_corrupt(export_dirs, tmp_path):
+    import shutil
+
+    out = tmp_path / "model_repository"
+    build_repository([export_dirs["gan"]], out)
+    before = tree_snapshot(out)
+    broken = tmp_path / "broken_vae_export"
+    shutil.copytree(export_dirs["vae"], broken)
+    meta = read_meta(broken)
+    victim = broken / meta["graphs"]["vae_encoder"]["fp32"]["4"]["file"]
+    victim.write_bytes(victim.read_bytes() + b"\0")  # fails while the new tree is half written
+    with pytest.raises(RepositoryError, match="sha256"):
+        build_repository([export_dirs["gan"], broken], out)
+    assert tree_snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken_vae_export", "model_repository"]  # no temp dirs
+
+
+def test_build_repository_refuses_when_out_is_foreign_nonempty_directory(export_dirs, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RepositoryError, match="refusing to replace"):
+        build_repository([export_dirs["gan"]], tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_build_repository_raises_when_same_graph_exported_twice(export_dirs, tmp_path):
+    with pytest.raises(RepositoryError, match="gan_generator is in both"):
+        build_repository([export_dirs["gan"], export_dirs["gan"]], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_builds_container_repository_and_exits_2_with_hint_when_export_missing(export_dirs, tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert main(["--export", str(export_dirs["vae"]), "--out", str(out), "--flavour", "container"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["vae_decoder_b1", "vae_decoder_b4",
+                                                                    "vae_encoder_b1", "vae_encoder_b4"]
+    assert main(["--export", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "run `trident export CHECKPOINT" in capsys.readouterr().err
+
+
+def test_default_build_exports_once_then_reuses_cache_when_checkpoint_unchanged(checkpoints, tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "gan").mkdir(parents=True)
+    os.symlink(checkpoints["gan"], root / "gan" / "model.safetensors")
+    logs: list[str] = []
+    kwargs = dict(work=tmp_path / "work", kinds=("gan",), buckets=(1,), log=logs.append)
+    assert default_build(root, tmp_path / "repo", **kwargs) == ["gan_generator"]
+    digest = hashlib.sha256(checkpoints["gan"].read_bytes()).hexdigest()
+    assert [p.name for p in (tmp_path / "work" / "exports").iterdir()] == [f"gan-{digest[:12]}-b1"]
+    assert sum("exporting" in line for line in logs) == 1
+    logs.clear()
+    assert default_build(root, tmp_path / "repo", **kwargs) == ["gan_generator"]
+    assert not any("exporting" in line for line in logs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model.py's execute() with a stand-in for triton_python_backend_utils (which exists only inside the backend stub)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fake_pb_utils() -> types.ModuleType:
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, array
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+    class TritonError(Exception):
+        INVALID_ARG = 3
+
+        def __init__(self, message, code=None):
+            super().__init__(message)
+            self.code = code
+
+        def message(self):
+            return str(self)
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    pb.Tensor, pb.TritonError, pb.InferenceResponse = Tensor, TritonError, InferenceResponse
+    pb.TritonModelException = RuntimeError
+    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
+    pb.triton_string_to_numpy = lambda name: np.dtype(name.removeprefix("TYPE_").lower()
+                                                      .replace("fp", "float")).type
+    pb.Logger = types.SimpleNamespace(log_warn=print, log_info=print, log_error=print)
+    return pb
+
+
+@pytest.fixture()
+def unet_model(repository, metas, monkeypatch):
+    """The repository's diffusion_unet/1/model.py, initialised as the Python backend would."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    pb = fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    path = repository / "diffusion_unet" / "1" / "model.py"
+    module_spec = importlib.util.spec_from_file_location("served_unet_model_py", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = text_format.Parse((repository / "diffusion_unet" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
+                      "model_repository": str(repository / "diffusion_unet"), "model_version": "1",
+                      "model_instance_kind": "CPU", "model_instance_device_id": "0"})
+    return model, pb
+
+
+def as_request(pb, spec: GraphSpec, arrays: list[np.ndarray]) -> dict:
+    return {t.name: pb.Tensor(t.name, a) for t, a in zip(spec.inputs, arrays)}
+
+
+def test_execute_runs_smallest_bucket_holding_the_rest_or_largest_when_rows_exceed_it(unet_model, specs, metas):
+    model, pb = unet_model
+    spec = specs["diffusion_unet"]
+    runs: list[int] = []
+    for bucket, session in model.sessions.items():
+        original = session.run
+        model.sessions[bucket] = types.SimpleNamespace(
+            run=lambda names, feed, _run=original, _b=bucket: (runs.append(_b), _run(names, feed))[1])
+    plans = {}
+    for rows in (1, 2, 4, 5, 7, 9):
+        runs.clear()
+        model.execute([as_request(pb, spec, valid_inputs(spec, metas["diffusion_unet"], rows, seed=rows))])
+        plans[rows] = list(runs)
+    assert plans == {1: [1], 2: [4], 4: [4], 5: [4, 1], 7: [4, 4], 9: [4, 4, 1]}
+
+
+def test_execute_fails_only_bad_requests_when_batched_with_good_ones(unet_model, specs, metas, oracle):
+    model, pb = unet_model
+    spec = specs["diffusion_unet"]
+    meta = metas["diffusion_unet"]
+    label = [t.name for t in spec.inputs].index(label_input(spec).name)
+    timestep = [t.name for t in spec.inputs].index(timestep_input(spec).name)
+    good = [valid_inputs(spec, meta, n, seed=10 + n) for n in (2, 3, 1)]
+    bad_label = valid_inputs(spec, meta, 2, seed=20)
+    bad_label[label][1] = meta["null_class"] + 1
+    bad_time = valid_inputs(spec, meta, 1, seed=21)
+    bad_time[timestep][0] = np.nan
+    responses = model.execute([as_request(pb, spec, a) for a in (good[0], bad_label, good[1], bad_time, good[2])])
+    assert len(responses) == 5
+    assert "must be in [0, 11)" in str(responses[1].error) and "got 11 at row 1" in str(responses[1].error)
+    assert "NaN or Inf" in str(responses[3].error)
+    assert responses[1].error.code == pb.TritonError.INVALID_ARG
+    for response, arrays in zip((responses[0], responses[2], responses[4]), good):
+        assert response.error is None
+        assert_outputs_close([t.as_numpy() for t in response.output_tensors], oracle(spec, arrays))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real server on the embedded repository
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    server: object
+    startup_statistics: dict  # per model, read before any test request: what the warmup did
+
+
+@pytest.fixture(scope="module")
+def served(repository):
+    from trident.serving.server import ServerConfig, TritonServer
+
+    with TritonServer(ServerConfig(repository, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        with triton_client("http", server.http_url) as client:
+            stats = {s["name"]: s for s in client.get_inference_statistics()["model_stats"]}
+        print(f"\ntritonserver ready in {server.startup_s:.2f} s ({server.log_path})")
+        yield Served(server, stats)
+
+
+@contextmanager
+def triton_client(protocol: str, url: str):
+    """A plain tritonclient client, closed after use: Triton's shutdown waits (up to its exit timeout) for every
+    HTTP keep-alive connection a client left open."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    client = (httpclient if protocol == "http" else grpcclient).InferenceServerClient(url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def infer(protocol: str, url: str, spec: GraphSpec, arrays: list[np.ndarray], wire: bool = True) -> list[np.ndarray]:
+    """One request through plain tritonclient; the datatype follows each array (so tests can send wrong ones)."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    module = httpclient if protocol == "http" else grpcclient
+    inputs = []
+    for tensor, array in zip(spec.inputs, arrays):
+        data = to_wire(tensor, array) if wire else array
+        entry = module.InferInput(tensor.name, list(data.shape), np_to_triton_dtype(data.dtype))
+        entry.set_data_from_numpy(data)
+        inputs.append(entry)
+    outputs = [module.InferRequestedOutput(o.name) for o in spec.outputs]
+    with triton_client(protocol, url) as client:
+        result = client.infer(spec.name, inputs, outputs=outputs)
+    return [result.as_numpy(o.name) for o in spec.outputs]
+
+
+def url(served: Served, protocol: str) -> str:
+    return served.server.http_url if protocol == "http" else served.server.grpc_url
+
+
+@pytest.mark.server
+def test_server_reports_every_model_ready_when_repository_built(served):
+    with triton_client("http", served.server.http_url) as client:
+        assert client.is_server_ready()
+        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted(GRAPHS)
+        assert all(client.is_model_ready(graph) for graph in GRAPHS)
+
+
+@pytest.mark.server
+def test_model_warmup_ran_every_bucket_before_first_request_when_server_ready(served, metas):
+    for graph, meta in metas.items():
+        stats = served.startup_statistics[graph]
+        buckets = meta["graphs"][graph]["buckets"]
+        assert sorted(b["batch_size"] for b in stats["batch_stats"]) == buckets, graph
+        assert stats["inference_count"] == sum(buckets) and stats["inference_stats"]["fail"]["count"] == 0
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_model_config_carries_sampling_metadata_when_fetched(served, metas, protocol):
+    for graph, meta in metas.items():
+        with triton_client(protocol, url(served, protocol)) as client:
+            if protocol == "http":
+                config = client.get_model_config(graph)
+            else:
+                config = client.get_model_config(graph, as_json=True)["config"]
+        carried = json.loads(config["parameters"][METADATA_KEY]["string_value"])
+        assert (carried["kind"], list(carried["graphs"])) == (meta["kind"], [graph])
+        assert carried["image"] == meta["image"] and carried["class_names"] == meta["class_names"]
+        assert int(config["max_batch_size"]) == SERVED_MAX_BATCH
+        assert len(config["model_warmup"]) == len(meta["graphs"][graph]["buckets"])
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_infer_equals_in_process_onnxruntime_when_one_request(served, specs, metas, oracle, graph, protocol):
+    spec = specs[graph]
+    arrays = valid_inputs(spec, metas[graph], 3, seed=GRAPHS.index(graph))  # 3 rows: padded to bucket 4
+    got = infer(protocol, url(served, protocol), spec, arrays)
+    assert_outputs_close(got, oracle(spec, arrays))
+
+
+def send_together(jobs: list, timeout: float = 60.0) -> list:
+    """Run the callables on threads released at the same instant; returns each result or raised exception."""
+    results: list = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def worker(i):
+        barrier.wait()
+        try:
+            results[i] = jobs[i]()
+        except Exception as e:  # the test inspects it
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
+
+
+def execution_counts(served: Served, graph: str, at_least: int = 0) -> tuple[int, int]:
+    """(successful requests, executions) of a model. Triton records a request's statistics when it releases the
+    request, which can be after the client already holds the response: poll until `at_least` requests show."""
+    deadline = time.monotonic() + 10
+    with triton_client("http", served.server.http_url) as client:
+        while True:
+            model = client.get_inference_statistics(graph)["model_stats"][0]
+            requests = int(model["inference_stats"]["success"]["count"])
+            if requests >= at_least or time.monotonic() > deadline:
+                return requests, int(model["execution_count"])
+            time.sleep(0.05)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("graph", ["diffusion_unet", "gan_generator"])
+def test_concurrent_requests_of_mixed_sizes_each_get_own_rows_when_batched_together(served, specs, metas, oracle,
+                                                                                    graph):
+    spec = specs[graph]
+    sizes = [1, 2, 3, 5, 7, 1, 2, 8]  # 5, 7 and 8 exceed the largest bucket (4)
+    requests_before, executions_before = execution_counts(served, graph)
+    for round_ in range(2):
+        payloads = [valid_inputs(spec, metas[graph], n, seed=100 * round_ + i) for i, n in enumerate(sizes)]
+        protocols = ["http", "grpc"] * (len(sizes) // 2)
+        results = send_together([lambda a=a, p=p: infer(p, url(served, p), spec, a)
+                                 for a, p in zip(payloads, protocols)])
+        for arrays, result in zip(payloads, results):
+            assert not isinstance(result, Exception), result
+            assert_outputs_close(result, oracle(spec, arrays))
+    requests_after, executions_after = execution_counts(served, graph, at_least=requests_before + 2 * len(sizes))
+    # The single instance was busy while the others queued: the batcher must have merged some requests.
+    assert requests_after - requests_before == 2 * len(sizes)
+    assert executions_after - executions_before < 2 * len(sizes)
+
+
+@pytest.mark.server
+def test_infer_result_unchanged_when_batch_neighbours_hold_extreme_values(served, specs, metas):
+    spec = specs["diffusion_unet"]
+    meta = metas["diffusion_unet"]
+    mine = valid_inputs(spec, meta, 2, seed=7)
+    alone = infer("grpc", served.server.grpc_url, spec, mine)
+    loud = valid_inputs(spec, meta, 3, seed=8)
+    loud[[t.name for t in spec.inputs].index(image_like_input(spec).name)] *= 1e4
+    loud[[t.name for t in spec.inputs].index(label_input(spec).name)][:] = meta["null_class"]
+    jobs = [lambda: infer("grpc", served.server.grpc_url, spec, mine)] + [
+        lambda: infer("http", served.server.http_url, spec, loud) for _ in range(5)]
+    results = send_together(jobs)
+    assert not any(isinstance(r, Exception) for r in results), results
+    assert_outputs_close(results[0], alone)
+
+
+def malformed_cases():
+    """(graph, description, how to break valid model-side arrays, expected message part)."""
+
+    def replace(role, value, wire=True):
+        def apply(spec, arrays):
+            index = [t.name for t in spec.inputs].index(role(spec).name)
+            arrays[index] = value(arrays[index])
+            return arrays, wire
+        return apply
+
+    def unwired_scalar(spec, arrays):  # a per-item scalar sent as (n,) instead of (n, 1)
+        return [a if t.shape else a.reshape(-1) for t, a in zip(spec.inputs, arrays)], False
+
+    def put(index, value):
+        def set_value(a):
+            a = a.copy()
+            a.reshape(len(a), -1)[0, index] = value
+            return a
+        return set_value
+
+    return [
+        ("diffusion_unet", "wrong shape", replace(image_like_input, lambda a: a[..., :-1], wire=False), "unexpected shape"),
+        ("diffusion_unet", "wrong dtype", replace(image_like_input, lambda a: a.astype(np.float64)),
+         "expects 'FP32'"),
+        ("diffusion_unet", "scalar without its [1] axis", unwired_scalar, "unexpected shape"),
+        ("diffusion_unet", "class above null", replace(label_input, put(0, 11)), "must be in [0, 11)"),
+        ("diffusion_unet", "negative class", replace(label_input, put(0, -1)), "must be in [0, 11)"),
+        ("diffusion_unet", "timestep T", replace(timestep_input, put(0, 1000.0)), "must be in [0, 1000)"),
+        ("diffusion_unet", "NaN timestep", replace(timestep_input, put(0, np.nan)), "NaN or Inf"),
+        ("diffusion_unet", "Inf sample", replace(image_like_input, put(3, np.inf)), "NaN or Inf"),
+        ("gan_generator", "null class on a GAN", replace(label_input, put(0, 10)), "must be in [0, 10)"),
+        ("vae_decoder", "NaN latent", replace(image_like_input, put(0, np.nan)), "NaN or Inf"),
+    ]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_malformed_requests_get_error_and_server_keeps_serving_when_sent(served, specs, metas, oracle, protocol):
+    from tritonclient.utils import InferenceServerException
+
+    for graph, what, breaker, message in malformed_cases():
+        spec = specs[graph]
+        arrays, wire = breaker(spec, valid_inputs(spec, metas[graph], 2, seed=5))
+        with pytest.raises(InferenceServerException) as raised:
+            infer(protocol, url(served, protocol), spec, arrays, wire=wire)
+        assert message in str(raised.value), (what, str(raised.value))
+    assert served.server.is_alive()
+    for graph in GRAPHS:
+        arrays = valid_inputs(specs[graph], metas[graph], 2, seed=6)
+        assert_outputs_close(infer(protocol, url(served, protocol), specs[graph], arrays),
+                             oracle(specs[graph], arrays))
