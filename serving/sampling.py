@@ -298,7 +298,12 @@ class DPMSolverPP2MSampler(_Sampler):
     default_spacing = "linspace"
     _skip_zero = True
 
-    def __init__(self, schedule: NoiseSchedule, *, clip_sample: bool = False, clip_sample_range: float = 1.0,
+    # clip_sample defaults to True here although diffusers' thresholding defaults to False: our models are pixel-space
+    # with data in [-1, 1], and the data prediction x_0 = (x - sigma eps) / alpha amplifies the eps error by
+    # 1 / alpha (~158 at t=999 of the linear schedule). Unclipped, a small model's first steps overshoot to |x_0| >> 1
+    # and some samples end as salt-and-pepper noise (seen on the shipped U-Net); diffusers recommends thresholding for
+    # pixel-space models for the same reason.
+    def __init__(self, schedule: NoiseSchedule, *, clip_sample: bool = True, clip_sample_range: float = 1.0,
                  rng: np.random.Generator | None = None):
         super().__init__(schedule, rng)
         if not clip_sample_range > 0:
@@ -512,7 +517,7 @@ def sample(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, samp
     model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W]; with guidance it is called
     once per step on 2B rows. labels: int [B] in [0, null_class], or None for unconditional. seed (or rng) fixes the
     initial noise and any step noise: the same seed gives the same images. spacing None: the sampler's diffusers
-    default. clip_sample None: the sampler's default (ddpm, ddim: True; dpmpp-2m: False). callback(i, t, x, x0)
+    default. clip_sample None: the sampler's default (True for all three: pixel-space data in [-1, 1]). callback(i, t, x, x0)
     returning False raises SamplingCancelled. progress shows a tqdm bar when tqdm is installed.
     """
     x = None

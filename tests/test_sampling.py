@@ -74,7 +74,7 @@ def diffusers_scheduler(name, schedule, spacing, *, clip_sample=None, set_alpha_
         # clipping x0 to [-1, 1] is diffusers' dynamic thresholding with sample_max_value=1 (s is clamped to [1, 1])
         sched = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                             solver_type="midpoint", lower_order_final=True,
-                                            final_sigmas_type="zero", thresholding=bool(clip_sample),
+                                            final_sigmas_type="zero", thresholding=True if clip_sample is None else clip_sample,
                                             sample_max_value=1.0)
     sched.betas = torch.from_numpy(schedule.betas.copy())
     sched.alphas = 1.0 - sched.betas
@@ -193,6 +193,7 @@ def test_sampler_matches_diffusers_every_step_when_steps_do_not_divide_T(name, s
     ("ddim", {"clip_sample": False}),
     ("ddim", {"set_alpha_to_one": False}),
     ("dpmpp-2m", {"clip_sample": True}),
+    ("dpmpp-2m", {"clip_sample": False}),
 ])
 def test_sampler_matches_diffusers_every_step_when_options_changed(name, options):
     compare_loops(name, LINEAR, "leading" if name != "dpmpp-2m" else "linspace", 10, **options)

@@ -1,0 +1,227 @@
+"""Session fixtures of the latency benchmarks: the shipped checkpoints exported once (cached under .trident/exports),
+one model repository and one embedded Triton server for the whole session, and a client per backend.
+
+Every backend gets the same intra-op thread count (settings.threads): torch, the in-process ONNX Runtime sessions,
+the Triton model instances and the matmul peak. Kinds whose checkpoint is missing are skipped with a message.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+import pytest
+
+from trident.benchmarks import settings as bench_settings
+from trident.benchmarks.common import graph_buckets, warm
+from trident.benchmarks.settings import KINDS, BenchSettings
+from trident.serving.spec import UNET, load_export_metadata
+
+_SETTINGS = pytest.StashKey[BenchSettings]()
+_LOAD_AT_START = pytest.StashKey[tuple]()
+SMOKE_MAX_TIME_S = 0.1  # a --benchmark-max-time below this (as `make bench-smoke` passes) means a smoke run
+
+
+def settings_of(config) -> BenchSettings:
+    if _SETTINGS not in config.stash:
+        smoke = None
+        if "TRIDENT_BENCH_SMOKE" not in os.environ:
+            max_time = config.getoption("benchmark_max_time", default=1.0)
+            smoke = True if max_time is not None and float(max_time) < SMOKE_MAX_TIME_S else None
+        config.stash[_SETTINGS] = bench_settings.from_env(smoke=smoke)
+    return config.stash[_SETTINGS]
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", str(settings_of(config).threads))  # tritonserver inherits it
+    config.stash[_LOAD_AT_START] = os.getloadavg()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters known at collection time
+# ----------------------------------------------------------------------------------------------------------------
+
+def pytest_generate_tests(metafunc):
+    s = settings_of(metafunc.config)
+    params = {
+        "bucket": (graph_buckets(s, UNET), lambda b: f"b{b}"),
+        "cfg_batch": (s.cfg_batches, lambda b: f"B{b}"),
+        "sampler_run": (s.sampler_runs, lambda r: f"{r[0]}-{r[1]}"),
+        "clients": (s.concurrency, lambda c: f"{c}clients"),
+        "oneshot_batch": (s.oneshot_batches, lambda b: f"B{b}"),
+        "peak_size": (s.peak_sizes, lambda n: f"n{n}"),
+    }
+    for name, (values, ident) in params.items():
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, values, ids=[ident(v) for v in values])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machine description stored in the JSON (the report states it)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def _sha12(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    s = settings_of(config)
+    ckpts = {kind: s.checkpoints / kind / "model.safetensors" for kind in KINDS}
+    machine_info["trident"] = {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "gpu": _gpu_name() if s.device == "cuda" else None,
+        "load_average_at_start": list(config.stash.get(_LOAD_AT_START, ())),
+        "load_average_at_end": list(os.getloadavg()),
+        "settings": s.to_dict(),
+        "checkpoints": {kind: (_sha12(p) if p.is_file() else None) for kind, p in ckpts.items()},
+        "versions": {d: _version(d) for d in ("torch", "onnxruntime", "onnxruntime-gpu", "tritonclient",
+                                              "nvidia-pytriton", "diffusers", "numpy", "pytest-benchmark")},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, exports, repository, server, clients
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def settings(pytestconfig) -> BenchSettings:
+    return settings_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(settings) -> dict[str, Path]:
+    """kind -> model.safetensors, for the kinds whose checkpoint exists."""
+    found = {kind: settings.checkpoints / kind / "model.safetensors" for kind in KINDS}
+    return {kind: path for kind, path in found.items() if path.is_file()}
+
+
+@pytest.fixture(scope="session")
+def exports(settings, checkpoints) -> dict[str, Path]:
+    """kind -> export folder: TRIDENT_BENCH_EXPORTS, else each checkpoint exported once (cached by its sha256)."""
+    if settings.exports:
+        return {load_export_metadata(d)["kind"]: Path(d) for d in settings.exports}
+    from trident.serving.repository import ensure_export
+
+    if not checkpoints:
+        pytest.skip(f"no checkpoints under {settings.checkpoints}; nothing to benchmark")
+    return {kind: ensure_export(path, settings.work / "exports", kind, buckets=settings.buckets,
+                                fp16=settings.fp16) for kind, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def server(settings, exports, tmp_path_factory):
+    """One embedded Triton server over a repository of every export, for the whole session."""
+    from trident.serving.repository import build_repository
+    from trident.serving.server import ServerConfig, TritonServer
+
+    root = tmp_path_factory.mktemp("triton")
+    repository = root / "model_repository"
+    build_repository(list(exports.values()), repository, gpu=settings.device == "cuda", fp16=settings.fp16,
+                     intra_op_threads=settings.threads)
+    config = ServerConfig(repository, http_port=0, grpc_port=0, metrics_port=0, log_file=root / "tritonserver.log",
+                          startup_timeout_s=300.0)
+    with TritonServer(config) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def triton_clients(server, settings):
+    """protocol -> TridentClient over the session's server."""
+    from trident.serving.client import TridentClient
+
+    clients = {"http": TridentClient.connect(server.http_url, "http"),
+               "grpc": TridentClient.connect(server.grpc_url, "grpc")}
+    yield clients
+    for c in clients.values():
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def triton(triton_clients, settings):
+    """The Triton client of the protocol the sampling items use (TRIDENT_BENCH_PROTOCOL)."""
+    return triton_clients[settings.protocol]
+
+
+@pytest.fixture(scope="session")
+def ort_client(settings, exports):
+    """In-process ONNX Runtime over the same exports (CUDA provider and fp16 graphs on the GPU path)."""
+    from trident.serving.client import TridentClient
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if settings.device == "cuda" else None
+    client = TridentClient.from_onnx(list(exports.values()), threads=settings.threads, providers=providers,
+                                     precision="fp16" if settings.fp16 else "fp32")
+    warm(client)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def torch_client(settings, checkpoints):
+    """PyTorch eager over the checkpoints (fp32; on cuda with TRIDENT_BENCH_DEVICE=cuda)."""
+    from trident.serving.client import TridentClient
+
+    client = TridentClient.from_torch(list(checkpoints.values()), device=settings.device, threads=settings.threads)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def unet_module(torch_client):
+    """The torch U-Net of the diffusion checkpoint (the module TorchBackend runs)."""
+    return torch_client.backend._modules[UNET]
+
+
+@pytest.fixture(scope="session")
+def unet_flops(unet_module, settings):
+    """FLOPs of one U-Net forward at N rows, counted once per N with torch's FlopCounterMode (matmul, conv and
+    attention products; 2 FLOPs per multiply-add; norms and activations are not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cache: dict[int, int] = {}
+
+    def count(n: int) -> int:
+        if n not in cache:
+            c, h, w = unet_module.config.in_channels, unet_module.config.image_size, unet_module.config.image_size
+            dev = next(unet_module.parameters()).device
+            args = (torch.zeros(n, c, h, w, device=dev), torch.zeros(n, device=dev),
+                    torch.zeros(n, dtype=torch.int64, device=dev))
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+                unet_module(*args)
+            cache[n] = int(counter.get_total_flops())
+        return cache[n]
+
+    return count
