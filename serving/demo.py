@@ -15,19 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import TridentError
 from .client import TridentClient
 from .images import labelled_grid, save_png
 
 
 def run_demo(out: Path, repository: Path, checkpoints: Path, per_class: int = 8, steps: int = 20,
-             guidance: float = 3.0, protocol: str = "grpc", seed: int = 0, log=print) -> dict:
+             guidance: float = 3.0, protocol: str = "grpc", seed: int = 0, work: Path = Path(".trident"),
+             log=print) -> dict:
     from .repository import default_build
     from .server import ServerConfig, TritonServer
 
     t_all = time.perf_counter()
     t0 = time.perf_counter()
-    default_build(checkpoints_root=checkpoints, out=repository)
+    default_build(checkpoints_root=checkpoints, out=repository, work=work, log=log)
     log(f"model repository: {repository} ({time.perf_counter() - t0:.1f} s)")
     summary = {}
     config = ServerConfig(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
@@ -92,12 +92,13 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=".trident", help="cache of ONNX exports, keyed by checkpoint hash")
     args = p.parse_args(argv)
     try:
         run_demo(Path(args.out), Path(args.model_repository), Path(args.checkpoints), args.per_class, args.steps,
-                 args.guidance, args.protocol, args.seed)
-    except TridentError as e:
-        print(f"trident demo: error: {e}", file=sys.stderr)
+                 args.guidance, args.protocol, args.seed, Path(args.work))
+    except RuntimeError as e:  # TridentError, RepositoryError, TritonServerError, ExportError, CheckpointError
+        print(f"trident demo: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,58 @@
+"""The shipped artefacts: checkpoints, the committed model repository, and the demo (the README's main job)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trident.serving.repository import MARKER, default_build
+from trident.training.checkpoint import read_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def shipped_work(tmp_path_factory) -> Path:
+    """A fresh export cache of the shipped checkpoints at the default buckets (what `trident demo` builds)."""
+    return tmp_path_factory.mktemp("shipped_work")
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "gan", "vae", "classifier"])
+def test_shipped_checkpoint_exists_and_records_how_it_was_trained(kind):
+    meta = read_meta(SHIPPED / kind / "model.safetensors", kind)
+    assert meta["train"]["command"].startswith("trident train " + kind)
+    assert meta["train"]["step"] > 0 and meta["train"]["last_losses"]
+    assert (SHIPPED / kind / "TRAINING.md").is_file()
+
+
+def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path):
+    fresh = tmp_path / "model_repository"
+    default_build(SHIPPED, fresh, shipped_work, log=lambda *_: None)
+    # Committed: the marker and every config.pbtxt. Generated only: the graphs and model.py (a copy of
+    # serving/triton_model.py), both git-ignored.
+    def listed(root):
+        return sorted(p.relative_to(root) for p in root.rglob("*")
+                      if p.is_file() and p.suffix != ".onnx" and p.name not in ("model.py", "README.md"))
+
+    committed, built = listed(ROOT / "model_repository"), listed(fresh)
+    assert committed == built, "committed model_repository/ lists other files than a fresh `trident serve build`"
+    for rel in committed:
+        assert (ROOT / "model_repository" / rel).read_bytes() == (fresh / rel).read_bytes(), (
+            f"model_repository/{rel} differs from a fresh build: run `trident serve build` and commit the result")
+    assert (ROOT / "model_repository" / MARKER).is_file()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_writes_its_images(shipped_work, tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "trident.serving.cli", "demo", "--out", str(out), "--model-repository",
+           str(tmp_path / "repo"), "--work", str(shipped_work), "--per-class", "2", "--steps", "4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for name in ("diffusion.png", "diffusion_guidance.png", "gan.png", "vae.png", "vae_interpolation.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "Triton server up" in r.stdout and "demo done" in r.stdout
