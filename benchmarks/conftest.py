@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trident.benchmarks import settings as bench_settings
-from trident.benchmarks.common import graph_buckets, warm
+from trident.benchmarks.common import graph_buckets, require, warm
 from trident.benchmarks.settings import KINDS, BenchSettings
 from trident.serving.spec import UNET, load_export_metadata
 
@@ -37,6 +37,16 @@ def settings_of(config) -> BenchSettings:
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", str(settings_of(config).threads))  # tritonserver inherits it
     config.stash[_LOAD_AT_START] = os.getloadavg()
+    config.addinivalue_line("markers", "cuda_only: GPU path only; deselected unless TRIDENT_BENCH_DEVICE=cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if settings_of(config).device == "cuda":
+        return
+    gpu_only = [item for item in items if item.get_closest_marker("cuda_only")]
+    if gpu_only:
+        config.hook.pytest_deselected(items=gpu_only)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda_only")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,6 +151,9 @@ def exports(settings, checkpoints) -> dict[str, Path]:
                                 fp16=settings.fp16) for kind, path in checkpoints.items()}
 
 
+CUDA_FALLBACK_LOG = ("CUDA execution provider was requested but", "Failed to create CUDAExecutionProvider")
+
+
 @pytest.fixture(scope="session")
 def server(settings, exports, tmp_path_factory):
     """One embedded Triton server over a repository of every export, for the whole session."""
@@ -154,6 +167,11 @@ def server(settings, exports, tmp_path_factory):
     config = ServerConfig(repository, http_port=0, grpc_port=0, metrics_port=0, log_file=root / "tritonserver.log",
                           startup_timeout_s=300.0)
     with TritonServer(config) as srv:
+        if settings.device == "cuda":  # model.py falls back to the CPU with a warning; here that is a failure
+            bad = [line for line in srv.log_text().splitlines() if any(m in line for m in CUDA_FALLBACK_LOG)]
+            if bad:
+                pytest.fail("Triton's models are not on the GPU:\n" + "\n".join(bad[:5]) + f"\nlog: {srv.log_path}",
+                            pytrace=False)
         yield srv
 
 
@@ -180,9 +198,21 @@ def ort_client(settings, exports):
     """In-process ONNX Runtime over the same exports (CUDA provider and fp16 graphs on the GPU path)."""
     from trident.serving.client import TridentClient
 
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if settings.device == "cuda" else None
+    providers = None
+    if settings.device == "cuda":
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu >= 1.21)
+            ort.preload_dlls()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     client = TridentClient.from_onnx(list(exports.values()), threads=settings.threads, providers=providers,
                                      precision="fp16" if settings.fp16 else "fp32")
+    if settings.device == "cuda":
+        on_cpu = [f"{g} b{b}" for g, ss in client.backend._sessions.items() for b, sess in ss.items()
+                  if sess.get_providers()[0] != "CUDAExecutionProvider"]
+        if on_cpu:
+            pytest.fail(f"ONNX Runtime put {on_cpu} on the CPU: the CUDA execution provider did not load (see "
+                        "benchmarks/gpu.sh for the CUDA libraries it needs)", pytrace=False)
     warm(client)
     yield client
     client.close()
@@ -190,9 +220,14 @@ def ort_client(settings, exports):
 
 @pytest.fixture(scope="session")
 def torch_client(settings, checkpoints):
-    """PyTorch eager over the checkpoints (fp32; on cuda with TRIDENT_BENCH_DEVICE=cuda)."""
+    """PyTorch eager over the checkpoints, fp32 (on cuda with TRIDENT_BENCH_DEVICE=cuda)."""
+    import torch
+
     from trident.serving.client import TridentClient
 
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"torch {torch.__version__} has no CUDA here: PyTorch eager and the diffusers peer are skipped "
+                    "on the GPU path; install a CUDA build of torch to measure them")
     client = TridentClient.from_torch(list(checkpoints.values()), device=settings.device, threads=settings.threads)
     yield client
     client.close()
@@ -200,27 +235,30 @@ def torch_client(settings, checkpoints):
 
 @pytest.fixture(scope="session")
 def unet_module(torch_client):
-    """The torch U-Net of the diffusion checkpoint (the module TorchBackend runs)."""
+    """The torch U-Net of the diffusion checkpoint, on the benchmark's device (the module TorchBackend runs)."""
     return torch_client.backend._modules[UNET]
 
 
 @pytest.fixture(scope="session")
-def unet_flops(unet_module, settings):
-    """FLOPs of one U-Net forward at N rows, counted once per N with torch's FlopCounterMode (matmul, conv and
-    attention products; 2 FLOPs per multiply-add; norms and activations are not counted)."""
+def unet_flops(checkpoints):
+    """FLOPs of one U-Net forward at N rows, counted once per N with torch's FlopCounterMode on the CPU (matmul,
+    conv and attention products; 2 FLOPs per multiply-add; norms and activations are not counted)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from trident.training.checkpoint import load_model
+
+    require(checkpoints, "diffusion")
+    unet, _ = load_model(checkpoints["diffusion"], "diffusion")
+    c = unet.config
     cache: dict[int, int] = {}
 
     def count(n: int) -> int:
         if n not in cache:
-            c, h, w = unet_module.config.in_channels, unet_module.config.image_size, unet_module.config.image_size
-            dev = next(unet_module.parameters()).device
-            args = (torch.zeros(n, c, h, w, device=dev), torch.zeros(n, device=dev),
-                    torch.zeros(n, dtype=torch.int64, device=dev))
+            args = (torch.zeros(n, c.in_channels, c.image_size, c.image_size), torch.zeros(n),
+                    torch.zeros(n, dtype=torch.int64))
             with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-                unet_module(*args)
+                unet(*args)
             cache[n] = int(counter.get_total_flops())
         return cache[n]
 

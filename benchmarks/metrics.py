@@ -12,6 +12,7 @@ Model warm-up runs count too, so only deltas between two scrapes mean anything.
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 COUNTERS = ("nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count",
@@ -43,6 +44,18 @@ def parse(text: str) -> dict[tuple[str, str], float]:
 def scrape(url: str, timeout: float = 5.0) -> dict[tuple[str, str], float]:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return parse(response.read().decode("utf-8", errors="replace"))
+
+
+def scrape_settled(url: str, before: dict, model: str, requests: int, timeout: float = 5.0) -> dict:
+    """Scrape until `requests` more requests of `model` than in `before` are counted (Triton updates its statistics
+    just after sending a response, so a scrape right after the last reply can miss it), or until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = scrape(url)
+        done = delta(before, after, model)["nv_inference_request_success"] >= requests
+        if done or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
 
 
 def delta(before: dict, after: dict, model: str) -> dict[str, float]:

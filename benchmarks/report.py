@@ -1,0 +1,562 @@
+"""pytest-benchmark JSON -> report.md (tables with absolute figures and the ratios between them, the issue's targets
+with PASS/FAIL) and bar charts (PNG, drawn with Pillow).
+
+    python -m trident.benchmarks.report benchmarks/results/latest.json [--out DIR]
+
+Every benchmark carries extra_info["item"] (peak, step, cfg, e2e, peer, concurrency, oneshot) and the fields that
+identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
+ratios are taken between medians measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from trident.benchmarks.settings import SAMPLER_LABELS
+
+STEP_BACKENDS = ("torch", "ort", "triton-http", "triton-grpc", "ort-cudagraph")
+STEP_LABELS = {"torch": "PyTorch eager", "ort": "ORT in-process", "triton-http": "Triton HTTP",
+               "triton-grpc": "Triton gRPC", "ort-cudagraph": "ORT + CUDA graph"}
+PEER_LABELS = {"diffusers-torch": "diffusers loop (PyTorch)", "ours-triton": "ours, Triton client",
+               "ours-ort": "ours, ORT in-process", "ours-torch": "ours, PyTorch backend"}
+
+# The issue's targets.
+TARGET_PEAK_FRACTION = 0.75
+TARGET_TRITON_OVERHEAD = 0.10
+TARGET_CFG_SPEEDUP = 1.6
+TARGET_PEER_RATIO = 1.5
+ISSUE_E2E = ("dpmpp-2m", 20, 8)  # sampler, steps, B of the serving-overhead and peer targets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------
+
+def load(path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if "benchmarks" not in data:
+        raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' key)")
+    return data
+
+
+def items(data: dict, item: str) -> list[dict]:
+    return [b for b in data["benchmarks"] if b.get("extra_info", {}).get("item") == item]
+
+
+def med(b: dict | None) -> float | None:
+    return None if b is None else b["stats"]["median"]
+
+
+def mean(b: dict | None) -> float | None:
+    return None if b is None else b["stats"]["mean"]
+
+
+def best(b: dict | None) -> float | None:
+    return None if b is None else b["stats"]["min"]
+
+
+def find(bs: list[dict], **match) -> dict | None:
+    for b in bs:
+        if all(b["extra_info"].get(k) == v for k, v in match.items()):
+            return b
+    return None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------------------------
+
+def ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    v = 1e3 * seconds
+    return f"{v:.3g}" if v < 100 else f"{v:,.0f}"
+
+
+def ms_cell(b: dict | None, per: int = 1) -> str:
+    """'median (mean)' in ms, divided by `per` (images)."""
+    if b is None:
+        return "-"
+    return f"{ms(med(b) / per)} ({ms(mean(b) / per)})"
+
+
+def num(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
+
+
+def times(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def pct(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:+.1f}%" if signed else f"{100 * v:.1f}%"
+
+
+def table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Markdown table; the first `left` columns align left, the figures right."""
+    rule = "|".join("---" if i < left else "---:" for i in range(len(header)))
+    out = ["| " + " | ".join(header) + " |", f"|{rule}|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**PASS**" if ok else "**FAIL**")
+
+
+def run_label(sampler: str, steps: int) -> str:
+    return f"{SAMPLER_LABELS.get(sampler, sampler)}-{steps}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Analysis: each returns (markdown lines, figures for targets and plots)
+# ----------------------------------------------------------------------------------------------------------------
+
+def analyse_peak(data):
+    bs = items(data, "peak")
+    rows, peak, peak_of, dtype = [], None, None, "fp32"
+    for b in sorted(bs, key=lambda b: (b["extra_info"]["impl"], b["extra_info"]["n"])):
+        e = b["extra_info"]
+        g_best, g_med = e["flops"] / best(b) / 1e9, e["flops"] / med(b) / 1e9
+        if peak is None or g_best > peak:
+            peak, peak_of = g_best, f"{e['impl']} {e['dtype']} matmul n={e['n']}"
+            dtype = {"float32": "fp32", "float16": "fp16"}.get(e["dtype"], e["dtype"])
+        rows.append([e["impl"], f"{e['n']}x{e['n']}", e["dtype"], ms(best(b)), ms(med(b)), f"{g_best:.1f}",
+                     f"{g_med:.1f}", b["stats"]["rounds"]])
+    lines = table(["matmul", "size", "dtype", "best ms", "median ms", "GFLOP/s (best)", "GFLOP/s (median)", "rounds"],
+                  rows)
+    if peak is not None:
+        lines += [f"Peak used below: **{peak:.1f} GFLOP/s** ({peak_of}, best of its rounds).", ""]
+    return lines, {"peak_gflops": peak, "dtype": dtype}
+
+
+def analyse_step(data, peak):
+    bs = items(data, "step")
+    buckets = sorted({b["extra_info"]["bucket"] for b in bs})
+    present = {b["extra_info"]["backend"] for b in bs}
+    backends = [k for k in STEP_BACKENDS if k in present or k != "ort-cudagraph"]  # the GPU-only column if measured
+    rows, speedups, plot = [], {}, {k: [] for k in backends}
+    gflops_at = {}
+    for n in buckets:
+        got = {k: find(bs, bucket=n, backend=k) for k in backends}
+        flops = next((b["extra_info"]["flops"] for b in got.values() if b), None)
+        speed = ratio(med(got["torch"]), med(got["ort"]))
+        speedups[n] = speed
+        g_ort = flops / med(got["ort"]) / 1e9 if flops and got["ort"] else None
+        gflops_at[n] = g_ort
+        over = {k: ratio(med(got[k]), med(got["ort"])) for k in ("triton-http", "triton-grpc")}
+        graph = [times(ratio(med(got["ort"]), med(got["ort-cudagraph"])))] if "ort-cudagraph" in backends else []
+        rows.append([f"b{n}", num(flops / 1e9 if flops else None), *(ms_cell(got[k]) for k in backends),
+                     times(speed), *(pct(None if v is None else v - 1, signed=True) for v in over.values()), *graph,
+                     num(g_ort), pct(ratio(g_ort, peak))])
+        for k in backends:
+            plot[k].append(None if got[k] is None else 1e3 * med(got[k]))
+    header = ["bucket", "GFLOP/step", *(f"{STEP_LABELS[k]} ms" for k in backends), "ORT speedup vs torch",
+              "Triton HTTP vs ORT", "Triton gRPC vs ORT",
+              *(["CUDA graph speedup vs ORT"] if "ort-cudagraph" in backends else []), "ORT GFLOP/s", "% of peak"]
+    lines = table(header, rows)
+    lines += ["GFLOP/step counts matmul, convolution and attention products (torch FlopCounterMode, 2 FLOP per "
+              "multiply-add); norms and activations are not counted, so % of peak is a lower bound on how busy the "
+              "cores are. GFLOP/s and % of peak use the median step time.", ""]
+    all_gflops = {}
+    for b in bs:
+        all_gflops.setdefault(b["extra_info"]["bucket"], {})[b["extra_info"]["backend"]] = (
+            b["extra_info"]["flops"] / med(b) / 1e9)
+    if buckets:
+        top = buckets[-1]
+        lines += [f"GFLOP/s at the largest bucket (b{top}): " + ", ".join(
+            f"{STEP_LABELS[k]} {v:.1f} ({pct(ratio(v, peak))} of peak)" for k, v in all_gflops[top].items()) + ".", ""]
+    return lines, {"speedups": speedups, "largest": buckets[-1] if buckets else None, "ort_gflops": gflops_at,
+                   "plot": (buckets, plot)}
+
+
+def _plan(b: dict | None) -> str:
+    return "-" if b is None else "+".join(str(n) for n in b["extra_info"].get("buckets_run", [])) or "-"
+
+
+def analyse_cfg(data):
+    bs = items(data, "cfg")
+    rows, speedups = [], {}
+    for B in sorted({b["extra_info"]["B"] for b in bs}):
+        batched, two = find(bs, B=B, mode="batched"), find(bs, B=B, mode="two-calls")
+        speedups[B] = ratio(med(two), med(batched))
+        proto = (batched or two)["extra_info"].get("protocol")
+        rows.append([f"B={B}", f"1 x {2 * B} rows", _plan(batched), ms_cell(batched), f"2 x {B} rows", _plan(two),
+                     ms_cell(two), times(speedups[B]), proto])
+    lines = table(["batch", "batched", "static batches run", "batched ms", "two calls", "static batches run",
+                   "two calls ms", "two calls / batched", "protocol"], rows)
+    lines += ["'Static batches run' lists the exported batch sizes the rows were padded into; a row count that "
+              "is not a bucket pays for the padding.", ""]
+    return lines, {"speedups": speedups}
+
+
+def analyse_e2e(data):
+    bs = items(data, "e2e")
+    runs = sorted({(b["extra_info"]["sampler"], b["extra_info"]["steps"], b["extra_info"]["images"]) for b in bs},
+                  key=lambda r: (-r[1], r[0]))
+    rows, overhead, plot = [], {}, ([], {"ORT in-process": [], "Triton": []})
+    for sampler, steps, n in runs:
+        ort, tri = find(bs, sampler=sampler, steps=steps, images=n, backend="ort"), \
+            find(bs, sampler=sampler, steps=steps, images=n, backend="triton")
+        over = ratio(med(tri), med(ort))
+        overhead[(sampler, steps, n)] = None if over is None else over - 1
+        rounds = max((b["stats"]["rounds"] for b in (ort, tri) if b), default=0)
+        rows.append([run_label(sampler, steps), n, num(ratio(n, med(ort))), ms_cell(ort, n), num(ratio(n, med(tri))),
+                     ms_cell(tri, n), pct(overhead[(sampler, steps, n)], signed=True), rounds,
+                     (tri or {}).get("extra_info", {}).get("protocol", "-")])
+        plot[0].append(f"{run_label(sampler, steps)} B{n}")
+        plot[1]["ORT in-process"].append(ratio(n, med(ort)))
+        plot[1]["Triton"].append(ratio(n, med(tri)))
+    lines = table(["sampler", "B", "ORT images/s", "ORT ms/image", "Triton images/s", "Triton ms/image",
+                   "serving overhead", "rounds", "protocol"], rows)
+    return lines, {"overhead": overhead, "plot": plot, "runs": runs}
+
+
+def analyse_peer(data):
+    bs = items(data, "peer")
+    lines, ratios, plot = [], {}, ([], {})
+    for steps, n in sorted({(b["extra_info"]["steps"], b["extra_info"]["images"]) for b in bs}):
+        peer = find(bs, steps=steps, images=n, impl="diffusers-torch")
+        rows = []
+        for impl, label in PEER_LABELS.items():
+            b = find(bs, steps=steps, images=n, impl=impl)
+            r = ratio(med(peer), med(b))  # images/s ratio = inverse time ratio
+            ratios[(steps, n, impl)] = r
+            rows.append([label, num(ratio(n, med(b))), ms_cell(b, n), times(r)])
+            plot[1].setdefault(label, []).append(ratio(n, med(b)))
+        plot[0].append(f"DPM-Solver++-{steps} B{n}")
+        lines += [f"DPM-Solver++(2M), {steps} steps, B={n}, guidance in one batched call:", ""]
+        lines += table(["implementation", "images/s", "ms/image", "images/s vs diffusers"], rows)
+        r = ratios.get((steps, n, "ours-triton"))
+        if r is not None:
+            lines += [f"Our Triton client draws **{r:.2f}x** the images/s of the diffusers loop on the same weights.",
+                      ""]
+    return lines, {"ratios": ratios, "plot": plot}
+
+
+def analyse_concurrency(data):
+    bs = sorted(items(data, "concurrency"), key=lambda b: b["extra_info"]["clients"])
+    rows, plot = [], ([], {"images/s": [], "p50 ms/image": [], "p99 ms/image": []})
+    for b in bs:
+        e = b["extra_info"]
+        il, rl, bt = e["image_latency"], e["request_latency"], e["batcher"]
+        rows.append([e["clients"], e["images"], num(e["images_per_s"]),
+                     " / ".join(num(il[k]) for k in ("p50_ms", "p90_ms", "p99_ms")),
+                     " / ".join(num(rl[k]) for k in ("p50_ms", "p90_ms", "p99_ms")),
+                     num(bt["avg_batch_rows"]), num(bt["avg_requests_per_execution"]),
+                     num(bt["queue_us_per_request"]), num(bt["compute_us_per_request"]), int(bt["executions"])])
+        plot[0].append(f"{e['clients']} clients")
+        plot[1]["images/s"].append(e["images_per_s"])
+        plot[1]["p50 ms/image"].append(il["p50_ms"])
+        plot[1]["p99 ms/image"].append(il["p99_ms"])
+    lines = []
+    if bs:
+        e = bs[0]["extra_info"]
+        lines += [f"Each client draws {e['images'] // e['clients']} image(s) one after another, DPM-Solver++ "
+                  f"{e['steps']} steps with guidance: one request of 2 rows per step ({e['protocol']}; "
+                  f"max_batch_size {e.get('max_batch')}). Batcher figures are deltas of Triton's metrics for the "
+                  "U-Net over the measured round.", ""]
+    lines += table(["clients", "images", "images/s", "ms/image p50 / p90 / p99", "ms/request p50 / p90 / p99",
+                    "avg batch (rows)", "requests per execution", "queue us/request", "compute us/request",
+                    "executions"], rows)
+    return lines, {"plot": plot}
+
+
+def analyse_oneshot(data, e2e_triton: dict) -> list[str]:
+    """GAN/VAE per-image latency, and how many one-shot images each diffusion run's image costs (Triton both)."""
+    bs = items(data, "oneshot")
+    rows, per_image = [], {}  # (kind, B) -> Triton seconds per image
+    for kind in ("gan", "vae"):
+        for n in sorted({b["extra_info"]["images"] for b in bs if b["extra_info"]["kind"] == kind}):
+            ort, tri = find(bs, kind=kind, images=n, backend="ort"), find(bs, kind=kind, images=n, backend="triton")
+            per_image[(kind, n)] = ratio(med(tri), n)
+            over = ratio(med(tri), med(ort))
+            rows.append([kind.upper(), (ort or tri)["extra_info"]["graph"], n, ms_cell(ort, n), ms_cell(tri, n),
+                         pct(None if over is None else over - 1, signed=True)])
+    lines = table(["model", "graph", "B", "ORT ms/image", "Triton ms/image", "Triton vs ORT"], rows)
+    missing = [k.upper() for k in ("gan", "vae") if not any(b["extra_info"]["kind"] == k for b in bs)]
+    if missing:
+        lines += [f"Not measured: {', '.join(missing)} (no checkpoint in this run).", ""]
+    # Contrast at the largest one-shot batch of each kind (its best per-image cost).
+    largest = {kind: max(n for k, n in per_image if k == kind) for kind, _ in per_image}
+    if largest and e2e_triton:
+        header = ["diffusion run (Triton)", "ms/image"] + [f"x {k.upper()} image (B={n})" for k, n in largest.items()]
+        contrast = []
+        for (sampler, steps, n), t in e2e_triton.items():
+            contrast.append([f"{run_label(sampler, steps)}, B={n}", ms(t / n)] + [
+                "-" if not per_image[(k, m)] else f"{t / n / per_image[(k, m)]:,.0f}x" for k, m in largest.items()])
+        lines += ["Diffusion vs one-shot generators, per image:", ""] + table(header, contrast)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets
+# ----------------------------------------------------------------------------------------------------------------
+
+def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: int, peer_steps: int) -> list[str]:
+    rows = []
+    sp = {n: v for n, v in step["speedups"].items()}
+    ok = None if not sp or any(v is None for v in sp.values()) else all(v > 1 for v in sp.values())
+    worst = min((v, n) for n, v in sp.items() if v is not None) if any(v is not None for v in sp.values()) else None
+    rows.append(["ORT step faster than PyTorch eager at every bucket",
+                 "-" if worst is None else f"slowest speedup {worst[0]:.2f}x at b{worst[1]}; " + ", ".join(
+                     f"b{n} {times(v)}" for n, v in sp.items()), verdict(ok)])
+
+    top = step["largest"]
+    frac = ratio(step["ort_gflops"].get(top), peak) if top else None
+    rows.append([f">= {TARGET_PEAK_FRACTION:.0%} of measured {peak_dtype} matmul peak at the largest bucket",
+                 "-" if frac is None else f"b{top}: ORT {step['ort_gflops'][top]:.1f} GFLOP/s = {pct(frac)} of "
+                                          f"{peak:.1f}",
+                 verdict(None if frac is None else frac >= TARGET_PEAK_FRACTION)])
+
+    key = ("dpmpp-2m", peer_steps, sample_batch)
+    over = e2e["overhead"].get(key)
+    rows.append([f"Triton client loop overhead <= {TARGET_TRITON_OVERHEAD:.0%} over in-process ORT for "
+                 f"DPM-Solver++-{ISSUE_E2E[1]} at B={ISSUE_E2E[2]}",
+                 "-" if over is None else f"{pct(over, signed=True)} ({run_label(*key[:2])}, B={key[2]})",
+                 verdict(None if over is None else over <= TARGET_TRITON_OVERHEAD)])
+
+    c1 = cfg["speedups"].get(1)
+    rows.append([f"Batched CFG >= {TARGET_CFG_SPEEDUP}x faster than two calls at B=1",
+                 "-" if c1 is None else f"{c1:.2f}x", verdict(None if c1 is None else c1 >= TARGET_CFG_SPEEDUP)])
+
+    pr = peer["ratios"].get((peer_steps, sample_batch, "ours-triton"))
+    rows.append([f">= {TARGET_PEER_RATIO}x the images/s of the diffusers loop peer at equal steps",
+                 "-" if pr is None else f"{pr:.2f}x (DPM-Solver++-{peer_steps}, B={sample_batch})",
+                 verdict(None if pr is None else pr >= TARGET_PEER_RATIO)])
+    lines = table(["target (from the issue)", "measured", "result"], rows, left=3)
+    if smoke:
+        lines += ["**Smoke run**: sizes were shrunk (few steps, small batches, one round) to check that the suite "
+                  "runs; these verdicts say nothing about the targets.", ""]
+    elif (peer_steps, sample_batch) != ISSUE_E2E[1:]:
+        lines += [f"Note: the end-to-end targets were read at DPM-Solver++-{peer_steps}, B={sample_batch}, not the "
+                  f"issue's DPM-Solver++-{ISSUE_E2E[1]}, B={ISSUE_E2E[2]}.", ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots (Pillow: matplotlib is not a dependency)
+# ----------------------------------------------------------------------------------------------------------------
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _nice_ticks(top: float, count: int = 5) -> list[float]:
+    if top <= 0:
+        return [0.0, 1.0]
+    raw = top / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return [i * step for i in range(int(math.ceil(top / step)) + 1)]
+
+
+def bars(title: str, categories: list[str], series: dict[str, list], ylabel: str):
+    """A grouped bar chart as a PIL image: one group per category, one bar per series (None leaves a gap); None when
+    there is nothing to draw."""
+    from PIL import Image, ImageDraw
+
+    values = [v for vs in series.values() for v in vs if v is not None]
+    if not categories or not values:
+        return None
+    width, height = max(560, 120 + 55 * len(categories) * max(1, len(series))), 460
+    left, right, top, bottom = 80, 20, 50, 110
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    f_title, f_small = _font(16), _font(11)
+    d.text((left, 15), title, fill="black", font=f_title)
+    ticks = _nice_ticks(max(values) * 1.05)
+    ymax = ticks[-1]
+    plot_h, plot_w = height - top - bottom, width - left - right
+
+    def y_of(v):
+        return top + plot_h * (1 - v / ymax)
+
+    for t in ticks:
+        y = y_of(t)
+        d.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        d.text((left - 8, y), f"{t:g}", fill="black", font=f_small, anchor="rm")
+    d.text((10, top - 20), ylabel, fill="black", font=f_small)
+    d.line([(left, top), (left, top + plot_h), (width - right, top + plot_h)], fill="black")
+    group_w = plot_w / len(categories)
+    bar_w = group_w * 0.8 / len(series)
+    for i, cat in enumerate(categories):
+        x0 = left + i * group_w + group_w * 0.1
+        for j, (name, vs) in enumerate(series.items()):
+            v = vs[i] if i < len(vs) else None
+            if v is None:
+                continue
+            bx = x0 + j * bar_w
+            d.rectangle([bx, y_of(v), bx + bar_w - 2, top + plot_h], fill=PALETTE[j % len(PALETTE)])
+            d.text((bx + bar_w / 2, y_of(v) - 2), f"{v:.3g}", fill="black", font=f_small, anchor="mb")
+        d.text((left + (i + 0.5) * group_w, top + plot_h + 6), cat, fill="black", font=f_small, anchor="ma")
+    lx, ly = left, height - bottom + 40
+    for j, name in enumerate(series):
+        d.rectangle([lx, ly, lx + 12, ly + 12], fill=PALETTE[j % len(PALETTE)])
+        d.text((lx + 16, ly + 6), name, fill="black", font=f_small, anchor="lm")
+        lx += 30 + int(d.textlength(name, font=f_small))
+        if lx > width - 150:
+            lx, ly = left, ly + 20
+    return img
+
+
+def save_panels(path: Path, panels: list) -> Path | None:
+    """Charts side by side in one PNG; None (and no file) when none has data."""
+    from PIL import Image
+
+    panels = [p for p in panels if p is not None]
+    if not panels:
+        return None
+    out = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width
+    out.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+def _machine(data) -> list[str]:
+    mi = data.get("machine_info", {})
+    t = mi.get("trident", {})
+    s = t.get("settings", {})
+    v = t.get("versions", {})
+    ci = data.get("commit_info", {})
+    load_start = ", ".join(f"{x:.2f}" for x in t.get("load_average_at_start", [])) or "-"
+    load_end = ", ".join(f"{x:.2f}" for x in t.get("load_average_at_end", [])) or "-"
+    ckpts = ", ".join(f"{k} {sha or 'missing'}" for k, sha in t.get("checkpoints", {}).items())
+    cpu = mi.get("cpu", {})  # py-cpuinfo's fields, when pytest-benchmark found it
+    details = [cpu["hz_advertised_friendly"]] if cpu.get("hz_advertised_friendly") else []
+    details += [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in cpu.get("flags", [])]
+    simd = f" ({', '.join(details)})" if details else ""
+    lines = [
+        f"- Run: {data.get('datetime', '?')}, commit {str(ci.get('id', '?'))[:12]}"
+        f"{' (dirty)' if ci.get('dirty') else ''}"
+        f"{', **smoke run**' if s.get('smoke') else ''}",
+        f"- Machine: {t.get('cpu_model', '?')}{simd}, {t.get('logical_cpus', '?')} logical CPUs"
+        f"{', GPU ' + t['gpu'] if t.get('gpu') else ''}; {mi.get('system', '')} {mi.get('release', '')}, "
+        f"Python {mi.get('python_version', '?')}",
+        f"- Load average (1, 5, 15 min) at start: {load_start}; at end: {load_end} (other work on the machine "
+        "slows every backend alike, but not necessarily by the same factor)",
+        f"- Device {s.get('device', '?')}; {s.get('threads', '?')} intra-op thread(s) for every backend (torch, ORT "
+        f"in-process, each Triton model instance) and for the matmul peak; buckets {s.get('buckets', '?')}; "
+        f"Triton protocol of items 2-6: {s.get('protocol', '?')}; guidance {s.get('guidance', '?')}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"- Checkpoints (sha256[:12]): {ckpts}",
+        "- Cells read 'median (mean)'; ratios are between medians of the same run.",
+    ]
+    if s.get("device") == "cuda":
+        lines.append("- GPU path: ORT in-process and Triton run the fp16 graphs on the CUDA execution provider (inputs "
+                     "and outputs cross PCIe every call, as a client's do); PyTorch eager runs fp32; the diffusers "
+                     "peer runs under fp16 autocast; the peak is an fp16 torch.mm.")
+    return lines + [""]
+
+
+def render(data: dict, out_dir: Path) -> str:
+    """The markdown report of one run; writes its PNG plots into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = data.get("machine_info", {}).get("trident", {}).get("settings", {})
+    smoke = bool(s.get("smoke"))
+    sample_batch, peer_steps = int(s.get("sample_batch", ISSUE_E2E[2])), int(s.get("peer_steps", ISSUE_E2E[1]))
+
+    peak_lines, peak = analyse_peak(data)
+    step_lines, step = analyse_step(data, peak["peak_gflops"])
+    cfg_lines, cfg = analyse_cfg(data)
+    e2e_lines, e2e = analyse_e2e(data)
+    peer_lines, peer = analyse_peer(data)
+    conc_lines, conc = analyse_concurrency(data)
+    e2e_triton = {r: med(find(items(data, "e2e"), sampler=r[0], steps=r[1], images=r[2], backend="triton"))
+                  for r in e2e["runs"]}
+    oneshot_lines = analyse_oneshot(data, {r: t for r, t in e2e_triton.items() if t})
+
+    conc_names, conc_series = conc["plot"]
+    plots = {
+        "step.png": save_panels(out_dir / "step.png", [bars(
+            "One U-Net step (median ms, lower is better)", [f"b{n}" for n in step["plot"][0]],
+            {STEP_LABELS[k]: v for k, v in step["plot"][1].items()}, "ms")]),
+        "sampling.png": save_panels(out_dir / "sampling.png", [bars(
+            "End-to-end sampling (images/s, higher is better)", e2e["plot"][0], e2e["plot"][1], "images/s")]),
+        "peer.png": save_panels(out_dir / "peer.png", [bars(
+            "Ours vs the diffusers loop (images/s, higher is better)", peer["plot"][0], peer["plot"][1],
+            "images/s")]),
+        "concurrency.png": save_panels(out_dir / "concurrency.png", [
+            bars("Concurrent clients: throughput (images/s)", conc_names,
+                 {"images/s": conc_series["images/s"]}, "images/s"),
+            bars("Concurrent clients: latency per image (ms)", conc_names,
+                 {k: v for k, v in conc_series.items() if k != "images/s"}, "ms")]),
+    }
+
+    def img(name):
+        return [f"![{name}]({name})", ""] if plots.get(name) else []
+
+    lines = ["# trident latency benchmarks", ""] + _machine(data)
+    lines += ["## Targets", ""] + targets(step, peak["peak_gflops"], peak["dtype"], cfg, e2e, peer, smoke, sample_batch,
+                                          peer_steps)
+    lines += ["## 1. One U-Net step per bucket", "",
+              "Same inputs (N rows, numpy in and out) through each backend. Speedup = torch median / ORT median; "
+              "Triton rows = Triton median / ORT median - 1 (the price of the server hop).", ""]
+    lines += step_lines + img("step.png")
+    lines += ["### Machine peak (measured in this run)", ""] + peak_lines
+    lines += ["## 2. Batched CFG vs two calls (per step, through Triton)", "",
+              "One request of 2B rows ([cond; null]) against two sequential requests of B rows, including the "
+              "guidance combine in numpy.", ""] + cfg_lines
+    lines += ["## 3. End-to-end sampling: Triton vs in-process ONNX Runtime", "",
+              "The same client loop (numpy sampler, one 2B-row U-Net call per step); serving overhead = Triton time "
+              "/ ORT time - 1.", ""] + e2e_lines + img("sampling.png")
+    lines += ["## 4. Peer: diffusers DPMSolverMultistepScheduler loop on the same weights", ""] + peer_lines
+    lines += img("peer.png")
+    lines += ["## 5. Concurrent clients", ""] + conc_lines + img("concurrency.png")
+    lines += ["## 6. GAN generator and VAE decoder (one network call)", ""] + oneshot_lines
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(json_path, out_dir=None) -> Path:
+    json_path = Path(json_path)
+    out_dir = Path(out_dir) if out_dir else json_path.parent
+    text = render(load(json_path), out_dir)
+    path = out_dir / "report.md"
+    path.write_text(text)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trident.benchmarks.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", type=Path, help="a --benchmark-json file of `pytest benchmarks`")
+    p.add_argument("--out", type=Path, default=None, help="folder of report.md and the plots (default: the JSON's)")
+    args = p.parse_args(argv)
+    try:
+        path = write_report(args.json, args.out)
+    except (OSError, ValueError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`make bench`: run the latency benchmarks, keep the JSON, write the report and its plots.
+
+    python -m trident.benchmarks.run [--smoke] [--out DIR] [-- PYTEST ARGS...]
+
+Runs `pytest benchmarks --benchmark-enable --benchmark-json=<out>/<stamp>.json`, copies the JSON to
+<out>/latest.json, then writes <out>/report.md and <out>/*.png (trident.benchmarks.report). The default out is
+benchmarks/results (benchmarks/results/gpu with TRIDENT_BENCH_DEVICE=cuda; a smoke/ folder inside it for --smoke).
+Sizes and backends are set by the TRIDENT_BENCH_* variables (see trident.benchmarks.settings).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trident.benchmarks import report
+
+BENCH_DIR = Path(__file__).resolve().parent
+SMOKE_OPTIONS = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.01"]
+
+
+def pytest_command(json_path: Path, smoke: bool, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pytest", str(BENCH_DIR), "-q", "-p", "no:cacheprovider", "--benchmark-enable",
+            f"--benchmark-json={json_path}", "--benchmark-group-by=group", "--benchmark-sort=name",
+            "--benchmark-columns=min,median,mean,stddev,rounds", *(SMOKE_OPTIONS if smoke else []), *extra]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trident.benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and one round: checks the suite, not the numbers")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results[/gpu][/smoke])")
+    p.add_argument("pytest_args", nargs="*", help="after --: passed to pytest (e.g. -k unet_step)")
+    args = p.parse_args(argv)
+
+    env = dict(os.environ)
+    if args.smoke:
+        env["TRIDENT_BENCH_SMOKE"] = "1"
+    if env.get("TRIDENT_BENCH_THREADS"):  # numpy's BLAS reads its thread count at import, from OMP_NUM_THREADS
+        env["OMP_NUM_THREADS"] = env["TRIDENT_BENCH_THREADS"]
+    gpu = env.get("TRIDENT_BENCH_DEVICE") == "cuda"
+    out = args.out or BENCH_DIR / "results" / ("gpu" if gpu else "") / ("smoke" if args.smoke else "")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{time.strftime('%Y%m%d-%H%M%S')}{'-smoke' if args.smoke else ''}.json"
+
+    command = pytest_command(json_path, args.smoke, args.pytest_args)
+    print("+ " + " ".join(command), flush=True)
+    t0 = time.monotonic()
+    process = subprocess.Popen(command, env=env)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:  # Ctrl-C or gpu.sh's time cap reach pytest too: it stops and writes what finished
+        print("interrupted: waiting for pytest to write its results", flush=True)
+        code = process.wait()
+    print(f"pytest exited with {code} after {time.monotonic() - t0:.0f} s", flush=True)
+    if not json_path.is_file():
+        print(f"no results: pytest wrote no {json_path}", file=sys.stderr)
+        return code or 1
+    shutil.copyfile(json_path, out / "latest.json")
+    path = report.write_report(json_path, out)
+    print(f"wrote {json_path}, {out / 'latest.json'} and {path}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
