@@ -190,6 +190,8 @@ class TritonBackend:
     On connect: checks the server is live and ready, every trident model it serves is ready, and reads each model's
     sampling metadata from its configuration parameters. Requests larger than a model's max_batch_size are split.
     Transient failures (timeouts, resets, 'unavailable') are retried `retries` times with exponential backoff.
+    An HTTP backend belongs to the thread that made it (tritonclient.http runs on gevent); give each thread its own
+    backend, or use gRPC.
     """
 
     name = "triton"

@@ -183,7 +183,7 @@ def _warmup(name: str, batch_size: int, io: list[dict]) -> dict:
 
 def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None,
                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, gpu: bool = False, fp16: bool = False,
-                    intra_op_threads: int = 1) -> dict:
+                    intra_op_threads: int = 0) -> dict:
     """Python-backend model serving every bucket of one graph (see serving/triton_model.py).
 
     max_batch_size defaults to the largest bucket; a larger value lets one request (or one dynamic batch) span
@@ -221,7 +221,7 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
 
 
 def container_config(graph: str, meta: dict, bucket: int, *, gpu: bool = False, fp16: bool = False,
-                     intra_op_threads: int = 1) -> dict:
+                     intra_op_threads: int = 0) -> dict:
     """onnxruntime-backend model of one graph at one static batch size (the official Triton container)."""
     spec, entry = _graph(meta, graph)
     buckets = sorted(int(b) for b in entry["buckets"])
@@ -334,7 +334,7 @@ def _load_meta(directory: Path) -> dict:
 
 def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: bool = False, fp16: bool = False,
                     max_batch_size: int | None = None, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
-                    intra_op_threads: int = 1) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
+                    intra_op_threads: int = 0) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
     """[(config, {file name in the version dir: (source path, sha256)})] for every model; writes nothing."""
     if flavour not in FLAVOURS:
         raise RepositoryError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
@@ -394,7 +394,7 @@ def _check_replaceable(out: Path) -> None:
 
 def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedded", *, gpu: bool = False,
                      fp16: bool = False, max_batch_size: int | None = None,
-                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 1) -> list[str]:
+                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 0) -> list[str]:
     """Write a Triton model repository for these export directories into `out` (replaced atomically).
 
     Returns the model names, sorted. See the module docstring for the two flavours.
@@ -510,7 +510,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--max-batch-size", type=int, default=None, help="embedded: default the largest bucket")
     p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US,
                    help="embedded: how long the dynamic batcher waits to fill a bucket")
-    p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads per model instance")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="ONNX Runtime threads per model instance (0: its default, one per physical core)")
     return p
 
 

@@ -48,7 +48,7 @@ class TritonPythonModel:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(params.get(P_THREADS, "1"))
+        options.intra_op_num_threads = int(params.get(P_THREADS, "0"))  # 0: ONNX Runtime default
         options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         if params.get(P_PROVIDER, "cpu") == "cuda":

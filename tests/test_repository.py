@@ -194,7 +194,7 @@ def test_embedded_config_batches_up_to_largest_bucket_with_warmup_per_bucket_whe
         assert config["max_batch_size"] == max(buckets)
         assert config["dynamic_batching"] == {"preferred_batch_size": buckets, "max_queue_delay_microseconds": 500}
         assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
-        assert config["parameters"]["intra_op_num_threads"] == {"string_value": "1"}
+        assert config["parameters"]["intra_op_num_threads"] == {"string_value": "0"}
         assert config["parameters"]["execution_provider"] == {"string_value": "cpu"}
         assert [w["batch_size"] for w in config["model_warmup"]] == buckets
         for warmup in config["model_warmup"]:
@@ -273,7 +273,7 @@ def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
     config = container_config("gan_generator", metas["gan_generator"], 1)
     assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
     assert "optimization" not in config
-    assert config["parameters"]["intra_op_thread_count"] == {"string_value": "1"}
+    assert config["parameters"]["intra_op_thread_count"] == {"string_value": "0"}
     with pytest.raises(RepositoryError, match="--gpu"):
         container_config("gan_generator", metas["gan_generator"], 1, fp16=True)
 

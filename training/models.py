@@ -214,6 +214,21 @@ class Generator(nn.Module):
         return self.net(h.view(z.shape[0], 4 * self.config.gen_channels, 7, 7))
 
 
+class MinibatchStd(nn.Module):
+    """Appends the batch's mean feature std as one channel (Karras et al. 2018, sec. 3), so D can see a lack of
+    variety: without it our conditional G learned to ignore z (every sample of a class alike)."""
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        g = min(self.group, n) if n % min(self.group, n) == 0 else 1
+        std = x.reshape(g, n // g, c, h, w).std(0, unbiased=False).mean(dim=(1, 2, 3))  # (N/g,)
+        return torch.cat([x, std.repeat(g)[:, None, None, None].expand(n, 1, h, w)], dim=1)
+
+
 class Discriminator(nn.Module):
     """D(x, y) -> logit. Projection discriminator (Miyato & Koyama 2018) with spectral norm."""
 
@@ -225,7 +240,8 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(
             sn(nn.Conv2d(c.in_channels, d, 4, 2, 1)), nn.LeakyReLU(0.2, True),      # 14x14
             sn(nn.Conv2d(d, 2 * d, 4, 2, 1)), nn.LeakyReLU(0.2, True),              # 7x7
-            sn(nn.Conv2d(2 * d, 4 * d, 3, 1, 1)), nn.LeakyReLU(0.2, True),
+            MinibatchStd(),                                                         # +1 channel
+            sn(nn.Conv2d(2 * d + 1, 4 * d, 3, 1, 1)), nn.LeakyReLU(0.2, True),
         )
         self.fc = sn(nn.Linear(4 * d * 7 * 7, 1))
         self.embed = sn(nn.Embedding(c.num_classes, 4 * d * 7 * 7))
