@@ -6,7 +6,6 @@ the Triton model instances and the matmul peak. Kinds whose checkpoint is missin
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -17,6 +16,7 @@ import pytest
 from trident.benchmarks import settings as bench_settings
 from trident.benchmarks.common import graph_buckets, require, warm
 from trident.benchmarks.settings import KINDS, BenchSettings
+from trident.serving.files import file_sha256
 from trident.serving.spec import UNET, load_export_metadata
 
 _SETTINGS = pytest.StashKey[BenchSettings]()
@@ -99,11 +99,7 @@ def _gpu_name() -> str | None:
 
 
 def _sha12(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -15,9 +15,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,8 +24,9 @@ import numpy as np
 import onnx
 import torch
 
+from trident.serving.files import atomic_directory, file_sha256
 from trident.serving.spec import (DEFAULT_BUCKETS, ENCODER, EXPORT_FORMAT, GRAPHS_OF_KIND, GraphSpec, ExportMetadataError,
-                                  graph_spec_from_meta, load_export_metadata)
+                                  graph_spec_from_meta)
 from trident.training import checkpoint as ckpt
 
 OPSET = 17  # GroupNorm exports as InstanceNormalization here; GroupNormalization at opset 21 breaks ORT and TensorRT
@@ -209,6 +208,48 @@ def client_metadata(meta: dict) -> dict:
     return out
 
 
+def _export_into(tmp: Path, checkpoint: Path, model, meta: dict, graphs, bucket_map, fp16: bool, exporter: str,
+                 log) -> dict:
+    """Export, check and write every graph and metadata.json into the folder tmp."""
+    info = client_metadata(meta)
+    info.update({"format": EXPORT_FORMAT, "version": 1, "opset": OPSET, "exporter": exporter,
+                 "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+                 "source_checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
+                 "graphs": {}})
+    for graph in graphs:
+        spec = graph_spec_from_meta(graph, info)
+        module = graph_module(graph, model)
+        entry = {"spec": spec.to_dict(), "buckets": list(bucket_map[graph]), "fp32": {}, "fp16": {}}
+        for n in bucket_map[graph]:
+            t0 = time.time()
+            proto = export_graph(module, spec, n, info, exporter)
+            check_graph(proto, spec, n)
+            data = proto.SerializeToString()
+            err = parity(data, module, spec, n, info)
+            if not err < FP32_TOLERANCE:
+                raise ExportError(f"{graph} b{n}: ONNX Runtime vs PyTorch max abs error {err:.3g} "
+                                  f"exceeds {FP32_TOLERANCE}")
+            name = f"{graph}_b{n}.onnx"
+            (tmp / name).write_bytes(data)
+            entry["fp32"][str(n)] = {"file": name, "sha256": _sha256(data), "parity_max_abs_err": err}
+            msg = f"{graph} b{n}: parity {err:.2e}"
+            if fp16:
+                half = to_fp16(proto)
+                onnx.checker.check_model(half)
+                hdata = half.SerializeToString()
+                herr = parity(hdata, module, spec, n, info)
+                if not herr < FP16_TOLERANCE:
+                    raise ExportError(f"{graph} b{n} fp16: max abs error {herr:.3g} exceeds {FP16_TOLERANCE}")
+                (tmp / "fp16").mkdir(exist_ok=True)
+                (tmp / "fp16" / name).write_bytes(hdata)
+                entry["fp16"][str(n)] = {"file": f"fp16/{name}", "sha256": _sha256(hdata), "parity_max_abs_err": herr}
+                msg += f", fp16 parity {herr:.2e}"
+            log(f"{msg} ({time.time() - t0:.1f}s)")
+        info["graphs"][graph] = entry
+    (tmp / "metadata.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, buckets=None, fp16: bool = False,
                       exporter: str = "legacy", log=print) -> dict:
     """Export every graph of a checkpoint at every bucket; returns the metadata written to out_dir/metadata.json."""
@@ -220,61 +261,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     graphs = GRAPHS_OF_KIND[meta["kind"]]
     bucket_map = {g: parse_buckets(buckets, g) for g in graphs}
 
-    parent = out_dir.resolve().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-        tmp.chmod(0o755)
+        with atomic_directory(out_dir) as tmp:
+            info = _export_into(tmp, checkpoint, model, meta, graphs, bucket_map, fp16, exporter, log)
     except OSError as e:
         raise ExportError(f"cannot write the output directory {out_dir}: {e}") from e
-    try:
-        info = client_metadata(meta)
-        info.update({"format": EXPORT_FORMAT, "version": 1, "opset": OPSET, "exporter": exporter,
-                     "torch_version": torch.__version__, "onnx_version": onnx.__version__,
-                     "source_checkpoint": {"file": checkpoint.name, "sha256": _sha256(checkpoint.read_bytes())},
-                     "graphs": {}})
-        for graph in graphs:
-            spec = graph_spec_from_meta(graph, info)
-            module = graph_module(graph, model)
-            entry = {"spec": spec.to_dict(), "buckets": list(bucket_map[graph]), "fp32": {}, "fp16": {}}
-            for n in bucket_map[graph]:
-                t0 = time.time()
-                proto = export_graph(module, spec, n, info, exporter)
-                check_graph(proto, spec, n)
-                data = proto.SerializeToString()
-                err = parity(data, module, spec, n, info)
-                if not err < FP32_TOLERANCE:
-                    raise ExportError(f"{graph} b{n}: ONNX Runtime vs PyTorch max abs error {err:.3g} "
-                                      f"exceeds {FP32_TOLERANCE}")
-                name = f"{graph}_b{n}.onnx"
-                (tmp / name).write_bytes(data)
-                entry["fp32"][str(n)] = {"file": name, "sha256": _sha256(data), "parity_max_abs_err": err}
-                msg = f"{graph} b{n}: parity {err:.2e}"
-                if fp16:
-                    half = to_fp16(proto)
-                    onnx.checker.check_model(half)
-                    hdata = half.SerializeToString()
-                    herr = parity(hdata, module, spec, n, info)
-                    if not herr < FP16_TOLERANCE:
-                        raise ExportError(f"{graph} b{n} fp16: max abs error {herr:.3g} exceeds {FP16_TOLERANCE}")
-                    (tmp / "fp16").mkdir(exist_ok=True)
-                    (tmp / "fp16" / name).write_bytes(hdata)
-                    entry["fp16"][str(n)] = {"file": f"fp16/{name}", "sha256": _sha256(hdata), "parity_max_abs_err": herr}
-                    msg += f", fp16 parity {herr:.2e}"
-                log(f"{msg} ({time.time() - t0:.1f}s)")
-            info["graphs"][graph] = entry
-        (tmp / "metadata.json").write_text(json.dumps(info, indent=2) + "\n")
-        # Swap into place: the old directory (if any) is removed only after the new one is complete.
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-            os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

@@ -139,16 +139,7 @@ class TridentClient:
         uncond + guidance * (cond - uncond); guidance 1 or no classes sends N rows. Deterministic in seed.
         """
         meta = self.meta("diffusion")
-        labels = self.resolve_classes(classes)
-        if labels is not None and n is not None and len(labels) == 1:
-            labels = np.repeat(labels, n)
-        count = len(labels) if labels is not None else n
-        if count is None or isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-            raise InvalidArgumentError(f"n must be an integer >= 1 (or give classes), got {n!r}")
-        if labels is not None and n is not None and n != len(labels):
-            raise InvalidArgumentError(f"n={n} does not match the {len(labels)} classes given")
-        if count > MAX_IMAGES:
-            raise InvalidArgumentError(f"n={count} images is more than allowed per call ({MAX_IMAGES})")
+        labels, count = self._labels_and_count(classes, n, "diffusion")
         T = int(meta["schedule"]["num_train_timesteps"])
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
             raise InvalidArgumentError(f"steps must be an integer in [1, {T}], got {steps!r}")
@@ -180,12 +171,8 @@ class TridentClient:
         """GAN samples G(z, y), z ~ N(0, I) (optionally truncated to |z| <= truncation). classes as in sample();
         None draws uniformly random classes."""
         meta = self.meta("gan")
-        labels = self.resolve_classes(classes, "gan")
+        labels, count = self._labels_and_count(classes, n, "gan")
         rng = np.random.default_rng(seed)
-        if labels is not None and n is not None and len(labels) == 1:
-            labels = np.repeat(labels, n)
-        count = len(labels) if labels is not None else n
-        self._check_count(count, n, labels)
         if labels is None:
             labels = rng.integers(0, len(meta["class_names"]), count).astype(np.int64)
         z = rng.standard_normal((count, int(meta["latent_dim"]))).astype(np.float32)
@@ -262,6 +249,15 @@ class TridentClient:
         raise InvalidArgumentError(f"an endpoint must be a class, a latent of size {d}, or one image; got shape {a.shape}")
 
     # -- helpers ------------------------------------------------------------------------------------------------
+    def _labels_and_count(self, classes, n, kind) -> tuple[np.ndarray | None, int]:
+        """Class ids (one given class repeats n times) and the image count, checked."""
+        labels = self.resolve_classes(classes, kind)
+        if labels is not None and n is not None and len(labels) == 1:
+            labels = np.repeat(labels, n)
+        count = len(labels) if labels is not None else n
+        self._check_count(count, n, labels)
+        return labels, int(count)
+
     def _check_count(self, count, n, labels):
         if count is None or isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
             raise InvalidArgumentError(f"n must be an integer >= 1 (or give classes), got {n!r}")

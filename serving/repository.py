@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from trident.serving.files import atomic_directory, file_sha256
 from trident.serving.spec import GRAPHS_OF_KIND, GraphSpec, TensorSpec, graph_spec_from_meta
 
 __all__ = [
@@ -403,11 +402,7 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
     plan = plan_repository(export_dirs, flavour, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
                            max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads)
     _check_replaceable(out)
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out) as tmp:  # the old repository is removed only once the new one is complete
         for config, files in plan:
             version = tmp / config["name"] / VERSION
             version.mkdir(parents=True)
@@ -420,31 +415,12 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
         (tmp / MARKER).write_text(json.dumps({
             "flavour": flavour, "models": names, "gpu": gpu, "fp16": fp16,
             "exports": sorted(Path(d).name for d in export_dirs)}, indent=2) + "\n")
-        # Swap: the old repository is removed only once the new one is complete.
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / "repository")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return names
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shipped checkpoints -> repository (the demo's one call)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_export(checkpoint: Path, exports_root: Path, kind: str, buckets=None, fp16: bool = False,
@@ -457,7 +433,7 @@ def ensure_export(checkpoint: Path, exports_root: Path, kind: str, buckets=None,
     if not checkpoint.is_file():
         raise RepositoryError(f"{checkpoint} not found: train it with `trident train {kind} --out "
                               f"{checkpoint.parent}` or put the shipped checkpoint there")
-    digest = _file_sha256(checkpoint)
+    digest = file_sha256(checkpoint)
     name = f"{kind}-{digest[:12]}"
     if buckets is not None:
         name += "-b" + "_".join(str(int(b)) for b in sorted(set(buckets)))

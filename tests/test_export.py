@@ -117,7 +117,6 @@ def test_bad_bucket_list_is_rejected_and_nothing_written(checkpoints, tmp_path, 
 
 
 def test_classifier_checkpoint_is_refused_with_the_kinds_that_export(tmp_path):
-    import torch
     from trident.training.models import Classifier, ClassifierConfig
 
     m = Classifier(ClassifierConfig(channels=4))

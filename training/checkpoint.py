@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+
+from trident.serving.files import atomic_file
 
 FORMAT = "trident.checkpoint"
 VERSION = 1
@@ -27,18 +28,10 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "version": VERSION, **meta}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shareable artefacts
-    try:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp,
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"trident": json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -7,7 +7,7 @@ has one config dataclass; the config is saved inside the checkpoint and the modu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -11,7 +11,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import os
 import shlex
 import sys
