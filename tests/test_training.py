@@ -254,3 +254,15 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, tiny_da
     meta = ckpt.read_meta(out / "model.safetensors", "vae")
     assert meta["train"]["world_size"] == 2 and meta["train"]["step"] == 4
     assert len(_log(out)) == 2
+
+
+def test_class_agreement_counts_classifier_hits_per_requested_class(tmp_path, tiny_data):
+    from trident.training.evaluate import class_agreement
+
+    diff = train(_cfg("diffusion", tmp_path / "d", tiny_data, steps=2))
+    clf = train(_cfg("classifier", tmp_path / "c", tiny_data, steps=2))
+    result = class_agreement(diff, clf, n=20, steps=2, batch=10)
+    assert result["n"] == 20 and len(result["per_class"]) == 10
+    # 2 samples per class: the overall figure is the mean of the per-class figures
+    assert result["agreement"] == pytest.approx(np.mean(list(result["per_class"].values())))
+    assert all(v in (0.0, 0.5, 1.0) for v in result["per_class"].values())
