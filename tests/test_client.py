@@ -236,3 +236,29 @@ def test_importing_the_sdk_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_sample_cli_writes_labelled_grid_and_prints_latency(server, tmp_path, capsys, protocol):
+    from PIL import Image
+
+    from trident.serving.client_cli import main
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    out = tmp_path / "grid.png"
+    assert main(["--model", "diffusion", "--class", "sneaker", "--class", "bag", "--n", "3", "--steps", "4",
+                 "--url", url, "--protocol", protocol, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "6 images" in printed and "4 model calls (4 steps)" in printed and "ms per call" in printed
+    assert Image.open(out).height == (2 * 30 + 2) * 2
+    assert main(["--model", "gan", "--class", "all", "--n", "2", "--url", url, "--protocol", protocol,
+                 "--out", str(tmp_path / "gan.png")]) == 0
+
+
+def test_sample_cli_reports_unknown_class_and_unreachable_server(tmp_path, capsys):
+    from trident.serving.client_cli import main
+
+    assert main(["--url", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "x.png")]) == 2
+    assert "cannot reach a Triton server" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
