@@ -266,3 +266,13 @@ def test_class_agreement_counts_classifier_hits_per_requested_class(tmp_path, ti
     # 2 samples per class: the overall figure is the mean of the per-class figures
     assert result["agreement"] == pytest.approx(np.mean(list(result["per_class"].values())))
     assert all(v in (0.0, 0.5, 1.0) for v in result["per_class"].values())
+
+
+def test_gan_agreement_reports_agreement_and_variety(tmp_path, tiny_data):
+    from trident.training.evaluate import gan_agreement
+
+    gan = train(_cfg("gan", tmp_path / "g", tiny_data, steps=2))
+    clf = train(_cfg("classifier", tmp_path / "c", tiny_data, steps=2))
+    result = gan_agreement(gan, clf, n=20, data_dir=tiny_data)
+    assert result["agreement"] == pytest.approx(np.mean(list(result["per_class"].values())))
+    assert result["per_class_pixel_std"] > 0 and result["real_per_class_pixel_std"] > 0
