@@ -385,8 +385,12 @@ def _copy_checked(source: Path, destination: Path, sha256: str) -> None:
                               "re-export the checkpoint")
 
 
+KEPT = ("README.md",)  # a repository's own notes survive a rebuild
+
+
 def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    foreign = out.is_dir() and any(p.name not in KEPT for p in out.iterdir()) and not (out / MARKER).is_file()
+    if out.exists() and (not out.is_dir() or foreign):
         raise RepositoryError(f"refusing to replace {out}: it is not empty and was not written by "
                               f"`trident serve build` (no {MARKER}); choose another --out or remove it")
 
@@ -403,6 +407,9 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
                            max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads)
     _check_replaceable(out)
     with atomic_directory(out) as tmp:  # the old repository is removed only once the new one is complete
+        for name in KEPT:
+            if (out / name).is_file():
+                shutil.copyfile(out / name, tmp / name)
         for config, files in plan:
             version = tmp / config["name"] / VERSION
             version.mkdir(parents=True)

@@ -683,3 +683,17 @@ def test_malformed_requests_get_error_and_server_keeps_serving_when_sent(served,
         arrays = valid_inputs(specs[graph], metas[graph], 2, seed=6)
         assert_outputs_close(infer(protocol, url(served, protocol), specs[graph], arrays),
                              oracle(specs[graph], arrays))
+
+
+def test_build_keeps_a_readme_and_still_refuses_foreign_folders(export_dirs, tmp_path):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "README.md").write_text("notes")
+    build_repository([export_dirs["vae"]], out)
+    assert (out / "README.md").read_text() == "notes" and (out / MARKER).is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.md").write_text("x")
+    (other / "data.csv").write_text("y")
+    with pytest.raises(RepositoryError, match="refusing to replace"):
+        build_repository([export_dirs["vae"]], other)
