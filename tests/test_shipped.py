@@ -35,7 +35,7 @@ def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path)
     # serving/triton_model.py), both git-ignored.
     def listed(root):
         return sorted(p.relative_to(root) for p in root.rglob("*")
-                      if p.is_file() and p.suffix != ".onnx" and p.name not in ("model.py", "README.md"))
+                      if p.is_file() and p.suffix not in (".onnx", ".pyc") and p.name not in ("model.py", "README.md"))
 
     committed, built = listed(ROOT / "model_repository"), listed(fresh)
     assert committed == built, "committed model_repository/ lists other files than a fresh `trident serve build`"
