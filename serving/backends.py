@@ -211,35 +211,51 @@ class TritonBackend:
 
             self._client = tc.InferenceServerClient(url)
         self._tc = tc
+        # gRPC calls take a deadline per call; HTTP ones use the connection/network timeouts set above.
+        self._call_kw = {"client_timeout": self.timeout_s} if protocol == "grpc" else {}
+        self.metadata, self.buckets, self.specs, self.max_batch = {}, {}, {}, {}
         try:
-            live = self._client.is_server_live()
-            ready = live and self._client.is_server_ready()
+            self._connect(models)
+        except BaseException:
+            self.close()  # the constructor never returns: nobody else could close the connection
+            raise
+
+    def _connect(self, models):
+        url, kw = self.url, self._call_kw
+        try:
+            live = self._client.is_server_live(**kw)
+            ready = live and self._client.is_server_ready(**kw)
         except Exception as e:  # tritonclient raises several types for a refused connection
             raise ServerUnreachableError(url, f"{type(e).__name__}: {e}") from None
         if not ready:
             raise ServerUnreachableError(url, "the server answered but is not ready")
-        self.metadata, self.buckets, self.specs, self.max_batch = {}, {}, {}, {}
-        wanted = models or tuple(KIND_OF_GRAPH)
-        served = self._repository_models()
-        for graph in wanted:
-            if graph not in served:
-                if models:
-                    raise ModelNotReadyError(f"model {graph!r} is not in the server's repository at {url} "
-                                             f"(it has {sorted(served)})")
-                continue
-            if not self._client.is_model_ready(graph):
-                raise ModelNotReadyError(f"model {graph!r} on {url} is not ready ({served[graph] or 'no state'}); "
-                                         "see the server log")
-            self._load_config(graph)
+        try:
+            served = self._repository_models()
+            for graph in models or tuple(KIND_OF_GRAPH):
+                if graph not in served:
+                    if models:
+                        raise ModelNotReadyError(f"model {graph!r} is not in the server's repository at {url} "
+                                                 f"(it has {sorted(served)})")
+                    continue
+                if not self._client.is_model_ready(graph, **kw):
+                    raise ModelNotReadyError(f"model {graph!r} on {url} is not ready "
+                                             f"({served[graph] or 'no state'}); see the server log")
+                self._load_config(graph)
+        except TridentError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:  # includes json.JSONDecodeError
+            raise ModelNotReadyError(f"a model on {url} has unreadable trident metadata: {e}") from None
+        except Exception as e:  # the server went away mid-handshake
+            raise ServerUnreachableError(url, f"{type(e).__name__}: {e}") from None
 
     def _repository_models(self) -> dict[str, str]:
-        index = self._client.get_model_repository_index()
+        index = self._client.get_model_repository_index(**self._call_kw)
         if self.protocol == "grpc":
             return {m.name: m.state for m in index.models}
         return {m["name"]: m.get("state", "") for m in index}
 
     def _load_config(self, graph: str):
-        cfg = self._client.get_model_config(graph)
+        cfg = self._client.get_model_config(graph, **self._call_kw)
         if self.protocol == "grpc":
             cfg = cfg.config
             params = {k: v.string_value for k, v in cfg.parameters.items()}

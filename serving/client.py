@@ -208,10 +208,13 @@ class TridentClient:
         if ENCODER not in self.backend.specs:
             raise ModelNotReadyError(f"{ENCODER} is not served; interpolation between images needs it")
         x = np.asarray(images)
+        if x.ndim != 4:
+            raise InvalidArgumentError(f"images must be a batch: uint8 (N, H, W, C) or float (N, C, H, W), got {x.shape}")
         if x.dtype == np.uint8:
             lo, hi = meta["image"]["value_range"]
             x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 * (hi - lo) + lo
         spec = self.backend.specs[ENCODER]
+        self.last_stats = SampleStats()
         return self._timed_run(ENCODER, {spec.inputs[0].name: x.astype(np.float32)})[spec.outputs[0].name]
 
     def interpolate(self, start, end, steps: int = 8, *, spherical: bool = True, raw: bool = False) -> np.ndarray:

@@ -175,7 +175,8 @@ def test_invalid_gan_and_vae_arguments_raise_before_any_request(export_dirs):
                         (lambda: client.generate(None, n=MAX_IMAGES + 1), "more than allowed"),
                         (lambda: client.generate_vae(0), "n must be an integer >= 1"),
                         (lambda: client.decode(np.zeros((2, 3))), "z must have shape"),
-                        (lambda: client.interpolate("bag", "coat", steps=1), r"steps must be an integer in \[2,")]:
+                        (lambda: client.interpolate("bag", "coat", steps=1), r"steps must be an integer in \[2,"),
+                        (lambda: client.encode(np.zeros((28, 28, 1), np.uint8)), "images must be a batch")]:
         with pytest.raises(InvalidArgumentError, match=match):
             call()
     assert backend.calls == []

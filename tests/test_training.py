@@ -219,6 +219,7 @@ def test_save_checkpoint_leaves_old_file_when_write_fails(tmp_path):
     (["--model", '{"base_channel": 4}'], "unknown config keys"),
     (["--model", "[1,2]"], "must be a JSON object"),
     (["--model", "{bad"], "is not valid JSON"),
+    (["--warmup-steps", "-1"], "warmup_steps must be >= 0"),
 ])
 def test_train_cli_exits_2_with_message_when_argument_is_bad(tmp_path, capsys, args, msg):
     assert train_main(["diffusion", "--out", str(tmp_path / "o"), *args]) == 2
@@ -243,17 +244,24 @@ def test_resume_refuses_different_model_config(tmp_path, tiny_data):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, tiny_data):
+@pytest.mark.parametrize("time_limit", [None, 1e-6])
+def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, tiny_data, time_limit):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trident.training.train", "vae", "--out", str(out), "--steps", "4", "--batch-size", "16",
-           "--data-dir", str(tiny_data), "--model", json.dumps(TINY["vae"]), "--log-every", "2", "--no-progress"]
+           "--data-dir", str(tiny_data), "--model", json.dumps(TINY["vae"]), "--log-every", "2", "--no-progress",
+           "--warmup-steps", "0"]
+    if time_limit is not None:  # each rank's clock passes the limit at once: they must agree to stop together
+        cmd += ["--time-limit", str(time_limit)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = ckpt.read_meta(out / "model.safetensors", "vae")
-    assert meta["train"]["world_size"] == 2 and meta["train"]["step"] == 4
-    assert len(_log(out)) == 2
+    assert meta["train"]["world_size"] == 2
+    if time_limit is None:
+        assert meta["train"]["step"] == 4 and len(_log(out)) == 2
+    else:
+        assert meta["train"]["step"] == 1 and "time limit" in r.stdout
 
 
 def test_class_agreement_counts_classifier_hits_per_requested_class(tmp_path, tiny_data):

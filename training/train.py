@@ -66,6 +66,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -328,7 +330,7 @@ def train(cfg: TrainConfig) -> Path:
     try:
         while step < cfg.steps:
             for group in (g for o in opts.values() for g in o.param_groups):
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
             # Randomness is a function of (seed, rank, step) alone, so a resumed run repeats an uninterrupted one.
             step_seed = (cfg.seed * 1_000_003 + rank) * 10_000_019 + step
             gen.manual_seed(step_seed)
@@ -360,6 +362,11 @@ def train(cfg: TrainConfig) -> Path:
                     log_file.flush()
                 sums, count = {}, 0
             stop = cfg.time_limit_min is not None and elapsed > cfg.time_limit_min * 60
+            if cfg.time_limit_min is not None and dist.is_initialized():
+                # every rank must stop at the same step, or the next gradient all-reduce would hang
+                flag = torch.tensor([float(stop)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                 save()
             final = (step == cfg.steps or stop) and step >= cfg.sample_every  # no preview for tiny test runs
