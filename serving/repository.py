@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 
 from trident.serving.files import atomic_directory, file_sha256
-from trident.serving.spec import GRAPHS_OF_KIND, GraphSpec, TensorSpec, graph_spec_from_meta
+from trident.serving.spec import (GRAPHS_OF_KIND, ExportMetadataError, GraphSpec, TensorSpec, graph_spec_from_meta,
+                                  load_export_metadata)
 
 __all__ = [
     "FLAVOURS",
@@ -317,18 +318,11 @@ def _message_lines(message: dict, depth: int):
 
 
 def _load_meta(directory: Path) -> dict:
-    """metadata.json of an export. Read here rather than with onnx_export.load_export_metadata, which would import
-    torch: building a repository needs neither torch nor onnx."""
-    path = Path(directory) / "metadata.json"
+    """metadata.json of an export (spec.load_export_metadata: no torch, no onnx), as a RepositoryError if bad."""
     try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RepositoryError(f"{path} not found: run `trident export CHECKPOINT --out {directory}` first") from None
-    except json.JSONDecodeError as e:
-        raise RepositoryError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != "trident.export":
-        raise RepositoryError(f"{path} is not a trident export metadata file")
-    return meta
+        return load_export_metadata(directory)
+    except ExportMetadataError as e:
+        raise RepositoryError(str(e)) from None
 
 
 def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: bool = False, fp16: bool = False,
