@@ -58,6 +58,7 @@ def pytest_generate_tests(metafunc):
     params = {
         "bucket": (graph_buckets(s, UNET), lambda b: f"b{b}"),
         "cfg_batch": (s.cfg_batches, lambda b: f"B{b}"),
+        "loop_batch": (s.loop_batches, lambda b: f"B{b}"),
         "sampler_run": (s.sampler_runs, lambda r: f"{r[0]}-{r[1]}"),
         "clients": (s.concurrency, lambda c: f"{c}clients"),
         "oneshot_batch": (s.oneshot_batches, lambda b: f"B{b}"),
@@ -204,11 +205,25 @@ def ort_client(settings, exports):
     client = TridentClient.from_onnx(list(exports.values()), threads=settings.threads, providers=providers,
                                      precision="fp16" if settings.fp16 else "fp32")
     if settings.device == "cuda":
-        on_cpu = [f"{g} b{b}" for g, ss in client.backend._sessions.items() for b, sess in ss.items()
+        on_cpu = [f"{g} b{b}" for g, runner in client.backend.runners.items() for b, sess in runner.sessions.items()
                   if sess.get_providers()[0] != "CUDAExecutionProvider"]
         if on_cpu:
             pytest.fail(f"ONNX Runtime put {on_cpu} on the CPU: the CUDA execution provider did not load (see "
                         "benchmarks/gpu.sh for the CUDA libraries it needs)", pytrace=False)
+    warm(client)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def ort_whole_client(settings, exports):
+    """In-process ONNX Runtime with row shards off (row_shards=1): every call on one multi-threaded session, as
+    before row shards were added; the step item reports the ratio against the default."""
+    from trident.serving.client import TridentClient
+
+    if settings.device == "cuda":
+        pytest.skip("row shards are a CPU setting (one shard on the GPU)")
+    client = TridentClient.from_onnx(list(exports.values()), threads=settings.threads, row_shards=1)
     warm(client)
     yield client
     client.close()

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from trident.benchmarks.settings import SAMPLER_LABELS
 
-STEP_BACKENDS = ("torch", "ort", "triton-http", "triton-grpc", "ort-cudagraph")
-STEP_LABELS = {"torch": "PyTorch eager", "ort": "ORT in-process", "triton-http": "Triton HTTP",
+STEP_BACKENDS = ("torch", "ort-whole", "ort", "triton-http", "triton-grpc", "ort-cudagraph")
+STEP_LABELS = {"torch": "PyTorch eager", "ort-whole": "ORT, row shards off", "ort": "ORT in-process",
+               "triton-http": "Triton HTTP",
                "triton-grpc": "Triton gRPC", "ort-cudagraph": "ORT + CUDA graph"}
 PEER_LABELS = {"diffusers-torch": "diffusers loop (PyTorch)", "ours-triton": "ours, Triton client",
                "ours-ort": "ours, ORT in-process", "ours-torch": "ours, PyTorch backend"}
@@ -145,9 +146,10 @@ def analyse_step(data, peak):
     bs = items(data, "step")
     buckets = sorted({b["extra_info"]["bucket"] for b in bs})
     present = {b["extra_info"]["backend"] for b in bs}
-    backends = [k for k in STEP_BACKENDS if k in present or k != "ort-cudagraph"]  # the GPU-only column if measured
+    # the GPU-only CUDA graph column and the CPU-only row-shards-off column only where measured
+    backends = [k for k in STEP_BACKENDS if k in present or k not in ("ort-cudagraph", "ort-whole")]
     rows, speedups, plot = [], {}, {k: [] for k in backends}
-    gflops_at = {}
+    gflops_at, shard_gain = {}, {}
     for n in buckets:
         got = {k: find(bs, bucket=n, backend=k) for k in backends}
         flops = next((b["extra_info"]["flops"] for b in got.values() if b), None)
@@ -157,13 +159,15 @@ def analyse_step(data, peak):
         gflops_at[n] = g_ort
         over = {k: ratio(med(got[k]), med(got["ort"])) for k in ("triton-http", "triton-grpc")}
         graph = [times(ratio(med(got["ort"]), med(got["ort-cudagraph"])))] if "ort-cudagraph" in backends else []
+        shards = [times(ratio(med(got["ort-whole"]), med(got["ort"])))] if "ort-whole" in backends else []
+        shard_gain[n] = ratio(med(got.get("ort-whole")), med(got["ort"])) if shards else None
         rows.append([f"b{n}", num(flops / 1e9 if flops else None), *(ms_cell(got[k]) for k in backends),
-                     times(speed), *(pct(None if v is None else v - 1, signed=True) for v in over.values()), *graph,
-                     num(g_ort), pct(ratio(g_ort, peak))])
+                     times(speed), *shards, *(pct(None if v is None else v - 1, signed=True) for v in over.values()),
+                     *graph, num(g_ort), pct(ratio(g_ort, peak))])
         for k in backends:
             plot[k].append(None if got[k] is None else 1e3 * med(got[k]))
     header = ["bucket", "GFLOP/step", *(f"{STEP_LABELS[k]} ms" for k in backends), "ORT speedup vs torch",
-              "Triton HTTP vs ORT", "Triton gRPC vs ORT",
+              *(["row shards on vs off"] if "ort-whole" in backends else []), "Triton HTTP vs ORT", "Triton gRPC vs ORT",
               *(["CUDA graph speedup vs ORT"] if "ort-cudagraph" in backends else []), "ORT GFLOP/s", "% of peak"]
     lines = table(header, rows)
     lines += ["GFLOP/step counts matmul, convolution and attention products (torch FlopCounterMode, 2 FLOP per "
@@ -178,7 +182,7 @@ def analyse_step(data, peak):
         lines += [f"GFLOP/s at the largest bucket (b{top}): " + ", ".join(
             f"{STEP_LABELS[k]} {v:.1f} ({pct(ratio(v, peak))} of peak)" for k, v in all_gflops[top].items()) + ".", ""]
     return lines, {"speedups": speedups, "largest": buckets[-1] if buckets else None, "ort_gflops": gflops_at,
-                   "plot": (buckets, plot)}
+                   "shard_gain": shard_gain, "plot": (buckets, plot)}
 
 
 def _plan(b: dict | None) -> str:
@@ -221,6 +225,26 @@ def analyse_e2e(data):
     lines = table(["sampler", "B", "ORT images/s", "ORT ms/image", "Triton images/s", "Triton ms/image",
                    "serving overhead", "rounds", "protocol"], rows)
     return lines, {"overhead": overhead, "plot": plot, "runs": runs}
+
+
+def analyse_loop(data):
+    bs = items(data, "loop")
+    if not bs:
+        return [], {"speedups": {}}
+    rows, speedups = [], {}
+
+    def requests(b):
+        return "-" if b is None else b["extra_info"].get("requests", "-")
+
+    for n in sorted({b["extra_info"]["images"] for b in bs}):
+        client, server = find(bs, images=n, loop="client"), find(bs, images=n, loop="server")
+        speedups[n] = ratio(med(client), med(server))
+        e = (client or server)["extra_info"]
+        rows.append([run_label(e["sampler"], e["steps"]), n, requests(client), ms_cell(client, n), requests(server),
+                     ms_cell(server, n), times(speedups[n]), e.get("protocol", "-")])
+    lines = table(["sampler", "B", "client loop requests", "client loop ms/image", "server loop requests",
+                   "server loop ms/image", "client / server", "protocol"], rows)
+    return lines, {"speedups": speedups}
 
 
 def analyse_peer(data):
@@ -487,6 +511,7 @@ def render(data: dict, out_dir: Path) -> str:
     step_lines, step = analyse_step(data, peak["peak_gflops"])
     cfg_lines, cfg = analyse_cfg(data)
     e2e_lines, e2e = analyse_e2e(data)
+    loop_lines, _ = analyse_loop(data)
     peer_lines, peer = analyse_peer(data)
     conc_lines, conc = analyse_concurrency(data)
     e2e_triton = {r: med(find(items(data, "e2e"), sampler=r[0], steps=r[1], images=r[2], backend="triton"))
@@ -518,7 +543,11 @@ def render(data: dict, out_dir: Path) -> str:
                                           peer_steps)
     lines += ["## 1. One U-Net step per bucket", "",
               "Same inputs (N rows, numpy in and out) through each backend. Speedup = torch median / ORT median; "
-              "Triton rows = Triton median / ORT median - 1 (the price of the server hop).", ""]
+              "Triton rows = Triton median / ORT median - 1 (the price of the server hop). 'ORT in-process' and the "
+              "Triton models run the default row shards (serving/ort_runner.py: on the CPU, a call of 2+ rows is "
+              "split into one part per core, each on a single-threaded session); 'row shards off' is the same "
+              "sessions' code with row_shards=1 (every call on one multi-threaded session), and 'row shards on vs "
+              "off' = off median / on median.", ""]
     lines += step_lines + img("step.png")
     lines += ["### Machine peak (measured in this run)", ""] + peak_lines
     lines += ["## 2. Batched CFG vs two calls (per step, through Triton)", "",
@@ -527,6 +556,11 @@ def render(data: dict, out_dir: Path) -> str:
     lines += ["## 3. End-to-end sampling: Triton vs in-process ONNX Runtime", "",
               "The same client loop (numpy sampler, one 2B-row U-Net call per step); serving overhead = Triton time "
               "/ ORT time - 1.", ""] + e2e_lines + img("sampling.png")
+    if loop_lines:
+        lines += ["### 3b. Where the loop runs: client loop vs server-side loop (both through Triton)", "",
+                  "The client loop sends one U-Net request per step; the server-side loop (the diffusion_sampler "
+                  "model, serving/triton_sampler.py) runs the same numpy sampler next to the U-Net sessions and "
+                  "answers one request per batch. Both draw the same images (checked in the run).", ""] + loop_lines
     lines += ["## 4. Peer: diffusers DPMSolverMultistepScheduler loop on the same weights", ""] + peer_lines
     lines += img("peer.png")
     lines += ["## 5. Concurrent clients", ""] + conc_lines + img("concurrency.png")

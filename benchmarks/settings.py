@@ -55,6 +55,7 @@ class BenchSettings:
     sampler_runs: tuple[tuple[str, int], ...] = SAMPLER_RUNS
     sample_batch: int = 8
     sample_rounds: int = 3           # rounds of every sampler run but DDPM-1000, which gets one
+    loop_batches: tuple[int, ...] = (1, 8)  # B of the client-loop vs server-loop item
     peer_steps: int = 20
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
     concurrency_steps: int = 4       # DPM-Solver++ steps of each single-image request
@@ -78,7 +79,8 @@ class BenchSettings:
                 "threads": self.threads, "device": self.device, "protocol": self.protocol,
                 "guidance": self.guidance, "cfg_batches": list(self.cfg_batches),
                 "sampler_runs": [list(r) for r in self.sampler_runs], "sample_batch": self.sample_batch,
-                "peer_steps": self.peer_steps, "concurrency": list(self.concurrency),
+                "peer_steps": self.peer_steps, "loop_batches": list(self.loop_batches),
+                "concurrency": list(self.concurrency),
                 "concurrency_steps": self.concurrency_steps, "concurrency_images": self.concurrency_images,
                 "oneshot_batches": list(self.oneshot_batches)}
 
@@ -107,5 +109,6 @@ def from_env(env=None, *, smoke: bool | None = None) -> BenchSettings:
     # Smoke: every code path once, on the smallest sizes that still exercise them (CFG pads 2B rows into a bucket,
     # concurrency overlaps requests).
     return BenchSettings(**base, cfg_batches=(1, 2), sampler_runs=SMOKE_SAMPLER_RUNS, sample_batch=2, sample_rounds=1,
+                         loop_batches=(1,),
                          peer_steps=2, concurrency=(1, 2), concurrency_steps=2, concurrency_images=1,
                          oneshot_batches=(1,), peak_sizes=(256,), peak_repeats=2)

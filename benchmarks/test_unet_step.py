@@ -1,5 +1,6 @@
-"""1. One U-Net step at each bucket: PyTorch eager vs in-process ONNX Runtime vs Triton (HTTP, gRPC), and the
-machine's fp32 matrix-multiply peak measured in the same run, so each step's GFLOP/s is a percentage of it."""
+"""1. One U-Net step at each bucket: PyTorch eager vs in-process ONNX Runtime (row shards off, and the default) vs
+Triton (HTTP, gRPC), and the machine's fp32 matrix-multiply peak measured in the same run, so each step's GFLOP/s is
+a percentage of it."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from trident.benchmarks.common import cuda_sync, require, step_inputs
 from trident.serving.spec import UNET
 
-STEP_BACKENDS = ("torch", "ort", "triton-http", "triton-grpc")
+STEP_BACKENDS = ("torch", "ort-whole", "ort", "triton-http", "triton-grpc")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def test_peak_matmul(benchmark, settings, impl, peak_size):
 def test_unet_step(benchmark, request, settings, checkpoints, exports, unet_flops, backend, bucket):
     require(exports, "diffusion")
     require(checkpoints, "diffusion")
-    client = {"torch": "torch_client", "ort": "ort_client"}.get(backend)
+    client = {"torch": "torch_client", "ort": "ort_client", "ort-whole": "ort_whole_client"}.get(backend)
     if client is not None:
         client = request.getfixturevalue(client)
     else:

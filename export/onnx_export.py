@@ -26,7 +26,7 @@ import torch
 
 from trident.serving.files import atomic_directory, file_sha256
 from trident.serving.spec import (DEFAULT_BUCKETS, ENCODER, EXPORT_FORMAT, GRAPHS_OF_KIND, GraphSpec, ExportMetadataError,
-                                  graph_spec_from_meta)
+                                  client_view, graph_spec_from_meta)
 from trident.training import checkpoint as ckpt
 
 # Opset 17 with the legacy (TorchScript) exporter. GroupNorm exports as InstanceNormalization here; GroupNormalization
@@ -204,13 +204,12 @@ def _sha256(data: bytes) -> str:
 
 
 def client_metadata(meta: dict) -> dict:
-    """What a client needs from a checkpoint's metadata, nothing about training."""
-    keep = ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "class_centroids")
-    out = {k: meta[k] for k in keep if k in meta}
+    """What a client needs from a checkpoint's metadata (spec.CLIENT_METADATA_KEYS), nothing about training."""
+    out = dict(meta)
     if "latent_dim" in meta["config"]:
         out["latent_dim"] = meta["config"]["latent_dim"]
     out["conditional"] = meta["kind"] in ("diffusion", "gan")
-    return out
+    return client_view(out)
 
 
 def _export_into(tmp: Path, checkpoint: Path, model, meta: dict, graphs, bucket_map, fp16: bool, exporter: str,

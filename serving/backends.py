@@ -5,7 +5,7 @@
     backend.run(graph, inputs)  {tensor name: array (N, ...)} -> {tensor name: array (N, ...)} for any N
     backend.close()
 
-- OnnxRuntimeBackend: in-process ONNX Runtime sessions over `trident export` folders (one session per bucket).
+- OnnxRuntimeBackend: in-process ONNX Runtime over `trident export` folders (serving/ort_runner.py, as in Triton).
 - TritonBackend: a Triton server over HTTP or gRPC; metadata comes from the models' configuration parameters.
 - TorchBackend: the PyTorch modules from checkpoints (only where torch is installed).
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from .spec import GRAPHS_OF_KIND, KIND_OF_GRAPH, GraphSpec, graph_spec_from_meta
+from .ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
+from .spec import GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLER, GraphSpec, client_view, graph_spec_from_meta
 
 METADATA_PARAMETER = "trident_metadata"  # Triton config parameter that holds the client metadata as JSON
 
@@ -50,45 +51,6 @@ class InferenceError(TridentError):
     """The server answered a request with an error."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Bucketed execution (shared by the in-process ONNX Runtime backend and the Triton Python-backend model)
-# ----------------------------------------------------------------------------------------------------------------
-
-def plan_chunks(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Split n rows into (start, stop, bucket) chunks: the largest bucket while rows exceed it, then the smallest
-    bucket that fits the rest (padding fills bucket - (stop - start) rows)."""
-    buckets = tuple(sorted(buckets))
-    chunks, start = [], 0
-    while start < n:
-        left = n - start
-        bucket = next((b for b in buckets if b >= left), buckets[-1])
-        stop = start + min(left, bucket)
-        chunks.append((start, stop, bucket))
-        start = stop
-    return chunks
-
-
-def run_bucketed(run_fn: Callable[[int, dict], list], spec: GraphSpec, buckets, inputs: dict[str, np.ndarray]
-                 ) -> dict[str, np.ndarray]:
-    """Run `inputs` (N rows) through fixed-batch graphs: chunk, zero-pad each chunk to its bucket, run, drop padding.
-
-    run_fn(bucket, {name: array (bucket, ...)}) -> list of outputs in spec order. Zero padding is valid for every
-    input (timestep 0, class 0) and rows never interact in these networks, so padding cannot leak into results.
-    """
-    n = len(next(iter(inputs.values())))
-    outs: list[list[np.ndarray]] = [[] for _ in spec.outputs]
-    for start, stop, bucket in plan_chunks(n, buckets):
-        feed = {}
-        for t in spec.inputs:
-            a = np.ascontiguousarray(inputs[t.name][start:stop], dtype=t.np_dtype)
-            if stop - start < bucket:
-                a = np.concatenate([a, np.zeros((bucket - (stop - start), *a.shape[1:]), dtype=a.dtype)])
-            feed[t.name] = a
-        for i, o in enumerate(run_fn(bucket, feed)):
-            outs[i].append(o[: stop - start])
-    return {t.name: (np.concatenate(o) if len(o) > 1 else o[0]) for t, o in zip(spec.outputs, outs)}
-
-
 def check_inputs(spec: GraphSpec, inputs: dict[str, np.ndarray]) -> int:
     """Names, per-item shapes and a common batch size; returns N."""
     missing = [t.name for t in spec.inputs if t.name not in inputs]
@@ -110,62 +72,56 @@ def check_inputs(spec: GraphSpec, inputs: dict[str, np.ndarray]) -> int:
 # In-process ONNX Runtime
 # ----------------------------------------------------------------------------------------------------------------
 
-def _ort_session(path: Path, threads: int | None, providers: list[str] | None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-
-
-def _client_meta(info: dict) -> dict:
-    """Client metadata of one kind from export metadata (drops file lists and provenance)."""
-    return {k: v for k, v in info.items() if k not in ("graphs", "format", "version", "torch_version", "onnx_version",
-                                                      "source_checkpoint", "exporter", "opset")}
-
-
 class OnnxRuntimeBackend:
-    """Sessions over one or more `trident export` folders: one ONNX Runtime session per (graph, bucket).
+    """Sessions over one or more `trident export` folders: one ort_runner.BucketRunner per graph.
 
-    precision "fp16" loads the fp16 graphs (for the CUDA provider). threads: intra-op threads per session.
+    precision "fp16" loads the fp16 graphs (for the CUDA provider). threads: intra-op threads of a whole call (None
+    or 0: ONNX Runtime's default); row_shards: concurrent row shards on the CPU (0: one per core; 1: off).
     """
 
     name = "onnxruntime"
 
     def __init__(self, export_dirs, threads: int | None = None, providers: list[str] | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", row_shards: int = 0):
         from .spec import load_export_metadata
 
         if isinstance(export_dirs, (str, os.PathLike)):
             export_dirs = [export_dirs]
         if precision not in ("fp32", "fp16"):
             raise InvalidArgumentError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-        self.metadata, self.buckets, self.specs, self._sessions = {}, {}, {}, {}
-        for d in export_dirs:
-            info = load_export_metadata(d)
-            self.metadata[info["kind"]] = _client_meta(info)
-            for graph, entry in info["graphs"].items():
-                files = entry[precision]
-                if not files:
-                    raise InvalidArgumentError(f"{d}: no {precision} graphs for {graph}; re-export with --fp16")
-                self.specs[graph] = graph_spec_from_meta(graph, info)
-                self.buckets[graph] = tuple(sorted(int(b) for b in files))
-                self._sessions[graph] = {int(b): _ort_session(Path(d) / f["file"], threads, providers)
-                                         for b, f in files.items()}
+        if (threads or 0) < 0 or row_shards < 0:
+            raise InvalidArgumentError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
+        self.metadata, self.buckets, self.specs, self.runners = {}, {}, {}, {}
+        try:
+            for d in export_dirs:
+                info = load_export_metadata(d)
+                self.metadata[info["kind"]] = client_view(info)
+                for graph, entry in info["graphs"].items():
+                    files = entry[precision]
+                    if not files:
+                        raise InvalidArgumentError(f"{d}: no {precision} graphs for {graph}; re-export with --fp16")
+                    self.specs[graph] = graph_spec_from_meta(graph, info)
+                    self.runners[graph] = BucketRunner({int(b): Path(d) / f["file"] for b, f in files.items()},
+                                                       threads=threads or 0, row_shards=row_shards,
+                                                       providers=providers)
+                    self.buckets[graph] = tuple(self.runners[graph].buckets)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if graph not in self._sessions:
-            raise ModelNotReadyError(f"graph {graph!r} is not loaded; loaded: {sorted(self._sessions)}")
+        if graph not in self.runners:
+            raise ModelNotReadyError(f"graph {graph!r} is not loaded; loaded: {sorted(self.runners)}")
         spec = self.specs[graph]
         check_inputs(spec, inputs)
-        sessions = self._sessions[graph]
-        return run_bucketed(lambda b, feed: sessions[b].run(None, feed), spec, self.buckets[graph], inputs)
+        feed = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype) for t in spec.inputs}
+        out = self.runners[graph].run(feed)
+        return {t.name: out[t.name] for t in spec.outputs}
 
     def close(self):
-        self._sessions.clear()
+        for runner in self.runners.values():
+            runner.close()
+        self.runners.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,8 +130,6 @@ class OnnxRuntimeBackend:
 
 def _is_transient(exc: Exception) -> bool:
     """Connection resets, timeouts and 'unavailable' answers are worth a retry; a 4xx-style error is not."""
-    import socket
-
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, OSError)):
         return True
     text = str(exc).lower()
@@ -197,10 +151,15 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, url: str = "127.0.0.1:8000", protocol: str = "http", timeout_s: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.2, models: tuple[str, ...] | None = None):
+                 retries: int = 3, backoff_s: float = 0.2, models: tuple[str, ...] | None = None,
+                 sample_timeout_s: float = 600.0):
         if protocol not in ("http", "grpc"):
             raise InvalidArgumentError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.url, self.protocol, self.timeout_s = url, protocol, float(timeout_s)
+        self.sample_timeout_s = float(sample_timeout_s)
+        self.sampler_loop: dict | None = None  # {"spec", "max_images"} when the server runs diffusion_sampler
+        self.sampler_missing = f"the server at {url} does not serve {SAMPLER!r}"  # why sampler_loop is None
+        self._long_client = None  # HTTP only: a client whose network timeout fits a whole sampling request
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         if protocol == "http":
             import tritonclient.http as tc
@@ -231,7 +190,7 @@ class TritonBackend:
             raise ServerUnreachableError(url, "the server answered but is not ready")
         try:
             served = self._repository_models()
-            for graph in models or tuple(KIND_OF_GRAPH):
+            for graph in [m for m in models or KIND_OF_GRAPH if m != SAMPLER]:
                 if graph not in served:
                     if models:
                         raise ModelNotReadyError(f"model {graph!r} is not in the server's repository at {url} "
@@ -241,6 +200,8 @@ class TritonBackend:
                     raise ModelNotReadyError(f"model {graph!r} on {url} is not ready "
                                              f"({served[graph] or 'no state'}); see the server log")
                 self._load_config(graph)
+            if models is None or SAMPLER in models:
+                self._find_sampler(served, required=models is not None)
         except TridentError:
             raise
         except (ValueError, KeyError, TypeError) as e:  # includes json.JSONDecodeError
@@ -267,18 +228,50 @@ class TritonBackend:
             raise ModelNotReadyError(f"model {graph!r} has no {METADATA_PARAMETER!r} parameter: not a trident model")
         info = json.loads(params[METADATA_PARAMETER])
         kind = KIND_OF_GRAPH[graph]
-        self.metadata[kind] = _client_meta(info)
+        self.metadata[kind] = client_view(info)
         self.specs[graph] = graph_spec_from_meta(graph, info)
         self.buckets[graph] = tuple(int(b) for b in info["graphs"][graph]["buckets"]) if "graphs" in info else ()
         self.max_batch[graph] = int(max_batch) or max(self.buckets[graph] or (1,))
 
-    def _infer_once(self, graph: str, spec: GraphSpec, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _find_sampler(self, served: dict, required: bool):
+        """Look for the server-side sampling loop. Without it (or with a broken one) the client loop still works, so
+        only a caller that asked for it by name (`models`) gets an error here; others learn why on loop='server'."""
+        try:
+            if SAMPLER not in served:
+                raise ModelNotReadyError(f"the server at {self.url} has no {SAMPLER!r} model; rebuild its repository "
+                                         "with `trident serve build` (without --no-sampler)")
+            if not self._client.is_model_ready(SAMPLER, **self._call_kw):
+                raise ModelNotReadyError(f"model {SAMPLER!r} on {self.url} is not ready "
+                                         f"({served[SAMPLER] or 'no state'}); see the server log")
+            cfg = self._client.get_model_config(SAMPLER, **self._call_kw)
+            if self.protocol == "grpc":
+                params = {k: v.string_value for k, v in cfg.config.parameters.items()}
+            else:
+                params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+            info = json.loads(params[METADATA_PARAMETER])
+            self.sampler_loop = {"spec": graph_spec_from_meta(SAMPLER, info),
+                                 "max_images": int(params["trident_max_images"])}
+        except ModelNotReadyError as e:
+            if required:
+                raise
+            self.sampler_missing = str(e)
+        except (ValueError, KeyError, TypeError) as e:
+            if required:
+                raise ModelNotReadyError(f"{SAMPLER} on {self.url} has unreadable trident metadata: {e}") from None
+            self.sampler_missing = f"{SAMPLER} on {self.url} has unreadable trident metadata: {e}"
+
+    def _infer_once(self, graph: str, spec: GraphSpec, feed: dict[str, np.ndarray], batched: bool = True,
+                    client=None, timeout_s: float | None = None) -> list[np.ndarray]:
         tc = self._tc
+        client = client or self._client
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         inputs = []
         for t in spec.inputs:
-            # Per-item scalars (timestep, class_label) travel as (N, 1): Triton needs non-empty dims when
-            # max_batch_size > 0; the model config reshapes them back to (N,).
-            a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype).reshape(len(feed[t.name]), *(t.shape or (1,)))
+            a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype)
+            if batched:
+                # Per-item scalars (timestep, class_label) travel as (N, 1): Triton needs non-empty dims when
+                # max_batch_size > 0; the model config reshapes them back to (N,).
+                a = a.reshape(len(a), *(t.shape or (1,)))
             inp = tc.InferInput(t.name, list(a.shape), t.triton_dtype)
             if self.protocol == "http":
                 inp.set_data_from_numpy(a, binary_data=True)
@@ -287,11 +280,47 @@ class TritonBackend:
             inputs.append(inp)
         if self.protocol == "http":
             outputs = [tc.InferRequestedOutput(t.name, binary_data=True) for t in spec.outputs]
-            res = self._client.infer(graph, inputs, outputs=outputs, timeout=int(self.timeout_s * 1e6))
+            res = client.infer(graph, inputs, outputs=outputs, timeout=int(timeout_s * 1e6))
         else:
             outputs = [tc.InferRequestedOutput(t.name) for t in spec.outputs]
-            res = self._client.infer(graph, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            res = client.infer(graph, inputs, outputs=outputs, client_timeout=timeout_s)
         return [res.as_numpy(t.name) for t in spec.outputs]
+
+    def run_sampler(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """One request to the server-side sampling loop (inputs as spec.sampler_spec): the images, float32.
+
+        Not retried (a retry would redo the whole loop); waits up to sample_timeout_s."""
+        from tritonclient.utils import InferenceServerException
+
+        if self.sampler_loop is None:
+            raise ModelNotReadyError(self.sampler_missing)
+        client = self._client
+        if self.protocol == "http":  # the HTTP client's network timeout is fixed per connection
+            if self._long_client is None:
+                self._long_client = self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
+                                                                   network_timeout=self.sample_timeout_s)
+            client = self._long_client
+        spec = self.sampler_loop["spec"]
+        try:
+            return self._infer_once(SAMPLER, spec, feed, batched=False, client=client,
+                                    timeout_s=self.sample_timeout_s)[0]
+        except InferenceServerException as e:
+            text = str(e).lower()
+            if any(s in text for s in ("deadline", "timed out", "timeout")):
+                raise InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
+                                     f"({e.message()}); ask for fewer images or steps, or raise the timeout") from None
+            if _is_transient(e):
+                raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None
+            raise InferenceError(f"{SAMPLER}: the server rejected the request: {e.message()}") from None
+        except (TimeoutError, socket.timeout) as e:  # HTTP: the connection's network timeout
+            raise InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s ({e}); "
+                                 "ask for fewer images or steps, or raise the timeout") from None
+        except Exception as e:
+            text = f"{type(e).__name__}: {e}"
+            if "timeout" in text.lower() or "timed out" in text.lower():
+                raise InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
+                                     f"({text}); ask for fewer images or steps, or raise the timeout") from None
+            raise ServerUnreachableError(self.url, text) from None
 
     def _infer(self, graph, spec, feed):
         from tritonclient.utils import InferenceServerException
@@ -317,10 +346,12 @@ class TritonBackend:
         return {t.name: np.concatenate([o[j] for o in outs]) for j, t in enumerate(spec.outputs)}
 
     def close(self):
-        try:
-            self._client.close()
-        except Exception:
-            pass
+        for client in (self._client, self._long_client):
+            try:
+                if client is not None:
+                    client.close()
+            except Exception:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------------------------

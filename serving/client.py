@@ -1,5 +1,6 @@
-"""The client SDK: sample the diffusion model (client-side loop, batched classifier-free guidance), the GAN and the
-VAE, over any backend (Triton HTTP/gRPC, in-process ONNX Runtime, PyTorch). numpy + tritonclient + Pillow; no torch.
+"""The client SDK: sample the diffusion model (client-side loop with batched classifier-free guidance, or the
+server-side loop), the GAN and the VAE, over any backend (Triton HTTP/gRPC, in-process ONNX Runtime, PyTorch).
+numpy + tritonclient + Pillow; no torch.
 
     from trident.serving.client import TridentClient
     client = TridentClient.connect("127.0.0.1:8000", protocol="grpc")      # or TridentClient.from_onnx([...])
@@ -20,9 +21,10 @@ from . import sampling
 from .backends import (InvalidArgumentError, ModelNotReadyError, OnnxRuntimeBackend, ServerUnreachableError,
                        TritonBackend, TridentError)
 from .images import labelled_grid, make_grid, save_png, to_uint8
-from .spec import DECODER, ENCODER, GENERATOR, UNET
+from .spec import DECODER, ENCODER, GENERATOR, SAMPLER, UNET
 
 MAX_IMAGES = 4096  # per call; larger jobs belong in a loop of calls
+LOOPS = ("client", "server")  # where the diffusion sampling loop runs
 
 __all__ = ["TridentClient", "SampleStats", "TridentError", "ServerUnreachableError", "ModelNotReadyError",
            "InvalidArgumentError", "MAX_IMAGES"]
@@ -131,12 +133,16 @@ class TridentClient:
     # -- diffusion ----------------------------------------------------------------------------------------------
     def sample(self, classes=None, n: int | None = None, *, sampler: str = "dpmpp-2m", steps: int = 20,
                guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0, spacing: str | None = None,
-               progress: bool = False, callback: Callable | None = None, raw: bool = False) -> np.ndarray:
+               progress: bool = False, callback: Callable | None = None, raw: bool = False,
+               loop: str = "client") -> np.ndarray:
         """Draw images from the diffusion model: uint8 (N, H, W, C), or float32 (N, C, H, W) in [-1, 1] with raw.
 
         classes: one id/name (repeated n times), a list of ids/names (one image each), or None (unconditional,
-        n images). Each step sends ONE request of 2N rows ([cond; null] stacked) and combines the halves with
-        uncond + guidance * (cond - uncond); guidance 1 or no classes sends N rows. Deterministic in seed.
+        n images). loop "client": this process runs the sampler and each step sends ONE request of 2N rows
+        ([cond; null] stacked), combining the halves with uncond + guidance * (cond - uncond); guidance 1 or no
+        classes sends N rows. loop "server" (Triton only): one request to the server's diffusion_sampler model, which
+        runs the same loop next to the U-Net; no progress bar or callback. Deterministic in seed: both loops draw the
+        same images for the same arguments (to float tolerance: the U-Net may run in different bucket layouts).
         """
         meta = self.meta("diffusion")
         labels, count = self._labels_and_count(classes, n, "diffusion")
@@ -147,8 +153,14 @@ class TridentClient:
             raise InvalidArgumentError(f"sampler must be one of {sampling.SAMPLERS}, got {sampler!r}")
         if not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance) or guidance < 0:
             raise InvalidArgumentError(f"guidance must be a finite number >= 0 (1 = no guidance), got {guidance!r}")
+        if loop not in LOOPS:
+            raise InvalidArgumentError(f"loop must be one of {LOOPS}, got {loop!r}")
         im = meta["image"]
         shape = (int(count), im["channels"], im["height"], im["width"])
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2 ** 63)
+        elif loop == "server" and not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2 ** 63):
+            raise InvalidArgumentError(f"seed must be an integer in [0, 2**63) for loop='server', got {seed!r}")
         self.last_stats = SampleStats()
         t0 = time.perf_counter()
         try:
@@ -156,14 +168,43 @@ class TridentClient:
                 self.eps_model(), shape, labels, schedule=sampling.NoiseSchedule.from_dict(meta["schedule"]),
                 sampler=sampler, steps=steps, guidance_scale=float(guidance), null_class=int(meta["null_class"]),
                 eta=eta, spacing=spacing, seed=seed, callback=callback, progress=progress)
-        except ValueError as e:
+        except ValueError as e:  # checks every argument before any request
             raise InvalidArgumentError(str(e)) from None
-        x = None
-        for step in gen:
-            x = step.pred_original_sample if step.index == step.num_steps - 1 else step.sample
-        x = np.asarray(x, dtype=np.float32)
+        if loop == "server":
+            gen.close()
+            x = self._sample_on_server(labels, count, meta, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                       seed=seed, spacing=spacing, progress=progress, callback=callback)
+        else:
+            x = sampling.last_estimate(gen)
         self.last_stats.wall_s = time.perf_counter() - t0
         return x if raw else to_uint8(x, tuple(im["value_range"]))
+
+    def _sample_on_server(self, labels, count, meta, *, sampler, steps, guidance, eta, seed, spacing, progress,
+                          callback) -> np.ndarray:
+        loop = getattr(self.backend, "sampler_loop", None)
+        if not isinstance(self.backend, TritonBackend):
+            raise InvalidArgumentError(f"loop='server' needs a Triton server; this client runs {self.backend.name} "
+                                       "in-process (use loop='client')")
+        if loop is None:
+            raise ModelNotReadyError(f"{self.backend.sampler_missing}; or use loop='client'")
+        if progress or callback is not None:
+            raise InvalidArgumentError("progress and callback need loop='client' (the server-side loop reports "
+                                       "nothing until it is done)")
+        if count > loop["max_images"]:
+            raise InvalidArgumentError(f"n={count} images is more than the server's {SAMPLER} takes per request "
+                                       f"({loop['max_images']}); split the job or use loop='client'")
+        null = int(meta["null_class"])
+        feed = {"class_label": np.full(count, null, np.int64) if labels is None else labels.astype(np.int64),
+                "seed": np.array([seed], np.int64), "steps": np.array([steps], np.int64),
+                "guidance": np.array([guidance], np.float64), "eta": np.array([eta], np.float64),
+                "sampler": np.array([sampler.encode()], dtype=object),
+                "spacing": np.array([(spacing or "").encode()], dtype=object)}
+        t0 = time.perf_counter()
+        x = self.backend.run_sampler(feed)
+        self.last_stats.call_s.append(time.perf_counter() - t0)
+        self.last_stats.calls += 1
+        self.last_stats.rows += count
+        return np.asarray(x, dtype=np.float32)
 
     # -- GAN ----------------------------------------------------------------------------------------------------
     def generate(self, classes=None, n: int | None = None, *, seed: int | None = 0, truncation: float | None = None,

@@ -26,15 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="127.0.0.1:8000", help="Triton address host:port (HTTP port, or gRPC port with "
                                                             "--protocol grpc)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--progress", action="store_true", help="show a progress bar over denoising steps")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (client loop: per step)")
+    p.add_argument("--sample-timeout", type=float, default=600.0,
+                   help="--loop server: seconds the one request may take")
+    p.add_argument("--progress", action="store_true", help="show a progress bar over denoising steps (client loop)")
+    p.add_argument("--loop", choices=("client", "server"), default="client",
+                   help="diffusion: run the sampling loop here (one request per step) or on the server (one "
+                        "request in all, the diffusion_sampler model)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with TridentClient.connect(args.url, args.protocol, timeout_s=args.timeout) as client:
+        with TridentClient.connect(args.url, args.protocol, timeout_s=args.timeout,
+                                   sample_timeout_s=args.sample_timeout) as client:
             rows = None
             classes = None
             if args.classes and args.model in ("diffusion", "gan"):
@@ -48,7 +54,7 @@ def main(argv=None) -> int:
             if args.model == "diffusion":
                 images = client.sample(classes, None if classes is not None else args.n, sampler=args.sampler,
                                        steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
-                                       progress=args.progress)
+                                       progress=args.progress, loop=args.loop)
             elif args.model == "gan":
                 images = client.generate(classes, None if classes is not None else args.n, seed=args.seed)
             else:
@@ -58,8 +64,12 @@ def main(argv=None) -> int:
     except TridentError as e:
         print(f"trident sample: error: {e}", file=sys.stderr)
         return 2
-    detail = (f", {s.calls} model calls ({args.steps} steps), {s.per_call_ms:.1f} ms per call"
-              if args.model == "diffusion" else f", {s.per_call_ms:.1f} ms per call")
+    if args.model == "diffusion" and args.loop == "server":
+        detail = f", one request to the server-side loop ({args.steps} steps)"
+    elif args.model == "diffusion":
+        detail = f", {s.calls} model calls ({args.steps} steps), {s.per_call_ms:.1f} ms per call"
+    else:
+        detail = f", {s.per_call_ms:.1f} ms per call"
     print(f"wrote {path}: {len(images)} images in {s.wall_s:.2f} s{detail}")
     return 0
 

@@ -47,6 +47,16 @@ def run_demo(out: Path, repository: Path, checkpoints: Path, per_class: int = 8,
             log(f"diffusion: {len(imgs)} images, {steps} steps, {s.calls} requests of {s.rows // max(s.calls, 1)} rows"
                 f" in {s.wall_s:.2f} s ({s.per_call_ms:.1f} ms per step) -> {path}")
 
+            if getattr(client.backend, "sampler_loop", None):  # the same draw with the loop on the server
+                first = labels[:per_class]
+                a = client.sample(first, steps=steps, guidance=guidance, seed=seed)
+                t_client = client.last_stats.wall_s
+                b = client.sample(first, steps=steps, guidance=guidance, seed=seed, loop="server")
+                t_server = client.last_stats.wall_s
+                diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+                log(f"server-side loop: {len(first)} images in 1 request, {t_server:.2f} s (client loop: {steps} "
+                    f"requests, {t_client:.2f} s); " + ("same images" if diff == 0 else f"max pixel difference {diff}"))
+
             scales = (1.0, 2.0, 3.0, 5.0, 7.0)
             strip_classes = [names.index(c) for c in ("sneaker", "bag", "dress") if c in names] or [0]
             rows, row_labels = [], []

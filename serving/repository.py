@@ -7,8 +7,10 @@ Two flavours of the same exported graphs:
 embedded (default)  For the tritonserver bundled with nvidia-pytriton, which has the Python backend only. One model
                     per graph (diffusion_unet, gan_generator, vae_decoder, vae_encoder): `backend: "python"`,
                     dynamic batching up to the largest bucket, and `1/model.py` = a copy of serving/triton_model.py
-                    that runs the static-batch ONNX files (copied next to it) in ONNX Runtime. Self-contained:
-                    the repository also runs in a Triton container where trident is not installed.
+                    that runs the static-batch ONNX files (copied next to it) in ONNX Runtime. With a diffusion
+                    export, also `diffusion_sampler`: the whole sampling loop on the server (serving/
+                    triton_sampler.py), one request per batch of images (`--no-sampler` leaves it out).
+                    Self-contained: the repository also runs in a Triton container where trident is not installed.
 container           For the official Triton container's native onnxruntime backend. One model per (graph, bucket),
                     e.g. diffusion_unet_b8, `max_batch_size: 0` with the full static shape, `1/model.onnx`;
                     `--gpu --fp16` adds the TensorRT FP16 accelerator.
@@ -32,7 +34,8 @@ import sys
 from pathlib import Path
 
 from trident.serving.files import atomic_directory, file_sha256
-from trident.serving.spec import (GRAPHS_OF_KIND, ExportMetadataError, GraphSpec, TensorSpec, graph_spec_from_meta,
+from trident.serving.spec import (GRAPHS_OF_KIND, SAMPLER, UNET, ExportMetadataError, GraphSpec, TensorSpec,
+                                  client_view, graph_spec_from_meta, sampler_spec,
                                   load_export_metadata)
 
 __all__ = [
@@ -47,22 +50,27 @@ __all__ = [
     "main",
     "metadata_parameters",
     "plan_repository",
+    "sampler_config",
     "to_pbtxt",
 ]
 
 FLAVOURS = ("embedded", "container")
 MODEL_PY = Path(__file__).with_name("triton_model.py")
+RUNNER_PY = Path(__file__).with_name("ort_runner.py")  # imported by model.py as its sibling `ort_runner`
+SAMPLER_PY = Path(__file__).with_name("triton_sampler.py")  # model.py of the server-side sampling loop
+SAMPLING_PY = Path(__file__).with_name("sampling.py")  # imported by the sampler's model.py as `sampling`
+DEFAULT_SAMPLER_MAX_IMAGES = 1024  # images per request of the server-side sampling loop
 VERSION = "1"  # the one model version directory written
 MARKER = "trident_repository.json"  # written at the root; Triton only looks at sub-directories
 METADATA_KEY = "trident_metadata"
 DEFAULT_MAX_QUEUE_DELAY_US = 500
-# Export metadata a client needs (everything else in metadata.json is about how the export was made).
-CLIENT_KEYS = ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "latent_dim",
-               "class_centroids", "conditional")
 # Parameter keys read by triton_model.py (the copy in <model>/1/model.py cannot import this module).
 P_FILES = "trident_onnx_files"
 P_RANGES = "trident_input_ranges"
 P_THREADS = "intra_op_num_threads"
+P_SHARDS = "row_shards"
+P_MAX_IMAGES = "trident_max_images"
+P_UNET_IO = "trident_unet_io"
 P_PROVIDER = "execution_provider"
 ORT_BACKEND_THREADS = "intra_op_thread_count"  # the onnxruntime backend's own parameter
 
@@ -77,7 +85,7 @@ class RepositoryError(RuntimeError):
 
 
 def _triton_type(tensor: TensorSpec) -> str:
-    return "TYPE_" + tensor.triton_dtype
+    return tensor.config_dtype
 
 
 def _batched_io(tensor: TensorSpec) -> dict:
@@ -135,7 +143,7 @@ def input_ranges(spec: GraphSpec, meta: dict) -> dict[str, dict]:
     return ranges
 
 
-def metadata_parameters(graph: str, meta: dict, buckets: list[int], **serving: str | int | dict) -> dict[str, str]:
+def metadata_parameters(graph: str, meta: dict, buckets: list[int], /, **serving: str | int | dict) -> dict[str, str]:
     """The sampling metadata a client reads from the model configuration, as string parameters.
 
     `trident_metadata` is the export's metadata.json cut down to what a client needs and to this graph, in the same
@@ -143,7 +151,7 @@ def metadata_parameters(graph: str, meta: dict, buckets: list[int], **serving: s
     `serving` (flavour, precision, bucket, ...) becomes flat `trident_<key>` parameters.
     """
     spec, _ = _graph(meta, graph)
-    client = {key: meta[key] for key in CLIENT_KEYS if key in meta}
+    client = client_view(meta)
     client["graphs"] = {graph: {"spec": spec.to_dict(), "buckets": list(buckets)}}
     if "source_checkpoint" in meta:
         client["source_checkpoint"] = meta["source_checkpoint"]
@@ -183,7 +191,7 @@ def _warmup(name: str, batch_size: int, io: list[dict]) -> dict:
 
 def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None,
                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, gpu: bool = False, fp16: bool = False,
-                    intra_op_threads: int = 0) -> dict:
+                    intra_op_threads: int = 0, row_shards: int = 0) -> dict:
     """Python-backend model serving every bucket of one graph (see serving/triton_model.py).
 
     max_batch_size defaults to the largest bucket; a larger value lets one request (or one dynamic batch) span
@@ -203,6 +211,7 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
         P_FILES: json.dumps(files),
         P_RANGES: json.dumps(input_ranges(spec, meta)),
         P_THREADS: str(int(intra_op_threads)),
+        P_SHARDS: str(int(row_shards)),
         P_PROVIDER: "cuda" if gpu else "cpu",
     }
     return {
@@ -217,6 +226,38 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
         "model_warmup": [_warmup(f"zeros_b{n}", n, inputs) for n in buckets if n <= max_batch_size],
         "parameters": _parameters({**metadata_parameters(graph, meta, buckets, flavour="embedded",
                                                          precision=precision), **runtime}),
+    }
+
+
+def sampler_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_threads: int = 0,
+                   row_shards: int = 0, max_images: int = DEFAULT_SAMPLER_MAX_IMAGES) -> dict:
+    """The server-side sampling loop (serving/triton_sampler.py) over the export's U-Net graphs: not batched by
+    Triton (max_batch_size 0, one request = one batch of images), its own ONNX Runtime sessions of the U-Net."""
+    unet, entry = _graph(meta, UNET)
+    spec = sampler_spec((meta["image"]["channels"], meta["image"]["height"], meta["image"]["width"]))
+    buckets = sorted(int(b) for b in entry["buckets"])
+    precision = "fp16" if fp16 else "fp32"
+    if fp16 and not entry.get("fp16"):
+        raise RepositoryError(f"{UNET}: the export has no fp16 graphs; export with --fp16")
+    if max_images < 1:
+        raise RepositoryError(f"max_images must be >= 1, got {max_images}")
+    runtime = {
+        P_FILES: json.dumps({str(n): Path(entry[precision][str(n)]["file"]).name for n in buckets}),
+        P_UNET_IO: json.dumps([t.name for t in (*unet.inputs, *unet.outputs)]),
+        P_MAX_IMAGES: str(int(max_images)),
+        P_THREADS: str(int(intra_op_threads)),
+        P_SHARDS: str(int(row_shards)),
+        P_PROVIDER: "cuda" if gpu else "cpu",
+    }
+    return {
+        "name": SAMPLER,
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": [{"name": t.name, "data_type": _triton_type(t), "dims": list(t.shape)} for t in spec.inputs],
+        "output": [{"name": t.name, "data_type": _triton_type(t), "dims": list(t.shape)} for t in spec.outputs],
+        "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}],
+        "parameters": _parameters({**metadata_parameters(UNET, meta, buckets, flavour="embedded", precision=precision,
+                                                         graph=SAMPLER, loop="server"), **runtime}),
     }
 
 
@@ -327,12 +368,16 @@ def _load_meta(directory: Path) -> dict:
 
 def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: bool = False, fp16: bool = False,
                     max_batch_size: int | None = None, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
-                    intra_op_threads: int = 0) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
+                    intra_op_threads: int = 0, row_shards: int = 0, sampler: bool = True
+                    ) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
     """[(config, {file name in the version dir: (source path, sha256)})] for every model; writes nothing."""
     if flavour not in FLAVOURS:
         raise RepositoryError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
     if fp16 and not gpu:
         raise RepositoryError("fp16 graphs are for the GPU path: pass --gpu with --fp16")
+    if intra_op_threads < 0 or row_shards < 0:
+        raise RepositoryError(f"intra_op_threads and row_shards must be >= 0 (0: automatic), got {intra_op_threads} "
+                              f"and {row_shards}")
     if not export_dirs:
         raise RepositoryError("no export directories given; run `trident export CHECKPOINT --out DIR` first")
     plan, source_of = [], {}
@@ -348,12 +393,15 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                 precision = "fp16" if fp16 else "fp32"
                 config = embedded_config(graph, meta, max_batch_size=max_batch_size,
                                          max_queue_delay_us=max_queue_delay_us, gpu=gpu, fp16=fp16,
-                                         intra_op_threads=intra_op_threads)
+                                         intra_op_threads=intra_op_threads, row_shards=row_shards)
                 files = {}
                 for n in entry["buckets"]:
                     file = entry[precision][str(n)]
                     files[Path(file["file"]).name] = (directory / file["file"], file["sha256"])
                 plan.append((config, files))
+                if graph == UNET and sampler:  # the server-side loop runs the same graph files
+                    plan.append((sampler_config(meta, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads,
+                                                row_shards=row_shards), dict(files)))
             else:
                 for n in entry["buckets"]:
                     # TensorRT FP16 starts from the fp32 graph (see container_config).
@@ -391,14 +439,16 @@ def _check_replaceable(out: Path) -> None:
 
 def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedded", *, gpu: bool = False,
                      fp16: bool = False, max_batch_size: int | None = None,
-                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 0) -> list[str]:
+                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 0,
+                     row_shards: int = 0, sampler: bool = True) -> list[str]:
     """Write a Triton model repository for these export directories into `out` (replaced atomically).
 
     Returns the model names, sorted. See the module docstring for the two flavours.
     """
     out = Path(out)
     plan = plan_repository(export_dirs, flavour, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
-                           max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads)
+                           max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
+                           row_shards=row_shards, sampler=sampler)
     _check_replaceable(out)
     with atomic_directory(out) as tmp:  # the old repository is removed only once the new one is complete
         for name in KEPT:
@@ -411,7 +461,10 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
             for name, (source, sha256) in files.items():
                 _copy_checked(source, version / name, sha256)
             if config["backend"] == "python":
-                shutil.copyfile(MODEL_PY, version / "model.py")
+                shutil.copyfile(SAMPLER_PY if config["name"] == SAMPLER else MODEL_PY, version / "model.py")
+                shutil.copyfile(RUNNER_PY, version / "ort_runner.py")
+                if config["name"] == SAMPLER:
+                    shutil.copyfile(SAMPLING_PY, version / "sampling.py")
         names = sorted(config["name"] for config, _ in plan)
         (tmp / MARKER).write_text(json.dumps({
             "flavour": flavour, "models": names, "gpu": gpu, "fp16": fp16,
@@ -457,7 +510,8 @@ def default_build(checkpoints_root: Path = Path("checkpoints"), out: Path = Path
                   buckets=None, log=print, **build_options) -> list[str]:
     """Export <checkpoints_root>/<kind>/model.safetensors for each kind (cached under <work>/exports) and build `out`.
 
-    build_options go to build_repository (flavour, gpu, fp16, max_batch_size, max_queue_delay_us, intra_op_threads).
+    build_options go to build_repository (flavour, gpu, fp16, max_batch_size, max_queue_delay_us, intra_op_threads,
+    row_shards, sampler).
     """
     fp16 = bool(build_options.get("fp16", False))
     dirs = [ensure_export(Path(checkpoints_root) / kind / "model.safetensors", Path(work) / "exports", kind,
@@ -488,14 +542,21 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US,
                    help="embedded: how long the dynamic batcher waits to fill a bucket")
     p.add_argument("--intra-op-threads", type=int, default=0,
-                   help="ONNX Runtime threads per model instance (0: its default, one per physical core)")
+                   help="embedded: ONNX Runtime threads of a whole batch (0: its default, one per physical core); "
+                        "container: the onnxruntime backend's intra_op_thread_count")
+    p.add_argument("--no-sampler", dest="sampler", action="store_false",
+                   help="embedded: leave out the server-side sampling loop model (diffusion_sampler)")
+    p.add_argument("--row-shards", type=int, default=0,
+                   help="embedded, CPU: split a batch of 2+ rows into this many parts run concurrently on "
+                        "single-threaded sessions (0: one per core the server may use; 1: off)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     options = dict(flavour=args.flavour, gpu=args.gpu, fp16=args.fp16, max_batch_size=args.max_batch_size,
-                   max_queue_delay_us=args.max_queue_delay_us, intra_op_threads=args.intra_op_threads)
+                   max_queue_delay_us=args.max_queue_delay_us, intra_op_threads=args.intra_op_threads,
+                   row_shards=args.row_shards, sampler=args.sampler)
     try:
         if args.export is None:
             default_build(args.checkpoints, args.out, **options)

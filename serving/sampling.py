@@ -500,6 +500,15 @@ def _sample_loop(model, shape, labels, solver, guidance_scale, null_class, callb
             bar.close()
 
 
+def last_estimate(steps: Iterator[SamplingStep]) -> np.ndarray:
+    """Run a sample_progressive iterator to its end: the x_0 estimate of the last step, float32 [B, C, H, W]. What
+    TridentClient.sample returns for a client-side loop and the server-side loop (serving/triton_sampler.py) sends."""
+    last = None
+    for last in steps:
+        pass
+    return np.asarray(last.pred_original_sample, dtype=np.float32)
+
+
 def _progress_bar(total: int, desc: str):
     try:
         from tqdm.auto import tqdm

@@ -18,11 +18,15 @@ GENERATOR = "gan_generator"
 DECODER = "vae_decoder"
 ENCODER = "vae_encoder"
 GRAPHS_OF_KIND = {"diffusion": (UNET,), "gan": (GENERATOR,), "vae": (DECODER, ENCODER)}
+# The server-side sampling loop: a served model (not an exported graph) that runs the whole diffusion loop next to
+# the U-Net graphs, one request per batch of images (serving/triton_sampler.py).
+SAMPLER = "diffusion_sampler"
 KIND_OF_GRAPH = {g: k for k, gs in GRAPHS_OF_KIND.items() for g in gs}
 
 DEFAULT_BUCKETS = {UNET: (1, 2, 4, 8, 16, 32), GENERATOR: (1, 8, 32), DECODER: (1, 8, 32), ENCODER: (1, 8, 32)}
 
-_TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
+_TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+                  "uint8": "UINT8", "bytes": "BYTES"}
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,17 @@ class TensorSpec:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        return np.dtype(object if self.dtype == "bytes" else self.dtype)
 
     @property
     def triton_dtype(self) -> str:
-        """As tritonclient spells it ("FP32"); config.pbtxt uses "TYPE_" + this."""
+        """As tritonclient spells it ("FP32", "BYTES")."""
         return _TRITON_DTYPES[self.dtype]
+
+    @property
+    def config_dtype(self) -> str:
+        """As config.pbtxt spells it ("TYPE_FP32"; strings are "TYPE_STRING")."""
+        return "TYPE_STRING" if self.dtype == "bytes" else "TYPE_" + self.triton_dtype
 
     def batched(self, n: int) -> tuple[int, ...]:
         return (n, *self.shape)
@@ -87,9 +96,27 @@ def graph_spec(graph: str, image_shape: tuple[int, int, int], latent_dim: int | 
     raise ValueError(f"unknown graph {graph!r}; expected one of {sorted(KIND_OF_GRAPH)}")
 
 
+def sampler_spec(image_shape: tuple[int, int, int]) -> GraphSpec:
+    """I/O of the server-side sampling loop. Triton does not batch it (max_batch_size 0), so shapes are whole
+    tensors, -1 = any length. One request draws N images with the client's sampler arguments; class labels all equal
+    to the null class mean unconditional."""
+    img = tuple(int(s) for s in image_shape)
+    return GraphSpec(SAMPLER,
+                     inputs=(TensorSpec("class_label", "int64", (-1,)),   # N labels in [0, null_class]
+                             TensorSpec("seed", "int64", (1,)),           # initial and step noise
+                             TensorSpec("steps", "int64", (1,)),
+                             TensorSpec("guidance", "float64", (1,)),     # 1: no guidance (float64, as the
+                             TensorSpec("eta", "float64", (1,)),          # client loop uses); eta: DDIM only
+                             TensorSpec("sampler", "bytes", (1,)),        # "ddpm", "ddim" or "dpmpp-2m"
+                             TensorSpec("spacing", "bytes", (1,))),       # "" = the sampler's default
+                     outputs=(TensorSpec("image", "float32", (-1, *img)),))  # x_0 estimate, float in value_range
+
+
 def graph_spec_from_meta(graph: str, meta: dict) -> GraphSpec:
     """The spec of a graph from export metadata (or checkpoint metadata)."""
     im = meta["image"]
+    if graph == SAMPLER:
+        return sampler_spec((im["channels"], im["height"], im["width"]))
     return graph_spec(graph, (im["channels"], im["height"], im["width"]), meta.get("latent_dim"))
 
 
@@ -98,6 +125,16 @@ def graph_spec_from_meta(graph: str, meta: dict) -> GraphSpec:
 # ----------------------------------------------------------------------------------------------------------------
 
 EXPORT_FORMAT = "trident.export"
+# The part of export metadata a client needs (the rest of metadata.json is about how the export was made). The
+# exporter writes these keys, the repository builder puts them in each model's `trident_metadata` parameter, and
+# every backend hands them to the client.
+CLIENT_METADATA_KEYS = ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "latent_dim",
+                        "class_centroids", "conditional")
+
+
+def client_view(info: dict) -> dict:
+    """The client metadata keys of an export's (or a served model's) metadata, in CLIENT_METADATA_KEYS order."""
+    return {key: info[key] for key in CLIENT_METADATA_KEYS if key in info}
 
 
 class ExportMetadataError(RuntimeError):

@@ -1,29 +1,34 @@
 """Triton Python-backend model: one exported graph served from static-batch ONNX Runtime sessions.
 
-`trident serve build` copies this file to ``<model>/1/model.py`` next to the graph's ``<graph>_b<N>.onnx`` files, so
-the repository runs in any Triton with the Python backend, trident installed or not. It therefore imports only json,
-os, numpy, onnxruntime and triton_python_backend_utils, and learns everything (tensor names, dtypes, buckets, files,
-valid input ranges, threads, execution provider) from its own model configuration.
+`trident serve build` copies this file to ``<model>/1/model.py`` next to the graph's ``<graph>_b<N>.onnx`` files and
+serving/ort_runner.py (as ``ort_runner.py``), so the repository runs in any Triton with the Python backend, trident
+installed or not. It therefore imports only json, os, sys, numpy, onnxruntime, triton_python_backend_utils and that
+sibling, and learns everything (tensor names, dtypes, buckets, files, valid input ranges, threads, row shards,
+execution provider) from its own model configuration.
 
 execute() serves a dynamic batch of requests:
   1. check each request on its own; a bad one gets an error response, the others go on;
-  2. concatenate the good ones on axis 0 and run them in bucket-sized chunks (the smallest bucket that holds the
-     remaining rows, or the largest bucket while more rows remain), zero-padding the last chunk (zero is a valid
-     timestep and class label, and every graph is per-row independent, so padding never changes a real row);
-  3. drop the padding and split the outputs back per request, in order.
+  2. concatenate the good ones on axis 0 and run them with ort_runner.BucketRunner: bucket-sized chunks, the last
+     one zero-padded (padding never changes a real row), split into concurrent row shards on the CPU;
+  3. split the outputs back per request, in order.
 """
 
 import json
 import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ort_runner import BucketRunner  # noqa: E402  (the sibling copied in by `trident serve build`)
+
 # Keys of the model configuration's `parameters` written by trident.serving.repository.
 P_FILES = "trident_onnx_files"  # JSON {bucket: file name in the version directory}
 P_RANGES = "trident_input_ranges"  # JSON {input name: {"low": a, "high": b, "hint": "..."}}, valid is low <= x < high
 P_THREADS = "intra_op_num_threads"
+P_SHARDS = "row_shards"  # concurrent row shards on the CPU (0: one per core, 1: off)
 P_PROVIDER = "execution_provider"  # "cpu" or "cuda"
 
 
@@ -46,10 +51,6 @@ class TritonPythonModel:
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(params.get(P_THREADS, "0"))  # 0: ONNX Runtime default
-        options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         if params.get(P_PROVIDER, "cpu") == "cuda":
             if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -62,15 +63,13 @@ class TritonPythonModel:
                 )
 
         directory = os.path.join(args["model_repository"], args["model_version"])
-        files = json.loads(params[P_FILES])
-        self.sessions = {}  # bucket -> InferenceSession with batch axis fixed to that bucket
-        for bucket, file in files.items():
-            self.sessions[int(bucket)] = ort.InferenceSession(
-                os.path.join(directory, file), options, providers=providers
-            )
-        self.buckets = sorted(self.sessions)
+        files = {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[P_FILES]).items()}
+        self.runner = BucketRunner(files, threads=int(params.get(P_THREADS, "0")),
+                                   row_shards=int(params.get(P_SHARDS, "0")), providers=providers)
+        self.runner.warm()  # every session, including those the config's bucket-sized warm-up requests skip
+        self.buckets = self.runner.buckets
         # Per-item shapes as the graphs see them (after Triton's reshape: a [1] scalar in the config is () here).
-        any_session = self.sessions[self.buckets[0]]
+        any_session = self.runner.sessions[self.buckets[0]]
         self.item_shapes = {i.name: tuple(i.shape[1:]) for i in any_session.get_inputs()}
         expected = [name for name, _ in self.inputs]
         if sorted(self.item_shapes) != sorted(expected):
@@ -115,26 +114,6 @@ class TritonPythonModel:
             arrays[name] = array
         return arrays, rows
 
-    # -- a batch of rows ------------------------------------------------------------------------------------------
-
-    def _run(self, batch, rows):
-        """Run `rows` rows through the bucket sessions; returns {output name: (rows, ...)}."""
-        names = [name for name, _ in self.outputs]
-        chunks, start = [], 0
-        while start < rows:
-            remaining = rows - start
-            bucket = next((b for b in self.buckets if b >= remaining), self.buckets[-1])
-            take = min(bucket, remaining)
-            feed = {}
-            for name, array in batch.items():
-                part = array[start:start + take]
-                if take < bucket:  # zero rows: valid for every input, never returned
-                    part = np.concatenate([part, np.zeros((bucket - take, *part.shape[1:]), part.dtype)])
-                feed[name] = part
-            chunks.append([out[:take] for out in self.sessions[bucket].run(names, feed)])
-            start += take
-        return {name: np.concatenate([c[k] for c in chunks]) for k, name in enumerate(names)}
-
     def execute(self, requests):
         responses = [None] * len(requests)
         good = []  # (index, arrays, rows) of requests that passed their checks
@@ -149,9 +128,8 @@ class TritonPythonModel:
             return responses
 
         batch = {name: np.concatenate([arrays[name] for _, arrays, _ in good]) for name, _ in self.inputs}
-        total = sum(rows for _, _, rows in good)
         try:
-            results = self._run(batch, total)
+            results = self.runner.run(batch)
         except Exception as failure:  # ORT failed: every request of this batch learns why, the server stays up
             for index, _, _ in good:
                 responses[index] = pb_utils.InferenceResponse(
@@ -168,4 +146,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        self.sessions = {}
+        self.runner.close()

@@ -11,7 +11,7 @@ import pytest
 
 from trident.benchmarks import metrics, report
 
-ITEMS = ("peak", "step", "cfg", "e2e", "peer", "concurrency", "oneshot")
+ITEMS = ("peak", "step", "cfg", "e2e", "loop", "peer", "concurrency", "oneshot")
 
 PROMETHEUS = """\
 # HELP nv_inference_count Number of inferences performed
@@ -63,8 +63,9 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
     measured = {b["extra_info"].get("item") for b in data["benchmarks"]}
     assert measured == set(ITEMS), f"missing items: {set(ITEMS) - measured}"
     text = (out / "report.md").read_text()
-    for heading in ("## Targets", "## 1. One U-Net step", "## 2. Batched CFG", "## 3. End-to-end", "## 4. Peer",
-                    "## 5. Concurrent", "## 6. GAN"):
+    for heading in ("## Targets", "## 1. One U-Net step", "## 2. Batched CFG", "## 3. End-to-end", "### 3b. Where",
+                    "## 4. Peer", "## 5. Concurrent", "## 6. GAN"):
         assert heading in text
     assert "**Smoke run**" in text and text.count("| n/a |") == 0
+    assert "ORT, row shards off ms" in text and "row shards on vs off" in text  # the before/after of row shards
     assert {p.name for p in out.glob("*.png")} == {"step.png", "sampling.png", "peer.png", "concurrency.png"}

@@ -1,6 +1,7 @@
 """Client SDK end to end: the sampler over a real embedded Triton server (HTTP, gRPC) vs in-process ONNX Runtime."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from trident.serving import sampling
-from trident.serving.backends import (InvalidArgumentError, ModelNotReadyError, OnnxRuntimeBackend,
-                                      ServerUnreachableError, plan_chunks)
+from trident.serving.backends import (InferenceError, InvalidArgumentError, ModelNotReadyError, OnnxRuntimeBackend,
+                                      ServerUnreachableError)
 from trident.serving.client import MAX_IMAGES, TridentClient
 from trident.serving.repository import build_repository
 from trident.serving.server import ServerConfig, TritonServer, free_port
@@ -84,6 +85,75 @@ def test_triton_splits_batches_larger_than_max_batch(triton_client, ort_client):
     n = triton_client.backend.max_batch[UNET] * 2 + 1  # 2B rows per step exceed it several times over
     a = triton_client.sample(list(np.arange(n) % 10), steps=2, seed=1, raw=True)
     np.testing.assert_allclose(a, ort_client.sample(list(np.arange(n) % 10), steps=2, seed=1, raw=True), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Server-side sampling loop (diffusion_sampler): one request per batch, the same images as the client loop
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.server
+@pytest.mark.parametrize("kw", [
+    dict(classes=["sneaker", "bag", 0], sampler="dpmpp-2m", steps=5, seed=7),
+    dict(classes=None, n=2, sampler="ddim", steps=4, eta=0.5, seed=3),                   # unconditional, step noise
+    dict(classes=[3], n=2, sampler="ddpm", steps=3, guidance=1.0, seed=1),              # no guidance
+    dict(classes=[1, 2], sampler="ddim", steps=3, spacing="trailing", seed=None),       # a random seed, sent along
+], ids=["dpmpp-cfg", "ddim-uncond-eta", "ddpm-no-guidance", "ddim-trailing"])
+def test_server_loop_draws_what_the_client_loop_draws_in_one_request(triton_client, ort_client, kw):
+    server = triton_client.sample(**kw, raw=True, loop="server")
+    assert triton_client.last_stats.calls == 1 and triton_client.last_stats.rows == len(server)
+    if kw["seed"] is None:  # fresh noise each call: only shape and range can be compared
+        assert server.shape == (2, 1, 28, 28) and np.all(np.isfinite(server)) and np.abs(server).max() <= 1 + 1e-6
+        return
+    client = ort_client.sample(**kw, raw=True)
+    assert server.shape == client.shape and server.dtype == np.float32
+    np.testing.assert_allclose(server, client, atol=1e-4)
+
+
+@pytest.mark.server
+def test_server_loop_rejects_bad_arguments_and_keeps_serving(triton_client, server):
+    with pytest.raises(InvalidArgumentError, match="progress and callback need loop='client'"):
+        triton_client.sample([1], steps=2, loop="server", callback=lambda *a: True)
+    with pytest.raises(InvalidArgumentError, match="loop must be one of"):
+        triton_client.sample([1], steps=2, loop="elsewhere")
+    with pytest.raises(InvalidArgumentError, match=re.escape("seed must be an integer in [0, 2**63)")):
+        triton_client.sample([1], steps=2, loop="server", seed=2 ** 63)
+    # Requests the client would refuse, sent straight to the model: each gets an error naming the problem.
+    backend = triton_client.backend
+    good = {"class_label": np.array([1, 2], np.int64), "seed": np.array([0], np.int64),
+            "steps": np.array([2], np.int64), "guidance": np.array([3.0], np.float64),
+            "eta": np.array([0.0], np.float64), "sampler": np.array([b"ddim"], dtype=object),
+            "spacing": np.array([b""], dtype=object)}
+    bad = {"sampler must be one of": {"sampler": np.array([b"euler"], dtype=object)},
+           "labels must lie in": {"class_label": np.array([1, 99], np.int64)},
+           "steps must be an integer": {"steps": np.array([0], np.int64)},
+           "guidance_scale must be a finite number": {"guidance": np.array([np.nan], np.float64)},
+           "eta=0.5 applies to the 'ddim' sampler only": {"eta": np.array([0.5], np.float64),
+                                                          "sampler": np.array([b"ddpm"], dtype=object)},
+           "seed must be >= 0": {"seed": np.array([-1], np.int64)},
+           "must hold 1 to": {"class_label": np.zeros(backend.sampler_loop["max_images"] + 1, np.int64)}}
+    for message, change in bad.items():
+        with pytest.raises(InferenceError, match=re.escape(message)):
+            backend.run_sampler({**good, **change})
+    assert backend.run_sampler(good).shape == (2, 1, 28, 28)  # still serving
+
+
+def test_server_loop_needs_a_triton_server(ort_client):
+    with pytest.raises(InvalidArgumentError, match="needs a Triton server"):
+        ort_client.sample([1], steps=2, loop="server")
+
+
+@pytest.mark.server
+def test_server_without_the_sampler_model_says_how_to_get_it(export_dirs, tmp_path):
+    repo = tmp_path / "model_repository"
+    build_repository([export_dirs["diffusion"]], repo, sampler=False)
+    assert not (repo / "diffusion_sampler").exists()
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+        with TridentClient.connect(srv.grpc_url, "grpc") as client:
+            assert client.sample([1], steps=2).shape == (1, 28, 28, 1)  # the client loop still works
+            with pytest.raises(ModelNotReadyError, match="without --no-sampler"):
+                client.sample([1], steps=2, loop="server")
+        with pytest.raises(ModelNotReadyError, match="has no 'diffusion_sampler' model"):  # asked for by name
+            TridentClient.connect(srv.grpc_url, "grpc", models=(UNET, "diffusion_sampler"))
 
 
 def test_torch_backend_agrees_with_onnxruntime(checkpoints, ort_client):
@@ -214,12 +284,6 @@ def test_stopped_server_gives_unreachable_error_within_timeout(export_dirs, tmp_
     with pytest.raises(ServerUnreachableError):
         client.generate_vae(2)
     assert time.monotonic() - t0 < 10
-
-
-def test_plan_chunks_uses_largest_bucket_then_smallest_fitting():
-    assert plan_chunks(9, (1, 4)) == [(0, 4, 4), (4, 8, 4), (8, 9, 1)]
-    assert plan_chunks(3, (2, 8, 32)) == [(0, 3, 8)]
-    assert plan_chunks(70, (2, 8, 32)) == [(0, 32, 32), (32, 64, 32), (64, 70, 8)]
 
 
 def test_save_grid_writes_png_atomically(ort_client, tmp_path):

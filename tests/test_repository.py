@@ -32,7 +32,8 @@ from trident.serving.repository import (
     main,
     to_pbtxt,
 )
-from trident.serving.spec import GRAPHS_OF_KIND, KIND_OF_GRAPH, GraphSpec, TensorSpec, graph_spec_from_meta
+from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLER, UNET, GraphSpec, TensorSpec,
+                                  graph_spec_from_meta)
 
 GRAPHS = tuple(KIND_OF_GRAPH)
 # The served repository lets one execute() hold two largest buckets, so requests above the largest bucket (and
@@ -132,7 +133,9 @@ def oracle(export_dirs) -> Oracle:
 @pytest.fixture(scope="module")
 def repository(export_dirs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("served") / "model_repository"
-    build_repository(list(export_dirs.values()), out, max_batch_size=SERVED_MAX_BATCH)
+    # row_shards=2: the served models split batches of 2+ rows over two sessions whatever the machine's core count,
+    # so every served test below also checks the sharded path against the one-row-at-a-time oracle.
+    build_repository(list(export_dirs.values()), out, max_batch_size=SERVED_MAX_BATCH, row_shards=2)
     return out
 
 
@@ -284,18 +287,27 @@ def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
 
 
 def test_build_repository_writes_self_contained_models_when_embedded(repository, metas):
-    assert json.loads((repository / MARKER).read_text())["models"] == sorted(GRAPHS)
-    for graph, meta in metas.items():
+    assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, SAMPLER))
+    allowed = {"json", "os", "sys", "concurrent", "numpy", "onnxruntime", "triton_python_backend_utils",
+               "ort_runner", "sampling", "__future__", "math", "dataclasses", "functools", "typing",
+               "tqdm"}  # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
+    code = {graph: ("model.py", "ort_runner.py") for graph in metas}
+    # the server-side loop runs the U-Net graphs with the sampler math next to it
+    code[SAMPLER] = ("model.py", "ort_runner.py", "sampling.py")
+    for graph, files in code.items():
+        meta = metas.get(graph, metas[UNET])
         version = repository / graph / "1"
-        for n in meta["graphs"][graph]["buckets"]:
-            entry = meta["graphs"][graph]["fp32"][str(n)]
+        graph_entry = meta["graphs"][UNET if graph == SAMPLER else graph]
+        for n in graph_entry["buckets"]:
+            entry = graph_entry["fp32"][str(n)]
             assert hashlib.sha256((version / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
-        # model.py must run where trident is not installed: only these imports.
-        tree = ast.parse((version / "model.py").read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                    for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        assert imported <= {"json", "os", "numpy", "onnxruntime", "triton_python_backend_utils"}, imported
+        # the code must run where trident is not installed: only these imports.
+        for file in files:
+            tree = ast.parse((version / file).read_text())
+            imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                        for alias in node.names}
+            imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert imported <= allowed, (graph, file, imported - allowed)
 
 
 def tree_snapshot(root: Path) -> dict[str, str]:
@@ -406,6 +418,9 @@ def unet_model(repository, metas, monkeypatch):
 
     pb = fake_pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    # model.py puts its folder first on sys.path and imports its sibling ort_runner: undo both afterwards
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("ort_runner", None)
     path = repository / "diffusion_unet" / "1" / "model.py"
     module_spec = importlib.util.spec_from_file_location("served_unet_model_py", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -416,7 +431,9 @@ def unet_model(repository, metas, monkeypatch):
     model.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
                       "model_repository": str(repository / "diffusion_unet"), "model_version": "1",
                       "model_instance_kind": "CPU", "model_instance_device_id": "0"})
-    return model, pb
+    yield model, pb
+    model.finalize()
+    sys.modules.pop("ort_runner", None)
 
 
 def as_request(pb, spec: GraphSpec, arrays: list[np.ndarray]) -> dict:
@@ -424,19 +441,24 @@ def as_request(pb, spec: GraphSpec, arrays: list[np.ndarray]) -> dict:
 
 
 def test_execute_runs_smallest_bucket_holding_the_rest_or_largest_when_rows_exceed_it(unet_model, specs, metas):
+    """Buckets (1, 4) and row_shards=2: a batch is split in two concurrent halves unless the halves would pad to
+    more rows than the whole batch; each part runs the smallest bucket holding its rest."""
     model, pb = unet_model
     spec = specs["diffusion_unet"]
-    runs: list[int] = []
-    for bucket, session in model.sessions.items():
-        original = session.run
-        model.sessions[bucket] = types.SimpleNamespace(
-            run=lambda names, feed, _run=original, _b=bucket: (runs.append(_b), _run(names, feed))[1])
+    runs: list[tuple[str, int]] = []
+    for where, sessions in (("whole", model.runner.sessions), ("shard", model.runner.shard_sessions)):
+        for bucket, session in list(sessions.items()):
+            sessions[bucket] = types.SimpleNamespace(
+                run=lambda names, feed, _run=session.run, _w=where, _b=bucket: (runs.append((_w, _b)),
+                                                                                 _run(names, feed))[1])
     plans = {}
     for rows in (1, 2, 4, 5, 7, 9):
         runs.clear()
         model.execute([as_request(pb, spec, valid_inputs(spec, metas["diffusion_unet"], rows, seed=rows))])
-        plans[rows] = list(runs)
-    assert plans == {1: [1], 2: [4], 4: [4], 5: [4, 1], 7: [4, 4], 9: [4, 4, 1]}
+        plans[rows] = sorted(runs)
+    assert plans == {1: [("whole", 1)], 2: [("shard", 1), ("shard", 1)], 4: [("whole", 4)],
+                     5: [("whole", 1), ("whole", 4)], 7: [("shard", 4), ("shard", 4)],
+                     9: [("shard", 1), ("shard", 4), ("shard", 4)]}
 
 
 def test_execute_fails_only_bad_requests_when_batched_with_good_ones(unet_model, specs, metas, oracle):
@@ -523,8 +545,8 @@ def url(served: Served, protocol: str) -> str:
 def test_server_reports_every_model_ready_when_repository_built(served):
     with triton_client("http", served.server.http_url) as client:
         assert client.is_server_ready()
-        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted(GRAPHS)
-        assert all(client.is_model_ready(graph) for graph in GRAPHS)
+        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted((*GRAPHS, SAMPLER))
+        assert all(client.is_model_ready(graph) for graph in (*GRAPHS, SAMPLER))
 
 
 @pytest.mark.server

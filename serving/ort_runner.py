@@ -1,0 +1,160 @@
+"""Static-batch ONNX Runtime execution: bucket chunks, zero padding and row-parallel shards.
+
+One class, BucketRunner, runs N rows through graphs exported at fixed batch sizes ("buckets"). Both the in-process
+backend (serving/backends.py) and the Triton Python-backend model (serving/triton_model.py) use it, so the two run
+the same code. `trident serve build` copies this file next to the model's model.py; it therefore imports only os,
+concurrent.futures, numpy and (when a runner is made) onnxruntime, so the client SDK can use plan_chunks without it.
+
+Chunks: the largest bucket while more rows remain than it holds, then the smallest bucket that holds the rest; the
+last chunk is zero-padded (zero is a valid timestep, class label and latent, and every served network treats rows
+independently, so padding never changes a real row) and the padding is dropped from the outputs.
+
+Row shards (CPU): on a few cores, one single-threaded run per core on its own rows beats one run whose intra-op
+threads share each operator: small convolutions split poorly across threads. Measured on the shipped U-Net, 2 cores:
+two 1-thread runs of half the rows were 1.06x-1.3x faster than one 2-thread run at 2-32 rows, while a single row ran
+1.4x faster with both threads (benchmarks/results/optimizations.md). So a call with two or more rows is split into
+up to `row_shards` contiguous parts run concurrently on a second set of sessions with fewer threads each (one
+session per bucket, run by several worker threads at once: ONNX Runtime sessions are thread-safe and release the
+GIL), and a single row, or a split that would pad more rows than the whole call, runs on the whole-call sessions.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+CPU = "CPUExecutionProvider"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_chunks(n: int, buckets) -> list[tuple[int, int, int]]:
+    """Split n rows into (start, stop, bucket) chunks: the largest bucket while rows exceed it, then the smallest
+    bucket that fits the rest (padding fills bucket - (stop - start) rows)."""
+    buckets = sorted(int(b) for b in buckets)
+    chunks, start = [], 0
+    while start < n:
+        left = n - start
+        bucket = next((b for b in buckets if b >= left), buckets[-1])
+        stop = start + min(left, bucket)
+        chunks.append((start, stop, bucket))
+        start = stop
+    return chunks
+
+
+def padded_rows(n: int, buckets) -> int:
+    """Rows actually computed for n rows (the real ones plus padding)."""
+    return sum(bucket for _, _, bucket in plan_chunks(n, buckets))
+
+
+def plan_shards(n: int, shards: int, buckets) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) row ranges to run concurrently, one per shard; [(0, n)] when splitting does not pay.
+
+    Parts differ by at most one row. No split for a single row or shard, nor when the parts together would pad to
+    more rows than the whole call (e.g. 40 rows over buckets up to 32: 32 + 8 whole, but 2 x 20 pads to 2 x 32).
+    """
+    k = min(int(shards), int(n))
+    if k < 2:
+        return [(0, n)]
+    sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    if sum(padded_rows(s, buckets) for s in sizes) > padded_rows(n, buckets):
+        return [(0, n)]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = int(threads)  # 0: ONNX Runtime's default, one per physical core
+    options.inter_op_num_threads = 1
+    return options
+
+
+class BucketRunner:
+    """Sessions over one graph's bucket files; run() takes and returns any number of rows.
+
+    files       {bucket: path of the ONNX file fixed to that batch size}
+    threads     the CPU threads one call may use: intra-op threads of the whole-call sessions (0: ONNX Runtime's
+                default, one per physical core, counted here as the available cores)
+    row_shards  concurrent row shards (0: one per thread of `threads` on the CPU provider, 1 on any other provider,
+                whose device runs one call at a time); shard sessions have max(1, threads // row_shards) threads
+    providers   ONNX Runtime execution providers (default CPU)
+    """
+
+    def __init__(self, files: dict, *, threads: int = 0, row_shards: int = 0, providers=None):
+        import onnxruntime as ort
+
+        if not files:
+            raise ValueError("no bucket files given")
+        if int(threads) < 0 or int(row_shards) < 0:
+            raise ValueError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
+        self.providers = list(providers or [CPU])
+        cpu_only = all((p[0] if isinstance(p, tuple) else p) == CPU for p in self.providers)
+        budget = int(threads) or available_cores()
+        self.row_shards = int(row_shards) or (budget if cpu_only else 1)
+        files = {int(b): str(path) for b, path in files.items()}
+        self.buckets = sorted(files)
+        whole = session_options(threads)
+        self.sessions = {b: ort.InferenceSession(files[b], whole, providers=self.providers) for b in self.buckets}
+        first = self.sessions[self.buckets[0]]
+        self.input_names = [i.name for i in first.get_inputs()]
+        self.output_names = [o.name for o in first.get_outputs()]
+        self.shard_sessions, self._pool = None, None
+        if self.row_shards > 1:
+            per_shard = session_options(max(1, budget // self.row_shards))
+            self.shard_sessions = {b: ort.InferenceSession(files[b], per_shard, providers=self.providers)
+                                   for b in self.buckets}
+            self._pool = ThreadPoolExecutor(self.row_shards, thread_name_prefix="ort-shard")
+
+    def warm(self) -> None:
+        """Run every session once on zeros (valid for every input), so no request pays a session's first-run cost."""
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                 "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+        for sessions in (self.sessions, self.shard_sessions or {}):
+            for session in sessions.values():
+                session.run(None, {i.name: np.zeros(i.shape, types[i.type]) for i in session.get_inputs()})
+
+    def _run_rows(self, sessions: dict, feed: dict, start: int, stop: int) -> list[np.ndarray]:
+        outs = [[] for _ in self.output_names]
+        for a, b, bucket in plan_chunks(stop - start, self.buckets):
+            part = {}
+            for name, array in feed.items():
+                rows = array[start + a:start + b]
+                if b - a < bucket:
+                    rows = np.concatenate([rows, np.zeros((bucket - (b - a), *rows.shape[1:]), rows.dtype)])
+                part[name] = rows
+            for k, out in enumerate(sessions[bucket].run(self.output_names, part)):
+                outs[k].append(out[:b - a])
+        return [o[0] if len(o) == 1 else np.concatenate(o) for o in outs]
+
+    def run(self, feed: dict) -> dict[str, np.ndarray]:
+        """{input name: array (n, ...)} in the graph's dtypes -> {output name: array (n, ...)}, n >= 1."""
+        if not self.sessions:
+            raise RuntimeError("this BucketRunner is closed")
+        n = len(next(iter(feed.values())))
+        if n < 1:
+            raise ValueError("run needs at least one row")
+        shards = plan_shards(n, self.row_shards, self.buckets) if self._pool is not None else [(0, n)]
+        if len(shards) == 1:
+            outs = self._run_rows(self.sessions, feed, 0, n)
+        else:
+            futures = [self._pool.submit(self._run_rows, self.shard_sessions, feed, a, b) for a, b in shards]
+            parts = [f.result() for f in futures]
+            outs = [np.concatenate([p[k] for p in parts]) for k in range(len(self.output_names))]
+        return dict(zip(self.output_names, outs))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.sessions, self.shard_sessions = {}, None

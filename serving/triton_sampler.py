@@ -1,0 +1,144 @@
+"""Triton Python-backend model: the whole diffusion sampling loop on the server, one request per batch of images.
+
+`trident serve build` copies this file to ``diffusion_sampler/1/model.py`` with serving/sampling.py (as
+``sampling.py``), serving/ort_runner.py (as ``ort_runner.py``) and the U-Net's ``diffusion_unet_b<N>.onnx`` files,
+so it runs in any Triton with the Python backend, trident installed or not.
+
+A request carries what TridentClient.sample takes (class labels, seed, steps, guidance, eta, sampler, spacing; see
+spec.sampler_spec); the model runs sampling.sample_progressive with the U-Net called in-process through
+ort_runner.BucketRunner (the same code as the diffusion_unet model and the client's in-process backend), and answers
+the last step's x_0 estimate. The client loop pays one request per step; this pays one per batch of images.
+Requests of one execute() call run one after another; a bad one gets an error response, the others go on.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sampling  # noqa: E402  (siblings copied in by `trident serve build`)
+from ort_runner import BucketRunner  # noqa: E402
+
+# Keys of the model configuration's `parameters` written by trident.serving.repository.
+P_FILES = "trident_onnx_files"
+P_THREADS = "intra_op_num_threads"
+P_SHARDS = "row_shards"
+P_PROVIDER = "execution_provider"
+P_MAX_IMAGES = "trident_max_images"
+P_METADATA = "trident_metadata"
+P_UNET_IO = "trident_unet_io"  # JSON [sample, timestep, class_label, noise_pred] tensor names of the U-Net graphs
+
+
+class InvalidRequest(ValueError):
+    """A request this model cannot serve; its message goes back to the client."""
+
+
+def _error(message):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        meta = json.loads(params[P_METADATA])
+        self.schedule = sampling.NoiseSchedule.from_dict(meta["schedule"])
+        self.null_class = int(meta["null_class"])
+        image = meta["image"]
+        self.image_shape = (int(image["channels"]), int(image["height"]), int(image["width"]))
+        self.max_images = int(params[P_MAX_IMAGES])
+        self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P_UNET_IO])
+        self.output_name = config["output"][0]["name"]
+
+        providers = ["CPUExecutionProvider"]
+        if params.get(P_PROVIDER, "cpu") == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                device = int(args.get("model_instance_device_id", "0"))
+                providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+            else:
+                pb_utils.Logger.log_warn(f"{self.name}: the CUDA execution provider was requested but this "
+                                         f"onnxruntime has only {ort.get_available_providers()}; sampling on CPU.")
+        directory = os.path.join(args["model_repository"], args["model_version"])
+        files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P_FILES]).items()}
+        self.runner = BucketRunner(files, threads=int(params.get(P_THREADS, "0")),
+                                   row_shards=int(params.get(P_SHARDS, "0")), providers=providers)
+        self.runner.warm()  # not batched by Triton, so no model_warmup in the config: warm every session here
+
+    def _eps(self, x, t, y):
+        feed = {self.sample_name: np.ascontiguousarray(x, dtype=np.float32),
+                self.timestep_name: np.ascontiguousarray(t, dtype=np.float32),
+                self.label_name: np.ascontiguousarray(y, dtype=np.int64)}
+        return self.runner.run(feed)[self.eps_name]
+
+    # -- one request ----------------------------------------------------------------------------------------------
+
+    def _scalar(self, request, name, kind):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise InvalidRequest(f"{self.name}: input '{name}' is missing")
+        array = tensor.as_numpy()
+        if array.size != 1:
+            raise InvalidRequest(f"{self.name}: input '{name}' must hold one value, got shape {list(array.shape)}")
+        value = array.reshape(-1)[0]
+        if kind is str:
+            return (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).strip()
+        return kind(value)
+
+    def _read(self, request):
+        labels = pb_utils.get_input_tensor_by_name(request, "class_label")
+        if labels is None:
+            raise InvalidRequest(f"{self.name}: input 'class_label' is missing")
+        labels = labels.as_numpy().reshape(-1).astype(np.int64)
+        if not 1 <= labels.size <= self.max_images:
+            raise InvalidRequest(f"{self.name}: 'class_label' must hold 1 to {self.max_images} labels (one per "
+                                 f"image), got {labels.size}")
+        steps, seed = self._scalar(request, "steps", int), self._scalar(request, "seed", int)
+        guidance, eta = self._scalar(request, "guidance", float), self._scalar(request, "eta", float)
+        sampler, spacing = self._scalar(request, "sampler", str), self._scalar(request, "spacing", str)
+        if seed < 0:
+            raise InvalidRequest(f"{self.name}: seed must be >= 0, got {seed}")
+        unconditional = bool(np.all(labels == self.null_class))
+        return dict(count=int(labels.size), labels=None if unconditional else labels, steps=steps, seed=seed, guidance=guidance, eta=eta,
+                    sampler=sampler, spacing=spacing or None)
+
+    def _sample(self, a, request):
+        shape = (a["count"], *self.image_shape)
+        # Stop between steps when the client gave up (gRPC cancellation or deadline), where this Triton tells us.
+        is_cancelled = getattr(request, "is_cancelled", None)
+        callback = (lambda i, t, x, x0: not is_cancelled()) if callable(is_cancelled) else None
+        try:
+            steps = sampling.sample_progressive(
+                self._eps, shape, a["labels"], schedule=self.schedule, sampler=a["sampler"], steps=a["steps"],
+                guidance_scale=a["guidance"], null_class=self.null_class, eta=a["eta"], spacing=a["spacing"],
+                seed=a["seed"], callback=callback)
+        except ValueError as e:  # an argument out of range: sample_progressive checks before any U-Net call
+            raise InvalidRequest(f"{self.name}: {e}") from None
+        try:
+            return sampling.last_estimate(steps)
+        except sampling.SamplingCancelled as c:
+            raise InvalidRequest(f"{self.name}: the request was cancelled after step {c.index + 1}") from None
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                images = self._sample(self._read(request), request)
+            except InvalidRequest as invalid:
+                responses.append(_error(str(invalid)))
+                continue
+            except Exception as failure:  # ONNX Runtime or numpy failed: this request learns why, the server stays up
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"{self.name}: sampling failed: {failure}")))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, images)]))
+        return responses
+
+    def finalize(self):
+        self.runner.close()

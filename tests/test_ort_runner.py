@@ -1,0 +1,100 @@
+"""serving/ort_runner.py: bucket chunks and row-parallel shards give the same rows as one whole-batch run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trident.serving.ort_runner import BucketRunner, padded_rows, plan_chunks, plan_shards
+from trident.serving.spec import UNET, graph_spec_from_meta, load_export_metadata
+
+ALL = (1, 2, 4, 8, 16, 32)
+
+
+def test_plan_shards_splits_evenly_when_padding_does_not_grow():
+    assert plan_shards(1, 2, ALL) == [(0, 1)]                       # one row: the multi-threaded sessions
+    assert plan_shards(2, 2, ALL) == [(0, 1), (1, 2)]
+    assert plan_shards(8, 2, ALL) == [(0, 4), (4, 8)]
+    assert plan_shards(5, 3, ALL) == [(0, 2), (2, 4), (4, 5)]       # parts differ by at most one row
+    assert plan_shards(3, 8, (1,)) == [(0, 1), (1, 2), (2, 3)]      # never more parts than rows
+    assert plan_shards(8, 1, ALL) == [(0, 8)]                       # one shard: no split
+
+
+def test_plan_shards_keeps_a_call_whole_when_the_parts_would_pad_more():
+    assert padded_rows(40, ALL) == 40 and padded_rows(20, ALL) == 32
+    assert plan_shards(40, 2, ALL) == [(0, 40)]                     # 32 + 8 whole; 2 x 20 would pad to 2 x 32
+    assert plan_shards(3, 2, (1, 4)) == [(0, 3)]                    # 3 -> 4 whole; 2 + 1 -> 4 + 1
+
+
+def test_plan_chunks_uses_largest_bucket_then_smallest_fitting():
+    assert plan_chunks(9, (1, 4)) == [(0, 4, 4), (4, 8, 4), (8, 9, 1)]
+    assert plan_chunks(3, (2, 8, 32)) == [(0, 3, 8)]
+    assert plan_chunks(70, (2, 8, 32)) == [(0, 32, 32), (32, 64, 32), (64, 70, 8)]
+
+
+@pytest.fixture(scope="module")
+def unet_files(export_dirs):
+    meta = load_export_metadata(export_dirs["diffusion"])
+    files = {int(b): export_dirs["diffusion"] / f["file"] for b, f in meta["graphs"][UNET]["fp32"].items()}
+    return files, graph_spec_from_meta(UNET, meta)
+
+
+def _feed(spec, n, seed):
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal((n, *spec.input("sample").shape)).astype(np.float32),
+            "timestep": rng.integers(0, 1000, n).astype(np.float32),
+            "class_label": rng.integers(0, 11, n).astype(np.int64)}
+
+
+def test_sharded_runs_equal_whole_runs_row_for_row(unet_files):
+    files, spec = unet_files
+    whole = BucketRunner(files, threads=1, row_shards=1)
+    sharded = BucketRunner(files, threads=2, row_shards=2)
+    sharded.warm()  # runs every session of both sets on zeros
+    seen = []
+    run_rows = sharded._run_rows
+
+    def recording(sessions, feed, start, stop):
+        seen.append((sessions is sharded.shard_sessions, start, stop))
+        return run_rows(sessions, feed, start, stop)
+
+    sharded._run_rows = recording
+    # which rows each call ran where, with buckets (1, 4): (on the shard sessions?, start, stop)
+    expected = {1: [(False, 0, 1)], 2: [(True, 0, 1), (True, 1, 2)], 3: [(False, 0, 3)], 5: [(False, 0, 5)],
+                6: [(True, 0, 3), (True, 3, 6)], 8: [(True, 0, 4), (True, 4, 8)], 9: [(True, 0, 5), (True, 5, 9)]}
+    try:
+        for n, where in expected.items():
+            seen.clear()
+            feed = _feed(spec, n, seed=n)
+            want, got = whole.run(feed), sharded.run(feed)
+            assert list(got) == ["noise_pred"] and got["noise_pred"].shape == (n, *spec.outputs[0].shape)
+            np.testing.assert_allclose(got["noise_pred"], want["noise_pred"], rtol=0, atol=1e-5)
+            assert sorted(seen) == where, (n, seen)
+    finally:
+        whole.close()
+        sharded.close()
+
+
+def test_row_shards_default_to_the_cores_on_cpu_and_one_elsewhere(unet_files):
+    files, _ = unet_files
+    from trident.serving.ort_runner import available_cores
+
+    runner = BucketRunner({1: files[1]})
+    try:
+        assert runner.row_shards == available_cores()
+        assert (runner.shard_sessions is None) == (available_cores() == 1)
+    finally:
+        runner.close()
+        runner.close()  # closing twice is harmless
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.run({"sample": np.zeros((1, 1, 28, 28), np.float32)})
+    one_thread = BucketRunner({1: files[1]}, threads=1)  # a one-thread budget: no shards
+    assert one_thread.row_shards == 1 and one_thread.shard_sessions is None
+    one_thread.close()
+
+
+def test_runner_rejects_bad_settings(unet_files):
+    files, _ = unet_files
+    with pytest.raises(ValueError, match="no bucket files"):
+        BucketRunner({})
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BucketRunner(files, row_shards=-1)
