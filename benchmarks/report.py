@@ -485,8 +485,10 @@ def _machine(data) -> list[str]:
         f"Python {mi.get('python_version', '?')}",
         f"- Load average (1, 5, 15 min) at start: {load_start}; at end: {load_end} (other work on the machine "
         "slows every backend alike, but not necessarily by the same factor)",
-        f"- Device {s.get('device', '?')}; {s.get('threads', '?')} intra-op thread(s) for every backend (torch, ORT "
-        f"in-process, each Triton model instance) and for the matmul peak; buckets {s.get('buckets', '?')}; "
+        f"- Device {s.get('device', '?')}; {s.get('threads', '?')} thread(s) per call for every backend (torch's "
+        f"intra-op threads; ORT in-process and each Triton model instance: that many intra-op threads for one row, "
+        f"that many single-threaded row shards for more, see item 1) and for the matmul peak; buckets "
+        f"{s.get('buckets', '?')}; "
         f"Triton protocol of items 2-6: {s.get('protocol', '?')}; guidance {s.get('guidance', '?')}",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- Checkpoints (sha256[:12]): {ckpts}",
