@@ -70,6 +70,20 @@ def plan_shards(n: int, shards: int, buckets) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def execution_providers(device: str, device_id: int = 0) -> tuple[list, str | None]:
+    """ONNX Runtime providers for a served model's `execution_provider` parameter ("cpu" or "cuda"), and a warning
+    when CUDA was asked for but this onnxruntime cannot run it (the model then serves on the CPU)."""
+    import onnxruntime as ort
+
+    if device != "cuda":
+        return [CPU], None
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        return [CPU], (f"the CUDA execution provider was requested but this onnxruntime has only {available}; "
+                       "serving on CPU. Install onnxruntime-gpu to use the GPU.")
+    return [("CUDAExecutionProvider", {"device_id": int(device_id)}), CPU], None
+
+
 def session_options(threads: int):
     import onnxruntime as ort
 

@@ -2,8 +2,8 @@
 
 `trident serve build` copies this file to ``<model>/1/model.py`` next to the graph's ``<graph>_b<N>.onnx`` files and
 serving/ort_runner.py (as ``ort_runner.py``), so the repository runs in any Triton with the Python backend, trident
-installed or not. It therefore imports only json, os, sys, numpy, onnxruntime, triton_python_backend_utils and that
-sibling, and learns everything (tensor names, dtypes, buckets, files, valid input ranges, threads, row shards,
+installed or not. It therefore imports only json, os, sys, numpy, triton_python_backend_utils and that sibling (which
+needs onnxruntime), and learns everything (tensor names, dtypes, buckets, files, valid input ranges, threads, row shards,
 execution provider) from its own model configuration.
 
 execute() serves a dynamic batch of requests:
@@ -18,11 +18,10 @@ import os
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ort_runner import BucketRunner  # noqa: E402  (the sibling copied in by `trident serve build`)
+from ort_runner import BucketRunner, execution_providers  # noqa: E402  (the sibling copied in by `trident serve build`)
 
 # Keys of the model configuration's `parameters` written by trident.serving.repository.
 P_FILES = "trident_onnx_files"  # JSON {bucket: file name in the version directory}
@@ -51,16 +50,10 @@ class TritonPythonModel:
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
 
-        providers = ["CPUExecutionProvider"]
-        if params.get(P_PROVIDER, "cpu") == "cuda":
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                device = int(args.get("model_instance_device_id", "0"))
-                providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
-            else:
-                pb_utils.Logger.log_warn(
-                    f"{self.name}: the CUDA execution provider was requested but this onnxruntime has only "
-                    f"{ort.get_available_providers()}; serving on CPU. Install onnxruntime-gpu to use the GPU."
-                )
+        providers, warning = execution_providers(params.get(P_PROVIDER, "cpu"),
+                                                 int(args.get("model_instance_device_id", "0")))
+        if warning:
+            pb_utils.Logger.log_warn(f"{self.name}: {warning}")
 
         directory = os.path.join(args["model_repository"], args["model_version"])
         files = {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[P_FILES]).items()}

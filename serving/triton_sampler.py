@@ -16,12 +16,11 @@ import os
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sampling  # noqa: E402  (siblings copied in by `trident serve build`)
-from ort_runner import BucketRunner  # noqa: E402
+from ort_runner import BucketRunner, execution_providers  # noqa: E402
 
 # Keys of the model configuration's `parameters` written by trident.serving.repository.
 P_FILES = "trident_onnx_files"
@@ -57,14 +56,10 @@ class TritonPythonModel:
         self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P_UNET_IO])
         self.output_name = config["output"][0]["name"]
 
-        providers = ["CPUExecutionProvider"]
-        if params.get(P_PROVIDER, "cpu") == "cuda":
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                device = int(args.get("model_instance_device_id", "0"))
-                providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
-            else:
-                pb_utils.Logger.log_warn(f"{self.name}: the CUDA execution provider was requested but this "
-                                         f"onnxruntime has only {ort.get_available_providers()}; sampling on CPU.")
+        providers, warning = execution_providers(params.get(P_PROVIDER, "cpu"),
+                                                 int(args.get("model_instance_device_id", "0")))
+        if warning:
+            pb_utils.Logger.log_warn(f"{self.name}: {warning}")
         directory = os.path.join(args["model_repository"], args["model_version"])
         files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P_FILES]).items()}
         self.runner = BucketRunner(files, threads=int(params.get(P_THREADS, "0")),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trident.serving.ort_runner import BucketRunner, padded_rows, plan_chunks, plan_shards
+from trident.serving.ort_runner import BucketRunner, execution_providers, padded_rows, plan_chunks, plan_shards
 from trident.serving.spec import UNET, graph_spec_from_meta, load_export_metadata
 
 ALL = (1, 2, 4, 8, 16, 32)
@@ -98,3 +98,14 @@ def test_runner_rejects_bad_settings(unet_files):
         BucketRunner({})
     with pytest.raises(ValueError, match="must be >= 0"):
         BucketRunner(files, row_shards=-1)
+
+
+def test_execution_providers_fall_back_to_the_cpu_with_a_warning_when_cuda_is_missing():
+    import onnxruntime as ort
+
+    assert execution_providers("cpu") == (["CPUExecutionProvider"], None)
+    providers, warning = execution_providers("cuda", 1)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert providers[0] == ("CUDAExecutionProvider", {"device_id": 1}) and warning is None
+    else:
+        assert providers == ["CPUExecutionProvider"] and "onnxruntime-gpu" in warning
