@@ -267,6 +267,8 @@ class TritonBackend:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         inputs = []
         for t in spec.inputs:
+            if t.optional and t.name not in feed:
+                continue
             a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype)
             if batched:
                 # Per-item scalars (timestep, class_label) travel as (N, 1): Triton needs non-empty dims when

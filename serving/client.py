@@ -198,7 +198,9 @@ class TridentClient:
                 "seed": np.array([seed], np.int64), "steps": np.array([steps], np.int64),
                 "guidance": np.array([guidance], np.float64), "eta": np.array([eta], np.float64),
                 "sampler": np.array([sampler.encode()], dtype=object),
-                "spacing": np.array([(spacing or "").encode()], dtype=object)}
+                "spacing": np.array([(spacing or "").encode()], dtype=object),
+                # the server stops the loop when this client stops waiting (an HTTP timeout cancels nothing)
+                "max_seconds": np.array([self.backend.sample_timeout_s], np.float64)}
         t0 = time.perf_counter()
         x = self.backend.run_sampler(feed)
         self.last_stats.call_s.append(time.perf_counter() - t0)

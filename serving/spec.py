@@ -36,6 +36,7 @@ class TensorSpec:
     name: str
     dtype: str            # numpy dtype name: "float32", "int64", ...
     shape: tuple[int, ...]
+    optional: bool = False  # a request may leave it out (only inputs of the sampler model)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -55,7 +56,8 @@ class TensorSpec:
         return (n, *self.shape)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {**out, "optional": True} if self.optional else out
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,10 @@ def sampler_spec(image_shape: tuple[int, int, int]) -> GraphSpec:
                              TensorSpec("guidance", "float64", (1,)),     # 1: no guidance (float64, as the
                              TensorSpec("eta", "float64", (1,)),          # client loop uses); eta: DDIM only
                              TensorSpec("sampler", "bytes", (1,)),        # "ddpm", "ddim" or "dpmpp-2m"
-                             TensorSpec("spacing", "bytes", (1,))),       # "" = the sampler's default
+                             TensorSpec("spacing", "bytes", (1,)),        # "" = the sampler's default
+                             # stop (with an error) once the loop has run this long: the client's timeout, since
+                             # an HTTP client that gives up does not cancel the request; left out or 0 = no limit
+                             TensorSpec("max_seconds", "float64", (1,), optional=True)),
                      outputs=(TensorSpec("image", "float32", (-1, *img)),))  # x_0 estimate, float in value_range
 
 

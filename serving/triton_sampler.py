@@ -14,6 +14,7 @@ Requests of one execute() call run one after another; a bad one gets an error re
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -99,15 +100,29 @@ class TritonPythonModel:
         sampler, spacing = self._scalar(request, "sampler", str), self._scalar(request, "spacing", str)
         if seed < 0:
             raise InvalidRequest(f"{self.name}: seed must be >= 0, got {seed}")
+        max_seconds = 0.0
+        if pb_utils.get_input_tensor_by_name(request, "max_seconds") is not None:
+            max_seconds = self._scalar(request, "max_seconds", float)
+            if not max_seconds >= 0:  # also NaN
+                raise InvalidRequest(f"{self.name}: max_seconds must be >= 0 (0 = no limit), got {max_seconds}")
         unconditional = bool(np.all(labels == self.null_class))
-        return dict(count=int(labels.size), labels=None if unconditional else labels, steps=steps, seed=seed, guidance=guidance, eta=eta,
+        return dict(count=int(labels.size), max_seconds=max_seconds, labels=None if unconditional else labels,
+                    steps=steps, seed=seed, guidance=guidance, eta=eta,
                     sampler=sampler, spacing=spacing or None)
 
     def _sample(self, a, request):
         shape = (a["count"], *self.image_shape)
-        # Stop between steps when the client gave up (gRPC cancellation or deadline), where this Triton tells us.
+        # Stop between steps when the client gave up: gRPC cancels (and this Triton tells us); an HTTP client that
+        # times out does not, so the client also sends its timeout as max_seconds.
         is_cancelled = getattr(request, "is_cancelled", None)
-        callback = (lambda i, t, x, x0: not is_cancelled()) if callable(is_cancelled) else None
+        deadline = time.monotonic() + a["max_seconds"] if a["max_seconds"] > 0 else None
+
+        def callback(i, t, x, x0):
+            if deadline is not None and time.monotonic() > deadline:
+                raise InvalidRequest(f"{self.name}: stopped after step {i + 1} of {a['steps']}: the loop ran longer "
+                                     f"than max_seconds={a['max_seconds']:g}")
+            return not (callable(is_cancelled) and is_cancelled())
+
         try:
             steps = sampling.sample_progressive(
                 self._eps, shape, a["labels"], schedule=self.schedule, sampler=a["sampler"], steps=a["steps"],

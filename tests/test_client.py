@@ -130,11 +130,29 @@ def test_server_loop_rejects_bad_arguments_and_keeps_serving(triton_client, serv
            "eta=0.5 applies to the 'ddim' sampler only": {"eta": np.array([0.5], np.float64),
                                                           "sampler": np.array([b"ddpm"], dtype=object)},
            "seed must be >= 0": {"seed": np.array([-1], np.int64)},
+           "max_seconds must be >= 0": {"max_seconds": np.array([-1.0], np.float64)},
            "must hold 1 to": {"class_label": np.zeros(backend.sampler_loop["max_images"] + 1, np.int64)}}
     for message, change in bad.items():
         with pytest.raises(InferenceError, match=re.escape(message)):
             backend.run_sampler({**good, **change})
     assert backend.run_sampler(good).shape == (2, 1, 28, 28)  # still serving
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_loop_stops_when_the_client_stops_waiting(server, protocol):
+    """A client timeout ends the loop on the server too (gRPC cancels; HTTP sends max_seconds), so the next
+    request does not wait behind an abandoned DDPM-1000."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with TridentClient.connect(url, protocol, sample_timeout_s=1.0) as client:
+        t0 = time.monotonic()
+        with pytest.raises(InferenceError, match="no answer within sample_timeout_s=1"):
+            client.sample(list(np.arange(8) % 10), sampler="ddpm", steps=1000, loop="server")
+        assert time.monotonic() - t0 < 5
+    with TridentClient.connect(url, protocol) as client:
+        t0 = time.monotonic()
+        assert client.sample([1], steps=2, loop="server").shape == (1, 28, 28, 1)
+        assert time.monotonic() - t0 < 10, "the abandoned loop kept the sampler busy"
 
 
 def test_server_loop_needs_a_triton_server(ort_client):

@@ -289,7 +289,7 @@ def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
 def test_build_repository_writes_self_contained_models_when_embedded(repository, metas):
     assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, SAMPLER))
     allowed = {"json", "os", "sys", "concurrent", "numpy", "onnxruntime", "triton_python_backend_utils",
-               "ort_runner", "sampling", "__future__", "math", "dataclasses", "functools", "typing",
+               "ort_runner", "sampling", "__future__", "math", "time", "dataclasses", "functools", "typing",
                "tqdm"}  # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
     code = {graph: ("model.py", "ort_runner.py") for graph in metas}
     # the server-side loop runs the U-Net graphs with the sampler math next to it
