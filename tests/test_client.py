@@ -337,6 +337,11 @@ def test_sample_cli_writes_labelled_grid_and_prints_latency(server, tmp_path, ca
     assert Image.open(out).height == (2 * 30 + 2) * 2
     assert main(["--model", "gan", "--class", "all", "--n", "2", "--url", url, "--protocol", protocol,
                  "--out", str(tmp_path / "gan.png")]) == 0
+    server_loop = tmp_path / "server_loop.png"
+    assert main(["--model", "diffusion", "--class", "sneaker", "--class", "bag", "--n", "3", "--steps", "4",
+                 "--url", url, "--protocol", protocol, "--out", str(server_loop), "--loop", "server"]) == 0
+    assert "one request to the server-side loop (4 steps)" in capsys.readouterr().out
+    assert server_loop.read_bytes() == out.read_bytes()  # the same seed draws the same grid either way
 
 
 def test_sample_cli_reports_unknown_class_and_unreachable_server(tmp_path, capsys):
