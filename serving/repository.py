@@ -189,6 +189,22 @@ def _warmup(name: str, batch_size: int, io: list[dict]) -> dict:
             "inputs": {t["name"]: {"data_type": t["data_type"], "dims": t["dims"], "zero_data": True} for t in io}}
 
 
+def _bucket_runner_parameters(graph: str, entry: dict, *, gpu: bool, fp16: bool, intra_op_threads: int,
+                              row_shards: int) -> tuple[list[int], str, dict[str, str]]:
+    """(buckets, precision, parameters) of a Python-backend model that runs a graph's bucket files with
+    ort_runner.BucketRunner: the files, threads, row shards and execution provider its model.py reads."""
+    buckets = sorted(int(b) for b in entry["buckets"])
+    precision = "fp16" if fp16 else "fp32"
+    if fp16 and not entry.get("fp16"):
+        raise RepositoryError(f"{graph}: the export has no fp16 graphs; export with --fp16")
+    return buckets, precision, {
+        P_FILES: json.dumps({str(n): Path(entry[precision][str(n)]["file"]).name for n in buckets}),
+        P_THREADS: str(int(intra_op_threads)),
+        P_SHARDS: str(int(row_shards)),
+        P_PROVIDER: "cuda" if gpu else "cpu",
+    }
+
+
 def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None,
                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, gpu: bool = False, fp16: bool = False,
                     intra_op_threads: int = 0, row_shards: int = 0) -> dict:
@@ -198,22 +214,13 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
     several bucket runs.
     """
     spec, entry = _graph(meta, graph)
-    buckets = sorted(int(b) for b in entry["buckets"])
-    precision = "fp16" if fp16 else "fp32"
-    if fp16 and not entry.get("fp16"):
-        raise RepositoryError(f"{graph}: the export has no fp16 graphs; export with --fp16")
-    files = {str(n): Path(entry[precision][str(n)]["file"]).name for n in buckets}
+    buckets, precision, runtime = _bucket_runner_parameters(graph, entry, gpu=gpu, fp16=fp16,
+                                                            intra_op_threads=intra_op_threads, row_shards=row_shards)
     max_batch_size = buckets[-1] if max_batch_size is None else int(max_batch_size)
     if max_batch_size < 1:
         raise RepositoryError(f"max_batch_size must be >= 1, got {max_batch_size}")
     inputs = [_batched_io(t) for t in spec.inputs]
-    runtime = {
-        P_FILES: json.dumps(files),
-        P_RANGES: json.dumps(input_ranges(spec, meta)),
-        P_THREADS: str(int(intra_op_threads)),
-        P_SHARDS: str(int(row_shards)),
-        P_PROVIDER: "cuda" if gpu else "cpu",
-    }
+    runtime[P_RANGES] = json.dumps(input_ranges(spec, meta))
     return {
         "name": graph,
         "backend": "python",
@@ -235,20 +242,12 @@ def sampler_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_o
     Triton (max_batch_size 0, one request = one batch of images), its own ONNX Runtime sessions of the U-Net."""
     unet, entry = _graph(meta, UNET)
     spec = sampler_spec((meta["image"]["channels"], meta["image"]["height"], meta["image"]["width"]))
-    buckets = sorted(int(b) for b in entry["buckets"])
-    precision = "fp16" if fp16 else "fp32"
-    if fp16 and not entry.get("fp16"):
-        raise RepositoryError(f"{UNET}: the export has no fp16 graphs; export with --fp16")
+    buckets, precision, runtime = _bucket_runner_parameters(UNET, entry, gpu=gpu, fp16=fp16,
+                                                            intra_op_threads=intra_op_threads, row_shards=row_shards)
     if max_images < 1:
         raise RepositoryError(f"max_images must be >= 1, got {max_images}")
-    runtime = {
-        P_FILES: json.dumps({str(n): Path(entry[precision][str(n)]["file"]).name for n in buckets}),
-        P_UNET_IO: json.dumps([t.name for t in (*unet.inputs, *unet.outputs)]),
-        P_MAX_IMAGES: str(int(max_images)),
-        P_THREADS: str(int(intra_op_threads)),
-        P_SHARDS: str(int(row_shards)),
-        P_PROVIDER: "cuda" if gpu else "cpu",
-    }
+    runtime[P_UNET_IO] = json.dumps([t.name for t in (*unet.inputs, *unet.outputs)])
+    runtime[P_MAX_IMAGES] = str(int(max_images))
     return {
         "name": SAMPLER,
         "backend": "python",
