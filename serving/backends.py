@@ -303,25 +303,25 @@ class TritonBackend:
                                                                    network_timeout=self.sample_timeout_s)
             client = self._long_client
         spec = self.sampler_loop["spec"]
+
+        def timed_out(detail) -> InferenceError:
+            return InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
+                                  f"({detail}); ask for fewer images or steps, or raise the timeout")
+
         try:
             return self._infer_once(SAMPLER, spec, feed, batched=False, client=client,
                                     timeout_s=self.sample_timeout_s)[0]
-        except InferenceServerException as e:
-            text = str(e).lower()
-            if any(s in text for s in ("deadline", "timed out", "timeout")):
-                raise InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
-                                     f"({e.message()}); ask for fewer images or steps, or raise the timeout") from None
+        except InferenceServerException as e:  # gRPC deadlines arrive here; so do the server's own errors
+            if any(s in str(e).lower() for s in ("deadline", "timed out", "timeout")):
+                raise timed_out(e.message()) from None
             if _is_transient(e):
                 raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None
             raise InferenceError(f"{SAMPLER}: the server rejected the request: {e.message()}") from None
-        except (TimeoutError, socket.timeout) as e:  # HTTP: the connection's network timeout
-            raise InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s ({e}); "
-                                 "ask for fewer images or steps, or raise the timeout") from None
-        except Exception as e:
+        except Exception as e:  # HTTP: socket.timeout / TimeoutError (or a wrapped one) from the network timeout
             text = f"{type(e).__name__}: {e}"
-            if "timeout" in text.lower() or "timed out" in text.lower():
-                raise InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
-                                     f"({text}); ask for fewer images or steps, or raise the timeout") from None
+            if isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in text.lower() \
+                    or "timeout" in text.lower():
+                raise timed_out(text) from None
             raise ServerUnreachableError(self.url, text) from None
 
     def _infer(self, graph, spec, feed):

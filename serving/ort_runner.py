@@ -112,21 +112,19 @@ class BucketRunner:
             raise ValueError("no bucket files given")
         if int(threads) < 0 or int(row_shards) < 0:
             raise ValueError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
-        self.providers = list(providers or [CPU])
-        cpu_only = all((p[0] if isinstance(p, tuple) else p) == CPU for p in self.providers)
+        providers = list(providers or [CPU])
+        cpu_only = all((p[0] if isinstance(p, tuple) else p) == CPU for p in providers)
         budget = int(threads) or available_cores()
         self.row_shards = int(row_shards) or (budget if cpu_only else 1)
         files = {int(b): str(path) for b, path in files.items()}
         self.buckets = sorted(files)
         whole = session_options(threads)
-        self.sessions = {b: ort.InferenceSession(files[b], whole, providers=self.providers) for b in self.buckets}
-        first = self.sessions[self.buckets[0]]
-        self.input_names = [i.name for i in first.get_inputs()]
-        self.output_names = [o.name for o in first.get_outputs()]
+        self.sessions = {b: ort.InferenceSession(files[b], whole, providers=providers) for b in self.buckets}
+        self.output_names = [o.name for o in self.sessions[self.buckets[0]].get_outputs()]
         self.shard_sessions, self._pool = None, None
         if self.row_shards > 1:
             per_shard = session_options(max(1, budget // self.row_shards))
-            self.shard_sessions = {b: ort.InferenceSession(files[b], per_shard, providers=self.providers)
+            self.shard_sessions = {b: ort.InferenceSession(files[b], per_shard, providers=providers)
                                    for b in self.buckets}
             self._pool = ThreadPoolExecutor(self.row_shards, thread_name_prefix="ort-shard")
 
