@@ -109,11 +109,14 @@ def diffusers_set_timesteps(sched, steps):
 def compare_loops(name, schedule, spacing, steps, *, eta=0.0, **options):
     """Run our sampler and the diffusers oracle over a whole loop from the same x_T and the same step noise; assert
     equal timesteps and every step's prev_sample and x0 prediction to float32 tolerance. Returns the number of steps."""
+    clipped_eps = options.pop("use_clipped_model_output", True)  # DDIM; ours defaults to True, diffusers to False
     theirs = diffusers_scheduler(name, schedule, spacing, **options)
     their_ts = diffusers_set_timesteps(theirs, steps)
     our_options = {"clip_sample": options["clip_sample"]} if options.get("clip_sample") is not None else {}
     if name == "ddim":
         our_options.update(eta=eta, set_alpha_to_one=options.get("set_alpha_to_one", True))
+        if clipped_eps is not True:
+            our_options["use_clipped_model_output"] = clipped_eps
     if name == "ddpm" and "variance" in options:
         our_options["variance"] = options["variance"]
     ours = make_sampler(name, schedule, **our_options)
@@ -139,7 +142,8 @@ def compare_loops(name, schedule, spacing, steps, *, eta=0.0, **options):
             if eta > 0:
                 noise = noise_rng.standard_normal(SHAPE)
                 kwargs["variance_noise"] = torch.from_numpy(noise)
-            their_out = theirs.step(dummy_eps(x_theirs, float(t)), t, x_theirs, eta=eta, **kwargs)
+            their_out = theirs.step(dummy_eps(x_theirs, float(t)), t, x_theirs, eta=eta,
+                                    use_clipped_model_output=clipped_eps, **kwargs)
         else:
             their_out = theirs.step(dummy_eps(x_theirs, float(t)), torch.tensor(t), x_theirs)
         out = ours.step(dummy_eps(x_ours, float(t)), t, x_ours, noise=noise)
@@ -192,6 +196,8 @@ def test_sampler_matches_diffusers_every_step_when_steps_do_not_divide_T(name, s
     ("ddpm", {"variance": "fixed_large"}),
     ("ddim", {"clip_sample": False}),
     ("ddim", {"set_alpha_to_one": False}),
+    ("ddim", {"use_clipped_model_output": False}),
+    ("ddim", {"use_clipped_model_output": False, "clip_sample": False}),
     ("dpmpp-2m", {"clip_sample": True}),
     ("dpmpp-2m", {"clip_sample": False}),
 ])
@@ -483,3 +489,17 @@ def test_sampling_module_does_not_import_torch_when_imported():
     code = f"import sys, trident.serving.sampling; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_ddim_clipped_model_output_changes_the_step_when_x0_is_clipped():
+    # the oracle tests above cover both settings; this one shows that clipping is active in them, so the two differ
+    x = np.random.default_rng(0).standard_normal(SHAPE) * 3
+    out = {}
+    for flag in (True, False):
+        s = make_sampler("ddim", LINEAR, use_clipped_model_output=flag)
+        s.set_timesteps(10)
+        t = int(s.timesteps[0])
+        out[flag] = s.step(dummy_eps(x, float(t)), t, x)
+    np.testing.assert_array_equal(out[True].pred_original_sample, out[False].pred_original_sample)
+    assert np.abs(out[True].pred_original_sample).max() == 1.0  # x0 was clipped
+    assert np.abs(out[True].prev_sample - out[False].prev_sample).max() > 0.1

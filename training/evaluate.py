@@ -1,101 +1,351 @@
-"""`trident evaluate [--model diffusion|gan]`: do conditional samples show their class?
+"""`trident evaluate`: what every generator draws, measured (the metrics are in training/quality.py).
 
-Draws N class-conditional samples (classes in equal shares; diffusion with DPM-Solver++(2M)), asks the shipped
-Fashion-MNIST classifier what it sees, and reports the fraction assigned to the requested class, overall and per
-class. For the GAN it also reports the variety of the samples within a class.
+  trident evaluate                                   # diffusion, DPM-Solver++(2M) 20 steps, guidance 3, n=1000
+  trident evaluate --model gan|vae|ae                # the GAN, the VAE (z ~ N(0, I)), the plain autoencoder
+  trident evaluate --sampler ddim --steps 50 --guidance 1.5
+  trident evaluate --url 127.0.0.1:8001 --protocol grpc   # draw through a Triton server instead of in-process
+  trident evaluate --sweep                           # every setting; writes benchmarks/results/quality.{md,json,png}
+
+Images are drawn through the client SDK (in-process ONNX Runtime on exports of the checkpoints, cached in
+.trident/exports, by default; a Triton server with --url) with a fixed seed, classes in equal shares, and judged by
+the project's Fashion-MNIST classifier against the real test set. FD depends on n: compare figures at equal n only.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import platform
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from trident.serving import sampling
 from trident.serving.client import TridentClient
+from trident.serving.files import atomic_file, file_sha256
 
-from .checkpoint import load_model
+from .quality import FeatureNet, RealReference, evaluate_images
 
-
-@torch.no_grad()
-def classify(classifier: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    """float images (N, C, H, W) in [-1, 1] -> predicted class ids (N,)."""
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    return torch.cat([classifier(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy()
+MODELS = ("diffusion", "gan", "vae", "ae")
+# The targets of a GAN worth serving (issue "Image quality, measured"), judged by check_gan_targets.
+GAN_TARGETS = {"agreement": 0.95, "diversity": 0.70, "fd_vs_unguided_diffusion": 3.0}
 
 
-def class_agreement(diffusion_ckpt, classifier_ckpt, n: int = 1000, steps: int = 20, guidance: float = 3.0,
-                    sampler: str = "dpmpp-2m", seed: int = 0, batch: int = 100, progress: bool = False) -> dict:
-    client = TridentClient.from_torch([diffusion_ckpt])
-    classifier, cmeta = load_model(classifier_ckpt, "classifier")
-    k = len(client.class_names())
-    labels = np.arange(n) % k
-    preds = []
-    t0 = time.time()
-    for i in range(0, n, batch):
-        x = client.sample(labels[i:i + batch], sampler=sampler, steps=steps, guidance=guidance, seed=seed + i, raw=True)
-        preds.append(classify(classifier, x))
-        if progress:
-            print(f"  {i + len(x)}/{n} samples, {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    pred = np.concatenate(preds)
-    per_class = {name: float(np.mean(pred[labels == c] == c)) for c, name in enumerate(client.class_names())}
-    return {"agreement": float(np.mean(pred == labels)), "per_class": per_class, "n": n, "steps": steps,
-            "guidance": guidance, "sampler": sampler, "seed": seed,
-            "classifier_test_accuracy": cmeta.get("test_accuracy"), "seconds": round(time.time() - t0, 1)}
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: what to draw
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One thing to measure. diffusion: sampler, steps, guidance (variant "diffusers" = DDIM with the model's
+    unclipped eps, diffusers' default); vae / ae: variant "prior" (decode z ~ N(0, I)), "fitted" (z from a Gaussian
+    fitted to the training images' codes) or "midpoints" (decode the midpoint of two real test images' codes)."""
+
+    model: str
+    sampler: str = ""
+    steps: int = 0
+    guidance: float = 0.0
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.model == "diffusion":
+            extra = " (diffusers DDIM)" if self.variant == "diffusers" else ""
+            return f"{self.sampler}-{self.steps} g{self.guidance:g}{extra}"
+        return self.model if not self.variant else f"{self.model} {self.variant}"
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image (rows through the network; guidance doubles them, in one call a step)."""
+        if self.model != "diffusion":
+            return 1
+        return self.steps * (1 if self.guidance == 1 else 2)
 
 
-@torch.no_grad()
-def gan_agreement(gan_ckpt, classifier_ckpt, n: int = 1000, seed: int = 0, data_dir=None) -> dict:
-    """Classifier agreement of class-conditional GAN samples, and their variety: the mean per-class pixel std over
-    z, next to the same figure for real training images (a collapsed generator scores near 0)."""
-    from .data import load_fashion_mnist
+def sweep_settings(include_ddpm_1000: bool = True) -> list[Setting]:
+    """The report's settings: each sampler over steps at guidance 3, each over guidance at 20 steps, DDIM as diffusers
+    runs it, DDPM-1000 as the reference, the GAN, and the VAE next to the plain autoencoder."""
+    out: list[Setting] = []
+    for sampler in sampling.SAMPLERS:
+        out += [Setting("diffusion", sampler, s, 3.0) for s in (5, 10, 20, 50)]
+        out += [Setting("diffusion", sampler, 20, g) for g in (1.0, 1.5, 2.0, 5.0)]
+    out += [Setting("diffusion", "ddim", s, 3.0, "diffusers") for s in (20, 50)]
+    if include_ddpm_1000:
+        out.append(Setting("diffusion", "ddpm", 1000, 3.0))
+    out += [Setting("gan"), Setting("vae", variant="prior"), Setting("ae", variant="prior"),
+            Setting("ae", variant="fitted"), Setting("vae", variant="midpoints"), Setting("ae", variant="midpoints")]
+    return out
 
-    generator, meta = load_model(gan_ckpt, "gan")
-    classifier, cmeta = load_model(classifier_ckpt, "classifier")
-    k = len(meta["class_names"])
-    labels = np.arange(n) % k
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, meta["config"]["latent_dim"], generator=g)
-    x = generator(z, torch.from_numpy(labels)).numpy()
-    pred = classify(classifier, x)
-    real = load_fashion_mnist("train", data_dir, limit=6000)
-    r = real.images.astype(np.float32) / 127.5 - 1
-    return {"agreement": float(np.mean(pred == labels)),
-            "per_class": {name: float(np.mean(pred[labels == c] == c)) for c, name in enumerate(meta["class_names"])},
-            "per_class_pixel_std": float(np.mean([x[labels == c].std(0).mean() for c in range(k)])),
-            "real_per_class_pixel_std": float(np.mean([r[real.labels == c].std(0).mean() for c in range(k)])),
-            "n": n, "seed": seed, "classifier_test_accuracy": cmeta.get("test_accuracy")}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing through the SDK
+# ----------------------------------------------------------------------------------------------------------------
+
+class Clients:
+    """One TridentClient per model, made on first use: in-process ONNX Runtime on exports of the checkpoints, or a
+    Triton server for the served models (the autoencoder is not served: it always runs in-process)."""
+
+    def __init__(self, checkpoints: dict[str, Path], work: Path, url: str | None = None, protocol: str = "http",
+                 log=print):
+        self.checkpoints, self.work, self.url, self.protocol, self.log = checkpoints, Path(work), url, protocol, log
+        self._clients: dict[str, TridentClient] = {}
+
+    def get(self, model: str) -> TridentClient:
+        if model not in self._clients:
+            if self.url is not None and model != "ae":
+                self._clients[model] = TridentClient.connect(self.url, self.protocol)
+            else:
+                from trident.serving.repository import ensure_export
+
+                kind = "vae" if model == "ae" else model
+                export = ensure_export(self.checkpoints[model], self.work / "exports", kind, log=self.log)
+                self._clients[model] = TridentClient.from_onnx([export])
+        return self._clients[model]
+
+    def close(self):
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr)
+
+
+def draw(clients: Clients, setting: Setting, n: int, seed: int = 0, batch: int = 100, ref: RealReference | None = None,
+         progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """n images (float32 (n, C, H, W) in [-1, 1]) of a setting, and the requested classes (None: unconditional).
+    Classes come in equal shares (image i asks for class i % k); batch b uses seed + b."""
+    client = clients.get(setting.model)
+    kind = "vae" if setting.model == "ae" else setting.model
+    k = len(client.class_names(kind))
+    labels = np.arange(n) % k if setting.model in ("diffusion", "gan") else None
+    bar = _bar(n, setting.label, progress)
+    chunks = []
+    try:
+        if setting.model in ("vae", "ae") and setting.variant in ("fitted", "midpoints"):
+            chunks.append(_draw_latent(client, setting.variant, n, seed, ref))
+            if bar is not None:
+                bar.update(n)
+        else:
+            for i in range(0, n, batch):
+                m = min(batch, n - i)
+                if setting.model == "diffusion":
+                    x = _sample(client, setting, labels[i:i + m], seed + i)
+                elif setting.model == "gan":
+                    x = client.generate(labels[i:i + m], seed=seed + i, raw=True)
+                else:
+                    x = client.generate_vae(m, seed=seed + i, raw=True)
+                chunks.append(x)
+                if bar is not None:
+                    bar.update(m)
+    finally:
+        if bar is not None:
+            bar.close()
+    return np.concatenate(chunks).astype(np.float32), labels
+
+
+def _sample(client: TridentClient, s: Setting, labels, seed) -> np.ndarray:
+    if s.variant != "diffusers":
+        return client.sample(labels, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=seed, raw=True)
+    # DDIM as diffusers' DDIMScheduler runs it by default (use_clipped_model_output=False): the same client loop,
+    # with the one sampler option the SDK does not expose
+    meta = client.meta("diffusion")
+    im = meta["image"]
+    steps = sampling.sample_progressive(
+        client.eps_model(), (len(labels), im["channels"], im["height"], im["width"]), labels,
+        schedule=sampling.NoiseSchedule.from_dict(meta["schedule"]), sampler="ddim", steps=s.steps,
+        guidance_scale=s.guidance, null_class=int(meta["null_class"]), seed=seed,
+        sampler_options={"use_clipped_model_output": False})
+    return sampling.last_estimate(steps)
+
+
+def _draw_latent(client: TridentClient, variant: str, n: int, seed: int, ref: RealReference) -> np.ndarray:
+    """fitted: decode z ~ N(mean, cov) of the encoder's codes of real training images (the fairest prior an
+    autoencoder has); midpoints: decode the mean of the codes of two random real test images."""
+    if ref is None:
+        raise ValueError(f"the {variant!r} variant needs the real reference images")
+    rng = np.random.default_rng(seed)
+    if variant == "fitted":
+        codes = np.concatenate([client.encode(ref.train_images[i:i + 1000]) for i in range(0, 10000, 1000)])
+        z = rng.multivariate_normal(codes.mean(0), np.cov(codes, rowvar=False), size=n)
+    else:
+        a, b = rng.choice(len(ref.test_images), size=(2, n))
+        za = np.concatenate([client.encode(ref.test_images[a[i:i + 1000]]) for i in range(0, n, 1000)])
+        zb = np.concatenate([client.encode(ref.test_images[b[i:i + 1000]]) for i in range(0, n, 1000)])
+        z = (za + zb) / 2
+    return np.concatenate([client.decode(z[i:i + 1000], raw=True) for i in range(0, n, 1000)])
+
+
+def measure(clients: Clients, setting: Setting, ref: RealReference, n: int, seed: int = 0, batch: int = 100,
+            progress: bool = False) -> dict:
+    """Draw one setting and judge it: the setting, its figures (training/quality.evaluate_images) and the time."""
+    t0 = time.perf_counter()
+    images, labels = draw(clients, setting, n, seed, batch, ref, progress)
+    seconds = time.perf_counter() - t0
+    result = evaluate_images(images, ref, labels, seed)
+    return {"label": setting.label, **asdict(setting), "nfe": setting.nfe, **result,
+            "draw_seconds": round(seconds, 1)}
+
+
+def ae_vae_picture(clients: Clients, ref: RealReference, path: Path, seed: int = 0, per_row: int = 10) -> Path:
+    """The picture of why the VAE exists: VAE and AE samples from z ~ N(0, I), then for three pairs of real test
+    images the VAE's and the AE's decoded straight line between their codes."""
+    from trident.serving.images import labelled_grid, save_png, to_uint8
+
+    vae, ae = clients.get("vae"), clients.get("ae")
+    rows, labels = [vae.generate_vae(per_row, seed=seed, raw=True), ae.generate_vae(per_row, seed=seed, raw=True)], \
+        ["VAE N(0,I)", "AE N(0,I)"]
+    pairs = np.random.default_rng(seed).choice(len(ref.test_images), size=(3, 2), replace=False)
+    w = np.linspace(0.0, 1.0, per_row)[:, None]
+    for i, (a, b) in enumerate(pairs):
+        for name, client in (("VAE", vae), ("AE", ae)):
+            za, zb = client.encode(ref.test_images[[a, b]])
+            rows.append(client.decode((1 - w) * za + w * zb, raw=True))
+            labels.append(f"{name} path {i + 1}")
+    grid = labelled_grid(to_uint8(np.concatenate(rows)), per_row, labels, label_width=100)
+    return save_png(path, grid)
+
+
+def check_gan_targets(gan: dict, unguided: dict) -> dict:
+    """The GAN targets against measured figures at equal n: class agreement, within-class diversity (a ratio to real
+    data) and FD relative to unguided DPM-Solver++-20 diffusion."""
+    ratio = gan["fd"] / unguided["fd"]
+    return {"agreement": (gan["agreement"], gan["agreement"] >= GAN_TARGETS["agreement"]),
+            "diversity": (gan["diversity"], gan["diversity"] >= GAN_TARGETS["diversity"]),
+            "fd_vs_unguided_diffusion": (ratio, ratio <= GAN_TARGETS["fd_vs_unguided_diffusion"])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trident evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="diffusion")
+    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="dpmpp-2m")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--variant", default="", help="vae/ae: prior (default), fitted, midpoints; diffusion: diffusers "
+                                                 "(DDIM with the unclipped eps)")
+    p.add_argument("--n", type=int, default=1000, help="images per setting (FD depends on n: compare at equal n)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=100, help="images per SDK call")
+    p.add_argument("--checkpoints", default="checkpoints", help="folder with <model>/model.safetensors")
+    p.add_argument("--classifier", default=None, help="default: <checkpoints>/classifier/model.safetensors")
+    p.add_argument("--work", default=".trident", help="export and feature cache")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
+    p.add_argument("--url", default=None, help="draw the served models through this Triton server")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the classifier")
+    p.add_argument("--sweep", action="store_true", help="measure every setting and write the report")
+    p.add_argument("--no-ddpm-1000", action="store_true", help="--sweep without the DDPM-1000 reference (~70%% of "
+                                                                 "the sweep's time)")
+    p.add_argument("--out", default="benchmarks/results", help="--sweep: report folder")
+    p.add_argument("--fresh", action="store_true", help="--sweep: re-measure settings whose results are cached")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    return p
+
+
+def _check_args(args) -> None:
+    if args.n < 10:
+        raise ValueError(f"--n must be >= 10, got {args.n}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.variant and not (args.model in ("vae", "ae") and args.variant in ("prior", "fitted", "midpoints")
+                             or args.model == "diffusion" and args.variant == "diffusers" and args.sampler == "ddim"):
+        raise ValueError(f"--variant {args.variant!r} does not apply to --model {args.model} (--sampler {args.sampler})")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="trident evaluate", description=__doc__)
-    p.add_argument("--model", choices=("diffusion", "gan"), default="diffusion")
-    p.add_argument("--diffusion", default="checkpoints/diffusion/model.safetensors")
-    p.add_argument("--gan", default="checkpoints/gan/model.safetensors")
-    p.add_argument("--classifier", default="checkpoints/classifier/model.safetensors")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--sampler", default="dpmpp-2m")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+    except ValueError as e:
+        print(f"trident evaluate: error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model == "gan":
-        result = gan_agreement(args.gan, args.classifier, args.n, args.seed)
-    else:
-        result = class_agreement(args.diffusion, args.classifier, args.n, args.steps, args.guidance, args.sampler,
-                                 args.seed, progress=True)
-    text = json.dumps(result, indent=2)
-    print(text)
+    root = Path(args.checkpoints)
+    checkpoints = {m: root / m / "model.safetensors" for m in MODELS}
+    classifier = Path(args.classifier) if args.classifier else root / "classifier" / "model.safetensors"
+    for path in [classifier] + ([checkpoints[args.model]] if not args.sweep else list(checkpoints.values())):
+        if not path.is_file():
+            print(f"trident evaluate: error: {path} not found", file=sys.stderr)
+            return 2
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    net = FeatureNet(classifier)
+    ref = RealReference.build(net, args.data_dir, cache_dir=Path(args.work) / "quality")
+    clients = Clients(checkpoints, Path(args.work), args.url, args.protocol, log=log)
+    try:
+        if args.sweep:
+            from trident.benchmarks.quality_report import write_report
+
+            settings = sweep_settings(include_ddpm_1000=not args.no_ddpm_1000)
+            results = []
+            for i, s in enumerate(settings):
+                cache = _cache_path(Path(args.work), s, args, checkpoints, net)
+                if cache.is_file() and not args.fresh:
+                    r = json.loads(cache.read_text())
+                    log(f"[{i + 1}/{len(settings)}] {s.label} (cached: {cache}): " + _summary(r))
+                else:
+                    r = measure(clients, s, ref, args.n, args.seed, args.batch, progress=True)
+                    with atomic_file(cache) as tmp:
+                        tmp.write_text(json.dumps(r))
+                    log(f"[{i + 1}/{len(settings)}] {s.label}: " + _summary(r))
+                results.append(r)
+            report = {"n": args.n, "seed": args.seed, "classifier_test_accuracy": net.test_accuracy,
+                      "fd_floor": ref.floor(args.n, args.seed), "backend": args.url or "onnxruntime (in-process)",
+                      "machine": platform.processor() or platform.machine(), "results": results}
+            report["command"] = "trident evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+            picture = ae_vae_picture(clients, ref, Path(args.out) / "quality_ae_vae.png", args.seed)
+            paths = write_report(report, Path(args.out), {"ae_vae": picture.name})
+            print("\n".join(str(p) for p in paths))
+            result = report
+        else:
+            s = Setting(args.model, args.sampler if args.model == "diffusion" else "",
+                        args.steps if args.model == "diffusion" else 0,
+                        args.guidance if args.model == "diffusion" else 0.0,
+                        args.variant or ("prior" if args.model in ("vae", "ae") else ""))
+            result = measure(clients, s, ref, args.n, args.seed, args.batch, progress=True)
+            result["fd_floor"] = ref.floor(args.n, args.seed)
+            result["classifier_test_accuracy"] = net.test_accuracy
+            print(json.dumps(result, indent=2))
+    finally:
+        clients.close()
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _cache_path(work: Path, s: Setting, args, checkpoints: dict[str, Path], net: FeatureNet) -> Path:
+    """Where a sweep keeps one setting's result: keyed by everything that decides it (the setting, n, seed, batch,
+    backend, the model's and the classifier's bytes, and the sampler code for diffusion), so a re-run after a new
+    GAN checkpoint re-measures the GAN alone."""
+    key = {"setting": asdict(s), "n": args.n, "seed": args.seed, "batch": args.batch, "url": args.url,
+           "model": file_sha256(checkpoints[s.model]), "classifier": net.digest,
+           "code": file_sha256(Path(sampling.__file__)) if s.model == "diffusion" else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return work / "quality" / f"result-{s.model}-{digest}.json"
+
+
+def _summary(r: dict) -> str:
+    agree = f"agreement {r['agreement']:.3f}, " if "agreement" in r else ""
+    return (f"{agree}FD {r['fd']:.1f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, diversity "
+            f"{r['diversity']:.2f}, sharpness {r['sharpness']:.2f}, brightness {r['brightness']:.1f} "
+            f"({r['draw_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

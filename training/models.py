@@ -185,10 +185,16 @@ class GANConfig:
     num_classes: int = 10
     gen_channels: int = 64   # generator width at 28x28 (x2, x4 at 14x14 and 7x7)
     disc_channels: int = 64
+    disc_norm: str = "batch"  # discriminator normalisation: "batch" or "none" (use "none" with an R1 penalty)
+    mbstd: str = "group"      # discriminator minibatch-std channel: over groups of 4 ("group") or within each class
 
     def __post_init__(self):
         if self.image_size != 28:
             raise ValueError("the DCGAN here is built for 28x28 images")
+        if self.disc_norm not in ("batch", "none"):
+            raise ValueError(f"disc_norm must be 'batch' or 'none', got {self.disc_norm!r}")
+        if self.mbstd not in ("group", "class"):
+            raise ValueError(f"mbstd must be 'group' or 'class', got {self.mbstd!r}")
 
     to_dict = asdict
     from_dict = classmethod(_from_dict)
@@ -225,8 +231,30 @@ class MinibatchStd(nn.Module):
     def forward(self, x):
         n, c, h, w = x.shape
         g = min(self.group, n) if n % min(self.group, n) == 0 else 1
-        std = x.reshape(g, n // g, c, h, w).std(0, unbiased=False).mean(dim=(1, 2, 3))  # (N/g,)
+        # sqrt(var + eps) as in StyleGAN: std() has an infinite derivative where the group agrees exactly (the
+        # -1 background of real images), which turned an R1 penalty's double backward into NaN
+        std = (x.reshape(g, n // g, c, h, w).var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/g,)
         return torch.cat([x, std.repeat(g)[:, None, None, None].expand(n, 1, h, w)], dim=1)
+
+
+class ClassMinibatchStd(nn.Module):
+    """A minibatch-std channel computed within each class of the batch: each image gets the mean feature std of the
+    batch's images of its own class. A conditional G that ignores z makes every image of a class alike, which the
+    group version (groups of random classes) cannot see; this one can. Classes with one image in the batch get 0."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x, y):
+        n, c, h, w = x.shape
+        onehot = F.one_hot(y, self.num_classes).to(x.dtype)                   # (N, K)
+        count = onehot.sum(0)                                                 # (K,)
+        f = x.reshape(n, -1)
+        mean = onehot.t() @ f / count.clamp(min=1)[:, None]                    # (K, CHW)
+        var = onehot.t() @ (f - mean[y]).pow(2) / count.clamp(min=1)[:, None]  # (K, CHW)
+        std = ((var + 1e-8).sqrt().mean(1) * (count > 1).to(x.dtype))[y]       # (N,)
+        return torch.cat([x, std[:, None, None, None].expand(n, 1, h, w)], dim=1)
 
 
 class Discriminator(nn.Module):
@@ -239,18 +267,21 @@ class Discriminator(nn.Module):
         super().__init__()
         c = config
         d = c.disc_channels
-        self.net = nn.Sequential(
+        norm = nn.BatchNorm2d if c.disc_norm == "batch" else (lambda ch: nn.Identity())
+        self.stem = nn.Sequential(
             nn.Conv2d(c.in_channels, d, 4, 2, 1), nn.LeakyReLU(0.2, True),                      # 14x14
-            nn.Conv2d(d, 2 * d, 4, 2, 1), nn.BatchNorm2d(2 * d), nn.LeakyReLU(0.2, True),       # 7x7
-            MinibatchStd(),                                                                     # +1 channel
-            nn.Conv2d(2 * d + 1, 4 * d, 3, 1, 1), nn.BatchNorm2d(4 * d), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(d, 2 * d, 4, 2, 1), norm(2 * d), nn.LeakyReLU(0.2, True),                 # 7x7
         )
+        self.mbstd = MinibatchStd() if c.mbstd == "group" else ClassMinibatchStd(c.num_classes)  # +1 channel
+        self.head = nn.Sequential(nn.Conv2d(2 * d + 1, 4 * d, 3, 1, 1), norm(4 * d), nn.LeakyReLU(0.2, True))
         self.fc = nn.Linear(4 * d * 7 * 7, 1)
         self.embed = nn.Embedding(c.num_classes, 4 * d * 7 * 7)
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.net(x).flatten(1)
+        h = self.stem(x)
+        h = self.mbstd(h) if isinstance(self.mbstd, MinibatchStd) else self.mbstd(h, y)
+        h = self.head(h).flatten(1)
         return self.fc(h).squeeze(1) + (self.embed(y) * h).sum(1)
 
 
@@ -266,6 +297,8 @@ class VAEConfig:
     channels: int = 32
     hidden: int = 256
     beta: float = 1.0   # weight of the KL term
+    variational: bool = True  # False: a plain deterministic autoencoder (z = the encoder's mean, no KL term), the
+                              # baseline that shows why the VAE exists (its latent space has holes)
 
     def __post_init__(self):
         if self.image_size != 28:
@@ -322,6 +355,8 @@ class VAE(nn.Module):
 
     def forward(self, x):
         mean, logvar = self.encoder(x)
+        if not self.config.variational:
+            return self.decoder.logits(mean), mean, logvar
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)  # reparameterisation trick
         return self.decoder.logits(z), mean, logvar
 

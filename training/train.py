@@ -11,6 +11,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import shlex
 import sys
@@ -48,7 +49,12 @@ class TrainConfig:
     model: dict = field(default_factory=dict)   # overrides of the model config dataclass
     schedule: dict = field(default_factory=dict)  # diffusion: NoiseSchedule overrides (kind, beta_start, ...)
     label_dropout: float = 0.1        # diffusion: P(label -> null class), for classifier-free guidance
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999            # diffusion and GAN: the exported weights are this EMA of the trained ones
+    gan_augment: str = ""             # GAN: DiffAugment policies, comma-separated ("translation,cutout"), "" = off
+    gan_r1: float = 0.0               # GAN: R1 penalty weight gamma (0 = off)
+    gan_r1_every: int = 4             # GAN: lazy R1, applied every this many D turns
+    disc_lr: float | None = None      # GAN: discriminator learning rate (TTUR); None = lr
+    gan_mode_seeking: float = 0.0     # GAN: weight of the mode-seeking term (MSGAN), 0 = off
     warmup_steps: int = 200
     log_every: int = 50
     sample_every: int = 1000
@@ -74,6 +80,21 @@ class TrainConfig:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        unknown = sorted(set(self.augment_policy) - set(AUGMENT_POLICIES))
+        if unknown:
+            raise ValueError(f"gan_augment: unknown policies {unknown}; choose from {list(AUGMENT_POLICIES)}")
+        if not (self.gan_r1 >= 0 and math.isfinite(self.gan_r1)):
+            raise ValueError(f"gan_r1 must be a finite number >= 0, got {self.gan_r1}")
+        if self.gan_r1_every < 1:
+            raise ValueError(f"gan_r1_every must be >= 1, got {self.gan_r1_every}")
+        if not (self.gan_mode_seeking >= 0 and math.isfinite(self.gan_mode_seeking)):
+            raise ValueError(f"gan_mode_seeking must be a finite number >= 0, got {self.gan_mode_seeking}")
+        if self.disc_lr is not None and not self.disc_lr > 0:
+            raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
+
+    @property
+    def augment_policy(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.gan_augment.split(",") if p.strip())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,7 +135,7 @@ def _diffusion_tables(meta: dict, device) -> torch.Tensor:
     return torch.tensor(sched.alphas_cumprod, dtype=torch.float32, device=device)
 
 
-def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod):
+def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     """Ho et al. 2020, Algorithm 1, with label dropout for classifier-free guidance (Ho & Salimans 2022)."""
     unet = mods["model"]
     null = _unwrap(unet).config.null_class
@@ -133,37 +154,95 @@ def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod):
     return {"loss": loss.item()}
 
 
-def _gan_step(cfg, mods, opts, x, y, gen, _):
-    """One D turn then one G turn; non-saturating G loss -log D(G(z)) (Goodfellow et al. 2014, sec. 3)."""
+def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
+    """Differentiable augmentation (Zhao et al. 2020, "DiffAugment"), applied alike to real and generated images
+    before D sees them, so D cannot memorise the training set and G still gets gradients. Images are in [-1, 1] with
+    a -1 background, so shifted-in and cut-out pixels are -1. Policies: "translation" (up to 1/8 of the side),
+    "cutout" (a square of half the side)."""
+    n, c, h, w = x.shape
+    dev = x.device
+    if "translation" in policy:
+        s = max(1, h // 8)
+        sy = torch.randint(-s, s + 1, (n, 1, 1), generator=gen, device=dev)
+        sx = torch.randint(-s, s + 1, (n, 1, 1), generator=gen, device=dev)
+        iy = torch.arange(h, device=dev)[None, :, None] + sy + s         # (N, H, 1) rows of the padded image
+        ix = torch.arange(w, device=dev)[None, None, :] + sx + s         # (N, 1, W)
+        padded = F.pad(x, [s, s, s, s], value=-1.0)
+        x = padded[torch.arange(n, device=dev)[:, None, None], :, iy, ix].permute(0, 3, 1, 2)  # (N, C, H, W)
+    if "cutout" in policy:
+        size = h // 2
+        cy = torch.randint(0, h - size + 1, (n, 1, 1), generator=gen, device=dev)
+        cx = torch.randint(0, w - size + 1, (n, 1, 1), generator=gen, device=dev)
+        yy = torch.arange(h, device=dev)[None, :, None]
+        xx = torch.arange(w, device=dev)[None, None, :]
+        hole = ((yy >= cy) & (yy < cy + size) & (xx >= cx) & (xx < cx + size))[:, None]  # (N, 1, H, W)
+        x = torch.where(hole, torch.full_like(x, -1.0), x)
+    return x
+
+
+AUGMENT_POLICIES = ("translation", "cutout")
+
+
+def _gan_step(cfg, mods, opts, x, y, gen, _, step):
+    """One D turn then one G turn; non-saturating G loss -log D(G(z)) (Goodfellow et al. 2014, sec. 3).
+
+    Remedies for mode collapse, each a TrainConfig option: DiffAugment on everything D sees (`gan_augment`), a lazy
+    R1 penalty gamma/2 * E||grad_x D(x_real)||^2 every `gan_r1_every` D turns (Mescheder et al. 2018; lazy as in
+    StyleGAN2, scaled by the interval), a separate D learning rate (TTUR, Heusel et al. 2017), a mode-seeking term
+    (`gan_mode_seeking`) and an EMA of G's weights (the exported generator, see train()). The discriminator's
+    class-wise minibatch-std channel is a model option (GANConfig.mbstd)."""
     G, D = mods["model"], mods["disc"]
     g = _unwrap(G)
     n = x.shape[0]
+    policy = cfg.augment_policy
+    aug = (lambda im: diff_augment(im, policy, gen)) if policy else (lambda im: im)
     z = torch.randn(n, g.config.latent_dim, generator=gen, device=x.device)
     y_fake = torch.randint(0, g.config.num_classes, (n,), generator=gen, device=x.device)
+    half = n // 2
+    if cfg.gan_mode_seeking > 0:  # pairs (i, i + half) share a class and differ in z
+        y_fake[half:2 * half] = y_fake[:half]
     fake = G(z, y_fake)
     # D: maximise log D(x) + log(1 - D(G(z)))  ==  minimise softplus(-D(x)) + softplus(D(G(z)))
-    d_loss = F.softplus(-D(x, y)).mean() + F.softplus(D(fake.detach(), y_fake)).mean()
+    r1_now = cfg.gan_r1 > 0 and step % cfg.gan_r1_every == 0
+    if r1_now:
+        x = x.detach().requires_grad_(True)
+    d_real = D(aug(x), y)
+    d_loss = F.softplus(-d_real).mean() + F.softplus(D(aug(fake.detach()), y_fake)).mean()
+    losses = {}
+    if r1_now:
+        (grad,) = torch.autograd.grad(d_real.sum(), x, create_graph=True)
+        r1 = grad.pow(2).sum(dim=(1, 2, 3)).mean()
+        d_loss = d_loss + 0.5 * cfg.gan_r1 * cfg.gan_r1_every * r1
+        losses["r1"] = r1.item()
     opts["disc"].zero_grad(set_to_none=True)
     d_loss.backward()
     opts["disc"].step()
     # G: maximise log D(G(z))  ==  minimise softplus(-D(G(z)))
-    g_loss = F.softplus(-D(fake, y_fake)).mean()
+    g_loss = F.softplus(-D(aug(fake), y_fake)).mean()
+    if cfg.gan_mode_seeking > 0:
+        # mode seeking (Mao et al. 2019, MSGAN): two z of one class should give images as far apart as the z are
+        ratio = (fake[:half] - fake[half:2 * half]).abs().mean() / (z[:half] - z[half:2 * half]).abs().mean()
+        g_loss = g_loss + cfg.gan_mode_seeking / (ratio + 1e-5)
+        losses["mode_ratio"] = ratio.item()
     opts["model"].zero_grad(set_to_none=True)
     g_loss.backward()
     opts["model"].step()
-    return {"loss_d": d_loss.item(), "loss_g": g_loss.item()}
+    return {"loss_d": d_loss.item(), "loss_g": g_loss.item(), **losses}
 
 
 def vae_loss(vae, x, beta):
-    """Negative ELBO per image: Bernoulli reconstruction (summed over pixels) + beta * KL(q(z|x) || N(0, I))."""
+    """Negative ELBO per image: Bernoulli reconstruction (summed over pixels) + beta * KL(q(z|x) || N(0, I)).
+    For a plain autoencoder (config.variational False) the loss is the reconstruction alone; kl is reported as 0."""
     logits, mean, logvar = vae(x)
     target = (x + 1) / 2
     rec = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / x.shape[0]
+    if not _unwrap(vae).config.variational:
+        return rec, rec, torch.zeros(())
     kl = -0.5 * torch.sum(1 + logvar - mean.pow(2) - logvar.exp()) / x.shape[0]
     return rec + beta * kl, rec, kl
 
 
-def _vae_step(cfg, mods, opts, x, y, gen, _):
+def _vae_step(cfg, mods, opts, x, y, gen, _, step):
     vae = mods["model"]
     loss, rec, kl = vae_loss(vae, x, _unwrap(vae).config.beta)
     opts["model"].zero_grad(set_to_none=True)
@@ -172,7 +251,7 @@ def _vae_step(cfg, mods, opts, x, y, gen, _):
     return {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
 
 
-def _classifier_step(cfg, mods, opts, x, y, gen, _):
+def _classifier_step(cfg, mods, opts, x, y, gen, _, step):
     clf = mods["model"]
     # light augmentation: random horizontal flips (Fashion-MNIST items are left-right symmetric in class)
     flip = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
@@ -254,8 +333,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.kind == "gan":
         mods["disc"] = Discriminator(model_cfg).to(device)
     betas = (0.5, 0.999) if cfg.kind == "gan" else (0.9, 0.999)
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0) for name, m in mods.items()}
-    ema = copy.deepcopy(mods["model"]).eval().requires_grad_(False) if cfg.kind == "diffusion" else None
+    base_lr = {"model": cfg.lr, "disc": cfg.disc_lr or cfg.lr}
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=base_lr[name], betas=betas, weight_decay=0.0)
+            for name, m in mods.items()}
+    ema = copy.deepcopy(mods["model"]).eval().requires_grad_(False) if cfg.kind in ("diffusion", "gan") else None
 
     # Resume.
     step, elapsed, history = 0, 0.0, {}
@@ -325,34 +406,37 @@ def train(cfg: TrainConfig) -> Path:
         except ImportError:
             pass
     sums: dict[str, float] = {}
-    count = 0
+    counts: dict[str, int] = {}
     t_start = time.time() - elapsed
     try:
         while step < cfg.steps:
-            for group in (g for o in opts.values() for g in o.param_groups):
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+            for name, o in opts.items():
+                for group in o.param_groups:
+                    group["lr"] = base_lr[name] * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
             # Randomness is a function of (seed, rank, step) alone, so a resumed run repeats an uninterrupted one.
             step_seed = (cfg.seed * 1_000_003 + rank) * 10_000_019 + step
             gen.manual_seed(step_seed)
             torch.manual_seed(step_seed)  # modules' own randomness (VAE reparameterisation, dropout)
             idx = torch.from_numpy(np.random.default_rng([cfg.seed, rank, step]).integers(0, len(labels), local_bs))
             idx = idx.to(device)
-            losses = step_fn(cfg, mods, opts, images[idx], labels[idx], gen, alphas_cumprod)
+            losses = step_fn(cfg, mods, opts, images[idx], labels[idx], gen, alphas_cumprod, step)
             step += 1
             if ema is not None:  # EMA with warm-up of the decay (as in many DDPM codebases)
                 decay = min(cfg.ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for pe, pm in zip(ema.parameters(), _unwrap(mods["model"]).parameters()):
                         pe.lerp_(pm, 1 - decay)
-            for k, v in losses.items():
+                    for be, bm in zip(ema.buffers(), _unwrap(mods["model"]).buffers()):
+                        be.copy_(bm)  # BatchNorm running statistics (GAN generator): the live model's
+            for k, v in losses.items():  # a loss logged only on some steps (lazy R1) is averaged over those
                 sums[k] = sums.get(k, 0.0) + v
-            count += 1
+                counts[k] = counts.get(k, 0) + 1
             elapsed = time.time() - t_start
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                history = {k: round(v / count, 5) for k, v in sums.items()}
+                history = {k: round(v / counts[k], 5) for k, v in sums.items()}
                 if rank == 0:
                     if writer is None:
                         writer = csv.DictWriter(log_file, fieldnames=["step", "elapsed_s", *history])
@@ -360,7 +444,7 @@ def train(cfg: TrainConfig) -> Path:
                             writer.writeheader()
                     writer.writerow({"step": step, "elapsed_s": round(elapsed, 1), **history})
                     log_file.flush()
-                sums, count = {}, 0
+                sums, counts = {}, {}
             stop = cfg.time_limit_min is not None and elapsed > cfg.time_limit_min * 60
             if cfg.time_limit_min is not None and dist.is_initialized():
                 # every rank must stop at the same step, or the next gradient all-reduce would hang
@@ -439,6 +523,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--schedule", default="{}", help='diffusion: JSON noise schedule, e.g. \'{"kind": "cosine"}\'')
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--gan-augment", default="", help="GAN: DiffAugment policies, e.g. translation,cutout")
+    p.add_argument("--gan-r1", type=float, default=0.0, help="GAN: R1 penalty weight (0 = off)")
+    p.add_argument("--gan-r1-every", type=int, default=4, help="GAN: apply R1 every N discriminator turns")
+    p.add_argument("--disc-lr", type=float, default=None, help="GAN: discriminator learning rate (default: --lr)")
+    p.add_argument("--gan-mode-seeking", type=float, default=0.0, help="GAN: mode-seeking weight (0 = off)")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-every", type=int, default=1000)
@@ -469,6 +558,8 @@ def main(argv=None) -> int:
                           seed=args.seed, data_dir=args.data_dir, limit=args.limit,
                           model=_json_arg(args.model, "--model"), schedule=_json_arg(args.schedule, "--schedule"),
                           label_dropout=args.label_dropout, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
+                          gan_augment=args.gan_augment, gan_r1=args.gan_r1, gan_r1_every=args.gan_r1_every,
+                          disc_lr=args.disc_lr, gan_mode_seeking=args.gan_mode_seeking,
                           log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
                           time_limit_min=args.time_limit, progress=not args.no_progress,
                           command="trident train " + " ".join(shlex.quote(a) for a in argv))

@@ -1,0 +1,197 @@
+"""The image-quality report of `trident evaluate --sweep`: quality.md, quality.json and plots, from the sweep's results
+(training/evaluate.py draws and measures; this module only formats and plots)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trident.serving.files import atomic_file
+
+from .report import lines, save_panels, scatter
+
+GUIDANCE_STEPS = 20   # the guidance sweep's step count
+STEPS_GUIDANCE = 3.0  # the step sweep's guidance
+COLUMNS = ("nfe", "agreement", "fd", "precision", "recall", "diversity", "sharpness", "brightness")
+
+
+def _find(results, **match):
+    for r in results:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _cell(r: dict, col: str) -> str:
+    v = r.get(col)
+    if v is None:
+        return "–"
+    if col == "agreement":
+        return f"{100 * v:.1f}%"
+    if col == "nfe":
+        return str(v)
+    if col in ("fd", "brightness"):
+        return f"{v:.1f}"
+    return f"{v:.3f}" if col in ("precision", "recall") else f"{v:.2f}"
+
+
+def _table(rows: list[dict], columns=COLUMNS) -> list[str]:
+    out = ["| setting | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    out += [f"| {r['label']} | " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
+    return out
+
+
+def diffusion(results, sampler, steps, guidance, variant=""):
+    return _find(results, model="diffusion", sampler=sampler, steps=steps, guidance=guidance, variant=variant)
+
+
+def gan_verdict(results) -> tuple[dict | None, dict | None, dict | None]:
+    from trident.training.evaluate import check_gan_targets
+
+    gan = _find(results, model="gan")
+    unguided = diffusion(results, "dpmpp-2m", 20, 1.0)
+    return gan, unguided, (check_gan_targets(gan, unguided) if gan and unguided else None)
+
+
+def render_markdown(report: dict, pictures: dict[str, str]) -> str:
+    res = report["results"]
+    n = report["n"]
+    samplers = list(dict.fromkeys(r["sampler"] for r in res if r["model"] == "diffusion"))
+    md = ["# Image quality", "",
+          f"Made by `{report.get('command', 'trident evaluate --sweep')}` on the shipped checkpoints: n = {n} images "
+          f"per setting (seed {report['seed']}, classes in equal shares), drawn through {report['backend']} on "
+          f"{report['machine']}, judged by the project's classifier (test accuracy "
+          f"{report['classifier_test_accuracy']:.2%}) against the 10,000 real test images.", "",
+          "- **agreement**: share of images the classifier assigns to the requested class (conditional models).",
+          "- **fd**: Frechet distance in the classifier's 256-d penultimate features against the real test set; lower "
+          f"is better. FD grows as n shrinks: compare at equal n. Floor at n = {n} (real training images vs the test "
+          f"set): **{report['fd_floor']:.1f}**.",
+          "- **precision / recall**: k-NN manifolds (Kynkaanniemi et al. 2019, k = 3) against n real test images: "
+          "fidelity and variety as separate numbers.",
+          "- **diversity**: mean pairwise feature distance within a class, as a ratio to real images (1 = as varied "
+          "as real data). **sharpness**: Laplacian variance as a ratio to real images. **brightness**: mean pixel "
+          f"0-255 (real: {res[0]['real_brightness']:.1f}).",
+          "- **nfe**: network evaluations per image (guidance sends 2 rows a step, in one request).", "",
+          "## Headline", ""]
+    head = [diffusion(res, "dpmpp-2m", 20, 3.0), diffusion(res, "ddim", 20, 3.0), diffusion(res, "ddpm", 50, 3.0),
+            diffusion(res, "ddpm", 1000, 3.0), diffusion(res, "dpmpp-2m", 20, 1.0), _find(res, model="gan"),
+            _find(res, model="vae", variant="prior"), _find(res, model="ae", variant="prior")]
+    md += _table([r for r in head if r]) + [""]
+
+    md += [f"## Diffusion: steps at guidance {STEPS_GUIDANCE:g}", "", "FD (agreement, brightness) per sampler and "
+           "step count:", ""]
+    step_counts = sorted({r["steps"] for r in res if r["model"] == "diffusion" and r["guidance"] == STEPS_GUIDANCE
+                          and not r["variant"]})
+    md += ["| sampler | " + " | ".join(f"{s} steps" for s in step_counts) + " |", "|---|" + "---:|" * len(step_counts)]
+    for sampler in samplers:
+        cells = []
+        for steps in step_counts:
+            r = diffusion(res, sampler, steps, STEPS_GUIDANCE)
+            cells.append(f"{r['fd']:.1f} ({100 * r['agreement']:.0f}%, {r['brightness']:.0f})" if r else "–")
+        md.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    md += ["", f"![FD vs NFE]({pictures['sampling']})", ""]
+
+    md += [f"## Diffusion: guidance at {GUIDANCE_STEPS} steps", "", "FD / agreement / recall per sampler and guidance "
+           "scale (guidance 1 = conditional, unguided):", ""]
+    scales = sorted({r["guidance"] for r in res if r["model"] == "diffusion" and r["steps"] == GUIDANCE_STEPS
+                     and not r["variant"]})
+    md += ["| sampler | " + " | ".join(f"g {g:g}" for g in scales) + " |", "|---|" + "---:|" * len(scales)]
+    for sampler in samplers:
+        cells = []
+        for g in scales:
+            r = diffusion(res, sampler, GUIDANCE_STEPS, g)
+            cells.append(f"{r['fd']:.1f} / {100 * r['agreement']:.0f}% / {r['recall']:.2f}" if r else "–")
+        md.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    md += ["", f"![FD and agreement vs guidance]({pictures['guidance']})", ""]
+
+    ddim_rows = [r for s in (20, 50) for r in (diffusion(res, "ddim", s, 3.0, "diffusers"),
+                                              diffusion(res, "ddim", s, 3.0), diffusion(res, "dpmpp-2m", s, 3.0))
+                 if r]
+    if ddim_rows:
+        md += ["## DDIM with guidance: before and after the fix", "",
+               "\"diffusers DDIM\" is DDIM as diffusers' DDIMScheduler runs it by default (`use_clipped_model_output="
+               "False`): x_0 is clipped but the step keeps the model's guided, unclipped eps. trident's DDIM "
+               "re-derives eps from the clipped x_0 (guided-diffusion's `_predict_eps_from_xstart`), the default in "
+               "the client loop, the server-side loop and every backend. DPM-Solver++ at equal steps beside them:", ""]
+        md += _table(ddim_rows) + [""]
+
+    gan, unguided, verdict = gan_verdict(res)
+    if verdict:
+        md += ["## GAN targets", "", "| target | measured | |", "|---|---:|---|"]
+        md += [f"| class agreement >= {100 * 0.95:.0f}% | {100 * verdict['agreement'][0]:.1f}% | "
+               f"{'pass' if verdict['agreement'][1] else 'FAIL'} |",
+               f"| within-class diversity >= 0.70 of real data | {verdict['diversity'][0]:.2f} | "
+               f"{'pass' if verdict['diversity'][1] else 'FAIL'} |",
+               f"| FD <= 3x unguided DPM-Solver++-20 ({unguided['fd']:.1f}) | {gan['fd']:.1f} = "
+               f"{verdict['fd_vs_unguided_diffusion'][0]:.2f}x | "
+               f"{'pass' if verdict['fd_vs_unguided_diffusion'][1] else 'FAIL'} |", ""]
+
+    latent = [r for r in (_find(res, model="vae", variant="prior"), _find(res, model="ae", variant="prior"),
+                          _find(res, model="ae", variant="fitted"), _find(res, model="vae", variant="midpoints"),
+                          _find(res, model="ae", variant="midpoints")) if r]
+    if latent:
+        md += ["## Why the VAE exists: the autoencoder next to it", "",
+               "The same encoder and decoder trained twice: as a VAE (reconstruction + KL to N(0, I)) and as a plain "
+               "autoencoder (reconstruction only). *prior*: decode z ~ N(0, I); *fitted*: decode z from a Gaussian "
+               "fitted to the autoencoder's codes of 10,000 training images (the best an AE can do without a prior); "
+               "*midpoints*: decode the mean of the codes of two random real test images. Agreement does not apply "
+               "(unconditional); diversity is by predicted class.", ""]
+        md += _table(latent, ("fd", "precision", "recall", "diversity", "sharpness", "brightness")) + [""]
+        if "ae_vae" in pictures:
+            md += [f"![VAE vs AE]({pictures['ae_vae']})", "",
+                   "Rows: VAE samples z ~ N(0, I); AE samples z ~ N(0, I); then, for three pairs of real test images, "
+                   "the VAE's and the AE's decoded straight line between the two images' codes.", ""]
+
+    md += ["## Precision and recall of every model", "", f"![precision-recall]({pictures['pr']})", "",
+           "## All settings", ""]
+    md += _table(res + [{"label": "real training images (floor)", "fd": report["fd_floor"]}]) + [""]
+    md += [f"Draw time per setting (n = {n}, seconds): " +
+           ", ".join(f"{r['label']} {r['draw_seconds']:.0f}" for r in res), ""]
+    return "\n".join(md)
+
+
+def plots(report: dict, out: Path) -> dict[str, str]:
+    res = report["results"]
+    floor = ("real-data floor", report["fd_floor"])
+    samplers = list(dict.fromkeys(r["sampler"] for r in res if r["model"] == "diffusion"))
+    steps_series = {s: [(r["nfe"], r["fd"]) for r in res if r["model"] == "diffusion" and r["sampler"] == s
+                        and r["guidance"] == STEPS_GUIDANCE and not r["variant"]] for s in samplers}
+    guid = {s: [r for r in res if r["model"] == "diffusion" and r["sampler"] == s and r["steps"] == GUIDANCE_STEPS
+                and not r["variant"]] for s in samplers}
+    made = {}
+    for name, panels in {
+        "sampling": [lines(f"FD vs network evaluations (guidance {STEPS_GUIDANCE:g}, n={report['n']})",
+                           steps_series, "NFE per image (log)", "FD", logx=True, hline=floor)],
+        "guidance": [lines(f"FD vs guidance ({GUIDANCE_STEPS} steps)", {s: [(r["guidance"], r["fd"]) for r in rs]
+                                                                         for s, rs in guid.items()},
+                           "guidance scale", "FD", hline=floor),
+                     lines(f"Class agreement vs guidance ({GUIDANCE_STEPS} steps)",
+                           {s: [(r["guidance"], 100 * r["agreement"]) for r in rs] for s, rs in guid.items()},
+                           "guidance scale", "agreement %")],
+        "pr": [scatter("Precision vs recall", _pr_points(res), "recall", "precision")],
+    }.items():
+        path = save_panels(out / f"quality_{name}.png", panels)
+        if path is not None:
+            made[name] = path.name
+    return made
+
+
+def _pr_points(res) -> list[tuple[str, float, float]]:
+    keep = [diffusion(res, "dpmpp-2m", 20, 3.0), diffusion(res, "dpmpp-2m", 20, 1.0), diffusion(res, "ddim", 20, 3.0),
+            diffusion(res, "ddim", 20, 3.0, "diffusers"), diffusion(res, "ddpm", 50, 3.0),
+            diffusion(res, "dpmpp-2m", 20, 5.0), _find(res, model="gan"), _find(res, model="vae", variant="prior"),
+            _find(res, model="ae", variant="prior"), _find(res, model="ae", variant="fitted")]
+    return [(r["label"], r["recall"], r["precision"]) for r in keep if r]
+
+
+def write_report(report: dict, out: Path, extra_pictures: dict[str, str] | None = None) -> list[Path]:
+    """Write quality.json, the plots and quality.md into out; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = {**plots(report, out), **(extra_pictures or {})}
+    written = [out / f"quality_{name}.png" for name in pictures if (out / f"quality_{name}.png").is_file()]
+    for name, text in (("quality.json", json.dumps(report, indent=1) + "\n"),
+                       ("quality.md", render_markdown(report, pictures))):
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(text)
+        written.append(out / name)
+    return written
