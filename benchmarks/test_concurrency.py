@@ -43,6 +43,7 @@ def test_concurrent_clients(benchmark, settings, exports, server, clients):
             errors.append(repr(e))
             ready.abort()
 
+    idle = metrics.scrape(server.metrics_url)
     ready, go = threading.Barrier(clients + 1), threading.Event()
     threads = [threading.Thread(target=worker, args=(k, ready, go)) for k in range(clients)]
     for t in threads:
@@ -51,7 +52,9 @@ def test_concurrent_clients(benchmark, settings, exports, server, clients):
         ready.wait()  # every client connected and warm
     except threading.BrokenBarrierError:
         pass
-    before = metrics.scrape(server.metrics_url)
+    # Triton counts a request when it releases it, which can be after the client holds the answer: wait until
+    # every warm-up request (one per step per client) shows, or the round's delta would include a late one.
+    before = metrics.scrape_settled(server.metrics_url, idle, UNET, clients * steps, timeout=30)
 
     def one_round():
         t0 = time.perf_counter()

@@ -134,8 +134,11 @@ def _is_transient(exc: Exception) -> bool:
         return True
     text = str(exc).lower()
     status = str(getattr(exc, "status", lambda: "")() or "").lower()
+    # tritonclient.http (geventhttpclient) reports a connection reset while awaiting the answer as
+    # HTTPConnectionClosed("connection closed."), an http.client.HTTPException, not a ConnectionError.
     return any(s in text or s in status for s in ("unavailable", "deadline", "timed out", "timeout",
-                                                    "connection reset", "connection refused", "broken pipe"))
+                                                    "connection reset", "connection refused", "broken pipe",
+                                                    "connection closed"))
 
 
 class TritonBackend:

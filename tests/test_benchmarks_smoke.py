@@ -69,3 +69,60 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
     assert "**Smoke run**" in text and text.count("| n/a |") == 0
     assert "ORT, row shards off ms" in text and "row shards on vs off" in text  # the before/after of row shards
     assert {p.name for p in out.glob("*.png")} == {"step.png", "sampling.png", "peer.png", "concurrency.png"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report's arithmetic: a synthetic run with known medians, so a ratio taken upside down shows
+# ---------------------------------------------------------------------------------------------------------------
+
+def _bench(item: str, median: float, **info) -> dict:
+    return {"name": f"{item}-{median}", "extra_info": {"item": item, **info},
+            "stats": {"median": median, "mean": median, "min": median, "max": median, "stddev": 0.0, "rounds": 5}}
+
+
+def _synthetic_run(torch_s=0.030, ort_s=0.010, two_calls_s=0.017, triton_e2e_s=1.08, peer_s=3.0, ours_s=1.5) -> dict:
+    """Medians in seconds. Peak: 2 GFLOP in 10 ms = 200 GFLOP/s; the b8 step is 1.6 GFLOP, so ORT at 10 ms does
+    160 GFLOP/s = 80% of it. Defaults pass every target by a known margin."""
+    return {"machine_info": {"trident": {"settings": {"smoke": False, "sample_batch": 8, "peer_steps": 20}}},
+            "benchmarks": [
+                _bench("peak", 0.010, impl="numpy", n=1000, dtype="float32", flops=2e9),
+                _bench("step", torch_s, bucket=8, backend="torch", flops=1.6e9),
+                _bench("step", ort_s, bucket=8, backend="ort", flops=1.6e9),
+                _bench("step", 0.0105, bucket=8, backend="triton-http", flops=1.6e9),
+                _bench("step", 0.0104, bucket=8, backend="triton-grpc", flops=1.6e9),
+                _bench("cfg", 0.010, B=1, mode="batched", protocol="grpc"),
+                _bench("cfg", two_calls_s, B=1, mode="two-calls", protocol="grpc"),
+                _bench("e2e", 1.0, sampler="dpmpp-2m", steps=20, images=8, backend="ort"),
+                _bench("e2e", triton_e2e_s, sampler="dpmpp-2m", steps=20, images=8, backend="triton", protocol="grpc"),
+                _bench("peer", peer_s, steps=20, images=8, impl="diffusers-torch"),
+                _bench("peer", ours_s, steps=20, images=8, impl="ours-triton"),
+            ]}
+
+
+def _targets(text: str) -> dict[str, tuple[str, str]]:
+    """The Targets table: first words of each target -> (measured, result)."""
+    section = text.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+    return {" ".join(r[0].split()[:3]): (r[1], r[2]) for r in rows[1:] if len(r) == 3 and not set(r[0]) <= {"-"}}
+
+
+def test_report_targets_compute_ratios_the_right_way_up_and_pass_when_met(tmp_path):
+    got = _targets(report.render(_synthetic_run(), tmp_path))
+    assert got["ORT step faster"] == ("slowest speedup 3.00x at b8; b8 3.00x", "**PASS**")  # torch / ort
+    assert got[">= 75% of"] == ("b8: ORT 160.0 GFLOP/s = 80.0% of 200.0", "**PASS**")
+    assert got["Triton client loop"][0].startswith("+8") and got["Triton client loop"][1] == "**PASS**"  # 1.08 / 1
+    assert got["Batched CFG >="] == ("1.70x", "**PASS**")  # two calls / batched
+    assert got[">= 1.5x the"] == ("2.00x (DPM-Solver++-20, B=8)", "**PASS**")  # diffusers time / ours
+
+
+@pytest.mark.parametrize("slow,target", [
+    (dict(torch_s=0.009), "ORT step faster"),           # PyTorch 0.9x the time of ORT
+    (dict(ort_s=0.012, torch_s=0.036), ">= 75% of"),    # 1.6 GFLOP / 12 ms = 133 GFLOP/s, 67% of peak
+    (dict(triton_e2e_s=1.12), "Triton client loop"),    # +12% over ORT
+    (dict(two_calls_s=0.015), "Batched CFG >="),        # 1.5x < 1.6x
+    (dict(ours_s=2.5), ">= 1.5x the"),                  # 1.2x the images/s of diffusers
+])
+def test_report_target_fails_when_just_missed(tmp_path, slow, target):
+    got = _targets(report.render(_synthetic_run(**slow), tmp_path))
+    assert got[target][1] == "**FAIL**", got[target]
+    assert sum(result == "**FAIL**" for _, result in got.values()) == 1, got

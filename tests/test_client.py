@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,16 +147,75 @@ def test_server_loop_rejects_bad_arguments_and_keeps_serving(triton_client, serv
 def test_server_loop_stops_when_the_client_stops_waiting(server, protocol):
     """A client timeout ends the loop on the server too (gRPC cancels; HTTP sends max_seconds), so the next
     request does not wait behind an abandoned DDPM-1000."""
+    # Bounds are generous on purpose (the machine is a loaded 2-core box): the full DDPM-1000 loop for 8 images
+    # (16 U-Net rows a step) takes ~2 minutes here, so 30 s still tells "stopped" from "ran to the end".
     url = server.http_url if protocol == "http" else server.grpc_url
     with TridentClient.connect(url, protocol, sample_timeout_s=1.0) as client:
         t0 = time.monotonic()
         with pytest.raises(InferenceError, match="no answer within sample_timeout_s=1"):
             client.sample(list(np.arange(8) % 10), sampler="ddpm", steps=1000, loop="server")
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 30, "the client waited for the loop instead of its timeout"
     with TridentClient.connect(url, protocol) as client:
         t0 = time.monotonic()
         assert client.sample([1], steps=2, loop="server").shape == (1, 28, 28, 1)
-        assert time.monotonic() - t0 < 10, "the abandoned loop kept the sampler busy"
+        assert time.monotonic() - t0 < 30, "the abandoned loop kept the sampler busy"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain HTTP (KServe v2 JSON, no tritonclient): what model_repository/README.md tells any HTTP client
+# ---------------------------------------------------------------------------------------------------------------
+
+def post_json(url: str, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    """POST a JSON body to the server's HTTP endpoint with urllib: (HTTP status, decoded JSON answer)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def documented_sampler_request() -> dict:
+    """The curl body model_repository/README.md documents for diffusion_sampler, read from the README itself."""
+    import json
+
+    text = (Path(__file__).resolve().parents[1] / "model_repository" / "README.md").read_text()
+    body = re.search(r"/v2/models/diffusion_sampler/infer -d '(.*?)'", text, re.S)
+    assert body, "model_repository/README.md no longer shows a curl request to diffusion_sampler"
+    return json.loads(body.group(1))
+
+
+@pytest.mark.server
+def test_documented_plain_json_request_to_diffusion_sampler_returns_images_of_the_documented_shape(server):
+    body = documented_sampler_request()
+    labels = next(i["data"] for i in body["inputs"] if i["name"] == "class_label")
+    status, answer = post_json(server.http_url, "/v2/models/diffusion_sampler/infer", body)
+    assert status == 200, answer
+    (image,) = answer["outputs"]
+    assert (image["name"], image["datatype"], image["shape"]) == ("image", "FP32", [len(labels), 1, 28, 28])
+    pixels = np.asarray(image["data"], np.float32).reshape(image["shape"])
+    assert np.all(np.isfinite(pixels)) and np.abs(pixels).max() <= 1 + 1e-6 and pixels.std() > 0.1
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("model,inputs,names", [
+    ("gan_generator",  # our own range check in triton_model.py, not Triton's request validation
+     [{"name": "latent", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64},
+      {"name": "class_label", "shape": [1, 1], "datatype": "INT64", "data": [42]}],
+     ["gan_generator: input 'class_label' must be in [0, 10)", "got 42"]),
+    ("diffusion_sampler",  # triton_sampler.py's argument check
+     [{**i, "data": ["euler"]} if i["name"] == "sampler" else i for i in documented_sampler_request()["inputs"]],
+     ["diffusion_sampler: sampler must be one of", "got 'euler'"]),
+], ids=["graph-model", "sampler-model"])
+def test_malformed_plain_json_request_gets_http_400_naming_the_input(server, model, inputs, names):
+    status, answer = post_json(server.http_url, f"/v2/models/{model}/infer", {"inputs": inputs})
+    assert status == 400, answer
+    assert all(name in answer["error"] for name in names), answer
 
 
 def test_server_loop_needs_a_triton_server(ort_client):
@@ -180,6 +243,47 @@ def test_torch_backend_agrees_with_onnxruntime(checkpoints, ort_client):
         np.testing.assert_allclose(tc.sample(**kw), ort_client.sample(**kw), atol=1e-4)
         np.testing.assert_allclose(tc.generate([1, 2], seed=0, raw=True), ort_client.generate([1, 2], seed=0, raw=True),
                                    atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encode() and image-to-image interpolation on real Fashion-MNIST images
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_images(checkpoints):
+    """The first 64 Fashion-MNIST test images, uint8 (N, 28, 28, 1); only meaningful with the trained VAE."""
+    from conftest import ROOT
+    from trident.training.data import load_fashion_mnist
+
+    if checkpoints["vae"] != ROOT / "checkpoints" / "vae" / "model.safetensors":
+        pytest.skip("a VAE trained for a few steps (no shipped checkpoint) reconstructs nothing recognisable")
+    return load_fashion_mnist("test", limit=64).images[..., None]
+
+
+def test_decoded_code_of_an_image_is_nearest_to_that_image(ort_client, real_images):
+    x = real_images.astype(np.float32)[..., 0] / 127.5 - 1  # (N, 28, 28) in [-1, 1]
+    z = ort_client.encode(real_images)
+    assert z.shape == (64, ort_client.meta("vae")["latent_dim"])
+    recon = ort_client.decode(z, raw=True)[:, 0]
+    dist = ((recon[:, None] - x[None]) ** 2).mean(axis=(2, 3))  # (reconstruction, image)
+    nearest_own = int(np.sum(dist.argmin(axis=1) == np.arange(64)))
+    # Measured 60 of 64 with the shipped VAE (the misses are near-twin plain shirts); a broken encoder (wrong
+    # layout, value range or weights) lands near 1 in 64.
+    assert nearest_own >= 56, f"only {nearest_own} of 64 reconstructions are nearest to their own image"
+    # float (N, C, H, W) in [-1, 1] is the same input as uint8 (N, H, W, C)
+    np.testing.assert_allclose(ort_client.encode(x[:, None]), z, atol=1e-5)
+
+
+def test_interpolation_between_two_images_starts_at_one_and_ends_at_the_other(ort_client, real_images):
+    a, b = real_images[0], real_images[1]  # an ankle boot and a pullover
+    path = ort_client.interpolate(a[..., 0], b, 6, raw=True)[:, 0]  # (H, W) and (H, W, C) endpoints
+    ends = ort_client.decode(ort_client.encode(np.stack([a, b])), raw=True)[:, 0]
+    np.testing.assert_allclose(path[[0, -1]], ends, atol=1e-6)
+    xa, xb = (img.astype(np.float32)[..., 0] / 127.5 - 1 for img in (a, b))
+    to_a = ((path - xa) ** 2).mean(axis=(1, 2))
+    to_b = ((path - xb) ** 2).mean(axis=(1, 2))
+    assert np.all(np.diff(to_a) > 0) and np.all(np.diff(to_b) < 0), (to_a, to_b)  # moves steadily from a to b
+    assert to_a[0] < 0.25 * to_b[0] and to_b[-1] < 0.25 * to_a[-1], (to_a, to_b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,6 +392,112 @@ def test_unreachable_server_raises_with_url_and_hint_within_timeout(protocol):
     with pytest.raises(ServerUnreachableError, match=r"trident serve") as e:
         TridentClient.connect(url, protocol, timeout_s=2.0)
     assert url in str(e.value) and time.monotonic() - t0 < 10
+
+
+def _hang_up(sock: socket.socket):
+    """FIN both ways and wake a recv() blocked on it in another thread (close() alone would do neither)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+class FaultyProxy:
+    """A TCP proxy on 127.0.0.1 in front of the server that disturbs the `fault_at`-th inference request (POST).
+
+    fault "reset": the request reaches the server, then the connection is reset before its answer gets back.
+    fault "delay": the answer is held back `delay_s` seconds (longer than the client's timeout), then sent.
+    Every other byte passes through untouched. `posts` counts inference requests seen; `faults` the disturbances."""
+
+    def __init__(self, upstream: str, fault: str, fault_at: int, delay_s: float = 0.0):
+        host, port = upstream.rsplit(":", 1)
+        self.upstream, self.fault, self.fault_at, self.delay_s = (host, int(port)), fault, fault_at, delay_s
+        self.posts = self.faults = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._sockets, self._threads = [], []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.upstream)
+            self._sockets += [client, server]
+            marked = threading.Event()  # this connection carries the request to disturb
+            for pump in (threading.Thread(target=self._requests, args=(client, server, marked), daemon=True),
+                         threading.Thread(target=self._answers, args=(server, client, marked), daemon=True)):
+                self._threads.append(pump)
+                pump.start()
+
+    def _requests(self, client, server, marked):
+        try:
+            while data := client.recv(65536):
+                if re.match(rb"POST /v2/models/\w+/infer ", data):  # one request at a time per connection
+                    with self._lock:
+                        self.posts += 1
+                        if self.posts == self.fault_at:
+                            marked.set()
+                server.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _hang_up(server)
+
+    def _answers(self, server, client, marked):
+        try:
+            while data := server.recv(65536):
+                if marked.is_set():
+                    marked.clear()
+                    with self._lock:
+                        self.faults += 1
+                    if self.fault == "reset":  # RST, not FIN: the client sees "connection reset by peer"
+                        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        client.shutdown(socket.SHUT_RD)  # wakes _requests' recv, so the close below takes effect
+                        client.close()
+                        return
+                    self._closed.wait(self.delay_s)
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _hang_up(client)
+
+    def close(self):
+        """Close every connection too, and wait for the pumps: Triton's shutdown waits for open connections."""
+        self._closed.set()
+        self._listener.close()
+        for sock in self._sockets:
+            _hang_up(sock)
+        for pump in self._threads:
+            pump.join(timeout=10)
+        for sock in self._sockets:
+            sock.close()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("fault", ["reset", "delay"])
+def test_sample_retries_a_reset_or_timed_out_request_and_returns_the_undisturbed_images(server, fault):
+    """The third of four U-Net requests is disturbed: the client retries it with backoff and no image is dropped
+    or changed. (Each step's request is idempotent, so a retry after the server already ran it is harmless.)"""
+    kw = dict(classes=["bag", 3], steps=4, guidance=2.0, seed=9, raw=True)  # 2B = 4 rows: one request a step
+    with TridentClient.connect(server.http_url, "http") as client:
+        undisturbed = client.sample(**kw)
+    proxy = FaultyProxy(server.http_url, fault, fault_at=3, delay_s=4.0)
+    try:
+        # timeout_s=2: a request takes ~10 ms, so only the held-back answer runs into it (not the load of the box).
+        with TridentClient.connect(proxy.url, "http", timeout_s=2.0, retries=2, backoff_s=0.05) as client:
+            disturbed = client.sample(**kw)
+            assert client.last_stats.calls == 4
+    finally:
+        proxy.close()
+    assert proxy.faults == 1 and proxy.posts == 5  # four steps, one of them sent twice
+    assert disturbed.shape == undisturbed.shape == (2, 1, 28, 28)
+    np.testing.assert_array_equal(disturbed, undisturbed)
 
 
 @pytest.mark.server

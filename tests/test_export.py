@@ -44,32 +44,73 @@ def test_graph_io_names_and_dtypes_come_from_the_spec(export_dirs):
         assert got == [(t.name, t.dtype) for t in spec.inputs + spec.outputs]
 
 
-def test_parity_with_pytorch_is_below_tolerance_and_recorded(export_dirs):
-    worst = {}
-    for kind, d, info, graph, precision, bucket, f in _graphs(export_dirs):
-        limit = ex.FP32_TOLERANCE if precision == "fp32" else ex.FP16_TOLERANCE
-        assert 0 <= f["parity_max_abs_err"] < limit
-        worst[(graph, precision)] = max(worst.get((graph, precision), 0), f["parity_max_abs_err"])
-    print("max abs error vs PyTorch:", {f"{g}/{p}": f"{e:.2e}" for (g, p), e in worst.items()})
+# The test's own bounds, not the exporter's (FP32_TOLERANCE 1e-4, FP16_TOLERANCE 2e-2): the outputs here are O(1)
+# (tanh images, unit-variance eps, latents within a few units). fp32 graphs differ from PyTorch by op reordering
+# only (measured ~1e-6). fp16 weights and activations carry a relative rounding of 2**-11 ~ 5e-4 per op; through
+# these shallow networks that stays ~1e-3 (measured 3e-3 at worst, gan_generator), so 1e-2 leaves a margin while a
+# wrong weight, a dropped cast or a mis-wired node lands far above it.
+TEST_ATOL = {"fp32": 1e-5, "fp16": 1e-2}
 
 
-def test_onnx_runtime_output_matches_pytorch_again_on_fresh_inputs(checkpoints, export_dirs):
+def _fixed_inputs(spec, n: int, info: dict) -> list[np.ndarray]:
+    """Deterministic inputs chosen here, not by the exporter: timesteps from 0 to T-1, every label including null."""
+    rng = np.random.default_rng(20240615)
+    inputs = []
+    for t in spec.inputs:
+        if t.name == "timestep":
+            T = int(info["schedule"]["num_train_timesteps"])
+            inputs.append(np.linspace(0, T - 1, n).astype(np.float32))
+        elif t.name == "class_label":  # the diffusion U-Net also takes the null class; the GAN only real ones
+            top = int(info.get("null_class", len(info["class_names"]) - 1))
+            inputs.append((top - 3 * np.arange(n)) % (top + 1))
+        else:
+            inputs.append(rng.standard_normal(t.batched(n)).astype(np.float32))
+    return inputs
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnx_runtime_output_matches_the_pytorch_module_on_fixed_inputs(checkpoints, export_dirs, precision):
+    """Every exported file (each graph, each bucket) run by ONNX Runtime against the PyTorch module it came from,
+    with inputs and bounds of this test's own; the exporter's recorded parity figure is not trusted here.
+
+    What fp16 parity on this machine does and does not show. It runs on the CPU execution provider, which has fp16
+    kernels for few ops: ONNX Runtime casts around the rest and computes them in fp32. So it shows that the fp16
+    file holds fp16 weights, that its float32 I/O casts are wired, and that rounding weights and the activations
+    between nodes to fp16 keeps the output within TEST_ATOL. It does NOT show what the GPU path (CUDA execution
+    provider) computes: fp16 arithmetic and accumulation inside convolutions, matmuls, softmax and normalisation,
+    and overflow past 65504 there. No GPU runs these tests; that parity is measured on a GPU by the benchmarks.
+    """
     import torch
 
-    for kind in export_dirs:
-        model, meta = ckpt.load_model(checkpoints[kind])
-        info = load_export_metadata(export_dirs[kind])
-        for graph in info["graphs"]:
+    worst = {}
+    for kind, d in export_dirs.items():
+        model, _ = ckpt.load_model(checkpoints[kind])
+        info = load_export_metadata(d)
+        for graph, entry in info["graphs"].items():
             spec = graph_spec_from_meta(graph, info)
             module = ex.graph_module(graph, model)
-            inputs = ex.example_inputs(spec, 4, info, seed=123)
-            sess = ort.InferenceSession(str(export_dirs[kind] / f"{graph}_b4.onnx"), providers=["CPUExecutionProvider"])
-            got = sess.run(None, {t.name: a for t, a in zip(spec.inputs, inputs)})
-            with torch.no_grad():
-                ref = module(*[torch.from_numpy(a) for a in inputs])
-            ref = [ref] if torch.is_tensor(ref) else ref
-            for g, r in zip(got, ref):
-                np.testing.assert_allclose(g, r.numpy(), atol=1e-4)
+            assert sorted(map(int, entry[precision])) == list(TEST_BUCKETS), (graph, precision)
+            for bucket, f in entry[precision].items():
+                model_proto = onnx.load(d / f["file"])
+                weight_types = {w.data_type for w in model_proto.graph.initializer if len(w.dims) > 1}
+                expected = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+                assert weight_types == {expected}, (f["file"], weight_types)
+                inputs = _fixed_inputs(spec, int(bucket), info)
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = 1
+                sess = ort.InferenceSession(str(d / f["file"]), so, providers=["CPUExecutionProvider"])
+                got = sess.run(None, {t.name: a for t, a in zip(spec.inputs, inputs)})
+                with torch.no_grad():
+                    ref = module(*[torch.from_numpy(a) for a in inputs])
+                ref = [ref] if torch.is_tensor(ref) else list(ref)
+                assert len(got) == len(ref) == len(spec.outputs)
+                for t, g, r in zip(spec.outputs, got, ref):
+                    assert g.dtype == np.float32 and g.shape == tuple(r.shape), (f["file"], t.name, g.dtype, g.shape)
+                    err = float(np.max(np.abs(g - r.numpy())))
+                    assert err < TEST_ATOL[precision], f"{f['file']} {t.name}: max abs error {err:.3g} vs PyTorch"
+                    worst[graph] = max(worst.get(graph, 0.0), err)
+                assert 0 <= f["parity_max_abs_err"] < TEST_ATOL[precision]  # the figure clients read is recorded
+    print(f"{precision} max abs error vs PyTorch:", {g: f"{e:.2e}" for g, e in worst.items()})
 
 
 def test_timestep_embedding_is_computed_from_the_input_not_folded(export_dirs):

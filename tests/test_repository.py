@@ -633,9 +633,12 @@ def test_concurrent_requests_of_mixed_sizes_each_get_own_rows_when_batched_toget
             assert not isinstance(result, Exception), result
             assert_outputs_close(result, oracle(spec, arrays))
     requests_after, executions_after = execution_counts(served, graph, at_least=requests_before + 2 * len(sizes))
-    # The single instance was busy while the others queued: the batcher must have merged some requests.
     assert requests_after - requests_before == 2 * len(sizes)
-    assert executions_after - executions_before < 2 * len(sizes)
+    if graph == "diffusion_unet":
+        # A U-Net execution (tens of ms) keeps the single instance busy while the others queue: the batcher must
+        # have merged some. A gan_generator execution takes ~1 ms, so on a loaded 2-core machine its requests
+        # may all arrive after the previous one finished; there only the per-request rows above are checked.
+        assert executions_after - executions_before < 2 * len(sizes)
 
 
 @pytest.mark.server

@@ -344,15 +344,15 @@ def test_stop_leaves_no_process_when_server_had_stubs(model_repository):
 @pytest.mark.server
 def test_wait_ready_raises_triton_error_line_fast_when_config_pbtxt_broken(tmp_path):
     write_model(tmp_path, "broken", 'backend: "python"\nmax_batch_size: 8\ninput [ { name: ', ADD_ONE_MODEL)
-    started = time.monotonic()
     with pytest.raises(TritonServerError) as raised:
         with TritonServer(free_config(tmp_path, startup_timeout_s=60)):
             pass
-    elapsed = time.monotonic() - started
     message = str(raised.value)
     assert "failed to read text proto from" in message and "broken/config.pbtxt" in message
     assert "failed to load all models" in message
-    assert elapsed < 20, f"took {elapsed:.1f} s: waited for the timeout instead of reading the log"
+    # "Fast" means it did not wait for startup_timeout_s: the message says which way wait_ready gave up (a wall
+    # clock bound here raced the ~5-10 s server start on a loaded 2-core machine).
+    assert "not ready after" not in message, "waited for the timeout instead of reading the log"
 
 
 @pytest.mark.server
@@ -363,11 +363,10 @@ def test_wait_ready_raises_triton_error_line_fast_when_model_py_raises(tmp_path)
         ADD_ONE_CONFIG.replace("add_one", "crashes"),
         "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('boom from model.py')\n",
     )
-    started = time.monotonic()
-    with pytest.raises(TritonServerError, match="boom from model.py"):
+    with pytest.raises(TritonServerError, match="boom from model.py") as raised:
         with TritonServer(free_config(tmp_path, startup_timeout_s=60)):
             pass
-    assert time.monotonic() - started < 20
+    assert "not ready after" not in str(raised.value), "waited for the timeout instead of reading the log"
 
 
 @pytest.mark.server
