@@ -126,3 +126,42 @@ def test_report_target_fails_when_just_missed(tmp_path, slow, target):
     got = _targets(report.render(_synthetic_run(**slow), tmp_path))
     assert got[target][1] == "**FAIL**", got[target]
     assert sum(result == "**FAIL**" for _, result in got.values()) == 1, got
+
+
+@pytest.mark.slow
+def test_benchmark_run_keeps_what_finished_when_interrupted(checkpoints, export_dirs, tmp_path):
+    """Ctrl-C (or gpu.sh's time cap) during `make bench` reaches pytest too: run.py waits for it, and the benchmarks
+    that finished still reach latest.json and the report."""
+    import signal
+
+    out = tmp_path / "results"
+    env = dict(os.environ, TRIDENT_BENCH_SMOKE="1", TRIDENT_BENCH_THREADS="1", OMP_NUM_THREADS="1",
+               TRIDENT_BENCH_WORK=str(tmp_path / "work"), PYTHONUNBUFFERED="1",
+               TRIDENT_BENCH_EXPORTS=os.pathsep.join(str(export_dirs[k]) for k in ("gan", "vae")))
+    env.pop("TRIDENT_BENCH_DEVICE", None)
+    # two one-shot benchmarks of ~8 s each (-vv undoes run.py's -q: a line per test): interrupt while the second runs
+    cmd = [sys.executable, "-m", "trident.benchmarks.run", "--smoke", "--out", str(out), "--", "-vv", "-k",
+           "oneshot and ort", "--benchmark-max-time=8", "--benchmark-min-rounds=5"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "PASSED" in line:
+                os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the whole process group
+                break
+        lines += process.stdout.readlines()
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = "".join(lines)
+    assert "interrupted: waiting for pytest to write its results" in text, text[-3000:]
+    assert code == 2, text[-3000:]  # pytest's "interrupted"
+    data = json.loads((out / "latest.json").read_text())
+    finished = data["benchmarks"][0]
+    assert finished["extra_info"]["kind"] == "gan" and finished["stats"]["rounds"] >= 5, text[-3000:]
+    # pytest-benchmark also writes the rounds the interrupted benchmark had done (seen: the VAE's, cut short)
+    assert [b["extra_info"]["kind"] for b in data["benchmarks"][1:]] in ([], ["vae"])
+    assert "## 6. GAN" in (out / "report.md").read_text()
