@@ -6,7 +6,7 @@
   trident serve [--model-repository REPO] ...      start the embedded Triton server
   trident sample --model diffusion ...             draw images from a running server (client only)
   trident demo                                     build, serve, sample all three models, write grids
-  trident evaluate                                 classifier agreement of conditional diffusion samples (torch)
+  trident evaluate [--sweep]                       image quality of every generator (torch), the quality report
 """
 from __future__ import annotations
 

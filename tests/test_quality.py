@@ -79,12 +79,12 @@ def ref(feature_cache):
 
 def test_real_images_score_like_real_data_and_a_collapsed_set_does_not(ref):
     i = q.balanced_subset(ref.train_labels, 300, seed=1)
-    real = q.evaluate_images(ref.train_images[i], ref, ref.train_labels[i])
+    real = ref.real_scores(300, seed=1)
     assert real["agreement"] > 0.85                          # ~ the classifier's test accuracy (91%)
     assert 0.85 < real["diversity"] < 1.15 and 0.8 < real["sharpness"] < 1.25
     assert real["precision"] > 0.7 and real["recall"] > 0.7
     assert abs(real["brightness"] - real["real_brightness"]) < 8
-    assert real["fd"] < 1.5 * ref.floor(300, seed=1)
+    assert real["fd"] == pytest.approx(ref.floor(300, seed=1))  # the same 300 training images
     # one image per class repeated: the classifier still agrees, but diversity, recall and FD expose it
     one = np.stack([ref.train_images[i][ref.train_labels[i] == c][0] for c in ref.train_labels[i]])
     collapsed = q.evaluate_images(one, ref, ref.train_labels[i])
@@ -113,7 +113,8 @@ def test_evaluate_rejects_non_finite_images(ref):
 def diffusion_client(export_dirs, checkpoints):
     from trident.serving.client import TridentClient
 
-    assert checkpoints["diffusion"] == ROOT / "checkpoints" / "diffusion" / "model.safetensors", "needs the shipped U-Net"
+    shipped = ROOT / "checkpoints" / "diffusion" / "model.safetensors"
+    assert checkpoints["diffusion"] == shipped, "needs the shipped U-Net"
     with TridentClient.from_onnx([export_dirs["diffusion"]]) as client:
         yield client
 
@@ -184,12 +185,14 @@ def test_evaluate_cli_measures_the_gan_through_the_sdk(tmp_path, capsys):
     assert "does not apply" in capsys.readouterr().err
 
 
-def _result(model, fd, agreement=None, diversity=1.0, sampler="", steps=0, guidance=0.0, variant=""):
+def _result(model, fd, agreement=None, diversity=1.0, sampler="", steps=0, guidance=0.0, variant="",
+            truncation=0.0):
     from trident.training.evaluate import Setting
 
-    s = Setting(model, sampler, steps, guidance, variant)
+    s = Setting(model, sampler, steps, guidance, variant, truncation)
     r = {"label": s.label, "model": model, "sampler": sampler, "steps": steps, "guidance": guidance,
-         "variant": variant, "nfe": s.nfe, "n": 100, "fd": fd, "precision": 0.9, "recall": 0.5,
+         "variant": variant, "truncation": truncation, "nfe": s.nfe, "n": 100, "fd": fd, "precision": 0.9,
+         "recall": 0.5,
          "diversity": diversity, "sharpness": 1.0, "brightness": 80.0, "real_brightness": 73.0, "draw_seconds": 1.0}
     if agreement is not None:
         r["agreement"] = agreement
@@ -203,16 +206,20 @@ def test_report_judges_the_gan_targets_from_the_measured_figures(tmp_path):
                _result("diffusion", 15.0, 0.99, sampler="dpmpp-2m", steps=20, guidance=3.0),
                _result("diffusion", 60.0, 0.5, sampler="ddim", steps=20, guidance=3.0, variant="diffusers"),
                _result("diffusion", 16.0, 0.98, sampler="ddim", steps=20, guidance=3.0),
-               _result("gan", 61.0, 0.96, diversity=0.71),
+               _result("gan", 61.0, 0.96, diversity=0.71), _result("gan", 50.0, 0.94, diversity=0.69, truncation=1.5),
                _result("vae", 90.0, variant="prior"), _result("ae", 200.0, variant="prior")]
     gan, unguided, verdict = gan_verdict(results)
     assert verdict["fd_vs_unguided_diffusion"] == (pytest.approx(3.05), False)  # 61 / 20 > 3
     assert verdict["agreement"] == (0.96, True) and verdict["diversity"] == (0.71, True)
+    _, _, truncated = gan_verdict(results, truncation=1.5)
+    assert truncated["agreement"] == (0.94, False) and truncated["fd_vs_unguided_diffusion"] == (2.5, True)
     report = {"n": 100, "seed": 0, "classifier_test_accuracy": 0.91, "fd_floor": 5.0, "backend": "test",
               "machine": "test", "results": results}
     paths = write_report(report, tmp_path)
     assert {p.name for p in paths} >= {"quality.md", "quality.json", "quality_sampling.png", "quality_pr.png"}
     md = (tmp_path / "quality.md").read_text()
-    assert "| FD <= 3x unguided DPM-Solver++-20 (20.0) | 61.0 = 3.05x | FAIL |" in md
-    assert "| within-class diversity >= 0.70 of real data | 0.71 | pass |" in md
+    assert "| target | `gan` | `gan truncation 1.5` |" in md
+    assert "| FD <= 3x unguided DPM-Solver++-20 (20.0) | 61.0 = 3.05x FAIL | 50.0 = 2.50x pass |" in md
+    assert "| within-class diversity >= 0.70 of real data | 0.71 pass | 0.69 FAIL |" in md
+    assert "| class agreement >= 95% | 96.0% pass | 94.0% FAIL |" in md
     assert "| ddim-20 g3 (diffusers DDIM) | 40 | 50.0% | 60.0 |" in md

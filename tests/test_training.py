@@ -265,12 +265,13 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, tiny_da
 
 
 def test_gan_remedies_train_and_export_an_ema_generator(tmp_path, tiny_data):
-    # DiffAugment, lazy R1 (on the first step), a class-wise minibatch-std D and TTUR, all at once, for 4 steps
+    # DiffAugment, lazy R1 (on the first step), a class-wise minibatch-std D, TTUR and mode seeking, for 4 steps
     cfg = _cfg("gan", tmp_path, tiny_data, steps=4, gan_augment="translation,cutout", gan_r1=0.1, gan_r1_every=2,
-               disc_lr=4e-4, model={**TINY["gan"], "mbstd": "class", "disc_norm": "none"}, ema_decay=0.5)
+               disc_lr=4e-4, gan_mode_seeking=1.0, model={**TINY["gan"], "mbstd": "class", "disc_norm": "none"},
+               ema_decay=0.5)
     path = train(cfg)
     log = _log(tmp_path)
-    assert all(np.isfinite([r["loss_d"], r["loss_g"], r["r1"]]).all() for r in log)
+    assert all(np.isfinite([r["loss_d"], r["loss_g"], r["r1"], r["mode_ratio"]]).all() for r in log)
     exported, _ = ckpt.load_checkpoint(path)
     live, _ = ckpt.load_checkpoint(tmp_path / "last.safetensors")
     # the exported generator is the EMA, not the live weights; BatchNorm statistics are the live model's

@@ -49,12 +49,15 @@ class Setting:
     steps: int = 0
     guidance: float = 0.0
     variant: str = ""
+    truncation: float = 0.0  # gan: z clipped to [-truncation, truncation] (the SDK's truncation); 0 = none
 
     @property
     def label(self) -> str:
         if self.model == "diffusion":
             extra = " (diffusers DDIM)" if self.variant == "diffusers" else ""
             return f"{self.sampler}-{self.steps} g{self.guidance:g}{extra}"
+        if self.truncation:
+            return f"{self.model} truncation {self.truncation:g}"
         return self.model if not self.variant else f"{self.model} {self.variant}"
 
     @property
@@ -75,8 +78,9 @@ def sweep_settings(include_ddpm_1000: bool = True) -> list[Setting]:
     out += [Setting("diffusion", "ddim", s, 3.0, "diffusers") for s in (20, 50)]
     if include_ddpm_1000:
         out.append(Setting("diffusion", "ddpm", 1000, 3.0))
-    out += [Setting("gan"), Setting("vae", variant="prior"), Setting("ae", variant="prior"),
-            Setting("ae", variant="fitted"), Setting("vae", variant="midpoints"), Setting("ae", variant="midpoints")]
+    out += [Setting("gan"), Setting("gan", truncation=1.5), Setting("gan", truncation=1.0),
+            Setting("vae", variant="prior"), Setting("ae", variant="prior"), Setting("ae", variant="fitted"),
+            Setting("vae", variant="midpoints"), Setting("ae", variant="midpoints")]
     return out
 
 
@@ -142,7 +146,8 @@ def draw(clients: Clients, setting: Setting, n: int, seed: int = 0, batch: int =
                 if setting.model == "diffusion":
                     x = _sample(client, setting, labels[i:i + m], seed + i)
                 elif setting.model == "gan":
-                    x = client.generate(labels[i:i + m], seed=seed + i, raw=True)
+                    x = client.generate(labels[i:i + m], seed=seed + i, truncation=setting.truncation or None,
+                                        raw=True)
                 else:
                     x = client.generate_vae(m, seed=seed + i, raw=True)
                 chunks.append(x)
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=sampling.SAMPLERS, default="dpmpp-2m")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--truncation", type=float, default=0.0, help="gan: clip z to [-T, T] (0 = none)")
     p.add_argument("--variant", default="", help="vae/ae: prior (default), fitted, midpoints; diffusion: diffusers "
                                                  "(DDIM with the unclipped eps)")
     p.add_argument("--n", type=int, default=1000, help="images per setting (FD depends on n: compare at equal n)")
@@ -260,11 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     if args.n < 10:
         raise ValueError(f"--n must be >= 10, got {args.n}")
+    if not (args.truncation == 0 or args.truncation > 0 and args.model == "gan"):
+        raise ValueError(f"--truncation applies to --model gan and must be > 0, got {args.truncation}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.variant and not (args.model in ("vae", "ae") and args.variant in ("prior", "fitted", "midpoints")
                              or args.model == "diffusion" and args.variant == "diffusers" and args.sampler == "ddim"):
-        raise ValueError(f"--variant {args.variant!r} does not apply to --model {args.model} (--sampler {args.sampler})")
+        raise ValueError(f"--variant {args.variant!r} does not apply to --model {args.model} "
+                         f"(--sampler {args.sampler})")
 
 
 def main(argv=None) -> int:
@@ -306,8 +315,9 @@ def main(argv=None) -> int:
                         tmp.write_text(json.dumps(r))
                     log(f"[{i + 1}/{len(settings)}] {s.label}: " + _summary(r))
                 results.append(r)
+            real = ref.real_scores(args.n, args.seed)
             report = {"n": args.n, "seed": args.seed, "classifier_test_accuracy": net.test_accuracy,
-                      "fd_floor": ref.floor(args.n, args.seed), "backend": args.url or "onnxruntime (in-process)",
+                      "fd_floor": real["fd"], "real": real, "backend": args.url or "onnxruntime (in-process)",
                       "machine": platform.processor() or platform.machine(), "results": results}
             report["command"] = "trident evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
             picture = ae_vae_picture(clients, ref, Path(args.out) / "quality_ae_vae.png", args.seed)
@@ -318,7 +328,8 @@ def main(argv=None) -> int:
             s = Setting(args.model, args.sampler if args.model == "diffusion" else "",
                         args.steps if args.model == "diffusion" else 0,
                         args.guidance if args.model == "diffusion" else 0.0,
-                        args.variant or ("prior" if args.model in ("vae", "ae") else ""))
+                        args.variant or ("prior" if args.model in ("vae", "ae") else ""),
+                        args.truncation if args.model == "gan" else 0.0)
             result = measure(clients, s, ref, args.n, args.seed, args.batch, progress=True)
             result["fd_floor"] = ref.floor(args.n, args.seed)
             result["classifier_test_accuracy"] = net.test_accuracy
@@ -334,7 +345,8 @@ def _cache_path(work: Path, s: Setting, args, checkpoints: dict[str, Path], net:
     """Where a sweep keeps one setting's result: keyed by everything that decides it (the setting, n, seed, batch,
     backend, the model's and the classifier's bytes, and the sampler code for diffusion), so a re-run after a new
     GAN checkpoint re-measures the GAN alone."""
-    key = {"setting": asdict(s), "n": args.n, "seed": args.seed, "batch": args.batch, "url": args.url,
+    setting = {k: v for k, v in asdict(s).items() if not (k == "truncation" and not v)}  # keys made before it
+    key = {"setting": setting, "n": args.n, "seed": args.seed, "batch": args.batch, "url": args.url,
            "model": file_sha256(checkpoints[s.model]), "classifier": net.digest,
            "code": file_sha256(Path(sampling.__file__)) if s.model == "diffusion" else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

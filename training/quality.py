@@ -205,6 +205,12 @@ class RealReference:
         f, _ = self.net(self.train_images[balanced_subset(self.train_labels, n, seed)])
         return frechet_distance(*moments(f), self.mu, self.sigma)
 
+    def real_scores(self, n: int, seed: int = 0) -> dict:
+        """Every figure of evaluate_images for n real training images (classes balanced) with their true labels:
+        what a perfect generator scores at this n (its fd is floor(n, seed))."""
+        i = balanced_subset(self.train_labels, n, seed)
+        return evaluate_images(self.train_images[i], self, self.train_labels[i], seed)
+
     def subset(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """n real test images (classes balanced): images, labels, features."""
         i = balanced_subset(self.test_labels, n, seed)
