@@ -199,7 +199,7 @@ def _pr_points(res) -> list[tuple[str, float, float]]:
     keep = [diffusion(res, "dpmpp-2m", 20, 3.0), diffusion(res, "dpmpp-2m", 20, 1.0), diffusion(res, "ddim", 20, 3.0),
             diffusion(res, "ddim", 20, 3.0, "diffusers"), diffusion(res, "ddpm", 50, 3.0),
             diffusion(res, "dpmpp-2m", 20, 5.0), _find(res, model="gan", truncation=0.0),
-            _find(res, model="gan", truncation=1.5), _find(res, model="vae", variant="prior"),
+            _find(res, model="gan", truncation=1.0), _find(res, model="vae", variant="prior"),
             _find(res, model="ae", variant="prior"), _find(res, model="ae", variant="fitted")]
     return [(r["label"], r["recall"], r["precision"]) for r in keep if r]
 

@@ -509,7 +509,8 @@ def scatter(title: str, points: list[tuple[str, float, float]], xlabel: str, yla
 
     if not points:
         return None
-    width, height, left, right, top, bottom = 620, 560, 70, 30, 50, 60
+    legend_rows = (len(points) + 1) // 2
+    width, height, left, right, top, bottom = 620, 560 + 18 * legend_rows, 70, 30, 50, 60 + 18 * legend_rows
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     fonts = (_font(16), _font(11))
@@ -522,10 +523,12 @@ def scatter(title: str, points: list[tuple[str, float, float]], xlabel: str, yla
 
     ticks = [limit * i / 5 for i in range(6)]
     _axes(d, title, xlabel, ylabel, width, height, left, right, top, bottom, x_of, y_of, ticks, ticks, fonts)
-    for j, (label, x, y) in enumerate(points):
+    for j, (label, x, y) in enumerate(points):  # numbered points, names in a legend below (labels overlap)
         color = PALETTE[j % len(PALETTE)]
         d.ellipse([x_of(x) - 4, y_of(y) - 4, x_of(x) + 4, y_of(y) + 4], fill=color)
-        d.text((x_of(x) + 6, y_of(y) - 2 + 11 * (j % 2)), label, fill=color, font=fonts[1], anchor="lm")
+        d.text((x_of(x) + 6, y_of(y)), str(j + 1), fill=color, font=fonts[1], anchor="lm")
+        lx, ly = left + (j % 2) * (width - left) // 2, height - bottom + 40 + 18 * (j // 2)
+        d.text((lx, ly), f"{j + 1}  {label}", fill=color, font=fonts[1], anchor="lm")
     return img
 
 

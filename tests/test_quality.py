@@ -162,8 +162,9 @@ def test_shipped_gan_is_varied_and_shows_its_class(ref):
     with torch.no_grad():
         x = g.eval()(z, torch.from_numpy(labels)).numpy()
     r = q.evaluate_images(x, ref, labels)
-    # the GAN shipped before this test existed: agreement 1.0, diversity 0.19 (one image per class, few shades)
-    assert r["agreement"] >= 0.9 and r["diversity"] >= 0.6, r
+    # the GAN shipped before this test existed scored agreement 1.0 but diversity 0.19 (one image per class, in a
+    # few shades) and failed here; the shipped one: ~0.92 and ~0.87 (n = 1000 in benchmarks/results/quality.md)
+    assert r["agreement"] >= 0.85 and r["diversity"] >= 0.7, r
 
 
 # ----------------------------------------------------------------------------------------------------------------
