@@ -47,6 +47,16 @@ def _table(rows: list[dict], columns=COLUMNS) -> list[str]:
     return out
 
 
+def _sampler_grid(samplers, columns, header, lookup, cell) -> list[str]:
+    """A markdown table with one row per sampler and one column per value (steps or guidance): cell(result), or a
+    dash where the sweep has no result."""
+    out = ["| sampler | " + " | ".join(header(c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for sampler in samplers:
+        cells = [cell(r) if (r := lookup(sampler, c)) else "–" for c in columns]
+        out.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    return out
+
+
 def diffusion(results, sampler, steps, guidance, variant=""):
     return _find(results, model="diffusion", sampler=sampler, steps=steps, guidance=guidance, variant=variant)
 
@@ -89,26 +99,18 @@ def render_markdown(report: dict, pictures: dict[str, str]) -> str:
            "step count:", ""]
     step_counts = sorted({r["steps"] for r in res if r["model"] == "diffusion" and r["guidance"] == STEPS_GUIDANCE
                           and not r["variant"]})
-    md += ["| sampler | " + " | ".join(f"{s} steps" for s in step_counts) + " |", "|---|" + "---:|" * len(step_counts)]
-    for sampler in samplers:
-        cells = []
-        for steps in step_counts:
-            r = diffusion(res, sampler, steps, STEPS_GUIDANCE)
-            cells.append(f"{r['fd']:.1f} ({100 * r['agreement']:.0f}%, {r['brightness']:.0f})" if r else "–")
-        md.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    md += _sampler_grid(samplers, step_counts, lambda s: f"{s} steps",
+                        lambda sampler, steps: diffusion(res, sampler, steps, STEPS_GUIDANCE),
+                        lambda r: f"{r['fd']:.1f} ({100 * r['agreement']:.0f}%, {r['brightness']:.0f})")
     md += ["", f"![FD vs NFE]({pictures['sampling']})", ""]
 
     md += [f"## Diffusion: guidance at {GUIDANCE_STEPS} steps", "", "FD / agreement / recall per sampler and guidance "
            "scale (guidance 1 = conditional, unguided):", ""]
     scales = sorted({r["guidance"] for r in res if r["model"] == "diffusion" and r["steps"] == GUIDANCE_STEPS
                      and not r["variant"]})
-    md += ["| sampler | " + " | ".join(f"g {g:g}" for g in scales) + " |", "|---|" + "---:|" * len(scales)]
-    for sampler in samplers:
-        cells = []
-        for g in scales:
-            r = diffusion(res, sampler, GUIDANCE_STEPS, g)
-            cells.append(f"{r['fd']:.1f} / {100 * r['agreement']:.0f}% / {r['recall']:.2f}" if r else "–")
-        md.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    md += _sampler_grid(samplers, scales, lambda g: f"g {g:g}",
+                        lambda sampler, g: diffusion(res, sampler, GUIDANCE_STEPS, g),
+                        lambda r: f"{r['fd']:.1f} / {100 * r['agreement']:.0f}% / {r['recall']:.2f}")
     md += ["", f"![FD and agreement vs guidance]({pictures['guidance']})", ""]
 
     ddim_rows = [r for s in (20, 50) for r in (diffusion(res, "ddim", s, 3.0, "diffusers"),
