@@ -560,3 +560,25 @@ def test_sample_cli_reports_unknown_class_and_unreachable_server(tmp_path, capsy
     assert main(["--url", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "x.png")]) == 2
     assert "cannot reach a Triton server" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The quality harness over a Triton server
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.server
+def test_evaluate_through_a_triton_server_scores_what_in_process_scores(server, checkpoints, tmp_path):
+    import json
+
+    from conftest import ROOT
+    from trident.training.evaluate import main
+
+    if checkpoints["gan"] != ROOT / "checkpoints" / "gan" / "model.safetensors":
+        pytest.skip("the in-process side evaluates the shipped GAN; the server here serves another")
+    args = ["--model", "gan", "--n", "30", "--work", str(tmp_path / "work")]
+    assert main(args + ["--url", server.grpc_url, "--protocol", "grpc", "--json", str(tmp_path / "served.json")]) == 0
+    assert main(args + ["--json", str(tmp_path / "local.json")]) == 0
+    served, local = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("served", "local"))
+    assert served["per_class_agreement"] == local["per_class_agreement"]
+    for key in ("fd", "precision", "recall", "diversity", "sharpness", "brightness"):
+        assert served[key] == pytest.approx(local[key], rel=1e-3), key
