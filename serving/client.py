@@ -151,8 +151,10 @@ class TridentClient:
             raise InvalidArgumentError(f"steps must be an integer in [1, {T}], got {steps!r}")
         if sampler not in sampling.SAMPLERS:
             raise InvalidArgumentError(f"sampler must be one of {sampling.SAMPLERS}, got {sampler!r}")
-        if not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance) or guidance < 0:
-            raise InvalidArgumentError(f"guidance must be a finite number >= 0 (1 = no guidance), got {guidance!r}")
+        if not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance) \
+                or not 0 <= guidance <= sampling.MAX_GUIDANCE:
+            raise InvalidArgumentError(f"guidance must be a finite number >= 0 and <= {sampling.MAX_GUIDANCE:g} "
+                                       f"(1 = no guidance), got {guidance!r}")
         if loop not in LOOPS:
             raise InvalidArgumentError(f"loop must be one of {LOOPS}, got {loop!r}")
         im = meta["image"]

@@ -420,6 +420,14 @@ def cfg_eps(model: EpsModel, x, t: int, labels, guidance_scale: float, null_clas
 # Sampling loop
 # ----------------------------------------------------------------------------------------------------------------
 
+# Bounds on the loop's numeric arguments, checked before any model call (the SDK, the CLI and the server-side loop
+# all pass through sample_progressive). Guidance past ~10 only saturates the images (quality.md: FD rises from
+# guidance 1.5 on); 50 leaves room to experiment and keeps a guided eps far from float overflow. DDIM's eta runs from
+# 0 (deterministic) to 1 (DDPM-like variance).
+MAX_GUIDANCE = 50.0
+MAX_ETA = 1.0
+
+
 class SamplingCancelled(Exception):
     """Raised when a sampling callback returns False."""
 
@@ -465,10 +473,11 @@ def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSc
     null_class = _check_int("null_class", null_class, 0)
     _check_int("steps", steps, 1, schedule.num_train_timesteps)
     if not (isinstance(guidance_scale, (int, float, np.floating)) and math.isfinite(guidance_scale)
-            and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
-    if not (isinstance(eta, (int, float, np.floating)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+            and 0 <= guidance_scale <= MAX_GUIDANCE):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 and <= {MAX_GUIDANCE:g} (1 = no guidance), "
+                         f"got {guidance_scale!r}")
+    if not (isinstance(eta, (int, float, np.floating)) and math.isfinite(eta) and 0 <= eta <= MAX_ETA):
+        raise ValueError(f"eta must be a finite number >= 0 and <= {MAX_ETA:g}, got {eta!r}")
     if eta > 0 and sampler != "ddim":
         raise ValueError(f"eta={eta} applies to the 'ddim' sampler only, not {sampler!r}")
     if labels is not None:

@@ -391,6 +391,13 @@ class TritonServer:
                 f"Model repository {repository} does not exist. Create it (one folder per model with config.pbtxt "
                 "and 1/model.py or 1/model.onnx) or pass --model-repository."
             )
+        unbuilt = unbuilt_models(repository)
+        if unbuilt:
+            out = self.requested_config.model_repository
+            raise TritonServerError(
+                f"Model repository {repository} is not built ({', '.join(unbuilt)}: config.pbtxt but no model "
+                f"files): run `trident serve build --out {out}` first (it exports checkpoints/ and writes them)."
+            )
         binary, backends, env = find_tritonserver()
         config = _with_free_ports(self.requested_config)
         self._own_shm_prefix = None
@@ -541,6 +548,16 @@ class TritonServer:
         if any("already in use" in line for line in errors):
             return "Another process holds that port: choose other ports or pass 0 (--free-ports) to pick free ones.\n"
         return ""
+
+
+def unbuilt_models(repository: Path) -> list[str]:
+    """Models of a repository that have a config.pbtxt but no numbered version folder with files in it. A fresh clone
+    of this project is like that: its model_repository/ holds only the committed configs, and `trident serve build`
+    writes the graphs and model files (Triton itself only says "at least one version must be available")."""
+    def has_version(model: Path) -> bool:
+        return any(v.is_dir() and v.name.isdigit() and any(v.iterdir()) for v in model.iterdir())
+
+    return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt") if not has_version(p.parent))
 
 
 def _http_ok(url: str) -> bool:

@@ -469,3 +469,26 @@ def test_serve_main_fails_with_hint_when_repository_missing(tmp_path, capsys):
 
     assert main(["--model-repository", str(tmp_path / "missing"), "--free-ports"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_stops_with_the_build_command_when_repository_is_not_built(tmp_path, capsys):
+    """A fresh clone's model_repository/ holds only the committed configs: `trident serve` names the command that
+    builds it (one line, exit 1) instead of Triton's "at least one version must be available" lines."""
+    import shutil
+
+    from trident.serving.server import main, unbuilt_models
+
+    repo = tmp_path / "model_repository"
+    root = Path(__file__).resolve().parents[1] / "model_repository"
+    for config in root.glob("*/config.pbtxt"):  # what git tracks: the configs, no graphs or model.py
+        (repo / config.parent.name).mkdir(parents=True)
+        shutil.copy(config, repo / config.parent.name / "config.pbtxt")
+    (repo / "gan_generator" / "1").mkdir()  # an empty version folder is not a built model either
+    names = sorted(p.parent.name for p in root.glob("*/config.pbtxt"))
+    assert unbuilt_models(repo) == names
+    assert main(["--model-repository", str(repo), "--free-ports"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"run `trident serve build --out {repo}` first" in err[0], err
+    assert "gan_generator" in err[0] and "version must be available" not in err[0]
+    (repo / "gan_generator" / "1" / "model.py").write_text("")
+    assert "gan_generator" not in unbuilt_models(repo)
