@@ -141,6 +141,13 @@ def _is_transient(exc: Exception) -> bool:
                                                     "connection closed"))
 
 
+def _model_gone(exc: Exception) -> bool:
+    """A model found ready at connect is unknown now: the server is shutting down (Triton unloads every model on
+    SIGTERM, answering "Request for unknown model: ... has no available versions") or an operator unloaded it."""
+    text = str(exc).lower()
+    return "unknown model" in text or "no available versions" in text
+
+
 class TritonBackend:
     """A Triton server at `url` ("host:port"), protocol "http" or "grpc".
 
@@ -317,8 +324,8 @@ class TritonBackend:
         except InferenceServerException as e:  # gRPC deadlines arrive here; so do the server's own errors
             if any(s in str(e).lower() for s in ("deadline", "timed out", "timeout")):
                 raise timed_out(e.message()) from None
-            if _is_transient(e):
-                raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None
+            if _is_transient(e) or _model_gone(e):
+                raise self._lost(SAMPLER, e) from None
             raise InferenceError(f"{SAMPLER}: the server rejected the request: {e.message()}") from None
         except Exception as e:  # HTTP: socket.timeout / TimeoutError (or a wrapped one) from the network timeout
             text = f"{type(e).__name__}: {e}"
@@ -327,6 +334,20 @@ class TritonBackend:
                 raise timed_out(text) from None
             raise ServerUnreachableError(self.url, text) from None
 
+    def _server_live(self) -> bool:
+        try:
+            return bool(self._client.is_server_live(**self._call_kw))
+        except Exception:
+            return False
+
+    def _lost(self, graph: str, e: Exception) -> TridentError:
+        """The error for a request that failed because the server or the model went away: ServerUnreachableError
+        when the server no longer answers (killed, or shutting down), else ModelNotReadyError (unloaded)."""
+        detail = e.message() if hasattr(e, "message") else f"{type(e).__name__}: {e}"
+        if not self._server_live():
+            return ServerUnreachableError(self.url, f"{graph}: {detail}")
+        return ModelNotReadyError(f"model {graph!r} on {self.url} stopped serving: {detail}")
+
     def _infer(self, graph, spec, feed):
         from tritonclient.utils import InferenceServerException
 
@@ -334,7 +355,10 @@ class TritonBackend:
             try:
                 return self._infer_once(graph, spec, feed)
             except InferenceServerException as e:
-                if attempt == self.retries or not _is_transient(e):
+                gone = _is_transient(e) or _model_gone(e)
+                if attempt == self.retries or not gone:
+                    if gone:
+                        raise self._lost(graph, e) from None
                     raise InferenceError(f"{graph}: the server rejected the request: {e.message()}") from None
             except Exception as e:
                 if attempt == self.retries or not _is_transient(e):

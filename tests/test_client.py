@@ -586,3 +586,47 @@ def test_evaluate_through_a_triton_server_scores_what_in_process_scores(server, 
     assert served["per_class_agreement"] == local["per_class_agreement"]
     for key in ("fd", "precision", "recall", "diversity", "sharpness", "brightness"):
         assert served[key] == pytest.approx(local[key], rel=1e-3), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A server that dies in the middle of a client loop
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_killed_mid_loop_is_server_unreachable(export_dirs, tmp_path, protocol):
+    import os
+    import signal
+
+    repo = tmp_path / "model_repository"
+    build_repository([export_dirs["diffusion"]], repo, sampler=False)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+        url = srv.http_url if protocol == "http" else srv.grpc_url
+        with TridentClient.connect(url, protocol, retries=2, backoff_s=0.05) as client:
+            def kill_after_five_steps(i, t, x, x0):
+                if i == 4:
+                    os.kill(srv.pid, signal.SIGKILL)
+
+            with pytest.raises(ServerUnreachableError, match=re.escape(url)):
+                client.sample([1, 2], sampler="ddim", steps=50, guidance=3.0, callback=kill_after_five_steps)
+            assert client.last_stats.calls == 5  # five steps answered, the sixth found no server
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_killed_during_a_server_side_loop_is_server_unreachable(export_dirs, tmp_path, protocol):
+    import os
+    import signal
+
+    repo = tmp_path / "model_repository"
+    build_repository([export_dirs["diffusion"]], repo)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+        url = srv.http_url if protocol == "http" else srv.grpc_url
+        with TridentClient.connect(url, protocol) as client:
+            killer = threading.Timer(2.0, os.kill, (srv.pid, signal.SIGKILL))  # DDPM-1000 of 8 images: ~1 min here
+            killer.start()
+            try:
+                with pytest.raises(ServerUnreachableError, match=re.escape(url)):
+                    client.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server")
+            finally:
+                killer.cancel()
