@@ -592,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, default=None)
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--exit-timeout", type=int, default=3,
+                        help="seconds Triton lets in-flight requests finish on Ctrl-C/SIGTERM before it exits (a "
+                             "U-Net step takes milliseconds; a server-side sampling loop in flight is cut off and its "
+                             "client gets ServerUnreachableError)")
     args = parser.parse_args(argv)
 
     ports = (0, 0, 0) if args.free_ports else (args.http_port, args.grpc_port, args.metrics_port)
@@ -604,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         log_file=args.log_file,
         log_verbose=args.log_verbose,
         startup_timeout_s=args.startup_timeout,
+        exit_timeout_s=args.exit_timeout,
     )
 
     stop = threading.Event()
