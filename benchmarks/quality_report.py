@@ -47,6 +47,14 @@ def _table(rows: list[dict], columns=COLUMNS) -> list[str]:
     return out
 
 
+def _in_steps_sweep(r: dict) -> bool:
+    return r["model"] == "diffusion" and r["guidance"] == STEPS_GUIDANCE and not r["variant"]
+
+
+def _in_guidance_sweep(r: dict) -> bool:
+    return r["model"] == "diffusion" and r["steps"] == GUIDANCE_STEPS and not r["variant"]
+
+
 def _sampler_grid(samplers, columns, header, lookup, cell) -> list[str]:
     """A markdown table with one row per sampler and one column per value (steps or guidance): cell(result), or a
     dash where the sweep has no result."""
@@ -97,8 +105,7 @@ def render_markdown(report: dict, pictures: dict[str, str]) -> str:
 
     md += [f"## Diffusion: steps at guidance {STEPS_GUIDANCE:g}", "", "FD (agreement, brightness) per sampler and "
            "step count:", ""]
-    step_counts = sorted({r["steps"] for r in res if r["model"] == "diffusion" and r["guidance"] == STEPS_GUIDANCE
-                          and not r["variant"]})
+    step_counts = sorted({r["steps"] for r in res if _in_steps_sweep(r)})
     md += _sampler_grid(samplers, step_counts, lambda s: f"{s} steps",
                         lambda sampler, steps: diffusion(res, sampler, steps, STEPS_GUIDANCE),
                         lambda r: f"{r['fd']:.1f} ({100 * r['agreement']:.0f}%, {r['brightness']:.0f})")
@@ -106,8 +113,7 @@ def render_markdown(report: dict, pictures: dict[str, str]) -> str:
 
     md += [f"## Diffusion: guidance at {GUIDANCE_STEPS} steps", "", "FD / agreement / recall per sampler and guidance "
            "scale (guidance 1 = conditional, unguided):", ""]
-    scales = sorted({r["guidance"] for r in res if r["model"] == "diffusion" and r["steps"] == GUIDANCE_STEPS
-                     and not r["variant"]})
+    scales = sorted({r["guidance"] for r in res if _in_guidance_sweep(r)})
     md += _sampler_grid(samplers, scales, lambda g: f"g {g:g}",
                         lambda sampler, g: diffusion(res, sampler, GUIDANCE_STEPS, g),
                         lambda r: f"{r['fd']:.1f} / {100 * r['agreement']:.0f}% / {r['recall']:.2f}")
@@ -175,10 +181,9 @@ def plots(report: dict, out: Path) -> dict[str, str]:
     res = report["results"]
     floor = ("real-data floor", report["fd_floor"])
     samplers = list(dict.fromkeys(r["sampler"] for r in res if r["model"] == "diffusion"))
-    steps_series = {s: [(r["nfe"], r["fd"]) for r in res if r["model"] == "diffusion" and r["sampler"] == s
-                        and r["guidance"] == STEPS_GUIDANCE and not r["variant"]] for s in samplers}
-    guid = {s: [r for r in res if r["model"] == "diffusion" and r["sampler"] == s and r["steps"] == GUIDANCE_STEPS
-                and not r["variant"]] for s in samplers}
+    steps_series = {s: [(r["nfe"], r["fd"]) for r in res if _in_steps_sweep(r) and r["sampler"] == s]
+                    for s in samplers}
+    guid = {s: [r for r in res if _in_guidance_sweep(r) and r["sampler"] == s] for s in samplers}
     made = {}
     for name, panels in {
         "sampling": [lines(f"FD vs network evaluations (guidance {STEPS_GUIDANCE:g}, n={report['n']})",

@@ -377,7 +377,8 @@ _SAMPLER_CLASSES = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp-2m": DPMSol
 
 def make_sampler(name: str, schedule: NoiseSchedule, **options):
     """A fresh sampler. Options: ddpm: clip_sample, clip_sample_range, variance; ddim: eta, clip_sample,
-    clip_sample_range, set_alpha_to_one, use_clipped_model_output; dpmpp-2m: clip_sample, clip_sample_range; all: rng (np.random.Generator)."""
+    clip_sample_range, set_alpha_to_one, use_clipped_model_output; dpmpp-2m: clip_sample, clip_sample_range; all:
+    rng (np.random.Generator)."""
     if name not in _SAMPLER_CLASSES:
         raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
     return _SAMPLER_CLASSES[name](schedule, **options)
