@@ -17,8 +17,9 @@ import numpy as np
 
 from trident.benchmarks.ab_threads import _median_s
 from trident.serving.client import TridentClient
-from trident.serving.repository import build_repository, ensure_export
-from trident.serving.server import ServerConfig, TritonServer
+from trident.export.build import ensure_export
+from trident.serving.server.repository import build_repository
+from trident.serving.server.launcher import ServerConfig, TritonServer
 
 SETTINGS = (("off", 1), ("on", 0))  # name, row_shards
 BATCHES = (1, 8)

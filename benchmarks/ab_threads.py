@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from trident.serving.client import TridentClient
-from trident.serving.repository import build_repository, ensure_export
-from trident.serving.server import ServerConfig, TritonServer
+from trident.export.build import ensure_export
+from trident.serving.server.repository import build_repository
+from trident.serving.server.launcher import ServerConfig, TritonServer
 
 SPIN_OFF = 'options.add_session_config_entry("session.intra_op.allow_spinning", "0")'
 

@@ -47,7 +47,7 @@ def step_inputs(spec, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 def buckets_run(rows: int, buckets, max_batch: int) -> list[int]:
     """The static batches one request of `rows` rows executes: the client splits at max_batch_size, then the model
     runs each part in buckets (serving.backends.plan_chunks), padding the last one."""
-    from trident.serving.backends import plan_chunks
+    from trident.serving.client.backends import plan_chunks
 
     return [b for i in range(0, rows, max_batch) for _, _, b in plan_chunks(min(max_batch, rows - i), buckets)]
 

@@ -139,8 +139,8 @@ def checkpoints(settings) -> dict[str, Path]:
 def exports(settings, checkpoints) -> dict[str, Path]:
     """kind -> export folder: TRIDENT_BENCH_EXPORTS, else each checkpoint exported once (cached by its sha256)."""
     if settings.exports:
-        return {load_export_metadata(d)["kind"]: Path(d) for d in settings.exports}
-    from trident.serving.repository import ensure_export
+        return {load_export_metadata(d)["card"]["kind"]: Path(d) for d in settings.exports}
+    from trident.export.build import ensure_export
 
     if not checkpoints:
         pytest.skip(f"no checkpoints under {settings.checkpoints}; nothing to benchmark")
@@ -154,8 +154,8 @@ CUDA_FALLBACK_LOG = ("CUDA execution provider was requested but", "Failed to cre
 @pytest.fixture(scope="session")
 def server(settings, exports, tmp_path_factory):
     """One embedded Triton server over a repository of every export, for the whole session."""
-    from trident.serving.repository import build_repository
-    from trident.serving.server import ServerConfig, TritonServer
+    from trident.serving.server.repository import build_repository
+    from trident.serving.server.launcher import ServerConfig, TritonServer
 
     root = tmp_path_factory.mktemp("triton")
     repository = root / "model_repository"

@@ -1,5 +1,5 @@
 """The image-quality report of `trident evaluate --sweep`: quality.md, quality.json and plots, from the sweep's results
-(training/evaluate.py draws and measures; this module only formats and plots)."""
+(benchmarks/evaluate.py draws and measures; this module only formats and plots)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from trident.serving.files import atomic_file
 
-from trident.training.evaluate import GAN_TARGETS
+from trident.benchmarks.evaluate import GAN_TARGETS
 
 from .report import lines, save_panels, scatter
 
@@ -70,7 +70,7 @@ def diffusion(results, sampler, steps, guidance, variant=""):
 
 
 def gan_verdict(results, truncation: float = 0.0) -> tuple[dict | None, dict | None, dict | None]:
-    from trident.training.evaluate import check_gan_targets
+    from trident.benchmarks.evaluate import check_gan_targets
 
     gan = _find(results, model="gan", truncation=truncation)
     unguided = diffusion(results, "dpmpp-2m", 20, 1.0)

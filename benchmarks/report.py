@@ -650,7 +650,7 @@ def render(data: dict, out_dir: Path) -> str:
     if loop_lines:
         lines += ["### 3b. Where the loop runs: client loop vs server-side loop (both through Triton)", "",
                   "The client loop sends one U-Net request per step; the server-side loop (the diffusion_sampler "
-                  "model, serving/triton_sampler.py) runs the same numpy sampler next to the U-Net sessions and "
+                  "model, serving/server/runtime/loop_model.py) runs the same numpy sampler next to the U-Net sessions and "
                   "answers one request per batch. Both draw the same images (checked in the run).", ""] + loop_lines
     lines += ["## 4. Peer: diffusers DPMSolverMultistepScheduler loop on the same weights", ""] + peer_lines
     lines += img("peer.png")

@@ -10,22 +10,21 @@ from trident.serving import sampling
 from trident.serving.spec import UNET
 
 
-def _two_calls_cfg(model, x, t, labels, guidance_scale, null_class):
+def _two_calls_cfg(model, x, t, labels, guidance, null_class):
     """The same guided eps as sampling.cfg_eps, with the conditional and unconditional halves sent separately."""
     b = x.shape[0]
     cond = sampling._call_model(model, x, t, np.asarray(labels, dtype=np.int64))
     uncond = sampling._call_model(model, x, t, np.full((b,), null_class, dtype=np.int64))
-    return uncond + guidance_scale * (cond - uncond)
+    return uncond + guidance * (cond - uncond)
 
 
 @pytest.mark.parametrize("mode", ["batched", "two-calls"])
 def test_cfg_step(benchmark, settings, exports, triton, mode, cfg_batch):
     require(exports, "diffusion")
-    meta = triton.meta("diffusion")
-    im = meta["image"]
-    x = np.random.default_rng(0).standard_normal((cfg_batch, im["channels"], im["height"], im["width"]))
+    card = triton.card("diffusion")
+    x = np.random.default_rng(0).standard_normal((cfg_batch, *card.image.shape))
     labels = np.asarray(class_labels(cfg_batch), dtype=np.int64)
-    null = int(meta["null_class"])
+    null = card.null_class
     model = triton.eps_model()
     fn = sampling.cfg_eps if mode == "batched" else _two_calls_cfg
     args = (model, x, 500, labels, settings.guidance, null)

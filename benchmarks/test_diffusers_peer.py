@@ -13,7 +13,7 @@ from trident.serving import sampling
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # our NoiseSchedule.kind -> diffusers beta_schedule
 
 
-def diffusers_dpmpp(unet, meta: dict, device: str):
+def diffusers_dpmpp(unet, card, device: str):
     """A sampler(labels, steps, guidance, seed) -> x_0 (B, C, H, W) torch tensor, looping like diffusers' DiT pipeline.
 
     On cuda the U-Net runs under fp16 autocast, as diffusers pipelines run in torch_dtype=float16 (our served graphs
@@ -24,7 +24,7 @@ def diffusers_dpmpp(unet, meta: dict, device: str):
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    sched = meta["schedule"]
+    sched = card.schedule
     # Our DPM-Solver++ clips the x0 estimate to the data range by default (pixel-space data); in diffusers that is
     # dynamic thresholding with sample_max_value = 1 (the quantile is clamped to [1, 1]).
     ours = sampling.make_sampler("dpmpp-2m", sampling.NoiseSchedule.from_dict(sched))
@@ -34,14 +34,14 @@ def diffusers_dpmpp(unet, meta: dict, device: str):
         algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
         final_sigmas_type="zero", timestep_spacing="linspace", thresholding=ours.clip_sample,
         sample_max_value=ours.clip_sample_range)
-    im, null = meta["image"], int(meta["null_class"])
+    shape, null = card.image.shape, card.null_class
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if device == "cuda" else contextlib.nullcontext
 
     @torch.inference_mode()
     def run(labels, steps: int, guidance: float, seed: int):
         b = len(labels)
         # x_T drawn as our sampler draws it, so both loops make the same images (checked in the test)
-        x_t = np.random.default_rng(seed).standard_normal((b, im["channels"], im["height"], im["width"]))
+        x_t = np.random.default_rng(seed).standard_normal((b, *shape))
         latents = torch.from_numpy(x_t).to(device=device, dtype=torch.float32)
         class_labels = torch.tensor(labels, dtype=torch.int64, device=device)
         class_null = torch.full((b,), null, dtype=torch.int64, device=device)
@@ -68,8 +68,8 @@ def test_peer_dpmpp(benchmark, request, settings, checkpoints, exports, impl):
     n, steps = settings.sample_batch, settings.peer_steps
     labels = class_labels(n)
     if impl == "diffusers-torch":
-        meta = request.getfixturevalue("torch_client").meta("diffusion")
-        run = diffusers_dpmpp(request.getfixturevalue("unet_module"), meta, settings.device)
+        card = request.getfixturevalue("torch_client").card("diffusion")
+        run = diffusers_dpmpp(request.getfixturevalue("unet_module"), card, settings.device)
         sync = cuda_sync(settings)
 
         def draw():

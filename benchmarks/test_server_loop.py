@@ -1,5 +1,5 @@
 """3b. Where the sampling loop runs: the client loop (one U-Net request per step) against the server-side loop
-(serving/triton_sampler.py: one request per batch of images), both through the same Triton server, DPM-Solver++ at
+(serving/server/runtime/loop_model.py: one request per batch of images), both through the same Triton server, DPM-Solver++ at
 the peer's step count, B = 1 and 8."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from trident.benchmarks.common import class_labels, require, rounds
 @pytest.mark.parametrize("loop", ["client", "server"])
 def test_sampling_loop(benchmark, settings, exports, triton, loop, loop_batch):
     require(exports, "diffusion")
-    if triton.backend.sampler_loop is None:
+    if triton.backend.server_loop is None:
         pytest.skip("the benchmark server has no diffusion_sampler model")
     labels = class_labels(loop_batch)
     steps = settings.peer_steps

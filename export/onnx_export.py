@@ -25,8 +25,10 @@ import onnx
 import torch
 
 from trident.serving.files import atomic_directory, file_sha256
-from trident.serving.spec import (DEFAULT_BUCKETS, ENCODER, EXPORT_FORMAT, GRAPHS_OF_KIND, GraphSpec, ExportMetadataError,
-                                  client_view, graph_spec_from_meta)
+from trident.serving.card import ModelCard
+from trident.serving.errors import TridentError
+from trident.serving.spec import (DEFAULT_BUCKETS, ENCODER, EXPORT_FORMAT, EXPORT_VERSION, GRAPHS_OF_KIND, GraphSpec,
+                                  graph_spec_of)
 from trident.training import checkpoint as ckpt
 
 # Opset 17 with the legacy (TorchScript) exporter. GroupNorm exports as InstanceNormalization here; GroupNormalization
@@ -40,7 +42,7 @@ FP16_TOLERANCE = 2e-2  # measured max abs error of the fp16 graphs is stated in 
 EXPORTABLE = tuple(GRAPHS_OF_KIND)
 
 
-class ExportError(ExportMetadataError):
+class ExportError(TridentError):
     """The export cannot proceed or its checks failed; nothing was written to the output directory."""
 
 
@@ -66,16 +68,16 @@ def graph_module(graph: str, model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def example_inputs(spec: GraphSpec, n: int, meta: dict, seed: int = 0) -> list[np.ndarray]:
+def example_inputs(spec: GraphSpec, n: int, card: ModelCard, seed: int = 0) -> list[np.ndarray]:
     """Random but valid inputs for a graph at batch n (timesteps across [0, T), labels across [0, null])."""
     rng = np.random.default_rng(seed)
     out = []
     for t in spec.inputs:
         if t.name == "timestep":
-            T = int(meta["schedule"]["num_train_timesteps"])
+            T = card.num_train_timesteps
             out.append(rng.uniform(0, T - 1, size=n).astype(np.float32))
         elif t.name == "class_label":
-            hi = int(meta.get("null_class", len(meta["class_names"]) - 1))
+            hi = card.null_class if card.null_class is not None else len(card.class_names) - 1
             out.append(rng.integers(0, hi + 1, size=n).astype(np.int64))
         else:
             out.append(rng.standard_normal(t.batched(n)).astype(np.float32))
@@ -121,9 +123,10 @@ def _session(model_bytes: bytes, threads: int | None = None):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def parity(model_bytes: bytes, module: torch.nn.Module, spec: GraphSpec, n: int, meta: dict, seed: int = 0) -> float:
+def parity(model_bytes: bytes, module: torch.nn.Module, spec: GraphSpec, n: int, card: ModelCard,
+           seed: int = 0) -> float:
     """Max abs difference between ONNX Runtime and PyTorch on the same random inputs, over all outputs."""
-    inputs = example_inputs(spec, n, meta, seed)
+    inputs = example_inputs(spec, n, card, seed)
     with torch.no_grad():
         ref = module(*[torch.from_numpy(a) for a in inputs])
     ref = [ref] if torch.is_tensor(ref) else list(ref)
@@ -135,8 +138,9 @@ def parity(model_bytes: bytes, module: torch.nn.Module, spec: GraphSpec, n: int,
 # Export
 # ----------------------------------------------------------------------------------------------------------------
 
-def export_graph(module: torch.nn.Module, spec: GraphSpec, n: int, meta: dict, exporter: str = "legacy") -> onnx.ModelProto:
-    args = tuple(torch.from_numpy(a) for a in example_inputs(spec, n, meta))
+def export_graph(module: torch.nn.Module, spec: GraphSpec, n: int, card: ModelCard,
+                 exporter: str = "legacy") -> onnx.ModelProto:
+    args = tuple(torch.from_numpy(a) for a in example_inputs(spec, n, card))
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -203,33 +207,24 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def client_metadata(meta: dict) -> dict:
-    """What a client needs from a checkpoint's metadata (spec.CLIENT_METADATA_KEYS), nothing about training."""
-    out = dict(meta)
-    if "latent_dim" in meta["config"]:
-        out["latent_dim"] = meta["config"]["latent_dim"]
-    out["conditional"] = meta["kind"] in ("diffusion", "gan")
-    return client_view(out)
-
-
-def _export_into(tmp: Path, checkpoint: Path, model, meta: dict, graphs, bucket_map, fp16: bool, exporter: str,
+def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bucket_map, fp16: bool, exporter: str,
                  log) -> dict:
-    """Export, check and write every graph and metadata.json into the folder tmp."""
-    info = client_metadata(meta)
-    info.update({"format": EXPORT_FORMAT, "version": 1, "opset": OPSET, "exporter": exporter,
-                 "torch_version": torch.__version__, "onnx_version": onnx.__version__,
-                 "source_checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
-                 "graphs": {}})
+    """Export, check and write every graph and metadata.json (the card, with the buckets) into the folder tmp."""
+    card = card.with_buckets({g: bucket_map[g] for g in graphs})
+    info = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "card": card.to_dict(), "opset": OPSET,
+            "exporter": exporter, "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+            "source_checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
+            "graphs": {}}
     for graph in graphs:
-        spec = graph_spec_from_meta(graph, info)
+        spec = graph_spec_of(graph, card)
         module = graph_module(graph, model)
         entry = {"spec": spec.to_dict(), "buckets": list(bucket_map[graph]), "fp32": {}, "fp16": {}}
         for n in bucket_map[graph]:
             t0 = time.time()
-            proto = export_graph(module, spec, n, info, exporter)
+            proto = export_graph(module, spec, n, card, exporter)
             check_graph(proto, spec, n)
             data = proto.SerializeToString()
-            err = parity(data, module, spec, n, info)
+            err = parity(data, module, spec, n, card)
             if not err < FP32_TOLERANCE:
                 raise ExportError(f"{graph} b{n}: ONNX Runtime vs PyTorch max abs error {err:.3g} "
                                   f"exceeds {FP32_TOLERANCE}")
@@ -241,7 +236,7 @@ def _export_into(tmp: Path, checkpoint: Path, model, meta: dict, graphs, bucket_
                 half = to_fp16(proto)
                 onnx.checker.check_model(half)
                 hdata = half.SerializeToString()
-                herr = parity(hdata, module, spec, n, info)
+                herr = parity(hdata, module, spec, n, card)
                 if not herr < FP16_TOLERANCE:
                     raise ExportError(f"{graph} b{n} fp16: max abs error {herr:.3g} exceeds {FP16_TOLERANCE}")
                 (tmp / "fp16").mkdir(exist_ok=True)
@@ -262,12 +257,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     if meta0.get("kind") not in EXPORTABLE:
         raise ExportError(f"{checkpoint} holds a {meta0.get('kind')!r} model; only {EXPORTABLE} checkpoints export")
     model, meta = ckpt.load_model(checkpoint)
-    graphs = GRAPHS_OF_KIND[meta["kind"]]
+    card = ckpt.card_of(meta, checkpoint)
+    graphs = GRAPHS_OF_KIND[card.kind]
     bucket_map = {g: parse_buckets(buckets, g) for g in graphs}
 
     try:
         with atomic_directory(out_dir) as tmp:
-            info = _export_into(tmp, checkpoint, model, meta, graphs, bucket_map, fp16, exporter, log)
+            info = _export_into(tmp, checkpoint, model, card, graphs, bucket_map, fp16, exporter, log)
     except OSError as e:
         raise ExportError(f"cannot write the output directory {out_dir}: {e}") from e
     return info

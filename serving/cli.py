@@ -13,16 +13,18 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .toolchain import TORCH_SIDE
+
 # subcommand -> "module:function" taking argv (list of str) and returning an exit code. Imported lazily so that
-# `trident sample` never imports torch.
+# `trident sample` never imports torch; the torch side's commands come from the one seam (serving/toolchain.py).
 COMMANDS = {
-    "train": "trident.training.train:main",
-    "export": "trident.export.onnx_export:main",
-    "serve": "trident.serving.server:main",
-    "serve build": "trident.serving.repository:main",
-    "sample": "trident.serving.client_cli:main",
-    "demo": "trident.serving.demo:main",
-    "evaluate": "trident.training.evaluate:main",
+    "train": TORCH_SIDE["train"],
+    "export": TORCH_SIDE["export"],
+    "serve": "trident.serving.server.launcher:main",
+    "serve build": "trident.serving.server.repository:main",
+    "sample": "trident.serving.client.cli:main",
+    "demo": "trident.serving.server.demo:main",
+    "evaluate": TORCH_SIDE["evaluate"],
 }
 
 

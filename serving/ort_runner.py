@@ -1,7 +1,7 @@
 """Static-batch ONNX Runtime execution: bucket chunks, zero padding and row-parallel shards.
 
 One class, BucketRunner, runs N rows through graphs exported at fixed batch sizes ("buckets"). Both the in-process
-backend (serving/backends.py) and the Triton Python-backend model (serving/triton_model.py) use it, so the two run
+backend (serving/client/backends.py) and the Triton Python-backend models (serving/server/runtime/) use it, so the two run
 the same code. `trident serve build` copies this file next to the model's model.py; it therefore imports only os,
 concurrent.futures, numpy and (when a runner is made) onnxruntime, so the client SDK can use plan_chunks without it.
 

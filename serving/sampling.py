@@ -398,10 +398,10 @@ def _call_model(model: EpsModel, x: np.ndarray, t: int, y: np.ndarray) -> np.nda
     return out
 
 
-def cfg_eps(model: EpsModel, x, t: int, labels, guidance_scale: float, null_class: int) -> np.ndarray:
+def cfg_eps(model: EpsModel, x, t: int, labels, guidance: float, null_class: int) -> np.ndarray:
     """Guided eps = eps(x, null) + s * (eps(x, y) - eps(x, null)) (Ho & Salimans 2022), float64 [B, C, H, W].
 
-    labels None: unconditional, one call with y = null_class. guidance_scale 1: one call on the conditional batch.
+    labels None: unconditional, one call with y = null_class. guidance 1: one call on the conditional batch.
     Otherwise one call on the stacked batch [x; x] with y = [labels; null], as diffusers' DiT pipeline.
     """
     x = np.asarray(x, dtype=np.float64)  # [B, C, H, W]
@@ -409,12 +409,12 @@ def cfg_eps(model: EpsModel, x, t: int, labels, guidance_scale: float, null_clas
     if labels is None:
         return _call_model(model, x, t, np.full((b,), null_class, dtype=np.int64))
     labels = np.asarray(labels, dtype=np.int64).reshape(b)
-    if guidance_scale == 1:
+    if guidance == 1:
         return _call_model(model, x, t, labels)
     both = _call_model(model, np.concatenate([x, x]), t,
                        np.concatenate([labels, np.full((b,), null_class, dtype=np.int64)]))  # [2B, C, H, W]
     cond, uncond = both[:b], both[b:]
-    return uncond + guidance_scale * (cond - uncond)
+    return uncond + guidance * (cond - uncond)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,7 +454,7 @@ def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
 
 
 def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
-                       steps: int = 20, guidance_scale: float = 3.0, null_class: int, eta: float = 0.0,
+                       steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
                        spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
                        callback: Callable | None = None, progress: bool = False,
                        clip_sample: bool | None = None,
@@ -473,10 +473,10 @@ def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSc
     shape = tuple(int(d) for d in shape)
     null_class = _check_int("null_class", null_class, 0)
     _check_int("steps", steps, 1, schedule.num_train_timesteps)
-    if not (isinstance(guidance_scale, (int, float, np.floating)) and math.isfinite(guidance_scale)
-            and 0 <= guidance_scale <= MAX_GUIDANCE):
-        raise ValueError(f"guidance_scale must be a finite number >= 0 and <= {MAX_GUIDANCE:g} (1 = no guidance), "
-                         f"got {guidance_scale!r}")
+    if not (isinstance(guidance, (int, float, np.floating)) and math.isfinite(guidance)
+            and 0 <= guidance <= MAX_GUIDANCE):
+        raise ValueError(f"guidance must be a finite number >= 0 and <= {MAX_GUIDANCE:g} (1 = no guidance), "
+                         f"got {guidance!r}")
     if not (isinstance(eta, (int, float, np.floating)) and math.isfinite(eta) and 0 <= eta <= MAX_ETA):
         raise ValueError(f"eta must be a finite number >= 0 and <= {MAX_ETA:g}, got {eta!r}")
     if eta > 0 and sampler != "ddim":
@@ -509,17 +509,17 @@ def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSc
     except TypeError as e:  # an option this sampler does not have
         raise ValueError(f"sampler_options {sorted(options)} do not fit sampler {sampler!r}: {e}") from None
     solver.set_timesteps(steps, spacing=spacing)  # validates spacing and the steps/spacing combination
-    return _sample_loop(model, shape, labels, solver, guidance_scale, null_class, callback, progress)
+    return _sample_loop(model, shape, labels, solver, guidance, null_class, callback, progress)
 
 
-def _sample_loop(model, shape, labels, solver, guidance_scale, null_class, callback, progress):
+def _sample_loop(model, shape, labels, solver, guidance, null_class, callback, progress):
     x = solver.rng.standard_normal(shape)  # x_T ~ N(0, I), float64 [B, C, H, W]
     n = len(solver.timesteps)
     bar = _progress_bar(n, solver.name) if progress else None
     try:
         for i, t in enumerate(solver.timesteps):
             t = int(t)
-            eps = cfg_eps(model, x, t, labels, guidance_scale, null_class)
+            eps = cfg_eps(model, x, t, labels, guidance, null_class)
             out = solver.step(eps, t, x)
             x = out.prev_sample
             if bar is not None:
@@ -534,7 +534,7 @@ def _sample_loop(model, shape, labels, solver, guidance_scale, null_class, callb
 
 def last_estimate(steps: Iterator[SamplingStep]) -> np.ndarray:
     """Run a sample_progressive iterator to its end: the x_0 estimate of the last step, float32 [B, C, H, W]. What
-    TridentClient.sample returns for a client-side loop and the server-side loop (serving/triton_sampler.py) sends."""
+    TridentClient.sample returns for a client-side loop and the sampling loop model (serving/server/runtime/loop_model.py) sends."""
     last = None
     for last in steps:
         pass
@@ -550,7 +550,7 @@ def _progress_bar(total: int, desc: str):
 
 
 def sample(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
-           steps: int = 20, guidance_scale: float = 3.0, null_class: int, eta: float = 0.0,
+           steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
            spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
            callback: Callable | None = None, progress: bool = False, clip_sample: bool | None = None) -> np.ndarray:
     """Draw images from x_T ~ N(0, I): float32 [B, C, H, W], the x_0 estimate, roughly in [-1, 1].
@@ -563,7 +563,7 @@ def sample(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, samp
     """
     x = None
     for info in sample_progressive(model, shape, labels, schedule=schedule, sampler=sampler, steps=steps,
-                                   guidance_scale=guidance_scale, null_class=null_class, eta=eta, spacing=spacing,
+                                   guidance=guidance, null_class=null_class, eta=eta, spacing=spacing,
                                    seed=seed, rng=rng, callback=callback, progress=progress, clip_sample=clip_sample):
         x = info.sample
     return x.astype(np.float32)

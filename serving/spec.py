@@ -12,15 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from .card import ModelCard
+from .errors import ExportMetadataError
+
 # Triton model names, one per exported graph family.
 UNET = "diffusion_unet"
 GENERATOR = "gan_generator"
 DECODER = "vae_decoder"
 ENCODER = "vae_encoder"
 GRAPHS_OF_KIND = {"diffusion": (UNET,), "gan": (GENERATOR,), "vae": (DECODER, ENCODER)}
-# The server-side sampling loop: a served model (not an exported graph) that runs the whole diffusion loop next to
-# the U-Net graphs, one request per batch of images (serving/triton_sampler.py).
-SAMPLER = "diffusion_sampler"
+# The sampling loop model: a served model (not an exported graph) that runs the whole diffusion loop next to the U-Net
+# graphs, one request per batch of images (serving/server/runtime/loop_model.py). Its Triton name predates the word
+# "sampling loop" and stays for compatibility with deployed repositories and clients.
+SAMPLING_LOOP = "diffusion_sampler"
 KIND_OF_GRAPH = {g: k for k, gs in GRAPHS_OF_KIND.items() for g in gs}
 
 DEFAULT_BUCKETS = {UNET: (1, 2, 4, 8, 16, 32), GENERATOR: (1, 8, 32), DECODER: (1, 8, 32), ENCODER: (1, 8, 32)}
@@ -36,7 +40,7 @@ class TensorSpec:
     name: str
     dtype: str            # numpy dtype name: "float32", "int64", ...
     shape: tuple[int, ...]
-    optional: bool = False  # a request may leave it out (only inputs of the sampler model)
+    optional: bool = False  # a request may leave it out (only inputs of the sampling loop model)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -98,12 +102,12 @@ def graph_spec(graph: str, image_shape: tuple[int, int, int], latent_dim: int | 
     raise ValueError(f"unknown graph {graph!r}; expected one of {sorted(KIND_OF_GRAPH)}")
 
 
-def sampler_spec(image_shape: tuple[int, int, int]) -> GraphSpec:
+def loop_spec(image_shape: tuple[int, int, int]) -> GraphSpec:
     """I/O of the server-side sampling loop. Triton does not batch it (max_batch_size 0), so shapes are whole
     tensors, -1 = any length. One request draws N images with the client's sampler arguments; class labels all equal
     to the null class mean unconditional."""
     img = tuple(int(s) for s in image_shape)
-    return GraphSpec(SAMPLER,
+    return GraphSpec(SAMPLING_LOOP,
                      inputs=(TensorSpec("class_label", "int64", (-1,)),   # N labels in [0, null_class]
                              TensorSpec("seed", "int64", (1,)),           # initial and step noise
                              TensorSpec("steps", "int64", (1,)),
@@ -117,12 +121,11 @@ def sampler_spec(image_shape: tuple[int, int, int]) -> GraphSpec:
                      outputs=(TensorSpec("image", "float32", (-1, *img)),))  # x_0 estimate, float in value_range
 
 
-def graph_spec_from_meta(graph: str, meta: dict) -> GraphSpec:
-    """The spec of a graph from export metadata (or checkpoint metadata)."""
-    im = meta["image"]
-    if graph == SAMPLER:
-        return sampler_spec((im["channels"], im["height"], im["width"]))
-    return graph_spec(graph, (im["channels"], im["height"], im["width"]), meta.get("latent_dim"))
+def graph_spec_of(graph: str, card: ModelCard) -> GraphSpec:
+    """The spec of a graph (or of the sampling loop model) of the model a card describes."""
+    if graph == SAMPLING_LOOP:
+        return loop_spec(card.image.shape)
+    return graph_spec(graph, card.image.shape, card.latent_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,20 +133,8 @@ def graph_spec_from_meta(graph: str, meta: dict) -> GraphSpec:
 # ----------------------------------------------------------------------------------------------------------------
 
 EXPORT_FORMAT = "trident.export"
-# The part of export metadata a client needs (the rest of metadata.json is about how the export was made). The
-# exporter writes these keys, the repository builder puts them in each model's `trident_metadata` parameter, and
-# every backend hands them to the client.
-CLIENT_METADATA_KEYS = ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "latent_dim",
-                        "class_centroids", "conditional")
-
-
-def client_view(info: dict) -> dict:
-    """The client metadata keys of an export's (or a served model's) metadata, in CLIENT_METADATA_KEYS order."""
-    return {key: info[key] for key in CLIENT_METADATA_KEYS if key in info}
-
-
-class ExportMetadataError(RuntimeError):
-    """An export folder is missing or malformed."""
+# 2: the model card under "card" (1 had its fields at the top level); an export of another version is re-exported.
+EXPORT_VERSION = 2
 
 
 def load_export_metadata(directory) -> dict:
@@ -156,4 +147,17 @@ def load_export_metadata(directory) -> dict:
         raise ExportMetadataError(f"{path} is not readable JSON: {e}") from e
     if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
         raise ExportMetadataError(f"{path} is not a trident export metadata file (format {EXPORT_FORMAT!r})")
+    if info.get("version") != EXPORT_VERSION:
+        raise ExportMetadataError(f"{path} is export format version {info.get('version')!r}, this trident reads "
+                                  f"{EXPORT_VERSION}: re-export the checkpoint with `trident export CHECKPOINT "
+                                  f"--out {directory}`")
+    export_card(info, path)  # a bad card fails here, naming the file
     return info
+
+
+def export_card(info: dict, where="metadata.json") -> ModelCard:
+    """The model card of an export's metadata."""
+    try:
+        return ModelCard.from_dict(info.get("card"))
+    except ValueError as e:
+        raise ExportMetadataError(f"{where}: {e}") from None

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from trident.serving import sampling
-from trident.serving.backends import (InferenceError, InvalidArgumentError, ModelNotReadyError, OnnxRuntimeBackend,
-                                      ServerUnreachableError)
+from trident.serving.client.backends import (InferenceError, InProcess, InvalidArgumentError, ModelNotReadyError,
+                                             OnnxRuntimeBackend, ServerUnreachableError)
 from trident.serving.client import MAX_IMAGES, TridentClient
-from trident.serving.repository import build_repository
-from trident.serving.server import ServerConfig, TritonServer, free_port
+from trident.serving.server.repository import build_repository
+from trident.serving.server.launcher import ServerConfig, TritonServer, free_port
 from trident.serving.spec import UNET
 
 
@@ -43,12 +43,14 @@ def triton_client(request, server):
         yield c
 
 
-class Counting:
-    """Wraps a backend and records every run() call: (graph, rows)."""
+class Counting(InProcess):
+    """Wraps a backend and records every run() call: (graph, rows). A Backend of its own (the protocol)."""
+
+    name = "counting"
 
     def __init__(self, backend):
         self.inner, self.calls = backend, []
-        self.metadata, self.specs, self.buckets = backend.metadata, backend.specs, backend.buckets
+        self.cards, self.specs, self.buckets = backend.cards, backend.specs, backend.buckets
 
     def run(self, graph, inputs):
         self.calls.append((graph, len(next(iter(inputs.values())))))
@@ -130,18 +132,18 @@ def test_server_loop_rejects_bad_arguments_and_keeps_serving(triton_client, serv
     bad = {"sampler must be one of": {"sampler": np.array([b"euler"], dtype=object)},
            "labels must lie in": {"class_label": np.array([1, 99], np.int64)},
            "steps must be an integer": {"steps": np.array([0], np.int64)},
-           "guidance_scale must be a finite number": {"guidance": np.array([np.nan], np.float64)},
-           "guidance_scale must be a finite number >= 0 and <= 50": {"guidance": np.array([1e308], np.float64)},
+           "guidance must be a finite number": {"guidance": np.array([np.nan], np.float64)},
+           "guidance must be a finite number >= 0 and <= 50": {"guidance": np.array([1e308], np.float64)},
            "eta must be a finite number >= 0 and <= 1": {"eta": np.array([1e308], np.float64)},
            "eta=0.5 applies to the 'ddim' sampler only": {"eta": np.array([0.5], np.float64),
                                                           "sampler": np.array([b"ddpm"], dtype=object)},
            "seed must be >= 0": {"seed": np.array([-1], np.int64)},
            "max_seconds must be >= 0": {"max_seconds": np.array([-1.0], np.float64)},
-           "must hold 1 to": {"class_label": np.zeros(backend.sampler_loop["max_images"] + 1, np.int64)}}
+           "must hold 1 to": {"class_label": np.zeros(backend.server_loop.max_images + 1, np.int64)}}
     for message, change in bad.items():
         with pytest.raises(InferenceError, match=re.escape(message)):
-            backend.run_sampler({**good, **change})
-    assert backend.run_sampler(good).shape == (2, 1, 28, 28)  # still serving
+            backend.run_loop({**good, **change})
+    assert backend.run_loop(good).shape == (2, 1, 28, 28)  # still serving
 
 
 @pytest.mark.server
@@ -206,11 +208,11 @@ def test_documented_plain_json_request_to_diffusion_sampler_returns_images_of_th
 
 @pytest.mark.server
 @pytest.mark.parametrize("model,inputs,names", [
-    ("gan_generator",  # our own range check in triton_model.py, not Triton's request validation
+    ("gan_generator",  # our own range check in graph_model.py, not Triton's request validation
      [{"name": "latent", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64},
       {"name": "class_label", "shape": [1, 1], "datatype": "INT64", "data": [42]}],
      ["gan_generator: input 'class_label' must be in [0, 10)", "got 42"]),
-    ("diffusion_sampler",  # triton_sampler.py's argument check
+    ("diffusion_sampler",  # loop_model.py's argument check
      [{**i, "data": ["euler"]} if i["name"] == "sampler" else i for i in documented_sampler_request()["inputs"]],
      ["diffusion_sampler: sampler must be one of", "got 'euler'"]),
 ], ids=["graph-model", "sampler-model"])
@@ -228,12 +230,12 @@ def test_server_loop_needs_a_triton_server(ort_client):
 @pytest.mark.server
 def test_server_without_the_sampler_model_says_how_to_get_it(export_dirs, tmp_path):
     repo = tmp_path / "model_repository"
-    build_repository([export_dirs["diffusion"]], repo, sampler=False)
+    build_repository([export_dirs["diffusion"]], repo, server_loop=False)
     assert not (repo / "diffusion_sampler").exists()
     with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
         with TridentClient.connect(srv.grpc_url, "grpc") as client:
             assert client.sample([1], steps=2).shape == (1, 28, 28, 1)  # the client loop still works
-            with pytest.raises(ModelNotReadyError, match="without --no-sampler"):
+            with pytest.raises(ModelNotReadyError, match="without --no-server-loop"):
                 client.sample([1], steps=2, loop="server")
         with pytest.raises(ModelNotReadyError, match="has no 'diffusion_sampler' model"):  # asked for by name
             TridentClient.connect(srv.grpc_url, "grpc", models=(UNET, "diffusion_sampler"))
@@ -265,7 +267,7 @@ def real_images(checkpoints):
 def test_decoded_code_of_an_image_is_nearest_to_that_image(ort_client, real_images):
     x = real_images.astype(np.float32)[..., 0] / 127.5 - 1  # (N, 28, 28) in [-1, 1]
     z = ort_client.encode(real_images)
-    assert z.shape == (64, ort_client.meta("vae")["latent_dim"])
+    assert z.shape == (64, ort_client.card("vae").latent_dim)
     recon = ort_client.decode(z, raw=True)[:, 0]
     dist = ((recon[:, None] - x[None]) ** 2).mean(axis=(2, 3))  # (reconstruction, image)
     nearest_own = int(np.sum(dist.argmin(axis=1) == np.arange(64)))
@@ -293,15 +295,15 @@ def test_interpolation_between_two_images_starts_at_one_and_ends_at_the_other(or
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_batched_cfg_equals_two_separate_calls(ort_client):
-    meta = ort_client.meta("diffusion")
+    card = ort_client.card("diffusion")
     eps = ort_client.eps_model()
-    null = meta["null_class"]
+    null = card.null_class
 
     def two_calls(x, t, y):  # what batched CFG replaces: cond and uncond halves as separate requests
         b = len(x) // 2
         return np.concatenate([eps(x[:b], t[:b], y[:b]), eps(x[b:], t[b:], y[b:])])
 
-    kw = dict(schedule=sampling.NoiseSchedule.from_dict(meta["schedule"]), steps=4, guidance_scale=3.0,
+    kw = dict(schedule=sampling.NoiseSchedule.from_dict(card.schedule), steps=4, guidance=3.0,
               null_class=null, seed=5)
     labels = np.array([2, 7, 9])
     one = sampling.sample(eps, (3, 1, 28, 28), labels, **kw)
@@ -528,8 +530,9 @@ def test_save_grid_writes_png_atomically(ort_client, tmp_path):
 
 
 def test_importing_the_sdk_does_not_import_torch():
-    code = ("import sys; import trident.serving.client, trident.serving.backends, trident.serving.sampling, "
-            "trident.serving.spec, trident.serving.repository, trident.serving.server; "
+    code = ("import sys; import trident.serving.client, trident.serving.client.backends, trident.serving.sampling, "
+            "trident.serving.spec, trident.serving.server.repository, trident.serving.server.launcher, "
+            "trident.serving.server.demo, trident.serving.cli; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -540,7 +543,7 @@ def test_importing_the_sdk_does_not_import_torch():
 def test_sample_cli_writes_labelled_grid_and_prints_latency(server, tmp_path, capsys, protocol):
     from PIL import Image
 
-    from trident.serving.client_cli import main
+    from trident.serving.client.cli import main
 
     url = server.http_url if protocol == "http" else server.grpc_url
     out = tmp_path / "grid.png"
@@ -559,7 +562,7 @@ def test_sample_cli_writes_labelled_grid_and_prints_latency(server, tmp_path, ca
 
 
 def test_sample_cli_reports_unknown_class_and_unreachable_server(tmp_path, capsys):
-    from trident.serving.client_cli import main
+    from trident.serving.client.cli import main
 
     assert main(["--url", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "x.png")]) == 2
     assert "cannot reach a Triton server" in capsys.readouterr().err
@@ -575,7 +578,7 @@ def test_evaluate_through_a_triton_server_scores_what_in_process_scores(server, 
     import json
 
     from conftest import ROOT
-    from trident.training.evaluate import main
+    from trident.benchmarks.evaluate import main
 
     if checkpoints["gan"] != ROOT / "checkpoints" / "gan" / "model.safetensors":
         pytest.skip("the in-process side evaluates the shipped GAN; the server here serves another")
@@ -599,7 +602,7 @@ def test_server_killed_mid_loop_is_server_unreachable(export_dirs, tmp_path, pro
     import signal
 
     repo = tmp_path / "model_repository"
-    build_repository([export_dirs["diffusion"]], repo, sampler=False)
+    build_repository([export_dirs["diffusion"]], repo, server_loop=False)
     with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
         url = srv.http_url if protocol == "http" else srv.grpc_url
         with TridentClient.connect(url, protocol, retries=2, backoff_s=0.05) as client:

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from trident.export import onnx_export as ex
-from trident.serving.spec import GRAPHS_OF_KIND, graph_spec_from_meta, load_export_metadata
+from trident.serving.spec import GRAPHS_OF_KIND, export_card, graph_spec_of, load_export_metadata
 from trident.training import checkpoint as ckpt
 
 from conftest import TEST_BUCKETS
@@ -38,7 +38,7 @@ def test_every_graph_has_static_dims_batch_included(export_dirs):
 def test_graph_io_names_and_dtypes_come_from_the_spec(export_dirs):
     to_np = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
     for kind, d, info, graph, precision, bucket, f in _graphs(export_dirs):
-        spec = graph_spec_from_meta(graph, info)
+        spec = graph_spec_of(graph, export_card(info))
         model = onnx.load(d / f["file"])
         got = [(v.name, to_np[v.type.tensor_type.elem_type]) for v in list(model.graph.input) + list(model.graph.output)]
         assert got == [(t.name, t.dtype) for t in spec.inputs + spec.outputs]
@@ -58,10 +58,10 @@ def _fixed_inputs(spec, n: int, info: dict) -> list[np.ndarray]:
     inputs = []
     for t in spec.inputs:
         if t.name == "timestep":
-            T = int(info["schedule"]["num_train_timesteps"])
+            T = int(info["card"]["schedule"]["num_train_timesteps"])
             inputs.append(np.linspace(0, T - 1, n).astype(np.float32))
         elif t.name == "class_label":  # the diffusion U-Net also takes the null class; the GAN only real ones
-            top = int(info.get("null_class", len(info["class_names"]) - 1))
+            top = int(info["card"].get("null_class", len(info["card"]["class_names"]) - 1))
             inputs.append((top - 3 * np.arange(n)) % (top + 1))
         else:
             inputs.append(rng.standard_normal(t.batched(n)).astype(np.float32))
@@ -87,7 +87,7 @@ def test_onnx_runtime_output_matches_the_pytorch_module_on_fixed_inputs(checkpoi
         model, _ = ckpt.load_model(checkpoints[kind])
         info = load_export_metadata(d)
         for graph, entry in info["graphs"].items():
-            spec = graph_spec_from_meta(graph, info)
+            spec = graph_spec_of(graph, export_card(info))
             module = ex.graph_module(graph, model)
             assert sorted(map(int, entry[precision])) == list(TEST_BUCKETS), (graph, precision)
             for bucket, f in entry[precision].items():
@@ -128,21 +128,24 @@ def test_timestep_embedding_is_computed_from_the_input_not_folded(export_dirs):
 def test_metadata_round_trip_carries_everything_a_client_needs(checkpoints, export_dirs):
     for kind, d in export_dirs.items():
         meta = ckpt.read_meta(checkpoints[kind])
+        trained = ckpt.card_of(meta)
         info = json.loads((d / "metadata.json").read_text())
-        assert info["kind"] == kind and info["class_names"] == meta["class_names"]
-        assert info["image"] == {"channels": 1, "height": 28, "width": 28, "value_range": [-1.0, 1.0]}
+        # the checkpoint's card, with the exported buckets added and nothing else changed
+        assert export_card(info) == trained.with_buckets({g: TEST_BUCKETS for g in info["graphs"]})
+        assert info["card"]["kind"] == kind and info["card"]["class_names"] == list(trained.class_names)
+        assert info["card"]["image"] == {"channels": 1, "height": 28, "width": 28, "value_range": [-1.0, 1.0]}
         assert info["opset"] == ex.OPSET and info["format"] == "trident.export"
         assert info["source_checkpoint"]["sha256"] == ex._sha256(checkpoints[kind].read_bytes())
         for graph, entry in info["graphs"].items():
             assert entry["buckets"] == list(TEST_BUCKETS)
-            assert entry["spec"] == graph_spec_from_meta(graph, info).to_dict()
+            assert entry["spec"] == graph_spec_of(graph, export_card(info)).to_dict()
         if kind == "diffusion":
-            assert info["schedule"] == meta["schedule"] and info["null_class"] == 10
-            assert info["prediction_type"] == "epsilon"
+            assert info["card"]["schedule"] == trained.schedule and info["card"]["null_class"] == 10
+            assert info["card"]["prediction_type"] == "epsilon"
         else:
-            assert info["latent_dim"] == meta["config"]["latent_dim"]
+            assert info["card"]["latent_dim"] == meta["config"]["latent_dim"]
         if kind == "vae":
-            assert np.asarray(info["class_centroids"]).shape == (10, info["latent_dim"])
+            assert np.asarray(info["card"]["class_centroids"]).shape == (10, info["card"]["latent_dim"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from trident.serving.ort_runner import BucketRunner, execution_providers, padded_rows, plan_chunks, plan_shards
-from trident.serving.spec import UNET, graph_spec_from_meta, load_export_metadata
+from trident.serving.spec import UNET, export_card, graph_spec_of, load_export_metadata
 
 ALL = (1, 2, 4, 8, 16, 32)
 
@@ -35,7 +35,7 @@ def test_plan_chunks_uses_largest_bucket_then_smallest_fitting():
 def unet_files(export_dirs):
     meta = load_export_metadata(export_dirs["diffusion"])
     files = {int(b): export_dirs["diffusion"] / f["file"] for b, f in meta["graphs"][UNET]["fp32"].items()}
-    return files, graph_spec_from_meta(UNET, meta)
+    return files, graph_spec_of(UNET, export_card(meta))
 
 
 def _feed(spec, n, seed):

@@ -125,10 +125,10 @@ def _draw(client, sampler, **options):
     labels = np.arange(20) % 10
     if not options:
         return client.sample(labels, sampler=sampler, steps=20, guidance=3.0, seed=0, raw=True), labels
-    meta = client.meta("diffusion")
+    card = client.card("diffusion")
     steps = sampling.sample_progressive(client.eps_model(), (20, 1, 28, 28), labels,
-                                        schedule=sampling.NoiseSchedule.from_dict(meta["schedule"]), sampler=sampler,
-                                        steps=20, guidance_scale=3.0, null_class=10, seed=0, sampler_options=options)
+                                        schedule=sampling.NoiseSchedule.from_dict(card.schedule), sampler=sampler,
+                                        steps=20, guidance=3.0, null_class=10, seed=0, sampler_options=options)
     return sampling.last_estimate(steps), labels
 
 
@@ -174,7 +174,7 @@ def test_shipped_gan_is_varied_and_shows_its_class(ref):
 def test_evaluate_cli_measures_the_gan_through_the_sdk(tmp_path, capsys):
     import json
 
-    from trident.training.evaluate import main
+    from trident.benchmarks.evaluate import main
 
     out = tmp_path / "gan.json"
     assert main(["--model", "gan", "--n", "40", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
@@ -188,7 +188,7 @@ def test_evaluate_cli_measures_the_gan_through_the_sdk(tmp_path, capsys):
 
 def _result(model, fd, agreement=None, diversity=1.0, sampler="", steps=0, guidance=0.0, variant="",
             truncation=0.0):
-    from trident.training.evaluate import Setting
+    from trident.benchmarks.evaluate import Setting
 
     s = Setting(model, sampler, steps, guidance, variant, truncation)
     r = {"label": s.label, "model": model, "sampler": sampler, "steps": steps, "guidance": guidance,

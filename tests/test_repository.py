@@ -1,4 +1,4 @@
-"""trident.serving.repository and the model.py it ships, up to a real tritonserver serving the exported graphs.
+"""trident.serving.server.repository and the model.py it ships, up to a real tritonserver serving the exported graphs.
 
 The oracle for every served result is ONNX Runtime run in this process on the exported batch-1 graph, one row at a
 time: whatever the server batched, padded or chunked, each row must come back as if it had been run alone.
@@ -21,19 +21,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trident.serving.repository import (
+from trident.export.build import default_build
+from trident.serving.card import ModelCard
+from trident.serving.server.repository import (
     MARKER,
-    METADATA_KEY,
     RepositoryError,
     build_repository,
     container_config,
-    default_build,
     embedded_config,
     main,
     to_pbtxt,
 )
-from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLER, UNET, GraphSpec, TensorSpec,
-                                  graph_spec_from_meta)
+from trident.serving.server.runtime import ALLOWED_IMPORTS, RUNTIME_FILES
+from trident.serving.server.runtime.protocol import CARD as CARD_KEY
+from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, UNET, GraphSpec, TensorSpec,
+                                  export_card, graph_spec_of)
 
 GRAPHS = tuple(KIND_OF_GRAPH)
 # The served repository lets one execute() hold two largest buckets, so requests above the largest bucket (and
@@ -70,9 +72,9 @@ def valid_inputs(spec: GraphSpec, meta: dict, n: int, seed: int) -> list[np.ndar
     out = []
     for t in spec.inputs:
         if t == label_input(spec):
-            out.append(rng.integers(0, len(meta["class_names"]), size=n).astype(t.np_dtype))
+            out.append(rng.integers(0, len(meta["card"]["class_names"]), size=n).astype(t.np_dtype))
         elif t == timestep_input(spec):
-            out.append(rng.uniform(0, meta["schedule"]["num_train_timesteps"] - 1, size=n).astype(t.np_dtype))
+            out.append(rng.uniform(0, meta["card"]["schedule"]["num_train_timesteps"] - 1, size=n).astype(t.np_dtype))
         else:
             out.append(rng.standard_normal(t.batched(n)).astype(t.np_dtype))
     return out
@@ -122,7 +124,7 @@ def metas(export_dirs) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def specs(metas) -> dict[str, GraphSpec]:
-    return {graph: graph_spec_from_meta(graph, meta) for graph, meta in metas.items()}
+    return {graph: graph_spec_of(graph, export_card(meta)) for graph, meta in metas.items()}
 
 
 @pytest.fixture(scope="module")
@@ -206,21 +208,18 @@ def test_embedded_config_batches_up_to_largest_bucket_with_warmup_per_bucket_whe
             assert all(entry["zero_data"] is True for entry in warmup["inputs"].values())
 
 
-def test_metadata_parameters_carry_client_metadata_when_read_back(metas, specs):
+def test_card_parameter_carries_the_export_card_with_this_graphs_buckets_when_read_back(metas, specs):
     for graph, meta in metas.items():
         params = {k: v["string_value"] for k, v in embedded_config(graph, meta)["parameters"].items()}
-        carried = json.loads(params[METADATA_KEY])
-        for key in ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "latent_dim",
-                    "class_centroids", "conditional"):
-            assert carried.get(key) == meta.get(key), (graph, key)
-        # Same shape as the export's metadata.json, cut to this graph: one parser reads both.
-        assert carried["graphs"] == {graph: {"spec": specs[graph].to_dict(),
-                                             "buckets": meta["graphs"][graph]["buckets"]}}
-        assert graph_spec_from_meta(graph, carried) == specs[graph]
-        assert (params["trident_graph"], params["trident_flavour"]) == (graph, "embedded")
-        assert json.loads(params["trident_image_shape"]) == [meta["image"][k] for k in ("channels", "height", "width")]
-        assert json.loads(params["trident_value_range"]) == meta["image"]["value_range"]
-        assert json.loads(params["trident_buckets"]) == meta["graphs"][graph]["buckets"]
+        carried = ModelCard.from_json(params[CARD_KEY])
+        exported = export_card(meta)
+        # The export's card, cut to this graph's buckets: one parser reads both.
+        assert carried == exported.with_buckets({graph: meta["graphs"][graph]["buckets"]}), graph
+        assert carried.buckets == {graph: tuple(meta["graphs"][graph]["buckets"])}
+        assert graph_spec_of(graph, carried) == specs[graph]
+        # Every other parameter is one the model's own model.py reads: no unread copies of card fields.
+        assert set(params) == {CARD_KEY, "trident_onnx_files", "trident_input_ranges", "intra_op_num_threads",
+                               "row_shards", "execution_provider"}, graph
 
 
 def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_when_built(metas, specs):
@@ -229,11 +228,11 @@ def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_wh
     gan = json.loads(embedded_config("gan_generator", metas["gan_generator"])["parameters"]
                      ["trident_input_ranges"]["string_value"])
     label, timestep = label_input(specs["diffusion_unet"]).name, timestep_input(specs["diffusion_unet"]).name
-    assert (unet[label]["low"], unet[label]["high"]) == (0, metas["diffusion_unet"]["null_class"] + 1)
+    assert (unet[label]["low"], unet[label]["high"]) == (0, metas["diffusion_unet"]["card"]["null_class"] + 1)
     assert (unet[timestep]["low"], unet[timestep]["high"]) == (
-        0, metas["diffusion_unet"]["schedule"]["num_train_timesteps"])
+        0, metas["diffusion_unet"]["card"]["schedule"]["num_train_timesteps"])
     gan_label = label_input(specs["gan_generator"]).name
-    assert (gan[gan_label]["low"], gan[gan_label]["high"]) == (0, len(metas["gan_generator"]["class_names"]))
+    assert (gan[gan_label]["low"], gan[gan_label]["high"]) == (0, len(metas["gan_generator"]["card"]["class_names"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +267,8 @@ def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export
                 triton = "TYPE_" + TensorSpec(v.name, np_dtype.name, ()).triton_dtype
                 assert model_config_pb2.DataType.Name(t.data_type) == triton, (name, v.name)
                 assert list(t.dims) == [d.dim_value for d in v.type.tensor_type.shape.dim], (name, v.name)
-        assert json.loads(config.parameters["trident_bucket"].string_value) == int(bucket)
+        carried = ModelCard.from_json(config.parameters[CARD_KEY].string_value)
+        assert carried.buckets == {graph: tuple(metas[graph]["graphs"][graph]["buckets"])}
         assert len(config.model_warmup) == 1 and config.model_warmup[0].batch_size == 1
 
 
@@ -287,17 +287,18 @@ def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
 
 
 def test_build_repository_writes_self_contained_models_when_embedded(repository, metas):
-    assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, SAMPLER))
+    assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, SAMPLING_LOOP))
+    # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
     allowed = {"json", "os", "sys", "concurrent", "numpy", "onnxruntime", "triton_python_backend_utils",
-               "ort_runner", "sampling", "__future__", "math", "time", "dataclasses", "functools", "typing",
-               "tqdm"}  # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
-    code = {graph: ("model.py", "ort_runner.py") for graph in metas}
-    # the server-side loop runs the U-Net graphs with the sampler math next to it
-    code[SAMPLER] = ("model.py", "ort_runner.py", "sampling.py")
+               "ort_runner", "sampling", "card", "protocol", "__future__", "math", "time", "dataclasses",
+               "functools", "typing", "tqdm"}
+    assert ALLOWED_IMPORTS == allowed  # the rule the runtime folder states is the one checked here
+    # every Python-backend model gets model.py and the one declared list of runtime files
+    code = {graph: ("model.py", *RUNTIME_FILES) for graph in (*metas, SAMPLING_LOOP)}
     for graph, files in code.items():
         meta = metas.get(graph, metas[UNET])
         version = repository / graph / "1"
-        graph_entry = meta["graphs"][UNET if graph == SAMPLER else graph]
+        graph_entry = meta["graphs"][UNET if graph == SAMPLING_LOOP else graph]
         for n in graph_entry["buckets"]:
             entry = graph_entry["fp32"][str(n)]
             assert hashlib.sha256((version / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
@@ -469,7 +470,7 @@ def test_execute_fails_only_bad_requests_when_batched_with_good_ones(unet_model,
     timestep = [t.name for t in spec.inputs].index(timestep_input(spec).name)
     good = [valid_inputs(spec, meta, n, seed=10 + n) for n in (2, 3, 1)]
     bad_label = valid_inputs(spec, meta, 2, seed=20)
-    bad_label[label][1] = meta["null_class"] + 1
+    bad_label[label][1] = meta["card"]["null_class"] + 1
     bad_time = valid_inputs(spec, meta, 1, seed=21)
     bad_time[timestep][0] = np.nan
     responses = model.execute([as_request(pb, spec, a) for a in (good[0], bad_label, good[1], bad_time, good[2])])
@@ -495,7 +496,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(repository):
-    from trident.serving.server import ServerConfig, TritonServer
+    from trident.serving.server.launcher import ServerConfig, TritonServer
 
     with TritonServer(ServerConfig(repository, http_port=0, grpc_port=0, metrics_port=0)) as server:
         with triton_client("http", server.http_url) as client:
@@ -545,8 +546,8 @@ def url(served: Served, protocol: str) -> str:
 def test_server_reports_every_model_ready_when_repository_built(served):
     with triton_client("http", served.server.http_url) as client:
         assert client.is_server_ready()
-        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted((*GRAPHS, SAMPLER))
-        assert all(client.is_model_ready(graph) for graph in (*GRAPHS, SAMPLER))
+        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted((*GRAPHS, SAMPLING_LOOP))
+        assert all(client.is_model_ready(graph) for graph in (*GRAPHS, SAMPLING_LOOP))
 
 
 @pytest.mark.server
@@ -567,9 +568,8 @@ def test_server_model_config_carries_sampling_metadata_when_fetched(served, meta
                 config = client.get_model_config(graph)
             else:
                 config = client.get_model_config(graph, as_json=True)["config"]
-        carried = json.loads(config["parameters"][METADATA_KEY]["string_value"])
-        assert (carried["kind"], list(carried["graphs"])) == (meta["kind"], [graph])
-        assert carried["image"] == meta["image"] and carried["class_names"] == meta["class_names"]
+        carried = ModelCard.from_json(config["parameters"][CARD_KEY]["string_value"])
+        assert carried == export_card(meta).with_buckets({graph: meta["graphs"][graph]["buckets"]})
         assert int(config["max_batch_size"]) == SERVED_MAX_BATCH
         assert len(config["model_warmup"]) == len(meta["graphs"][graph]["buckets"])
 
@@ -649,7 +649,7 @@ def test_infer_result_unchanged_when_batch_neighbours_hold_extreme_values(served
     alone = infer("grpc", served.server.grpc_url, spec, mine)
     loud = valid_inputs(spec, meta, 3, seed=8)
     loud[[t.name for t in spec.inputs].index(image_like_input(spec).name)] *= 1e4
-    loud[[t.name for t in spec.inputs].index(label_input(spec).name)][:] = meta["null_class"]
+    loud[[t.name for t in spec.inputs].index(label_input(spec).name)][:] = meta["card"]["null_class"]
     jobs = [lambda: infer("grpc", served.server.grpc_url, spec, mine)] + [
         lambda: infer("http", served.server.http_url, spec, loud) for _ in range(5)]
     results = send_together(jobs)

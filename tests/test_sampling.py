@@ -159,7 +159,7 @@ def compare_loops(name, schedule, spacing, steps, *, eta=0.0, **options):
 
 
 def model_kwargs(**overrides):
-    kw = dict(schedule=LINEAR, sampler="ddim", steps=4, guidance_scale=2.0, null_class=NULL, seed=0)
+    kw = dict(schedule=LINEAR, sampler="ddim", steps=4, guidance=2.0, null_class=NULL, seed=0)
     kw.update(overrides)
     return kw
 
@@ -462,7 +462,7 @@ def test_sample_runs_without_bar_error_when_progress_true():
 @pytest.mark.parametrize("arg,overrides", [
     ("steps", {"steps": 0}),
     ("steps", {"steps": T + 1}),
-    ("guidance_scale", {"guidance_scale": -0.5}),
+    ("guidance", {"guidance": -0.5}),
     ("sampler", {"sampler": "euler"}),
     ("labels", {"labels": [1, NULL + 1]}),
     ("labels", {"labels": [-1, 0]}),

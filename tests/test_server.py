@@ -1,4 +1,4 @@
-"""trident.serving.server against the real tritonserver bundled in nvidia-pytriton (Python backend, CPU)."""
+"""trident.serving.server.launcher against the real tritonserver bundled in nvidia-pytriton (Python backend, CPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trident.serving.server import (
+from trident.serving.server.launcher import (
     ServerConfig,
     TritonServer,
     TritonServerError,
@@ -420,7 +420,7 @@ def test_serve_main_exits_zero_and_stops_server_when_sigterm(model_repository, t
 
     log_file = tmp_path / "serve.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "trident.serving.server", "--model-repository", str(model_repository), "--free-ports",
+        [sys.executable, "-m", "trident.serving.server.launcher", "--model-repository", str(model_repository), "--free-ports",
          "--log-file", str(log_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -447,7 +447,7 @@ def test_serve_main_exits_zero_and_stops_server_when_sigterm(model_repository, t
 @pytest.mark.server
 def test_serve_main_exits_zero_and_stops_server_when_sigterm_during_startup(model_repository):
     process = subprocess.Popen(
-        [sys.executable, "-m", "trident.serving.server", "--model-repository", str(model_repository), "--free-ports"],
+        [sys.executable, "-m", "trident.serving.server.launcher", "--model-repository", str(model_repository), "--free-ports"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -465,7 +465,7 @@ def test_serve_main_exits_zero_and_stops_server_when_sigterm_during_startup(mode
 
 
 def test_serve_main_fails_with_hint_when_repository_missing(tmp_path, capsys):
-    from trident.serving.server import main
+    from trident.serving.server.launcher import main
 
     assert main(["--model-repository", str(tmp_path / "missing"), "--free-ports"]) == 1
     assert "does not exist" in capsys.readouterr().err
@@ -476,7 +476,7 @@ def test_serve_stops_with_the_build_command_when_repository_is_not_built(tmp_pat
     builds it (one line, exit 1) instead of Triton's "at least one version must be available" lines."""
     import shutil
 
-    from trident.serving.server import main, unbuilt_models
+    from trident.serving.server.launcher import main, unbuilt_models
 
     repo = tmp_path / "model_repository"
     root = Path(__file__).resolve().parents[1] / "model_repository"

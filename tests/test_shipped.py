@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from trident.serving.repository import MARKER, default_build
+from trident.export.build import default_build
+from trident.serving.server.repository import MARKER
+from trident.serving.server.runtime import RUNTIME_FILES
 from trident.training.checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +33,12 @@ def test_shipped_checkpoint_exists_and_records_how_it_was_trained(kind):
 def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path):
     fresh = tmp_path / "model_repository"
     default_build(SHIPPED, fresh, shipped_work, log=lambda *_: None)
-    # Committed: the marker and every config.pbtxt. Generated only: the graphs, model.py and ort_runner.py (copies
-    # of serving/triton_model.py or triton_sampler.py, and serving/ort_runner.py, sampling.py), all git-ignored.
+    # Committed: the marker and every config.pbtxt. Generated only: the graphs, model.py and the runtime files
+    # (copies of serving/server/runtime/*_model.py and of RUNTIME_FILES), all git-ignored.
     def listed(root):
         return sorted(p.relative_to(root) for p in root.rglob("*")
                       if p.is_file() and p.suffix not in (".onnx", ".pyc")
-                      and p.name not in ("model.py", "ort_runner.py", "sampling.py", "README.md"))
+                      and p.name not in ("model.py", *RUNTIME_FILES, "README.md"))
 
     committed, built = listed(ROOT / "model_repository"), listed(fresh)
     assert committed == built, "committed model_repository/ lists other files than a fresh `trident serve build`"

@@ -138,8 +138,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_data):
     m2, _ = ckpt.load_model(path)
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3.0, 700.0]), torch.tensor([2, 10])
     assert torch.equal(m1(x, t, y), m2(x, t, y))
-    assert meta["schedule"]["num_train_timesteps"] == 1000 and meta["null_class"] == 10
-    assert meta["class_names"][7] == "sneaker" and meta["train"]["step"] == 3
+    assert meta["card"]["schedule"]["num_train_timesteps"] == 1000 and meta["card"]["null_class"] == 10
+    assert meta["card"]["class_names"][7] == "sneaker" and meta["train"]["step"] == 3
     assert not (tmp_path / "samples").exists()  # no preview for a run shorter than sample_every (1000)
 
 
@@ -166,7 +166,7 @@ def test_train_writes_preview_grid_with_one_row_per_class(tmp_path, tiny_data):
 def test_vae_checkpoint_carries_class_centroids(tmp_path, tiny_data):
     path = train(_cfg("vae", tmp_path, tiny_data, steps=2))
     meta = ckpt.read_meta(path, "vae")
-    assert np.asarray(meta["class_centroids"]).shape == (10, 4)
+    assert np.asarray(meta["card"]["class_centroids"]).shape == (10, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,13 +15,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from trident.serving.card import ModelCard
+from trident.serving.errors import TridentError
 from trident.serving.files import atomic_file
 
 FORMAT = "trident.checkpoint"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TridentError):
     """A checkpoint is missing, corrupt, or not what the caller asked for."""
 
 
@@ -59,6 +61,29 @@ def read_meta(path: str | os.PathLike, expected_kind: str | tuple[str, ...] | No
         if meta.get("kind") not in kinds:
             raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, expected {' or '.join(map(repr, kinds))}")
     return meta
+
+
+# Header fields of checkpoints written before the model card existed (the shipped checkpoints among them).
+_PRE_CARD_FIELDS = ("kind", "class_names", "image", "schedule", "prediction_type", "null_class", "class_centroids")
+
+
+def card_of(meta: dict, path="checkpoint") -> ModelCard:
+    """The model card in a checkpoint's header.
+
+    `trident train` stores it under "card". A checkpoint written before the card existed kept the same fields at the
+    top of its header (and the latent size only in the model config); it is read into the same card here, the one
+    place that knows that older layout.
+    """
+    try:
+        if "card" in meta:
+            return ModelCard.from_dict(meta["card"])
+        fields = {key: meta[key] for key in _PRE_CARD_FIELDS if key in meta}
+        fields["conditional"] = meta.get("kind") in ("diffusion", "gan")
+        if meta.get("kind") in ("gan", "vae"):
+            fields["latent_dim"] = meta.get("config", {}).get("latent_dim")
+        return ModelCard.from_dict(fields)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, expected_kind: str | tuple[str, ...] | None = None

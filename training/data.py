@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trident.serving.errors import TridentError
+
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "TRIDENT_DATA_DIR"
 CLASS_NAMES = (
@@ -30,7 +32,7 @@ _HOW_TO_GET = ("Install it with `apt-get install dataset-fashion-mnist` (Debian)
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(TridentError):
     """The dataset is missing or malformed; the message says where we looked and how to get it."""
 
 

@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trident.serving.card import ImageFormat, ModelCard
 from trident.serving.images import labelled_grid, save_png, to_uint8
+from trident.serving.sampling import NoiseSchedule, sample
 
 from . import checkpoint as ckpt
 from .data import CLASS_NAMES, load_fashion_mnist
@@ -129,9 +131,7 @@ def _unwrap(module):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _diffusion_tables(meta: dict, device) -> torch.Tensor:
-    from trident.serving.sampling import NoiseSchedule
-
-    sched = NoiseSchedule.from_dict(meta["schedule"])
+    sched = NoiseSchedule.from_dict(meta["card"]["schedule"])
     return torch.tensor(sched.alphas_cumprod, dtype=torch.float32, device=device)
 
 
@@ -271,13 +271,11 @@ STEPS = {"diffusion": _diffusion_step, "gan": _gan_step, "vae": _vae_step, "clas
 def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, seed: int = 0) -> np.ndarray | None:
     """A uint8 grid drawn from the model: one row per class for conditional models, (H, W, 3)."""
     module.eval()
-    names = meta.get("class_names", CLASS_NAMES)
+    names = meta["card"]["class_names"]
     k = len(names)
     labels = np.repeat(np.arange(k), per_class)
     g = torch.Generator().manual_seed(seed)
     if kind == "diffusion":
-        from trident.serving.sampling import NoiseSchedule, sample
-
         c = module.config
         device = next(module.parameters()).device
 
@@ -286,8 +284,8 @@ def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, 
             return out.cpu().numpy()
 
         imgs = sample(eps, (len(labels), c.in_channels, c.image_size, c.image_size), labels,
-                      schedule=NoiseSchedule.from_dict(meta["schedule"]), sampler="dpmpp-2m", steps=20,
-                      guidance_scale=3.0, null_class=c.null_class, seed=seed)
+                      schedule=NoiseSchedule.from_dict(meta["card"]["schedule"]), sampler="dpmpp-2m", steps=20,
+                      guidance=3.0, null_class=c.null_class, seed=seed)
     elif kind == "gan":
         device = next(module.parameters()).device
         z = torch.randn(len(labels), module.config.latent_dim, generator=g).to(device)
@@ -306,16 +304,22 @@ def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, 
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 
-def _meta(cfg: TrainConfig, model_cfg) -> dict:
-    meta = {"kind": cfg.kind, "config": model_cfg.to_dict(), "class_names": list(CLASS_NAMES),
-            "image": {"channels": model_cfg.in_channels, "height": model_cfg.image_size,
-                      "width": model_cfg.image_size, "value_range": [-1.0, 1.0]}}
-    if cfg.kind == "diffusion":
-        from trident.serving.sampling import NoiseSchedule
+def model_card(cfg: TrainConfig, model_cfg) -> ModelCard:
+    """The card of the model this run trains (the VAE's class centroids are added when it is saved)."""
+    diffusion = cfg.kind == "diffusion"
+    return ModelCard(
+        kind=cfg.kind, class_names=tuple(CLASS_NAMES),
+        image=ImageFormat(model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size, (-1.0, 1.0)),
+        conditional=cfg.kind in ("diffusion", "gan"),
+        schedule=NoiseSchedule(**cfg.schedule).to_dict() if diffusion else None,
+        prediction_type="epsilon" if diffusion else None,
+        null_class=model_cfg.null_class if diffusion else None,
+        latent_dim=getattr(model_cfg, "latent_dim", None) if cfg.kind in ("gan", "vae") else None)
 
-        meta["schedule"] = NoiseSchedule(**cfg.schedule).to_dict()
-        meta["prediction_type"] = "epsilon"
-        meta["null_class"] = model_cfg.null_class
+
+def _meta(cfg: TrainConfig, model_cfg) -> dict:
+    meta = {"kind": cfg.kind, "config": model_cfg.to_dict(), "card": model_card(cfg, model_cfg).to_dict()}
+    if cfg.kind == "diffusion":
         meta["label_dropout"] = cfg.label_dropout
     return meta
 
@@ -387,10 +391,10 @@ def train(cfg: TrainConfig) -> Path:
                       "seed": cfg.seed, "world_size": world, "last_losses": history,
                       "command": cfg.command or " ".join(shlex.quote(a) for a in sys.argv), "train_config": asdict(cfg)}
         ckpt.save_checkpoint(last, tensors, {**meta, "train": {**train_meta, "optim": optim_info}})
-        extra = {}
+        card = meta["card"]
         if cfg.kind == "vae":
-            extra["class_centroids"] = _vae_centroids(export_module, images, labels)
-        ckpt.save_checkpoint(out / "model.safetensors", export_tensors, {**meta, **extra, "train": train_meta})
+            card = {**card, "class_centroids": _vae_centroids(export_module, images, labels)}
+        ckpt.save_checkpoint(out / "model.safetensors", export_tensors, {**meta, "card": card, "train": train_meta})
 
     log_path = out / "log.csv"
     log_file = None

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import TridentClient
-from .images import labelled_grid, save_png
+from .. import toolchain
+from ..client import TridentClient
+from ..errors import TridentError
+from ..images import labelled_grid, save_png
+from .launcher import ServerConfig, TritonServer
 
 
 def run_demo(out: Path, repository: Path, checkpoints: Path, per_class: int = 8, steps: int = 20,
              guidance: float = 3.0, protocol: str = "grpc", seed: int = 0, work: Path = Path(".trident"),
              log=print) -> dict:
-    from .repository import default_build
-    from .server import ServerConfig, TritonServer
-
+    default_build = toolchain.resolve("default_build")  # exports the checkpoints (torch) unless cached
     t_all = time.perf_counter()
     t0 = time.perf_counter()
     default_build(checkpoints_root=checkpoints, out=repository, work=work, log=log)
@@ -47,7 +48,7 @@ def run_demo(out: Path, repository: Path, checkpoints: Path, per_class: int = 8,
             log(f"diffusion: {len(imgs)} images, {steps} steps, {s.calls} requests of {s.rows // max(s.calls, 1)} rows"
                 f" in {s.wall_s:.2f} s ({s.per_call_ms:.1f} ms per step) -> {path}")
 
-            if getattr(client.backend, "sampler_loop", None):  # the same draw with the loop on the server
+            if client.backend.server_loop is not None:  # the same draw with the loop on the server
                 first = labels[:per_class]
                 a = client.sample(first, steps=steps, guidance=guidance, seed=seed)
                 t_client = client.last_stats.wall_s
@@ -68,14 +69,14 @@ def run_demo(out: Path, repository: Path, checkpoints: Path, per_class: int = 8,
                                                                           label_width=110))
             log(f"guidance strip: scales {scales} for {[names[c] for c in strip_classes]} -> {path}")
 
-            if "gan" in client.backend.metadata:
+            if "gan" in client.backend.cards:
                 imgs = client.generate(labels, seed=seed)
                 s = client.last_stats
                 path = save_png(out / "gan.png", labelled_grid(imgs, per_class, client.class_names("gan")))
                 summary["gan"] = (path, s)
                 log(f"gan: {len(imgs)} images in {s.wall_s * 1e3:.1f} ms -> {path}")
 
-            if "vae" in client.backend.metadata:
+            if "vae" in client.backend.cards:
                 imgs = client.generate_vae(k * per_class, seed=seed)
                 s = client.last_stats
                 path = save_png(out / "vae.png", labelled_grid(imgs, per_class))
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     try:
         run_demo(Path(args.out), Path(args.model_repository), Path(args.checkpoints), args.per_class, args.steps,
                  args.guidance, args.protocol, args.seed, Path(args.work))
-    except RuntimeError as e:  # TridentError, RepositoryError, TritonServerError, ExportError, CheckpointError
+    except TridentError as e:  # RepositoryError, TritonServerError, ExportError, CheckpointError, the SDK's errors
         print(f"trident demo: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@ Runs a real ``tritonserver`` process over a model repository:
 
 Command line (thin wrapper over the same class)::
 
-    python -m trident.serving.server --model-repository model_repository --free-ports
+    python -m trident.serving.server.launcher --model-repository model_repository --free-ports
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import TridentError
+
 __all__ = [
     "ServerConfig",
     "TritonServer",
@@ -55,7 +57,7 @@ SHM_DIR = Path("/dev/shm")
 TRITONSERVER_ENV = "TRIDENT_TRITONSERVER"
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(TridentError):
     """tritonserver could not be found, prepared, started, or did not become ready."""
 
 

@@ -1,54 +1,84 @@
-"""Where the networks run: three interchangeable backends behind one small interface.
-
-    backend.metadata            client metadata per model kind: {"diffusion": {...}, "gan": {...}, "vae": {...}}
-    backend.buckets[graph]      the static batch sizes a graph was exported at
-    backend.run(graph, inputs)  {tensor name: array (N, ...)} -> {tensor name: array (N, ...)} for any N
-    backend.close()
+"""Where the networks run: interchangeable backends behind one contract, the Backend protocol below.
 
 - OnnxRuntimeBackend: in-process ONNX Runtime over `trident export` folders (serving/ort_runner.py, as in Triton).
-- TritonBackend: a Triton server over HTTP or gRPC; metadata comes from the models' configuration parameters.
-- TorchBackend: the PyTorch modules from checkpoints (only where torch is installed).
+- TritonBackend: a Triton server over HTTP or gRPC; the model cards come from the models' configuration parameters.
+- TorchBackend (export/torch_backend.py, needs torch): the PyTorch modules from checkpoints; TridentClient.from_torch
+  reaches it through serving/toolchain.py.
 
-All tensor names come from trident.serving.spec. No module here imports torch at import time.
+All tensor names come from trident.serving.spec. No module here imports torch.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
-from .spec import GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLER, GraphSpec, client_view, graph_spec_from_meta
+from ..card import ModelCard
+from ..errors import InferenceError, InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
+from ..ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
+from ..spec import KIND_OF_GRAPH, SAMPLING_LOOP, GraphSpec, export_card, graph_spec_of, load_export_metadata
+from ..server.runtime.protocol import CARD as CARD_PARAMETER
+from ..server.runtime.protocol import MAX_IMAGES as MAX_IMAGES_PARAMETER
 
-METADATA_PARAMETER = "trident_metadata"  # Triton config parameter that holds the client metadata as JSON
-
-
-class TridentError(RuntimeError):
-    """Base class of the SDK's errors."""
-
-
-class ServerUnreachableError(TridentError):
-    def __init__(self, url: str, detail: str = ""):
-        super().__init__(f"cannot reach a Triton server at {url}{': ' + detail if detail else ''}. "
-                         f"Is it running? Start one with `trident serve` (or `trident demo`), or pass --url.")
-        self.url = url
+__all__ = ["Backend", "ServerLoop", "OnnxRuntimeBackend", "TritonBackend", "check_inputs", "TridentError",
+           "ServerUnreachableError", "ModelNotReadyError", "InvalidArgumentError", "InferenceError"]
 
 
-class ModelNotReadyError(TridentError):
-    pass
+@dataclass(frozen=True)
+class ServerLoop:
+    """The sampling loop model a server runs (Triton name `diffusion_sampler`): its tensors and its request limit."""
+
+    spec: GraphSpec
+    max_images: int
 
 
-class InvalidArgumentError(TridentError, ValueError):
-    """An argument is out of range; raised before any request is sent."""
+@runtime_checkable
+class Backend(Protocol):
+    """What TridentClient needs from a place where the networks run.
+
+    cards[kind]                 the model card of each model it holds ("diffusion", "gan", "vae")
+    specs[graph], buckets[graph]  the tensor spec of each graph, and its static batch sizes (() if any size runs)
+    run(graph, inputs)          {tensor name: array (N, ...)} -> {tensor name: array (N, ...)} for any N >= 1
+    close()
+    server_loop                 the sampling loop model the backend can call (a ServerLoop), or None
+    require_server_loop()       server_loop, or the typed error that says why there is none
+    run_loop(feed)              one request to that loop (inputs as spec.loop_spec): the images
+    """
+
+    name: str
+    cards: dict[str, ModelCard]
+    specs: dict[str, GraphSpec]
+    buckets: dict[str, tuple[int, ...]]
+    server_loop: ServerLoop | None
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def require_server_loop(self) -> ServerLoop: ...
+
+    def run_loop(self, feed: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
-class InferenceError(TridentError):
-    """The server answered a request with an error."""
+class InProcess:
+    """The part of the Backend protocol that is the same for every backend running in this process: no remote
+    sampling loop (the client loop is the loop)."""
+
+    name = "in-process"
+    server_loop: ServerLoop | None = None
+
+    def require_server_loop(self) -> ServerLoop:
+        raise InvalidArgumentError(f"loop='server' needs a Triton server; this client runs {self.name} in-process "
+                                   "(use loop='client')")
+
+    def run_loop(self, feed):
+        self.require_server_loop()
 
 
 def check_inputs(spec: GraphSpec, inputs: dict[str, np.ndarray]) -> int:
@@ -72,7 +102,7 @@ def check_inputs(spec: GraphSpec, inputs: dict[str, np.ndarray]) -> int:
 # In-process ONNX Runtime
 # ----------------------------------------------------------------------------------------------------------------
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(InProcess):
     """Sessions over one or more `trident export` folders: one ort_runner.BucketRunner per graph.
 
     precision "fp16" loads the fp16 graphs (for the CUDA provider). threads: intra-op threads of a whole call (None
@@ -83,24 +113,23 @@ class OnnxRuntimeBackend:
 
     def __init__(self, export_dirs, threads: int | None = None, providers: list[str] | None = None,
                  precision: str = "fp32", row_shards: int = 0):
-        from .spec import load_export_metadata
-
         if isinstance(export_dirs, (str, os.PathLike)):
             export_dirs = [export_dirs]
         if precision not in ("fp32", "fp16"):
             raise InvalidArgumentError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
         if (threads or 0) < 0 or row_shards < 0:
             raise InvalidArgumentError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
-        self.metadata, self.buckets, self.specs, self.runners = {}, {}, {}, {}
+        self.cards, self.buckets, self.specs, self.runners = {}, {}, {}, {}
         try:
             for d in export_dirs:
                 info = load_export_metadata(d)
-                self.metadata[info["kind"]] = client_view(info)
+                card = export_card(info, d)
+                self.cards[card.kind] = card
                 for graph, entry in info["graphs"].items():
                     files = entry[precision]
                     if not files:
                         raise InvalidArgumentError(f"{d}: no {precision} graphs for {graph}; re-export with --fp16")
-                    self.specs[graph] = graph_spec_from_meta(graph, info)
+                    self.specs[graph] = graph_spec_of(graph, card)
                     self.runners[graph] = BucketRunner({int(b): Path(d) / f["file"] for b, f in files.items()},
                                                        threads=threads or 0, row_shards=row_shards,
                                                        providers=providers)
@@ -152,7 +181,7 @@ class TritonBackend:
     """A Triton server at `url` ("host:port"), protocol "http" or "grpc".
 
     On connect: checks the server is live and ready, every trident model it serves is ready, and reads each model's
-    sampling metadata from its configuration parameters. Requests larger than a model's max_batch_size are split.
+    model card from its configuration parameters. Requests larger than a model's max_batch_size are split.
     Transient failures (timeouts, resets, 'unavailable') are retried `retries` times with exponential backoff.
     An HTTP backend belongs to the thread that made it (tritonclient.http runs on gevent); give each thread its own
     backend, or use gRPC.
@@ -167,8 +196,8 @@ class TritonBackend:
             raise InvalidArgumentError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.url, self.protocol, self.timeout_s = url, protocol, float(timeout_s)
         self.sample_timeout_s = float(sample_timeout_s)
-        self.sampler_loop: dict | None = None  # {"spec", "max_images"} when the server runs diffusion_sampler
-        self.sampler_missing = f"the server at {url} does not serve {SAMPLER!r}"  # why sampler_loop is None
+        self.server_loop: ServerLoop | None = None  # when the server runs the sampling loop model
+        self.server_loop_missing = f"the server at {url} does not serve {SAMPLING_LOOP!r}"  # why server_loop is None
         self._long_client = None  # HTTP only: a client whose network timeout fits a whole sampling request
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         if protocol == "http":
@@ -182,7 +211,7 @@ class TritonBackend:
         self._tc = tc
         # gRPC calls take a deadline per call; HTTP ones use the connection/network timeouts set above.
         self._call_kw = {"client_timeout": self.timeout_s} if protocol == "grpc" else {}
-        self.metadata, self.buckets, self.specs, self.max_batch = {}, {}, {}, {}
+        self.cards, self.buckets, self.specs, self.max_batch = {}, {}, {}, {}
         try:
             self._connect(models)
         except BaseException:
@@ -200,7 +229,7 @@ class TritonBackend:
             raise ServerUnreachableError(url, "the server answered but is not ready")
         try:
             served = self._repository_models()
-            for graph in [m for m in models or KIND_OF_GRAPH if m != SAMPLER]:
+            for graph in [m for m in models or KIND_OF_GRAPH if m != SAMPLING_LOOP]:
                 if graph not in served:
                     if models:
                         raise ModelNotReadyError(f"model {graph!r} is not in the server's repository at {url} "
@@ -210,12 +239,12 @@ class TritonBackend:
                     raise ModelNotReadyError(f"model {graph!r} on {url} is not ready "
                                              f"({served[graph] or 'no state'}); see the server log")
                 self._load_config(graph)
-            if models is None or SAMPLER in models:
-                self._find_sampler(served, required=models is not None)
+            if models is None or SAMPLING_LOOP in models:
+                self._find_server_loop(served, required=models is not None)
         except TridentError:
             raise
-        except (ValueError, KeyError, TypeError) as e:  # includes json.JSONDecodeError
-            raise ModelNotReadyError(f"a model on {url} has unreadable trident metadata: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:  # includes json.JSONDecodeError and a bad card
+            raise ModelNotReadyError(f"a model on {url} has an unreadable model card: {e}") from None
         except Exception as e:  # the server went away mid-handshake
             raise ServerUnreachableError(url, f"{type(e).__name__}: {e}") from None
 
@@ -225,8 +254,9 @@ class TritonBackend:
             return {m.name: m.state for m in index.models}
         return {m["name"]: m.get("state", "") for m in index}
 
-    def _load_config(self, graph: str):
-        cfg = self._client.get_model_config(graph, **self._call_kw)
+    def _config(self, model: str) -> tuple[dict[str, str], int, ModelCard]:
+        """(parameters, max_batch_size, card) of a served model's configuration."""
+        cfg = self._client.get_model_config(model, **self._call_kw)
         if self.protocol == "grpc":
             cfg = cfg.config
             params = {k: v.string_value for k, v in cfg.parameters.items()}
@@ -234,41 +264,39 @@ class TritonBackend:
         else:
             params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
             max_batch = cfg.get("max_batch_size", 0)
-        if METADATA_PARAMETER not in params:
-            raise ModelNotReadyError(f"model {graph!r} has no {METADATA_PARAMETER!r} parameter: not a trident model")
-        info = json.loads(params[METADATA_PARAMETER])
-        kind = KIND_OF_GRAPH[graph]
-        self.metadata[kind] = client_view(info)
-        self.specs[graph] = graph_spec_from_meta(graph, info)
-        self.buckets[graph] = tuple(int(b) for b in info["graphs"][graph]["buckets"]) if "graphs" in info else ()
-        self.max_batch[graph] = int(max_batch) or max(self.buckets[graph] or (1,))
+        if CARD_PARAMETER not in params:
+            raise ModelNotReadyError(f"model {model!r} has no {CARD_PARAMETER!r} parameter: not a trident model, or "
+                                     "built by an older trident (rebuild it with `trident serve build`)")
+        return params, int(max_batch), ModelCard.from_json(params[CARD_PARAMETER])
 
-    def _find_sampler(self, served: dict, required: bool):
-        """Look for the server-side sampling loop. Without it (or with a broken one) the client loop still works, so
-        only a caller that asked for it by name (`models`) gets an error here; others learn why on loop='server'."""
+    def _load_config(self, graph: str):
+        _, max_batch, card = self._config(graph)
+        self.cards[card.kind] = card
+        self.specs[graph] = graph_spec_of(graph, card)
+        self.buckets[graph] = card.buckets.get(graph, ())
+        self.max_batch[graph] = max_batch or max(self.buckets[graph] or (1,))
+
+    def _find_server_loop(self, served: dict, required: bool):
+        """Look for the sampling loop model. Without it (or with a broken one) the client loop still works, so only a
+        caller that asked for it by name (`models`) gets an error here; others learn why on loop='server'."""
         try:
-            if SAMPLER not in served:
-                raise ModelNotReadyError(f"the server at {self.url} has no {SAMPLER!r} model; rebuild its repository "
-                                         "with `trident serve build` (without --no-sampler)")
-            if not self._client.is_model_ready(SAMPLER, **self._call_kw):
-                raise ModelNotReadyError(f"model {SAMPLER!r} on {self.url} is not ready "
-                                         f"({served[SAMPLER] or 'no state'}); see the server log")
-            cfg = self._client.get_model_config(SAMPLER, **self._call_kw)
-            if self.protocol == "grpc":
-                params = {k: v.string_value for k, v in cfg.config.parameters.items()}
-            else:
-                params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-            info = json.loads(params[METADATA_PARAMETER])
-            self.sampler_loop = {"spec": graph_spec_from_meta(SAMPLER, info),
-                                 "max_images": int(params["trident_max_images"])}
+            if SAMPLING_LOOP not in served:
+                raise ModelNotReadyError(f"the server at {self.url} has no {SAMPLING_LOOP!r} model; rebuild its "
+                                         "repository with `trident serve build` (without --no-server-loop)")
+            if not self._client.is_model_ready(SAMPLING_LOOP, **self._call_kw):
+                raise ModelNotReadyError(f"model {SAMPLING_LOOP!r} on {self.url} is not ready "
+                                         f"({served[SAMPLING_LOOP] or 'no state'}); see the server log")
+            params, _, card = self._config(SAMPLING_LOOP)
+            self.server_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP, card), int(params[MAX_IMAGES_PARAMETER]))
         except ModelNotReadyError as e:
             if required:
                 raise
-            self.sampler_missing = str(e)
+            self.server_loop_missing = str(e)
         except (ValueError, KeyError, TypeError) as e:
+            detail = f"{SAMPLING_LOOP} on {self.url} has an unreadable model card: {e}"
             if required:
-                raise ModelNotReadyError(f"{SAMPLER} on {self.url} has unreadable trident metadata: {e}") from None
-            self.sampler_missing = f"{SAMPLER} on {self.url} has unreadable trident metadata: {e}"
+                raise ModelNotReadyError(detail) from None
+            self.server_loop_missing = detail
 
     def _infer_once(self, graph: str, spec: GraphSpec, feed: dict[str, np.ndarray], batched: bool = True,
                     client=None, timeout_s: float | None = None) -> list[np.ndarray]:
@@ -298,35 +326,38 @@ class TritonBackend:
             res = client.infer(graph, inputs, outputs=outputs, client_timeout=timeout_s)
         return [res.as_numpy(t.name) for t in spec.outputs]
 
-    def run_sampler(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        """One request to the server-side sampling loop (inputs as spec.sampler_spec): the images, float32.
+    def require_server_loop(self) -> ServerLoop:
+        if self.server_loop is None:
+            raise ModelNotReadyError(f"{self.server_loop_missing}; or use loop='client'")
+        return self.server_loop
+
+    def run_loop(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """One request to the sampling loop model (inputs as spec.loop_spec): the images, float32.
 
         Not retried (a retry would redo the whole loop); waits up to sample_timeout_s."""
         from tritonclient.utils import InferenceServerException
 
-        if self.sampler_loop is None:
-            raise ModelNotReadyError(self.sampler_missing)
+        spec = self.require_server_loop().spec
         client = self._client
         if self.protocol == "http":  # the HTTP client's network timeout is fixed per connection
             if self._long_client is None:
                 self._long_client = self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
                                                                    network_timeout=self.sample_timeout_s)
             client = self._long_client
-        spec = self.sampler_loop["spec"]
 
         def timed_out(detail) -> InferenceError:
-            return InferenceError(f"{SAMPLER}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
+            return InferenceError(f"{SAMPLING_LOOP}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
                                   f"({detail}); ask for fewer images or steps, or raise the timeout")
 
         try:
-            return self._infer_once(SAMPLER, spec, feed, batched=False, client=client,
+            return self._infer_once(SAMPLING_LOOP, spec, feed, batched=False, client=client,
                                     timeout_s=self.sample_timeout_s)[0]
         except InferenceServerException as e:  # gRPC deadlines arrive here; so do the server's own errors
             if any(s in str(e).lower() for s in ("deadline", "timed out", "timeout")):
                 raise timed_out(e.message()) from None
             if _is_transient(e) or _model_gone(e):
-                raise self._lost(SAMPLER, e) from None
-            raise InferenceError(f"{SAMPLER}: the server rejected the request: {e.message()}") from None
+                raise self._lost(SAMPLING_LOOP, e) from None
+            raise InferenceError(f"{SAMPLING_LOOP}: the server rejected the request: {e.message()}") from None
         except Exception as e:  # HTTP: socket.timeout / TimeoutError (or a wrapped one) from the network timeout
             text = f"{type(e).__name__}: {e}"
             if isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in text.lower() \
@@ -381,50 +412,3 @@ class TritonBackend:
                     client.close()
             except Exception:
                 pass
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# PyTorch (reference; needs torch)
-# ----------------------------------------------------------------------------------------------------------------
-
-class TorchBackend:
-    """The PyTorch modules from `trident train` checkpoints, run eagerly in float32 on `device`."""
-
-    name = "torch"
-
-    def __init__(self, checkpoints, device: str = "cpu", threads: int | None = None):
-        try:
-            import torch
-        except ImportError:
-            raise TridentError("TorchBackend needs torch: pip install -e .[train]") from None
-        from trident.export.onnx_export import client_metadata, graph_module
-        from trident.training.checkpoint import load_model
-
-        if isinstance(checkpoints, (str, os.PathLike)):
-            checkpoints = [checkpoints]
-        if threads:
-            torch.set_num_threads(threads)
-        self._torch, self.device = torch, torch.device(device)
-        self.metadata, self.buckets, self.specs, self._modules = {}, {}, {}, {}
-        for path in checkpoints:
-            model, meta = load_model(path)
-            info = client_metadata(meta)
-            self.metadata[meta["kind"]] = info
-            for graph in GRAPHS_OF_KIND.get(meta["kind"], ()):
-                self.specs[graph] = graph_spec_from_meta(graph, info)
-                self.buckets[graph] = ()
-                self._modules[graph] = graph_module(graph, model).to(self.device)
-
-    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        spec = self.specs[graph]
-        check_inputs(spec, inputs)
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype)).to(self.device)
-                for t in spec.inputs]
-        with torch.inference_mode():
-            out = self._modules[graph](*args)
-        out = [out] if torch.is_tensor(out) else list(out)
-        return {t.name: o.cpu().numpy() for t, o in zip(spec.outputs, out)}
-
-    def close(self):
-        self._modules.clear()

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 
-from .backends import TridentError
-from .client import TridentClient
-from .sampling import SAMPLERS
+from ..errors import TridentError
+from ..sampling import SAMPLERS
+from .sdk import TridentClient
 
 
 def build_parser() -> argparse.ArgumentParser:

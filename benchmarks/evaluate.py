@@ -27,7 +27,7 @@ from trident.serving import sampling
 from trident.serving.client import TridentClient
 from trident.serving.files import atomic_file, file_sha256
 
-from .quality import FeatureNet, RealReference, evaluate_images
+from trident.training.quality import FeatureNet, RealReference, evaluate_images
 
 MODELS = ("diffusion", "gan", "vae", "ae")
 # The targets of a GAN worth serving (issue "Image quality, measured"), judged by check_gan_targets.
@@ -102,7 +102,7 @@ class Clients:
             if self.url is not None and model != "ae":
                 self._clients[model] = TridentClient.connect(self.url, self.protocol)
             else:
-                from trident.serving.repository import ensure_export
+                from trident.export.build import ensure_export
 
                 kind = "vae" if model == "ae" else model
                 export = ensure_export(self.checkpoints[model], self.work / "exports", kind, log=self.log)
@@ -164,12 +164,11 @@ def _sample(client: TridentClient, s: Setting, labels, seed) -> np.ndarray:
         return client.sample(labels, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=seed, raw=True)
     # DDIM as diffusers' DDIMScheduler runs it by default (use_clipped_model_output=False): the same client loop,
     # with the one sampler option the SDK does not expose
-    meta = client.meta("diffusion")
-    im = meta["image"]
+    card = client.card("diffusion")
     steps = sampling.sample_progressive(
-        client.eps_model(), (len(labels), im["channels"], im["height"], im["width"]), labels,
-        schedule=sampling.NoiseSchedule.from_dict(meta["schedule"]), sampler="ddim", steps=s.steps,
-        guidance_scale=s.guidance, null_class=int(meta["null_class"]), seed=seed,
+        client.eps_model(), (len(labels), *card.image.shape), labels,
+        schedule=sampling.NoiseSchedule.from_dict(card.schedule), sampler="ddim", steps=s.steps,
+        guidance=s.guidance, null_class=card.null_class, seed=seed,
         sampler_options={"use_clipped_model_output": False})
     return sampling.last_estimate(steps)
 

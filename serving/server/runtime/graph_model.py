@@ -1,10 +1,9 @@
 """Triton Python-backend model: one exported graph served from static-batch ONNX Runtime sessions.
 
 `trident serve build` copies this file to ``<model>/1/model.py`` next to the graph's ``<graph>_b<N>.onnx`` files and
-serving/ort_runner.py (as ``ort_runner.py``), so the repository runs in any Triton with the Python backend, trident
-installed or not. It therefore imports only json, os, sys, numpy, triton_python_backend_utils and that sibling (which
-needs onnxruntime), and learns everything (tensor names, dtypes, buckets, files, valid input ranges, threads, row shards,
-execution provider) from its own model configuration.
+the runtime files (serving/server/runtime: RUNTIME_FILES), so the repository runs in any Triton with the Python
+backend, trident installed or not. It learns everything (tensor names, dtypes, buckets, files, valid input ranges,
+threads, row shards, execution provider) from its own model configuration.
 
 execute() serves a dynamic batch of requests:
   1. check each request on its own; a bad one gets an error response, the others go on;
@@ -21,44 +20,29 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ort_runner import BucketRunner, execution_providers  # noqa: E402  (the sibling copied in by `trident serve build`)
-
-# Keys of the model configuration's `parameters` written by trident.serving.repository.
-P_FILES = "trident_onnx_files"  # JSON {bucket: file name in the version directory}
-P_RANGES = "trident_input_ranges"  # JSON {input name: {"low": a, "high": b, "hint": "..."}}, valid is low <= x < high
-P_THREADS = "intra_op_num_threads"
-P_SHARDS = "row_shards"  # concurrent row shards on the CPU (0: one per core, 1: off)
-P_PROVIDER = "execution_provider"  # "cpu" or "cuda"
-
-
-class InvalidRequest(ValueError):
-    """A request this model cannot serve; its message goes back to the client."""
-
-
-def _error(message):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+import protocol as P  # noqa: E402  (siblings copied in by `trident serve build`)
+from ort_runner import BucketRunner, execution_providers  # noqa: E402
+from protocol import InvalidRequest, error_response  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.name = config["name"]
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        self.ranges = json.loads(params.get(P_RANGES, "{}"))
+        params = P.parameters(config)
+        self.ranges = json.loads(params.get(P.RANGES, "{}"))
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
 
-        providers, warning = execution_providers(params.get(P_PROVIDER, "cpu"),
+        providers, warning = execution_providers(params.get(P.PROVIDER, "cpu"),
                                                  int(args.get("model_instance_device_id", "0")))
         if warning:
             pb_utils.Logger.log_warn(f"{self.name}: {warning}")
 
         directory = os.path.join(args["model_repository"], args["model_version"])
-        files = {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[P_FILES]).items()}
-        self.runner = BucketRunner(files, threads=int(params.get(P_THREADS, "0")),
-                                   row_shards=int(params.get(P_SHARDS, "0")), providers=providers)
+        files = {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[P.FILES]).items()}
+        self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
+                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers)
         self.runner.warm()  # every session, including those the config's bucket-sized warm-up requests skip
         self.buckets = self.runner.buckets
         # Per-item shapes as the graphs see them (after Triton's reshape: a [1] scalar in the config is () here).
@@ -114,7 +98,7 @@ class TritonPythonModel:
             try:
                 arrays, rows = self._read(request)
             except InvalidRequest as invalid:
-                responses[index] = _error(str(invalid))
+                responses[index] = error_response(str(invalid))
                 continue
             good.append((index, arrays, rows))
         if not good:
@@ -125,9 +109,8 @@ class TritonPythonModel:
             results = self.runner.run(batch)
         except Exception as failure:  # ORT failed: every request of this batch learns why, the server stays up
             for index, _, _ in good:
-                responses[index] = pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{self.name}: ONNX Runtime failed: {failure}")
-                )
+                responses[index] = error_response(f"{self.name}: ONNX Runtime failed: {failure}",
+                                                  invalid_argument=False)
             return responses
 
         offset = 0

@@ -1,11 +1,11 @@
 """Triton Python-backend model: the whole diffusion sampling loop on the server, one request per batch of images.
 
-`trident serve build` copies this file to ``diffusion_sampler/1/model.py`` with serving/sampling.py (as
-``sampling.py``), serving/ort_runner.py (as ``ort_runner.py``) and the U-Net's ``diffusion_unet_b<N>.onnx`` files,
+`trident serve build` copies this file to ``diffusion_sampler/1/model.py`` with the runtime files (serving/server/
+runtime: RUNTIME_FILES, among them sampling.py and ort_runner.py) and the U-Net's ``diffusion_unet_b<N>.onnx`` files,
 so it runs in any Triton with the Python backend, trident installed or not.
 
 A request carries what TridentClient.sample takes (class labels, seed, steps, guidance, eta, sampler, spacing; see
-spec.sampler_spec); the model runs sampling.sample_progressive with the U-Net called in-process through
+spec.loop_spec); the model runs sampling.sample_progressive with the U-Net called in-process through
 ort_runner.BucketRunner (the same code as the diffusion_unet model and the client's in-process backend), and answers
 the last step's x_0 estimate. The client loop pays one request per step; this pays one per batch of images.
 Requests of one execute() call run one after another; a bad one gets an error response, the others go on.
@@ -20,51 +20,37 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sampling  # noqa: E402  (siblings copied in by `trident serve build`)
+import protocol as P  # noqa: E402  (siblings copied in by `trident serve build`)
+import sampling  # noqa: E402
+from card import ModelCard  # noqa: E402
 from ort_runner import BucketRunner, execution_providers  # noqa: E402
-
-# Keys of the model configuration's `parameters` written by trident.serving.repository.
-P_FILES = "trident_onnx_files"
-P_THREADS = "intra_op_num_threads"
-P_SHARDS = "row_shards"
-P_PROVIDER = "execution_provider"
-P_MAX_IMAGES = "trident_max_images"
-P_METADATA = "trident_metadata"
-P_UNET_IO = "trident_unet_io"  # JSON [sample, timestep, class_label, noise_pred] tensor names of the U-Net graphs
-
-
-class InvalidRequest(ValueError):
-    """A request this model cannot serve; its message goes back to the client."""
-
-
-def _error(message):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+from protocol import InvalidRequest, error_response  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.name = config["name"]
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        meta = json.loads(params[P_METADATA])
-        self.schedule = sampling.NoiseSchedule.from_dict(meta["schedule"])
-        self.null_class = int(meta["null_class"])
-        image = meta["image"]
-        self.image_shape = (int(image["channels"]), int(image["height"]), int(image["width"]))
-        self.max_images = int(params[P_MAX_IMAGES])
-        self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P_UNET_IO])
+        params = P.parameters(config)
+        card = ModelCard.from_json(params[P.CARD])
+        self.schedule = sampling.NoiseSchedule.from_dict(card.schedule)
+        self.null_class = card.null_class
+        self.image_shape = card.image.shape
+        self.max_images = int(params[P.MAX_IMAGES])
+        self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P.UNET_IO])
         self.output_name = config["output"][0]["name"]
+        # Tensor names from the configuration (written from spec.loop_spec), their roles by the spec's order.
+        (self.labels_in, self.seed_in, self.steps_in, self.guidance_in, self.eta_in, self.sampler_in, self.spacing_in,
+         self.max_seconds_in) = [t["name"] for t in config["input"]]
 
-        providers, warning = execution_providers(params.get(P_PROVIDER, "cpu"),
+        providers, warning = execution_providers(params.get(P.PROVIDER, "cpu"),
                                                  int(args.get("model_instance_device_id", "0")))
         if warning:
             pb_utils.Logger.log_warn(f"{self.name}: {warning}")
         directory = os.path.join(args["model_repository"], args["model_version"])
-        files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P_FILES]).items()}
-        self.runner = BucketRunner(files, threads=int(params.get(P_THREADS, "0")),
-                                   row_shards=int(params.get(P_SHARDS, "0")), providers=providers)
+        files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P.FILES]).items()}
+        self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
+                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers)
         self.runner.warm()  # not batched by Triton, so no model_warmup in the config: warm every session here
 
     def _eps(self, x, t, y):
@@ -88,23 +74,24 @@ class TritonPythonModel:
         return kind(value)
 
     def _read(self, request):
-        labels = pb_utils.get_input_tensor_by_name(request, "class_label")
+        labels = pb_utils.get_input_tensor_by_name(request, self.labels_in)
         if labels is None:
-            raise InvalidRequest(f"{self.name}: input 'class_label' is missing")
+            raise InvalidRequest(f"{self.name}: input '{self.labels_in}' is missing")
         labels = labels.as_numpy().reshape(-1).astype(np.int64)
         if not 1 <= labels.size <= self.max_images:
-            raise InvalidRequest(f"{self.name}: 'class_label' must hold 1 to {self.max_images} labels (one per "
+            raise InvalidRequest(f"{self.name}: '{self.labels_in}' must hold 1 to {self.max_images} labels (one per "
                                  f"image), got {labels.size}")
-        steps, seed = self._scalar(request, "steps", int), self._scalar(request, "seed", int)
-        guidance, eta = self._scalar(request, "guidance", float), self._scalar(request, "eta", float)
-        sampler, spacing = self._scalar(request, "sampler", str), self._scalar(request, "spacing", str)
+        steps, seed = self._scalar(request, self.steps_in, int), self._scalar(request, self.seed_in, int)
+        guidance, eta = self._scalar(request, self.guidance_in, float), self._scalar(request, self.eta_in, float)
+        sampler, spacing = self._scalar(request, self.sampler_in, str), self._scalar(request, self.spacing_in, str)
         if seed < 0:
-            raise InvalidRequest(f"{self.name}: seed must be >= 0, got {seed}")
+            raise InvalidRequest(f"{self.name}: {self.seed_in} must be >= 0, got {seed}")
         max_seconds = 0.0
-        if pb_utils.get_input_tensor_by_name(request, "max_seconds") is not None:
-            max_seconds = self._scalar(request, "max_seconds", float)
+        if pb_utils.get_input_tensor_by_name(request, self.max_seconds_in) is not None:
+            max_seconds = self._scalar(request, self.max_seconds_in, float)
             if not max_seconds >= 0:  # also NaN
-                raise InvalidRequest(f"{self.name}: max_seconds must be >= 0 (0 = no limit), got {max_seconds}")
+                raise InvalidRequest(f"{self.name}: {self.max_seconds_in} must be >= 0 (0 = no limit), "
+                                     f"got {max_seconds}")
         unconditional = bool(np.all(labels == self.null_class))
         return dict(count=int(labels.size), max_seconds=max_seconds, labels=None if unconditional else labels,
                     steps=steps, seed=seed, guidance=guidance, eta=eta,
@@ -126,7 +113,7 @@ class TritonPythonModel:
         try:
             steps = sampling.sample_progressive(
                 self._eps, shape, a["labels"], schedule=self.schedule, sampler=a["sampler"], steps=a["steps"],
-                guidance_scale=a["guidance"], null_class=self.null_class, eta=a["eta"], spacing=a["spacing"],
+                guidance=a["guidance"], null_class=self.null_class, eta=a["eta"], spacing=a["spacing"],
                 seed=a["seed"], callback=callback)
         except ValueError as e:  # an argument out of range: sample_progressive checks before any U-Net call
             raise InvalidRequest(f"{self.name}: {e}") from None
@@ -141,11 +128,10 @@ class TritonPythonModel:
             try:
                 images = self._sample(self._read(request), request)
             except InvalidRequest as invalid:
-                responses.append(_error(str(invalid)))
+                responses.append(error_response(str(invalid)))
                 continue
             except Exception as failure:  # ONNX Runtime or numpy failed: this request learns why, the server stays up
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{self.name}: sampling failed: {failure}")))
+                responses.append(error_response(f"{self.name}: sampling failed: {failure}", invalid_argument=False))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, images)]))
         return responses

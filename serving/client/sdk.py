@@ -17,11 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import sampling
-from .backends import (InvalidArgumentError, ModelNotReadyError, OnnxRuntimeBackend, ServerUnreachableError,
-                       TritonBackend, TridentError)
-from .images import labelled_grid, make_grid, save_png, to_uint8
-from .spec import DECODER, ENCODER, GENERATOR, SAMPLER, UNET
+from .. import sampling, toolchain
+from ..card import ModelCard
+from ..errors import InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
+from ..images import labelled_grid, make_grid, save_png, to_uint8
+from ..spec import DECODER, ENCODER, GENERATOR, SAMPLING_LOOP, UNET
+from .backends import Backend, OnnxRuntimeBackend, TritonBackend
 
 MAX_IMAGES = 4096  # per call; larger jobs belong in a loop of calls
 LOOPS = ("client", "server")  # where the diffusion sampling loop runs
@@ -49,9 +50,9 @@ def _norm(name: str) -> str:
 
 
 class TridentClient:
-    """High-level sampling over a backend with the one small interface of trident.serving.backends."""
+    """High-level sampling over any backend that fulfils the Backend protocol (serving/client/backends.py)."""
 
-    def __init__(self, backend):
+    def __init__(self, backend: Backend):
         self.backend = backend
         self.last_stats = SampleStats()
 
@@ -67,9 +68,8 @@ class TridentClient:
 
     @classmethod
     def from_torch(cls, checkpoints, **kw) -> "TridentClient":
-        from .backends import TorchBackend
-
-        return cls(TorchBackend(checkpoints, **kw))
+        """The PyTorch modules of `trident train` checkpoints (needs torch: the reference for parity checks)."""
+        return cls(toolchain.resolve("TorchBackend")(checkpoints, **kw))
 
     def close(self):
         self.backend.close()
@@ -80,14 +80,15 @@ class TridentClient:
     def __exit__(self, *exc):
         self.close()
 
-    # -- metadata -----------------------------------------------------------------------------------------------
-    def meta(self, kind: str) -> dict:
-        if kind not in self.backend.metadata:
-            raise ModelNotReadyError(f"no {kind} model on this backend (it has {sorted(self.backend.metadata)})")
-        return self.backend.metadata[kind]
+    # -- model cards --------------------------------------------------------------------------------------------
+    def card(self, kind: str) -> ModelCard:
+        """The model card of the backend's `kind` model ("diffusion", "gan", "vae")."""
+        if kind not in self.backend.cards:
+            raise ModelNotReadyError(f"no {kind} model on this backend (it has {sorted(self.backend.cards)})")
+        return self.backend.cards[kind]
 
     def class_names(self, kind: str = "diffusion") -> list[str]:
-        return list(self.meta(kind)["class_names"])
+        return list(self.card(kind).class_names)
 
     def resolve_classes(self, classes, kind: str = "diffusion") -> np.ndarray | None:
         """Class ids or names (case/punctuation-insensitive, unique prefixes allowed) -> int64 ids."""
@@ -140,71 +141,60 @@ class TridentClient:
         classes: one id/name (repeated n times), a list of ids/names (one image each), or None (unconditional,
         n images). loop "client": this process runs the sampler and each step sends ONE request of 2N rows
         ([cond; null] stacked), combining the halves with uncond + guidance * (cond - uncond); guidance 1 or no
-        classes sends N rows. loop "server" (Triton only): one request to the server's diffusion_sampler model, which
-        runs the same loop next to the U-Net; no progress bar or callback. Deterministic in seed: both loops draw the
+        classes sends N rows. loop "server" (Triton only): one request to the server's sampling loop model
+        (diffusion_sampler), which runs the same loop next to the U-Net; no progress bar or callback. Deterministic in seed: both loops draw the
         same images for the same arguments (to float tolerance: the U-Net may run in different bucket layouts).
         """
-        meta = self.meta("diffusion")
+        card = self.card("diffusion")
         labels, count = self._labels_and_count(classes, n, "diffusion")
-        T = int(meta["schedule"]["num_train_timesteps"])
+        T = card.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
             raise InvalidArgumentError(f"steps must be an integer in [1, {T}], got {steps!r}")
         if sampler not in sampling.SAMPLERS:
             raise InvalidArgumentError(f"sampler must be one of {sampling.SAMPLERS}, got {sampler!r}")
-        if not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance) \
-                or not 0 <= guidance <= sampling.MAX_GUIDANCE:
-            raise InvalidArgumentError(f"guidance must be a finite number >= 0 and <= {sampling.MAX_GUIDANCE:g} "
-                                       f"(1 = no guidance), got {guidance!r}")
         if loop not in LOOPS:
             raise InvalidArgumentError(f"loop must be one of {LOOPS}, got {loop!r}")
-        im = meta["image"]
-        shape = (int(count), im["channels"], im["height"], im["width"])
+        shape = (int(count), *card.image.shape)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2 ** 63)
         elif loop == "server" and not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2 ** 63):
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**63) for loop='server', got {seed!r}")
         self.last_stats = SampleStats()
         t0 = time.perf_counter()
-        try:
+        try:  # sample_progressive checks every argument (guidance, eta, spacing, labels) before any model call
             gen = sampling.sample_progressive(
-                self.eps_model(), shape, labels, schedule=sampling.NoiseSchedule.from_dict(meta["schedule"]),
-                sampler=sampler, steps=steps, guidance_scale=float(guidance), null_class=int(meta["null_class"]),
+                self.eps_model(), shape, labels, schedule=sampling.NoiseSchedule.from_dict(card.schedule),
+                sampler=sampler, steps=steps, guidance=guidance, null_class=card.null_class,
                 eta=eta, spacing=spacing, seed=seed, callback=callback, progress=progress)
-        except ValueError as e:  # checks every argument before any request
+        except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
         if loop == "server":
             gen.close()
-            x = self._sample_on_server(labels, count, meta, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+            x = self._sample_on_server(labels, count, card, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
                                        seed=seed, spacing=spacing, progress=progress, callback=callback)
         else:
             x = sampling.last_estimate(gen)
         self.last_stats.wall_s = time.perf_counter() - t0
-        return x if raw else to_uint8(x, tuple(im["value_range"]))
+        return x if raw else to_uint8(x, card.image.value_range)
 
-    def _sample_on_server(self, labels, count, meta, *, sampler, steps, guidance, eta, seed, spacing, progress,
+    def _sample_on_server(self, labels, count, card, *, sampler, steps, guidance, eta, seed, spacing, progress,
                           callback) -> np.ndarray:
-        loop = getattr(self.backend, "sampler_loop", None)
-        if not isinstance(self.backend, TritonBackend):
-            raise InvalidArgumentError(f"loop='server' needs a Triton server; this client runs {self.backend.name} "
-                                       "in-process (use loop='client')")
-        if loop is None:
-            raise ModelNotReadyError(f"{self.backend.sampler_missing}; or use loop='client'")
+        loop = self.backend.require_server_loop()
         if progress or callback is not None:
-            raise InvalidArgumentError("progress and callback need loop='client' (the server-side loop reports "
+            raise InvalidArgumentError("progress and callback need loop='client' (the sampling loop model reports "
                                        "nothing until it is done)")
-        if count > loop["max_images"]:
-            raise InvalidArgumentError(f"n={count} images is more than the server's {SAMPLER} takes per request "
-                                       f"({loop['max_images']}); split the job or use loop='client'")
-        null = int(meta["null_class"])
-        feed = {"class_label": np.full(count, null, np.int64) if labels is None else labels.astype(np.int64),
-                "seed": np.array([seed], np.int64), "steps": np.array([steps], np.int64),
-                "guidance": np.array([guidance], np.float64), "eta": np.array([eta], np.float64),
-                "sampler": np.array([sampler.encode()], dtype=object),
-                "spacing": np.array([(spacing or "").encode()], dtype=object),
-                # the server stops the loop when this client stops waiting (an HTTP timeout cancels nothing)
-                "max_seconds": np.array([self.backend.sample_timeout_s], np.float64)}
+        if count > loop.max_images:
+            raise InvalidArgumentError(f"n={count} images is more than the server's {SAMPLING_LOOP} takes per "
+                                       f"request ({loop.max_images}); split the job or use loop='client'")
+        values = [np.full(count, card.null_class, np.int64) if labels is None else labels.astype(np.int64),
+                  np.array([seed], np.int64), np.array([steps], np.int64),
+                  np.array([guidance], np.float64), np.array([eta], np.float64),
+                  np.array([sampler.encode()], dtype=object), np.array([(spacing or "").encode()], dtype=object),
+                  # the server stops the loop when this client stops waiting (an HTTP timeout cancels nothing)
+                  np.array([self.backend.sample_timeout_s], np.float64)]
+        feed = {t.name: v for t, v in zip(loop.spec.inputs, values)}  # in spec.loop_spec's order
         t0 = time.perf_counter()
-        x = self.backend.run_sampler(feed)
+        x = self.backend.run_loop(feed)
         self.last_stats.call_s.append(time.perf_counter() - t0)
         self.last_stats.calls += 1
         self.last_stats.rows += count
@@ -215,48 +205,48 @@ class TridentClient:
                  raw: bool = False) -> np.ndarray:
         """GAN samples G(z, y), z ~ N(0, I) (optionally truncated to |z| <= truncation). classes as in sample();
         None draws uniformly random classes."""
-        meta = self.meta("gan")
+        card = self.card("gan")
         labels, count = self._labels_and_count(classes, n, "gan")
         rng = np.random.default_rng(seed)
         if labels is None:
-            labels = rng.integers(0, len(meta["class_names"]), count).astype(np.int64)
-        z = rng.standard_normal((count, int(meta["latent_dim"]))).astype(np.float32)
+            labels = rng.integers(0, len(card.class_names), count).astype(np.int64)
+        z = rng.standard_normal((count, card.latent_dim)).astype(np.float32)
         if truncation is not None:
             if not truncation > 0:
                 raise InvalidArgumentError(f"truncation must be > 0, got {truncation!r}")
             z = np.clip(z, -truncation, truncation)
         spec = self.backend.specs[GENERATOR]
-        return self._images(GENERATOR, {spec.inputs[0].name: z, spec.inputs[1].name: labels}, meta, raw)
+        return self._images(GENERATOR, {spec.inputs[0].name: z, spec.inputs[1].name: labels}, card, raw)
 
     # -- VAE ----------------------------------------------------------------------------------------------------
     def decode(self, z: np.ndarray, raw: bool = False) -> np.ndarray:
-        meta = self.meta("vae")
+        card = self.card("vae")
         z = np.asarray(z, dtype=np.float32)
-        if z.ndim != 2 or z.shape[1] != int(meta["latent_dim"]):
-            raise InvalidArgumentError(f"z must have shape (N, {meta['latent_dim']}), got {z.shape}")
+        if z.ndim != 2 or z.shape[1] != card.latent_dim:
+            raise InvalidArgumentError(f"z must have shape (N, {card.latent_dim}), got {z.shape}")
         self._check_count(len(z), None, None)
         spec = self.backend.specs[DECODER]
-        return self._images(DECODER, {spec.inputs[0].name: z}, meta, raw)
+        return self._images(DECODER, {spec.inputs[0].name: z}, card, raw)
 
     def generate_vae(self, n: int, *, seed: int | None = 0, temperature: float = 1.0, raw: bool = False) -> np.ndarray:
         """VAE samples: decode z ~ N(0, temperature^2 I)."""
-        meta = self.meta("vae")
+        card = self.card("vae")
         self._check_count(n, n, None)
         if not temperature > 0:
             raise InvalidArgumentError(f"temperature must be > 0, got {temperature!r}")
-        z = np.random.default_rng(seed).standard_normal((n, int(meta["latent_dim"]))) * temperature
+        z = np.random.default_rng(seed).standard_normal((n, card.latent_dim)) * temperature
         return self.decode(z, raw)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Posterior means of images, uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1] -> (N, latent_dim)."""
-        meta = self.meta("vae")
+        card = self.card("vae")
         if ENCODER not in self.backend.specs:
             raise ModelNotReadyError(f"{ENCODER} is not served; interpolation between images needs it")
         x = np.asarray(images)
         if x.ndim != 4:
             raise InvalidArgumentError(f"images must be a batch: uint8 (N, H, W, C) or float (N, C, H, W), got {x.shape}")
         if x.dtype == np.uint8:
-            lo, hi = meta["image"]["value_range"]
+            lo, hi = card.image.value_range
             x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 * (hi - lo) + lo
         spec = self.backend.specs[ENCODER]
         self.last_stats = SampleStats()
@@ -265,10 +255,10 @@ class TridentClient:
     def interpolate(self, start, end, steps: int = 8, *, spherical: bool = True, raw: bool = False) -> np.ndarray:
         """Decode a path through the VAE latent space between two endpoints: class ids/names (the class's mean
         latent, stored with the model), images (encoded with the served encoder), or latent vectors."""
-        meta = self.meta("vae")
+        card = self.card("vae")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= MAX_IMAGES:
             raise InvalidArgumentError(f"steps must be an integer in [2, {MAX_IMAGES}], got {steps!r}")
-        za, zb = self._latent(start, meta), self._latent(end, meta)
+        za, zb = self._latent(start, card), self._latent(end, card)
         w = np.linspace(0.0, 1.0, steps)[:, None]
         if spherical:
             cos = np.dot(za, zb) / (np.linalg.norm(za) * np.linalg.norm(zb) + 1e-12)
@@ -281,10 +271,10 @@ class TridentClient:
             z = (1 - w) * za + w * zb
         return self.decode(z, raw)
 
-    def _latent(self, end, meta) -> np.ndarray:
-        d = int(meta["latent_dim"])
+    def _latent(self, end, card: ModelCard) -> np.ndarray:
+        d = card.latent_dim
         if isinstance(end, (str, int, np.integer)):
-            centroids = meta.get("class_centroids")
+            centroids = card.class_centroids
             if not centroids:
                 raise InvalidArgumentError("this VAE has no class centroids; interpolate between images instead")
             return np.asarray(centroids[int(self.resolve_classes(end, "vae")[0])], dtype=np.float64)
@@ -314,12 +304,12 @@ class TridentClient:
         if count > MAX_IMAGES:
             raise InvalidArgumentError(f"n={count} images is more than allowed per call ({MAX_IMAGES})")
 
-    def _images(self, graph, inputs, meta, raw):
+    def _images(self, graph, inputs, card: ModelCard, raw):
         self.last_stats = SampleStats()
         t0 = time.perf_counter()
         out = self._timed_run(graph, inputs)[self.backend.specs[graph].outputs[0].name]
         self.last_stats.wall_s = time.perf_counter() - t0
-        return out if raw else to_uint8(out, tuple(meta["image"]["value_range"]))
+        return out if raw else to_uint8(out, card.image.value_range)
 
     def save_grid(self, images: np.ndarray, path, nrow: int = 8, row_labels: Sequence[str] | None = None) -> Path:
         """Write uint8 (N, H, W, C) images as a PNG grid (labelled rows if row_labels), atomically."""

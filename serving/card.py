@@ -1,0 +1,142 @@
+"""The model card: everything a consumer of a trained generator needs to know about it, as one frozen dataclass.
+
+Built once by `trident train` and stored in the checkpoint's header; the exporter adds the buckets it exported and
+writes it into metadata.json; the repository builder carries it to Triton as one model parameter (`trident_card`,
+serving/server/runtime/protocol.py); every backend (in-process ONNX Runtime, Triton over HTTP or gRPC, PyTorch)
+parses it back into the same object, and the Triton models read it too. So there is one list of fields, one JSON form and one parser.
+
+Copied into Triton model folders (see serving/server/runtime): standard library only, and a bad card is a plain
+ValueError naming the field (callers inside the package turn it into their own TridentError).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+
+KINDS = ("diffusion", "gan", "vae", "classifier")
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """What the generator draws: (channels, height, width) floats in value_range."""
+
+    channels: int
+    height: int
+    width: int
+    value_range: tuple[float, float] = (-1.0, 1.0)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict:
+        return {"channels": self.channels, "height": self.height, "width": self.width,
+                "value_range": list(self.value_range)}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One model's card. Fields that do not apply to a kind are None (schedule for a GAN, latent_dim for diffusion).
+
+    Frozen; not hashable (schedule and buckets are dicts).
+    """
+
+    kind: str                                   # "diffusion", "gan", "vae" (or "classifier": not served)
+    class_names: tuple[str, ...]
+    image: ImageFormat
+    conditional: bool                           # takes class labels (diffusion, GAN)
+    schedule: dict | None = None                # diffusion: sampling.NoiseSchedule.to_dict()
+    prediction_type: str | None = None          # diffusion: what the U-Net predicts ("epsilon")
+    null_class: int | None = None               # diffusion: the label of "no class" (classifier-free guidance)
+    latent_dim: int | None = None               # GAN, VAE: size of z
+    class_centroids: tuple[tuple[float, ...], ...] | None = None  # VAE: mean latent of each class's training images
+    buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # {graph: static batch sizes}, set at export
+
+    def __post_init__(self):
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.class_names or not all(isinstance(n, str) and n for n in self.class_names):
+            problems.append(f"class_names must be non-empty strings, got {self.class_names!r}")
+        if not all(isinstance(d, int) and d > 0 for d in self.image.shape):
+            problems.append(f"image channels/height/width must be positive integers, got {self.image.shape}")
+        lo, hi = self.image.value_range
+        if not lo < hi:
+            problems.append(f"image value_range must be (low, high) with low < high, got {self.image.value_range}")
+        if self.kind == "diffusion":
+            if not isinstance(self.schedule, dict) or "num_train_timesteps" not in self.schedule:
+                problems.append("a diffusion card needs a schedule with num_train_timesteps")
+            if self.prediction_type != "epsilon":
+                problems.append(f"prediction_type must be 'epsilon', got {self.prediction_type!r}")
+            if self.null_class != len(self.class_names):
+                problems.append(f"null_class must be {len(self.class_names)} (one past the last class), "
+                                f"got {self.null_class!r}")
+        if self.kind in ("gan", "vae") and not (isinstance(self.latent_dim, int) and self.latent_dim > 0):
+            problems.append(f"a {self.kind} card needs latent_dim > 0, got {self.latent_dim!r}")
+        if self.class_centroids is not None and (
+                len(self.class_centroids) != len(self.class_names)
+                or any(len(c) != self.latent_dim for c in self.class_centroids)):
+            problems.append(f"class_centroids must be {len(self.class_names)} rows of latent_dim={self.latent_dim}")
+        for graph, sizes in self.buckets.items():
+            if not sizes or list(sizes) != sorted(set(sizes)) or not all(isinstance(b, int) and b > 0 for b in sizes):
+                problems.append(f"buckets[{graph!r}] must be increasing positive integers, got {list(sizes)}")
+        if problems:
+            raise ValueError("invalid model card: " + "; ".join(problems))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.schedule["num_train_timesteps"])
+
+    def with_buckets(self, buckets: dict[str, tuple[int, ...] | list[int]]) -> "ModelCard":
+        return replace(self, buckets={g: tuple(int(b) for b in sizes) for g, sizes in buckets.items()})
+
+    # -- JSON --------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The JSON form (fields that are None are left out)."""
+        out = {"kind": self.kind, "class_names": list(self.class_names), "image": self.image.to_dict(),
+               "conditional": self.conditional}
+        for name in ("schedule", "prediction_type", "null_class", "latent_dim"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.class_centroids is not None:
+            out["class_centroids"] = [list(c) for c in self.class_centroids]
+        if self.buckets:
+            out["buckets"] = {g: list(sizes) for g, sizes in self.buckets.items()}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelCard":
+        """Strict: a missing required field or an unknown one is a ValueError naming it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model card is a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        missing = sorted(n for n in ("kind", "class_names", "image", "conditional") if n not in data)
+        if unknown or missing:
+            raise ValueError(f"invalid model card: unknown fields {unknown}, missing fields {missing}")
+        try:
+            im = data["image"]
+            image = ImageFormat(int(im["channels"]), int(im["height"]), int(im["width"]),
+                                tuple(float(v) for v in im.get("value_range", (-1.0, 1.0))))
+            centroids = data.get("class_centroids")
+            return cls(
+                kind=data["kind"], class_names=tuple(data["class_names"]), image=image,
+                conditional=bool(data["conditional"]), schedule=data.get("schedule"),
+                prediction_type=data.get("prediction_type"),
+                null_class=None if data.get("null_class") is None else int(data["null_class"]),
+                latent_dim=None if data.get("latent_dim") is None else int(data["latent_dim"]),
+                class_centroids=None if centroids is None else tuple(tuple(float(v) for v in c) for c in centroids),
+                buckets={g: tuple(int(b) for b in sizes) for g, sizes in data.get("buckets", {}).items()})
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"invalid model card: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid model card: not JSON ({e})") from None
+        return cls.from_dict(data)

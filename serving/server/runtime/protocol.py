@@ -1,0 +1,34 @@
+"""What the repository builder and the Triton models agree on: parameter keys and how a request is refused.
+
+Imported by serving/server/repository.py as a module of the package and by the copied model.py files as their
+sibling ``protocol``; so standard library only, and triton_python_backend_utils only inside functions (the builder
+runs where Triton is not).
+"""
+
+CARD = "trident_card"               # the model card as JSON (serving/card.py: ModelCard.to_json)
+FILES = "trident_onnx_files"         # JSON {bucket: file name in the version directory}
+RANGES = "trident_input_ranges"      # JSON {input name: {"low", "high", "hint"}}, valid is low <= x < high
+UNET_IO = "trident_unet_io"          # loop model: JSON [sample, timestep, class_label, noise_pred] U-Net tensor names
+MAX_IMAGES = "trident_max_images"    # loop model: images per request
+THREADS = "intra_op_num_threads"     # ONNX Runtime threads of a whole call (0: its default)
+SHARDS = "row_shards"                # concurrent row shards on the CPU (0: one per core, 1: off)
+PROVIDER = "execution_provider"      # "cpu" or "cuda"
+ORT_BACKEND_THREADS = "intra_op_thread_count"  # the native onnxruntime backend's own parameter (container flavour)
+
+
+class InvalidRequest(ValueError):
+    """A request a model cannot serve; its message goes back to the client as an INVALID_ARG error."""
+
+
+def parameters(model_config: dict) -> dict:
+    """The `parameters` of a model configuration (as Triton hands it to initialize) as {key: string}."""
+    return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+def error_response(message: str, invalid_argument: bool = True):
+    """An InferenceResponse that carries only an error (INVALID_ARG where this Triton has the code)."""
+    import triton_python_backend_utils as pb_utils
+
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)

@@ -1,0 +1,83 @@
+"""The model card: one typed object from training to every backend."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from trident.serving.card import ImageFormat, ModelCard
+from trident.serving.errors import ExportMetadataError
+from trident.serving.spec import export_card, load_export_metadata
+from trident.training import checkpoint as ckpt
+
+CLASSES = tuple(f"c{i}" for i in range(10))
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def diffusion_card(**changes) -> ModelCard:
+    card = ModelCard(kind="diffusion", class_names=CLASSES, image=ImageFormat(1, 28, 28), conditional=True,
+                     schedule={"kind": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+                     prediction_type="epsilon", null_class=10, buckets={"diffusion_unet": (1, 8)})
+    return replace(card, **changes)
+
+
+def test_card_round_trips_through_json_unchanged():
+    vae = ModelCard(kind="vae", class_names=CLASSES, image=ImageFormat(1, 28, 28, (-1.0, 1.0)), conditional=False,
+                    latent_dim=2, class_centroids=tuple((float(i), -float(i)) for i in range(10)))
+    for card in (diffusion_card(), vae):
+        assert ModelCard.from_json(card.to_json()) == card
+        assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"kind": "diffusion"}, "missing fields ['class_names', 'conditional', 'image']"),
+    ({**diffusion_card().to_dict(), "colour": "red"}, "unknown fields ['colour']"),
+    ({**diffusion_card().to_dict(), "kind": "flow"}, "kind must be one of"),
+    ({**diffusion_card().to_dict(), "null_class": 3}, "null_class must be 10"),
+    ({**diffusion_card().to_dict(), "buckets": {"diffusion_unet": [8, 1]}}, "must be increasing positive integers"),
+    ({**diffusion_card().to_dict(), "image": {"channels": 0, "height": 28, "width": 28}}, "positive integers"),
+    ({k: v for k, v in diffusion_card().to_dict().items() if k != "schedule"}, "needs a schedule"),
+])
+def test_card_refuses_a_bad_field_and_names_it(data, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelCard.from_dict(data)
+
+
+def test_gan_card_without_latent_size_is_refused():
+    with pytest.raises(ValueError, match="a gan card needs latent_dim"):
+        ModelCard(kind="gan", class_names=CLASSES, image=ImageFormat(1, 28, 28), conditional=True)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "gan", "vae", "classifier"])
+def test_shipped_checkpoints_written_before_the_card_read_into_the_same_card(kind):
+    meta = ckpt.read_meta(SHIPPED / kind / "model.safetensors")
+    assert "card" not in meta  # the shipped checkpoints predate the card (their bytes are what the reports measured)
+    card = ckpt.card_of(meta)
+    assert (card.kind, card.class_names[7], card.image.shape) == (kind, "sneaker", (1, 28, 28))
+    assert card.conditional == (kind in ("diffusion", "gan"))
+    assert (card.latent_dim is not None) == (kind in ("gan", "vae"))
+    assert (card.class_centroids is not None) == (kind == "vae")
+    # stored the new way, it reads back equal
+    assert ckpt.card_of({"kind": kind, "card": card.to_dict()}) == card
+
+
+def test_export_of_an_older_format_is_refused_with_the_command_to_re_export(tmp_path):
+    (tmp_path / "metadata.json").write_text(json.dumps({"format": "trident.export", "version": 1, "kind": "gan"}))
+    with pytest.raises(ExportMetadataError, match="re-export the checkpoint"):
+        load_export_metadata(tmp_path)
+    with pytest.raises(ExportMetadataError, match="missing fields"):
+        export_card({"card": {"kind": "gan"}}, "x/metadata.json")
+
+
+def test_every_backend_parses_the_same_card(export_dirs, checkpoints):
+    from trident.serving.client import TridentClient
+
+    with TridentClient.from_onnx(list(export_dirs.values())) as ort, \
+            TridentClient.from_torch(list(checkpoints.values())) as torch_client:
+        for kind, directory in export_dirs.items():
+            exported = export_card(load_export_metadata(directory))
+            assert ort.card(kind) == exported
+            assert replace(torch_client.card(kind), buckets={}) == replace(exported, buckets={})
