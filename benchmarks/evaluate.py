@@ -93,8 +93,9 @@ class Clients:
     Triton server for the served models (the autoencoder is not served: it always runs in-process)."""
 
     def __init__(self, checkpoints: dict[str, Path], work: Path, url: str | None = None, protocol: str = "http",
-                 log=print):
+                 log=print, precision: str = "fp32"):
         self.checkpoints, self.work, self.url, self.protocol, self.log = checkpoints, Path(work), url, protocol, log
+        self.precision = precision  # in-process: the runtime and precision every bucket runs (serving/precision.py)
         self._clients: dict[str, TridentClient] = {}
 
     def get(self, model: str) -> TridentClient:
@@ -106,7 +107,7 @@ class Clients:
 
                 kind = "vae" if model == "ae" else model
                 export = ensure_export(self.checkpoints[model], self.work / "exports", kind, log=self.log)
-                self._clients[model] = TridentClient.from_onnx([export])
+                self._clients[model] = TridentClient.from_onnx([export], precision=self.precision)
         return self._clients[model]
 
     def close(self):
@@ -220,6 +221,60 @@ def ae_vae_picture(clients: Clients, ref: RealReference, path: Path, seed: int =
     return save_png(path, grid)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The quality gate of reduced precisions (serving/precision.py: `auto` offers only what passed it)
+# ----------------------------------------------------------------------------------------------------------------
+
+GATE_SETTINGS = {"diffusion": Setting("diffusion", "dpmpp-2m", 20, 3.0), "gan": Setting("gan"),
+                 "vae": Setting("vae", variant="prior")}
+GATE_RULE = {"fd_ratio_max": 1.05, "agreement_drop_max": 0.01}
+GATE_RULE_TEXT = ("FD within 5% of fp32's (fd <= 1.05 * fd_fp32) and class agreement at most 1 point below fp32's, "
+                  "on the same n images drawn with the same seeds at the model's default setting")
+
+
+def gate_verdict(fp32: dict, variant: dict) -> dict:
+    """Whether a reduced-precision variant draws as well as fp32 (GATE_RULE), with the figures it was judged on."""
+    fd_ratio = variant["fd"] / fp32["fd"]
+    ok = fd_ratio <= GATE_RULE["fd_ratio_max"]
+    out = {"fd": variant["fd"], "fd_fp32": fp32["fd"], "fd_ratio": round(fd_ratio, 4)}
+    if "agreement" in fp32:
+        drop = fp32["agreement"] - variant["agreement"]
+        ok = ok and drop <= GATE_RULE["agreement_drop_max"]
+        out.update(agreement=variant["agreement"], agreement_fp32=fp32["agreement"], agreement_drop=round(drop, 4))
+    return {**out, "pass": bool(ok), "draw_seconds": variant["draw_seconds"],
+            "draw_seconds_fp32": fp32["draw_seconds"]}
+
+
+def precision_gate(checkpoints: dict[str, Path], work: Path, ref: RealReference, n: int, seed: int, batch: int,
+                   variants: tuple[str, ...], gate_file: Path, log=print) -> dict:
+    """Draw each served model's default setting at fp32 and at each reduced-precision variant (in-process, the same
+    seeds), judge each against fp32, and merge the verdicts into gate_file (keyed by checkpoint sha256)."""
+    from trident.serving import precision
+
+    data = json.loads(gate_file.read_text()) if gate_file.is_file() else {}
+    data.update(rule=GATE_RULE_TEXT, machine=precision.cpu_info())
+    entries = data.setdefault("checkpoints", {})
+    for model, setting in GATE_SETTINGS.items():
+        measured = {}
+        for variant in ("onnxruntime-fp32", *variants):
+            clients = Clients(checkpoints, work, log=log, precision=variant)
+            try:
+                measured[variant] = measure(clients, setting, ref, n, seed, batch, progress=True)
+            finally:
+                clients.close()
+            log(f"{model} {variant}: " + _summary(measured[variant]))
+        fp32 = measured.pop("onnxruntime-fp32")
+        entries[file_sha256(checkpoints[model])] = {
+            "kind": model, "checkpoint": str(checkpoints[model]), "setting": setting.label, "n": n, "seed": seed,
+            "fp32": {k: fp32[k] for k in ("fd", "agreement", "precision", "recall", "brightness", "draw_seconds")
+                     if k in fp32},
+            "variants": {v: gate_verdict(fp32, r) for v, r in measured.items()}}
+    gate_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(gate_file) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
 def check_gan_targets(gan: dict, unguided: dict) -> dict:
     """The GAN targets against measured figures at equal n: class agreement, within-class diversity (a ratio to real
     data) and FD relative to unguided DPM-Solver++-20 diffusion."""
@@ -259,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results", help="--sweep: report folder")
     p.add_argument("--fresh", action="store_true", help="--sweep: re-measure settings whose results are cached")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--precision", default="fp32",
+                   help="in-process: the runtime and precision of every bucket (fp32, openvino-bf16, "
+                        "onnxruntime-int8, ...; serving/precision.py)")
+    p.add_argument("--precision-gate", action="store_true",
+                   help="judge each reduced precision against fp32 on --n images per served model and write "
+                        "--gate-file (what `--precision auto` may offer)")
+    p.add_argument("--gate-variants", default="openvino-bf16,onnxruntime-int8,openvino-int8",
+                   help="--precision-gate: the variants to judge (bf16 only on a CPU with bf16 hardware)")
+    p.add_argument("--gate-file", default="benchmarks/results/precision_gate.json")
     return p
 
 
@@ -296,7 +360,18 @@ def main(argv=None) -> int:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     net = FeatureNet(classifier)
     ref = RealReference.build(net, args.data_dir, cache_dir=Path(args.work) / "quality")
-    clients = Clients(checkpoints, Path(args.work), args.url, args.protocol, log=log)
+    if args.precision_gate:
+        from trident.serving import precision
+
+        variants = tuple(v.strip() for v in args.gate_variants.split(",") if v.strip())
+        flags = precision.cpu_info()["flags"]
+        if not any(f in flags for f in precision.BF16_FLAGS):
+            variants = tuple(v for v in variants if precision.precision_of(v) != "bf16")
+        result = precision_gate({m: checkpoints[m] for m in GATE_SETTINGS}, Path(args.work), ref, args.n, args.seed,
+                                args.batch, variants, Path(args.gate_file), log=log)
+        print(json.dumps(result, indent=2))
+        return 0
+    clients = Clients(checkpoints, Path(args.work), args.url, args.protocol, log=log, precision=args.precision)
     try:
         if args.sweep:
             from trident.benchmarks.quality_report import write_report

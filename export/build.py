@@ -57,6 +57,6 @@ def default_build(checkpoints_root: Path = Path("checkpoints"), out: Path = Path
     fp16 = bool(build_options.get("fp16", False))
     dirs = [ensure_export(Path(checkpoints_root) / kind / "model.safetensors", Path(work) / "exports", kind,
                           buckets=buckets, fp16=fp16, log=log) for kind in kinds]
-    names = build_repository(dirs, out, **build_options)
+    names = build_repository(dirs, out, log=log, **build_options)
     log(f"wrote {out}: {', '.join(names)}")
     return names

@@ -1,7 +1,8 @@
 """Checkpoint -> fixed-shape ONNX graphs (one per batch bucket), verified against PyTorch every time.
 
-`trident export CHECKPOINT --out DIR [--buckets 2,8,32] [--fp16]` writes into DIR:
+`trident export CHECKPOINT --out DIR [--buckets 2,8,32] [--fp16] [--no-int8]` writes into DIR:
   <graph>_b<N>.onnx          fp32 graph, every dimension static (batch N included), for the CPU path
+  int8/<graph>_b<N>.onnx     int8 QDQ graph calibrated on real inputs (export/quantize.py), unless --no-int8
   fp16/<graph>_b<N>.onnx     optional fp16 graph with float32 inputs/outputs, for the GPU path
   metadata.json              everything a client needs to sample with no other file (kind, image shape, class names,
                              null class, schedule, prediction type, latent size, buckets, tensor specs, parity figures)
@@ -31,6 +32,8 @@ from trident.serving.spec import (DEFAULT_BUCKETS, ENCODER, EXPORT_FORMAT, EXPOR
                                   graph_spec_of)
 from trident.training import checkpoint as ckpt
 
+from . import quantize
+
 # Opset 17 with the legacy (TorchScript) exporter. GroupNorm exports as InstanceNormalization here; GroupNormalization
 # at opset 21 breaks ORT and TensorRT. The dynamo exporter was measured once on the shipped U-Net at bucket 8: at
 # opset 17 its down-converted graph fails onnx.checker (Split with num_outputs, an opset-18 attribute); at opset 18
@@ -39,6 +42,11 @@ from trident.training import checkpoint as ckpt
 OPSET = 17
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 2e-2  # measured max abs error of the fp16 graphs is stated in metadata.json
+# int8 against PyTorch on held-out real inputs (calibration data of another seed; random inputs such as pure noise at
+# t near 0 lie outside what the ranges were calibrated on and say nothing about serving): a guard against a broken
+# quantization (every op quantized gave 1.6-2.6 on the U-Net), not the quality bar; whether int8 draws as well as
+# fp32 is the quality gate's question (serving/precision.py, `trident evaluate --precision-gate`).
+INT8_TOLERANCE = 0.5
 EXPORTABLE = tuple(GRAPHS_OF_KIND)
 
 
@@ -124,9 +132,10 @@ def _session(model_bytes: bytes, threads: int | None = None):
 
 
 def parity(model_bytes: bytes, module: torch.nn.Module, spec: GraphSpec, n: int, card: ModelCard,
-           seed: int = 0) -> float:
-    """Max abs difference between ONNX Runtime and PyTorch on the same random inputs, over all outputs."""
-    inputs = example_inputs(spec, n, card, seed)
+           seed: int = 0, inputs: list[np.ndarray] | None = None) -> float:
+    """Max abs difference between ONNX Runtime and PyTorch on the same inputs (default: random valid ones), over all
+    outputs."""
+    inputs = example_inputs(spec, n, card, seed) if inputs is None else [a[:n] for a in inputs]
     with torch.no_grad():
         ref = module(*[torch.from_numpy(a) for a in inputs])
     ref = [ref] if torch.is_tensor(ref) else list(ref)
@@ -208,17 +217,27 @@ def _sha256(data: bytes) -> str:
 
 
 def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bucket_map, fp16: bool, exporter: str,
-                 log) -> dict:
+                 log, int8: bool = True) -> dict:
     """Export, check and write every graph and metadata.json (the card, with the buckets) into the folder tmp."""
     card = card.with_buckets({g: bucket_map[g] for g in graphs})
     info = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "card": card.to_dict(), "opset": OPSET,
             "exporter": exporter, "torch_version": torch.__version__, "onnx_version": onnx.__version__,
             "source_checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
             "graphs": {}}
+    if int8:
+        info["int8"] = {"method": quantize.METHOD}
     for graph in graphs:
         spec = graph_spec_of(graph, card)
         module = graph_module(graph, model)
-        entry = {"spec": spec.to_dict(), "buckets": list(bucket_map[graph]), "fp32": {}, "fp16": {}}
+        entry = {"spec": spec.to_dict(), "buckets": list(bucket_map[graph]), "fp32": {}, "fp16": {}, "int8": {}}
+        calibration = quantize.calibration_inputs(graph, spec, module, card) if int8 else None
+        # real inputs the calibration did not see: the int8 parity check here, and the fixed batch on which
+        # `--precision auto` checks every runtime against fp32 on the serving machine (serving/precision.py)
+        held_out = quantize.calibration_inputs(graph, spec, module, card, seed=1)
+        rows = max(bucket_map[graph])
+        (tmp / "parity").mkdir(exist_ok=True)
+        np.savez(tmp / "parity" / f"{graph}.npz", **{t.name: a[:rows] for t, a in zip(spec.inputs, held_out)})
+        entry["parity_inputs"] = f"parity/{graph}.npz"
         for n in bucket_map[graph]:
             t0 = time.time()
             proto = export_graph(module, spec, n, card, exporter)
@@ -232,6 +251,15 @@ def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bu
             (tmp / name).write_bytes(data)
             entry["fp32"][str(n)] = {"file": name, "sha256": _sha256(data), "parity_max_abs_err": err}
             msg = f"{graph} b{n}: parity {err:.2e}"
+            if int8:
+                qdata = quantize.quantize_graph(data, spec, calibration, n)
+                qerr = parity(qdata, module, spec, n, card, inputs=held_out)
+                if not qerr < INT8_TOLERANCE:
+                    raise ExportError(f"{graph} b{n} int8: max abs error {qerr:.3g} exceeds {INT8_TOLERANCE}")
+                (tmp / "int8").mkdir(exist_ok=True)
+                (tmp / "int8" / name).write_bytes(qdata)
+                entry["int8"][str(n)] = {"file": f"int8/{name}", "sha256": _sha256(qdata), "parity_max_abs_err": qerr}
+                msg += f", int8 parity {qerr:.2e}"
             if fp16:
                 half = to_fp16(proto)
                 onnx.checker.check_model(half)
@@ -250,7 +278,7 @@ def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bu
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, buckets=None, fp16: bool = False,
-                      exporter: str = "legacy", log=print) -> dict:
+                      exporter: str = "legacy", log=print, int8: bool = True) -> dict:
     """Export every graph of a checkpoint at every bucket; returns the metadata written to out_dir/metadata.json."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     meta0 = ckpt.read_meta(checkpoint)
@@ -263,7 +291,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
     try:
         with atomic_directory(out_dir) as tmp:
-            info = _export_into(tmp, checkpoint, model, card, graphs, bucket_map, fp16, exporter, log)
+            info = _export_into(tmp, checkpoint, model, card, graphs, bucket_map, fp16, exporter, log, int8)
     except OSError as e:
         raise ExportError(f"cannot write the output directory {out_dir}: {e}") from e
     return info
@@ -282,6 +310,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="comma-separated static batch sizes, e.g. 2,8,32 (default per graph: "
                         + "; ".join(f"{g}: {','.join(map(str, b))}" for g, b in DEFAULT_BUCKETS.items()) + ")")
     p.add_argument("--fp16", action="store_true", help="also write fp16 graphs (float32 I/O) for the GPU path")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip the int8 graphs (calibrated post-training quantization, export/quantize.py)")
     p.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy")
     return p
 
@@ -289,7 +319,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        info = export_checkpoint(args.checkpoint, args.out, args.buckets, args.fp16, args.exporter)
+        info = export_checkpoint(args.checkpoint, args.out, args.buckets, args.fp16, args.exporter, int8=args.int8)
     except (ExportError, ckpt.CheckpointError) as e:
         print(f"trident export: error: {e}", file=sys.stderr)
         return 2

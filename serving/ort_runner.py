@@ -94,6 +94,83 @@ def session_options(threads: int):
     return options
 
 
+# Engines a bucket can run on. "onnxruntime" runs the file as it is (fp32, fp16 or int8 QDQ graphs); the OpenVINO
+# engines compile it for the CPU at an inference precision: f32, or bf16 (AVX512-BF16 / AMX hardware; OpenVINO keeps
+# float32 I/O). An int8 QDQ graph runs int8 kernels on either runtime. serving/precision.py maps user-facing
+# precisions ("openvino-bf16", "onnxruntime-int8", ...) to (file, engine) and chooses among them by measurement.
+ENGINES = ("onnxruntime", "openvino-f32", "openvino-bf16")
+_NP_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class _OpenVinoSession:
+    """One OpenVINO compiled model behind the part of the onnxruntime.InferenceSession interface BucketRunner uses:
+    run(output names, feed) and the inputs' (name, shape, dtype). An InferRequest is not thread-safe: one per call
+    at a time (a lock), which matches how a Triton model instance calls it."""
+
+    def __init__(self, path: str, precision: str, threads: int):
+        import threading
+
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(path, "CPU", config)
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self._outputs = {port.get_any_name(): port for port in self.compiled.outputs}
+
+    def inputs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        return [(port.get_any_name(), tuple(port.get_shape()), np.dtype(port.get_element_type().to_dtype()))
+                for port in self.compiled.inputs]
+
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, names, feed: dict) -> list[np.ndarray]:
+        with self._lock:
+            result = self._request.infer(feed)
+            return [np.array(result[self._outputs[name]]) for name in names]  # copies: the request's buffers are reused
+
+
+class _OrtSession:
+    def __init__(self, path: str, options, providers):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(path, options, providers=providers)
+
+    def inputs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        return [(i.name, tuple(i.shape), np.dtype(_NP_OF_ORT[i.type])) for i in self.session.get_inputs()]
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, names, feed: dict) -> list[np.ndarray]:
+        return self.session.run(names, feed)
+
+
+class _Sessions(dict):
+    """{bucket: session}, each made on first use: a session that never runs costs no memory (a U-Net session's
+    memory arena grows to its bucket's activations, tens of MB)."""
+
+    def __init__(self, make, buckets):
+        super().__init__()
+        self._make, self.buckets = make, tuple(buckets)
+
+    def __missing__(self, bucket):
+        if bucket not in self.buckets:
+            raise KeyError(bucket)
+        session = self[bucket] = self._make(bucket)
+        return session
+
+    def all(self) -> "_Sessions":
+        """Every session made."""
+        for bucket in self.buckets:
+            self[bucket]
+        return self
+
+
 class BucketRunner:
     """Sessions over one graph's bucket files; run() takes and returns any number of rows.
 
@@ -101,13 +178,17 @@ class BucketRunner:
     threads     the CPU threads one call may use: intra-op threads of the whole-call sessions (0: ONNX Runtime's
                 default, one per physical core, counted here as the available cores)
     row_shards  concurrent row shards (0: one per thread of `threads` on the CPU provider, 1 on any other provider,
-                whose device runs one call at a time); shard sessions have max(1, threads // row_shards) threads
+                whose device runs one call at a time); shard sessions have max(1, threads // row_shards) threads.
+                Only onnxruntime buckets are sharded (OpenVINO spreads one call over its threads itself).
     providers   ONNX Runtime execution providers (default CPU)
+    engines     {bucket: one of ENGINES} (default: onnxruntime for every bucket)
+
+    Sessions are made on first use; warm() makes and runs those that calls of each bucket's size use (what Triton's
+    model_warmup sends), so that memory goes only to the sessions requests run.
     """
 
-    def __init__(self, files: dict, *, threads: int = 0, row_shards: int = 0, providers=None):
-        import onnxruntime as ort
-
+    def __init__(self, files: dict, *, threads: int = 0, row_shards: int = 0, providers=None,
+                 engines: dict | None = None):
         if not files:
             raise ValueError("no bucket files given")
         if int(threads) < 0 or int(row_shards) < 0:
@@ -115,26 +196,44 @@ class BucketRunner:
         providers = list(providers or [CPU])
         cpu_only = all((p[0] if isinstance(p, tuple) else p) == CPU for p in providers)
         budget = int(threads) or available_cores()
-        self.row_shards = int(row_shards) or (budget if cpu_only else 1)
         files = {int(b): str(path) for b, path in files.items()}
         self.buckets = sorted(files)
+        self.engines = {b: (engines or {}).get(b, (engines or {}).get(str(b), "onnxruntime")) for b in self.buckets}
+        unknown = sorted({e for e in self.engines.values() if e not in ENGINES})
+        if unknown:
+            raise ValueError(f"unknown engines {unknown}; expected one of {ENGINES}")
+        if not cpu_only and any(e != "onnxruntime" for e in self.engines.values()):
+            raise ValueError("the OpenVINO engines run on the CPU; use onnxruntime with a GPU execution provider")
         whole = session_options(threads)
-        self.sessions = {b: ort.InferenceSession(files[b], whole, providers=providers) for b in self.buckets}
-        self.output_names = [o.name for o in self.sessions[self.buckets[0]].get_outputs()]
+        self.sessions = _Sessions(lambda b: _OrtSession(files[b], whole, providers)
+                                  if self.engines[b] == "onnxruntime"
+                                  else _OpenVinoSession(files[b], self.engines[b].split("-")[1], threads), self.buckets)
+        self.output_names = self.sessions[self.buckets[0]].output_names()  # also checks the first file loads
+        ort_buckets = [b for b in self.buckets if self.engines[b] == "onnxruntime"]
+        self.row_shards = (int(row_shards) or (budget if cpu_only else 1)) if ort_buckets else 1
         self.shard_sessions, self._pool = None, None
         if self.row_shards > 1:
             per_shard = session_options(max(1, budget // self.row_shards))
-            self.shard_sessions = {b: ort.InferenceSession(files[b], per_shard, providers=providers)
-                                   for b in self.buckets}
+            self.shard_sessions = _Sessions(lambda b: _OrtSession(files[b], per_shard, providers), ort_buckets)
             self._pool = ThreadPoolExecutor(self.row_shards, thread_name_prefix="ort-shard")
 
-    def warm(self) -> None:
-        """Run every session once on zeros (valid for every input), so no request pays a session's first-run cost."""
-        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-                 "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-        for sessions in (self.sessions, self.shard_sessions or {}):
-            for session in sessions.values():
-                session.run(None, {i.name: np.zeros(i.shape, types[i.type]) for i in session.get_inputs()})
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-item input shapes (without the batch axis), as the graphs see them."""
+        return {name: shape[1:] for name, shape, _ in self.sessions[self.buckets[0]].inputs()}
+
+    def warm(self, every: bool = False) -> None:
+        """Run zeros (valid for every input) through the sessions that a call of each bucket's size uses, so those
+        calls pay no session's first-run cost; every=True: make and run every session (a call of an unusual size,
+        say 40 rows over buckets up to 32, otherwise makes its sessions on first use)."""
+        first = self.sessions[self.buckets[0]]
+        zeros = {name: (shape[1:], dtype) for name, shape, dtype in first.inputs()}
+        for n in self.buckets:
+            self.run({name: np.zeros((n, *shape), dtype) for name, (shape, dtype) in zeros.items()})
+        if every:
+            for sessions in (self.sessions, self.shard_sessions):
+                for bucket, session in (sessions.all() if sessions is not None else {}).items():
+                    session.run(self.output_names, {name: np.zeros((bucket, *shape), dtype)
+                                                    for name, (shape, dtype) in zeros.items()})
 
     def _run_rows(self, sessions: dict, feed: dict, start: int, stop: int) -> list[np.ndarray]:
         outs = [[] for _ in self.output_names]
@@ -149,6 +248,15 @@ class BucketRunner:
                 outs[k].append(out[:b - a])
         return [o[0] if len(o) == 1 else np.concatenate(o) for o in outs]
 
+    def _shards(self, n: int) -> list[tuple[int, int]]:
+        """Row shards for n rows: only where the whole call would run on onnxruntime buckets alone (a bucket chosen
+        for another engine was chosen because it beat onnxruntime, sharded or not, at that size)."""
+        if self._pool is None or any(self.engines[b] != "onnxruntime" for _, _, b in plan_chunks(n, self.buckets)):
+            return [(0, n)]
+        shards = plan_shards(n, self.row_shards, self.buckets)
+        parts = [bucket for a, b in shards for _, _, bucket in plan_chunks(b - a, self.buckets)]
+        return shards if all(self.engines[b] == "onnxruntime" for b in parts) else [(0, n)]
+
     def run(self, feed: dict) -> dict[str, np.ndarray]:
         """{input name: array (n, ...)} in the graph's dtypes -> {output name: array (n, ...)}, n >= 1."""
         if not self.sessions:
@@ -156,7 +264,7 @@ class BucketRunner:
         n = len(next(iter(feed.values())))
         if n < 1:
             raise ValueError("run needs at least one row")
-        shards = plan_shards(n, self.row_shards, self.buckets) if self._pool is not None else [(0, n)]
+        shards = self._shards(n)
         if len(shards) == 1:
             outs = self._run_rows(self.sessions, feed, 0, n)
         else:

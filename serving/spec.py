@@ -133,8 +133,9 @@ def graph_spec_of(graph: str, card: ModelCard) -> GraphSpec:
 # ----------------------------------------------------------------------------------------------------------------
 
 EXPORT_FORMAT = "trident.export"
-# 2: the model card under "card" (1 had its fields at the top level); an export of another version is re-exported.
-EXPORT_VERSION = 2
+# 2: the model card under "card" (1 had its fields at the top level); 3: int8 graphs and the fixed parity batch
+# (serving/precision.py). An export of another version is exported again.
+EXPORT_VERSION = 3
 
 
 def load_export_metadata(directory) -> dict:

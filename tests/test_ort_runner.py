@@ -49,7 +49,7 @@ def test_sharded_runs_equal_whole_runs_row_for_row(unet_files):
     files, spec = unet_files
     whole = BucketRunner(files, threads=1, row_shards=1)
     sharded = BucketRunner(files, threads=2, row_shards=2)
-    sharded.warm()  # runs every session of both sets on zeros
+    sharded.warm(every=True)  # makes and runs every session of both sets on zeros
     seen = []
     run_rows = sharded._run_rows
 

@@ -217,9 +217,12 @@ def test_card_parameter_carries_the_export_card_with_this_graphs_buckets_when_re
         assert carried == exported.with_buckets({graph: meta["graphs"][graph]["buckets"]}), graph
         assert carried.buckets == {graph: tuple(meta["graphs"][graph]["buckets"])}
         assert graph_spec_of(graph, carried) == specs[graph]
-        # Every other parameter is one the model's own model.py reads: no unread copies of card fields.
-        assert set(params) == {CARD_KEY, "trident_onnx_files", "trident_input_ranges", "intra_op_num_threads",
-                               "row_shards", "execution_provider"}, graph
+        # Every other parameter is one the model's own model.py reads, or the precision chosen per bucket (the
+        # build's record for operators): no unread copies of card fields.
+        assert set(params) == {CARD_KEY, "trident_onnx_files", "trident_engines", "trident_precision",
+                               "trident_input_ranges", "intra_op_num_threads", "row_shards", "execution_provider"}, graph
+        assert json.loads(params["trident_precision"]) == {str(b): "onnxruntime-fp32"
+                                                           for b in meta["graphs"][graph]["buckets"]}
 
 
 def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_when_built(metas, specs):
@@ -289,7 +292,8 @@ def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
 def test_build_repository_writes_self_contained_models_when_embedded(repository, metas):
     assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, SAMPLING_LOOP))
     # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
-    allowed = {"json", "os", "sys", "concurrent", "numpy", "onnxruntime", "triton_python_backend_utils",
+    allowed = {"json", "os", "sys", "concurrent", "threading", "numpy", "onnxruntime", "openvino",
+               "triton_python_backend_utils",
                "ort_runner", "sampling", "card", "protocol", "__future__", "math", "time", "dataclasses",
                "functools", "typing", "tqdm"}
     assert ALLOWED_IMPORTS == allowed  # the rule the runtime folder states is the one checked here
@@ -448,7 +452,7 @@ def test_execute_runs_smallest_bucket_holding_the_rest_or_largest_when_rows_exce
     spec = specs["diffusion_unet"]
     runs: list[tuple[str, int]] = []
     for where, sessions in (("whole", model.runner.sessions), ("shard", model.runner.shard_sessions)):
-        for bucket, session in list(sessions.items()):
+        for bucket, session in list(sessions.all().items()):  # made now, so that every one is wrapped
             sessions[bucket] = types.SimpleNamespace(
                 run=lambda names, feed, _run=session.run, _w=where, _b=bucket: (runs.append((_w, _b)),
                                                                                  _run(names, feed))[1])

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..card import ModelCard
 from ..errors import InferenceError, InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
+from .. import precision as precisions
 from ..ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
 from ..spec import KIND_OF_GRAPH, SAMPLING_LOOP, GraphSpec, export_card, graph_spec_of, load_export_metadata
 from ..server.runtime.protocol import CARD as CARD_PARAMETER
@@ -105,34 +106,46 @@ def check_inputs(spec: GraphSpec, inputs: dict[str, np.ndarray]) -> int:
 class OnnxRuntimeBackend(InProcess):
     """Sessions over one or more `trident export` folders: one ort_runner.BucketRunner per graph.
 
-    precision "fp16" loads the fp16 graphs (for the CUDA provider). threads: intra-op threads of a whole call (None
-    or 0: ONNX Runtime's default); row_shards: concurrent row shards on the CPU (0: one per core; 1: off).
+    precision: "fp32" (onnxruntime-fp32), "fp16" (the fp16 graphs, for the CUDA provider), a variant of
+    serving/precision.py for every bucket, or "auto": per graph and bucket the fastest variant measured here that
+    this CPU runs natively and that passed the quality gate (quality_gate: its verdicts file) and the parity gate;
+    what was chosen and measured is in .precision[graph]. threads: intra-op threads of a whole call (None or 0:
+    ONNX Runtime's default); row_shards: concurrent row shards on the CPU (0: one per core; 1: off).
     """
 
     name = "onnxruntime"
 
     def __init__(self, export_dirs, threads: int | None = None, providers: list[str] | None = None,
-                 precision: str = "fp32", row_shards: int = 0):
+                 precision: str = "fp32", row_shards: int = 0, quality_gate=None):
         if isinstance(export_dirs, (str, os.PathLike)):
             export_dirs = [export_dirs]
-        if precision not in ("fp32", "fp16"):
-            raise InvalidArgumentError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        precision = {"fp32": precisions.REFERENCE, "fp16": "onnxruntime-fp16"}.get(precision, precision)
+        if precision not in precisions.CHOICES:
+            raise InvalidArgumentError(f"precision must be fp32, fp16 or one of {precisions.CHOICES}, "
+                                       f"got {precision!r}")
         if (threads or 0) < 0 or row_shards < 0:
             raise InvalidArgumentError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
-        self.cards, self.buckets, self.specs, self.runners = {}, {}, {}, {}
+        self.cards, self.buckets, self.specs, self.runners, self.precision = {}, {}, {}, {}, {}
         try:
             for d in export_dirs:
                 info = load_export_metadata(d)
                 card = export_card(info, d)
                 self.cards[card.kind] = card
                 for graph, entry in info["graphs"].items():
-                    files = entry[precision]
-                    if not files:
-                        raise InvalidArgumentError(f"{d}: no {precision} graphs for {graph}; re-export with --fp16")
+                    try:
+                        record = precisions.choose(d, info, graph, precision, gate_file=quality_gate,
+                                                   threads=threads or 0, row_shards=row_shards)
+                    except ValueError as e:
+                        raise InvalidArgumentError(f"{d}: {e}") from None
+                    self.precision[graph] = record
+                    variant_of = {int(b): v for b, v in record["choice"].items()}
+                    files = {b: Path(d) / entry[precisions.VARIANTS[v][0]][str(b)]["file"]
+                             for b, v in variant_of.items()}
                     self.specs[graph] = graph_spec_of(graph, card)
-                    self.runners[graph] = BucketRunner({int(b): Path(d) / f["file"] for b, f in files.items()},
-                                                       threads=threads or 0, row_shards=row_shards,
-                                                       providers=providers)
+                    self.runners[graph] = BucketRunner(files, threads=threads or 0, row_shards=row_shards,
+                                                       providers=providers,
+                                                       engines={b: precisions.VARIANTS[v][1]
+                                                                for b, v in variant_of.items()})
                     self.buckets[graph] = tuple(self.runners[graph].buckets)
         except BaseException:
             self.close()

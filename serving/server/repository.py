@@ -32,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from trident.serving import toolchain
+from trident.serving import precision, toolchain
 from trident.serving.card import ModelCard
 from trident.serving.errors import ExportMetadataError, TridentError
 from trident.serving.files import atomic_directory
@@ -60,6 +60,7 @@ DEFAULT_LOOP_MAX_IMAGES = 1024  # images per request of the sampling loop model
 VERSION = "1"  # the one model version directory written
 MARKER = "trident_repository.json"  # written at the root; Triton only looks at sub-directories
 DEFAULT_MAX_QUEUE_DELAY_US = 500
+DEFAULT_QUALITY_GATE = Path("benchmarks/results/precision_gate.json")
 
 
 class RepositoryError(TridentError):
@@ -156,33 +157,60 @@ def _warmup(name: str, batch_size: int, io: list[dict]) -> dict:
             "inputs": {t["name"]: {"data_type": t["data_type"], "dims": t["dims"], "zero_data": True} for t in io}}
 
 
-def _bucket_runner_parameters(graph: str, entry: dict, *, gpu: bool, fp16: bool, intra_op_threads: int,
-                              row_shards: int) -> tuple[list[int], str, dict[str, str]]:
-    """(buckets, precision, parameters) of a Python-backend model that runs a graph's bucket files with
-    ort_runner.BucketRunner: the files, threads, row shards and execution provider its model.py reads."""
+def _choice(graph: str, entry: dict, choice: dict | None, fp16: bool) -> dict[int, str]:
+    """{bucket: variant} (serving/precision.py), checked against what the export holds. Default: every bucket on
+    onnxruntime at fp32 (fp16 with --fp16)."""
     buckets = sorted(int(b) for b in entry["buckets"])
-    precision = "fp16" if fp16 else "fp32"
-    if fp16 and not entry.get("fp16"):
-        raise RepositoryError(f"{graph}: the export has no fp16 graphs; export with --fp16")
-    return buckets, precision, {
-        P.FILES: json.dumps({str(n): Path(entry[precision][str(n)]["file"]).name for n in buckets}),
+    default = "onnxruntime-fp16" if fp16 else precision.REFERENCE
+    choice = {int(b): v for b, v in (choice or {b: default for b in buckets}).items()}
+    if sorted(choice) != buckets:
+        raise RepositoryError(f"{graph}: a precision choice for buckets {sorted(choice)}, the export has {buckets}")
+    for variant in set(choice.values()):
+        files = precision.VARIANTS[variant][0]
+        if not entry.get(files):
+            raise RepositoryError(f"{graph}: the export has no {files} graphs for {variant}; re-export "
+                                  + ("with --fp16" if files == "fp16" else "without --no-int8"))
+    return choice
+
+
+def _bucket_runner_parameters(graph: str, entry: dict, choice: dict[int, str], *, gpu: bool, intra_op_threads: int,
+                              row_shards: int) -> dict[str, str]:
+    """The parameters of a Python-backend model that runs a graph's bucket files with ort_runner.BucketRunner: per
+    bucket the file and engine of its variant, and the threads, row shards and execution provider its model.py
+    reads."""
+    file_of = {b: entry[precision.VARIANTS[v][0]][str(b)]["file"] for b, v in choice.items()}
+    return {
+        P.FILES: json.dumps({str(b): Path(file).name for b, file in file_of.items()}),
+        P.ENGINES: json.dumps({str(b): precision.VARIANTS[v][1] for b, v in choice.items()}),
+        P.PRECISION: json.dumps({str(b): v for b, v in choice.items()}),
         P.THREADS: str(int(intra_op_threads)),
         P.SHARDS: str(int(row_shards)),
         P.PROVIDER: "cuda" if gpu else "cpu",
     }
 
 
+def _model_files(directory: Path, entry: dict, choice: dict[int, str]) -> dict[str, tuple[Path, str]]:
+    """{file name in the version dir: (source, sha256)}: each bucket's file of its chosen variant."""
+    files = {}
+    for b, variant in choice.items():
+        file = entry[precision.VARIANTS[variant][0]][str(b)]
+        files[Path(file["file"]).name] = (directory / file["file"], file["sha256"])
+    return files
+
+
 def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None,
                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, gpu: bool = False, fp16: bool = False,
-                    intra_op_threads: int = 0, row_shards: int = 0) -> dict:
+                    intra_op_threads: int = 0, row_shards: int = 0, choice: dict | None = None) -> dict:
     """Python-backend model serving every bucket of one graph (see serving/server/runtime/graph_model.py).
 
     max_batch_size defaults to the largest bucket; a larger value lets one request (or one dynamic batch) span
-    several bucket runs.
+    several bucket runs. choice: {bucket: variant} (default onnxruntime-fp32, or -fp16 with fp16).
     """
     spec, entry = _graph(meta, graph)
-    buckets, precision, runtime = _bucket_runner_parameters(graph, entry, gpu=gpu, fp16=fp16,
-                                                            intra_op_threads=intra_op_threads, row_shards=row_shards)
+    choice = _choice(graph, entry, choice, fp16)
+    buckets = sorted(choice)
+    runtime = _bucket_runner_parameters(graph, entry, choice, gpu=gpu, intra_op_threads=intra_op_threads,
+                                        row_shards=row_shards)
     max_batch_size = buckets[-1] if max_batch_size is None else int(max_batch_size)
     if max_batch_size < 1:
         raise RepositoryError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -203,13 +231,14 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
 
 
 def loop_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_threads: int = 0,
-                row_shards: int = 0, max_images: int = DEFAULT_LOOP_MAX_IMAGES) -> dict:
+                row_shards: int = 0, max_images: int = DEFAULT_LOOP_MAX_IMAGES, choice: dict | None = None) -> dict:
     """The sampling loop model (serving/server/runtime/loop_model.py) over the export's U-Net graphs: not batched by
-    Triton (max_batch_size 0, one request = one batch of images), its own ONNX Runtime sessions of the U-Net."""
+    Triton (max_batch_size 0, one request = one batch of images), its own sessions of the U-Net (choice: as the
+    U-Net model's)."""
     unet, entry = _graph(meta, UNET)
     spec = loop_spec(_card(meta).image.shape)
-    buckets, precision, runtime = _bucket_runner_parameters(UNET, entry, gpu=gpu, fp16=fp16,
-                                                            intra_op_threads=intra_op_threads, row_shards=row_shards)
+    runtime = _bucket_runner_parameters(UNET, entry, _choice(UNET, entry, choice, fp16), gpu=gpu,
+                                        intra_op_threads=intra_op_threads, row_shards=row_shards)
     if max_images < 1:
         raise RepositoryError(f"max_images must be >= 1, got {max_images}")
     runtime[P.UNET_IO] = json.dumps([t.name for t in (*unet.inputs, *unet.outputs)])
@@ -328,13 +357,30 @@ def _load_meta(directory: Path) -> dict:
 
 def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: bool = False, fp16: bool = False,
                     max_batch_size: int | None = None, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
-                    intra_op_threads: int = 0, row_shards: int = 0, server_loop: bool = True
-                    ) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
-    """[(config, {file name in the version dir: (source path, sha256)})] for every model; writes nothing."""
+                    intra_op_threads: int = 0, row_shards: int = 0, server_loop: bool = True,
+                    precision_choice: str = "fp32", quality_gate: Path | None = None, log=None,
+                    records: dict | None = None) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
+    """[(config, {file name in the version dir: (source path, sha256)})] for every model; writes nothing.
+
+    precision_choice: "fp32" (onnxruntime-fp32, today's default), a variant of serving/precision.py for every bucket,
+    or "auto": measured here per graph and bucket (the record of each graph's trial goes into `records`)."""
     if flavour not in FLAVOURS:
         raise RepositoryError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
     if fp16 and not gpu:
         raise RepositoryError("fp16 graphs are for the GPU path: pass --gpu with --fp16")
+    precision_choice = {"fp32": precision.REFERENCE, "fp16": "onnxruntime-fp16"}.get(precision_choice,
+                                                                                       precision_choice)
+    if fp16:
+        precision_choice = "onnxruntime-fp16"
+    if precision_choice == "onnxruntime-fp16" and not gpu:
+        raise RepositoryError("fp16 graphs are for the GPU path: pass --gpu with --fp16 (--precision fp16)")
+    if precision_choice not in precision.CHOICES:
+        raise RepositoryError(f"precision must be fp32, fp16 or one of {precision.CHOICES}, got {precision_choice!r}")
+    if flavour == "container" and precision_choice not in (precision.REFERENCE, "onnxruntime-fp16"):
+        raise RepositoryError("--precision chooses the runtimes of the embedded flavour; the container flavour runs "
+                              "Triton's native backends (--gpu --fp16 for TensorRT FP16)")
+    if gpu and precision_choice not in (precision.REFERENCE, "onnxruntime-fp16"):
+        raise RepositoryError(f"--precision {precision_choice} runs on the CPU; with --gpu use fp32 or --fp16")
     if intra_op_threads < 0 or row_shards < 0:
         raise RepositoryError(f"intra_op_threads and row_shards must be >= 0 (0: automatic), got {intra_op_threads} "
                               f"and {row_shards}")
@@ -350,18 +396,23 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
             source_of[graph] = directory
             _, entry = _graph(meta, graph)
             if flavour == "embedded":
-                precision = "fp16" if fp16 else "fp32"
+                try:
+                    record = precision.choose(directory, meta, graph, precision_choice, gate_file=quality_gate,
+                                              threads=intra_op_threads, row_shards=row_shards,
+                                              log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
+                except ValueError as e:
+                    raise RepositoryError(str(e)) from None
+                if records is not None:
+                    records[graph] = record
+                choice = record["choice"]
                 config = embedded_config(graph, meta, max_batch_size=max_batch_size,
                                          max_queue_delay_us=max_queue_delay_us, gpu=gpu, fp16=fp16,
-                                         intra_op_threads=intra_op_threads, row_shards=row_shards)
-                files = {}
-                for n in entry["buckets"]:
-                    file = entry[precision][str(n)]
-                    files[Path(file["file"]).name] = (directory / file["file"], file["sha256"])
+                                         intra_op_threads=intra_op_threads, row_shards=row_shards, choice=choice)
+                files = _model_files(directory, entry, _choice(graph, entry, choice, fp16))
                 plan.append((config, files))
                 if graph == UNET and server_loop:  # the sampling loop model runs the same graph files
                     plan.append((loop_config(meta, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads,
-                                             row_shards=row_shards), dict(files)))
+                                             row_shards=row_shards, choice=choice), dict(files)))
             else:
                 for n in entry["buckets"]:
                     # TensorRT FP16 starts from the fp32 graph (see container_config).
@@ -400,15 +451,19 @@ def _check_replaceable(out: Path) -> None:
 def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedded", *, gpu: bool = False,
                      fp16: bool = False, max_batch_size: int | None = None,
                      max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 0,
-                     row_shards: int = 0, server_loop: bool = True) -> list[str]:
+                     row_shards: int = 0, server_loop: bool = True, precision_choice: str = "fp32",
+                     quality_gate: Path | None = None, log=None) -> list[str]:
     """Write a Triton model repository for these export directories into `out` (replaced atomically).
 
-    Returns the model names, sorted. See the module docstring for the two flavours.
+    Returns the model names, sorted. See the module docstring for the two flavours, serving/precision.py for
+    precision_choice ("fp32", a variant, or "auto": measured on this machine, recorded in trident_repository.json).
     """
     out = Path(out)
+    records = {}
     plan = plan_repository(export_dirs, flavour, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
                            max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
-                           row_shards=row_shards, server_loop=server_loop)
+                           row_shards=row_shards, server_loop=server_loop, precision_choice=precision_choice,
+                           quality_gate=quality_gate, log=log, records=records)
     _check_replaceable(out)
     with atomic_directory(out) as tmp:  # the old repository is removed only once the new one is complete
         for name in KEPT:
@@ -428,7 +483,7 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
         names = sorted(config["name"] for config, _ in plan)
         (tmp / MARKER).write_text(json.dumps({
             "flavour": flavour, "models": names, "gpu": gpu, "fp16": fp16,
-            "exports": sorted(Path(d).name for d in export_dirs)}, indent=2) + "\n")
+            "exports": sorted(Path(d).name for d in export_dirs), "precision": records}, indent=2) + "\n")
     return names
 
 
@@ -449,6 +504,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--flavour", choices=FLAVOURS, default="embedded")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances (CUDA ONNX Runtime / TensorRT)")
     p.add_argument("--fp16", action="store_true", help="with --gpu: fp16 graphs (embedded) or TensorRT FP16 (container)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", *precision.CHOICES),
+                   help="embedded, CPU: the runtime and precision of every bucket (fp32 = onnxruntime-fp32, today's "
+                        "default), or auto: per bucket the fastest variant that this CPU runs natively, that passed "
+                        "the quality gate and the parity gate, measured here (serving/precision.py)")
+    p.add_argument("--quality-gate", type=Path, default=DEFAULT_QUALITY_GATE,
+                   help="with --precision auto: the quality gate's verdicts (`trident evaluate --precision-gate`); "
+                        f"default {DEFAULT_QUALITY_GATE}")
     p.add_argument("--max-batch-size", type=int, default=None, help="embedded: default the largest bucket")
     p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US,
                    help="embedded: how long the dynamic batcher waits to fill a bucket")
@@ -467,7 +529,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     options = dict(flavour=args.flavour, gpu=args.gpu, fp16=args.fp16, max_batch_size=args.max_batch_size,
                    max_queue_delay_us=args.max_queue_delay_us, intra_op_threads=args.intra_op_threads,
-                   row_shards=args.row_shards, server_loop=args.server_loop)
+                   row_shards=args.row_shards, server_loop=args.server_loop, precision_choice=args.precision,
+                   quality_gate=args.quality_gate, log=print)
     try:
         if args.export is None:  # export the checkpoints first (torch): through the one seam to export/
             toolchain.resolve("default_build")(args.checkpoints, args.out, **options)

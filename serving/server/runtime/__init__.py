@@ -1,7 +1,7 @@
 """The files that run inside Triton: each served model's ``<model>/1/model.py`` and the modules copied beside it.
 
 The rule of this folder: a runtime file imports only the standard library, numpy, ``triton_python_backend_utils``
-(the Python backend's own module), onnxruntime (through ort_runner), each other, and the core modules listed in
+(the Python backend's own module), onnxruntime and openvino (through ort_runner), each other, and the core modules listed in
 RUNTIME_FILES below, which `trident serve build` copies next to model.py. Nothing else of trident is there at run
 time: a built repository serves in any Triton with the Python backend, trident installed or not. A test parses every
 file in RUNTIME_FILES and fails on any other import.
@@ -27,5 +27,6 @@ RUNTIME_FILES = {
 }
 # What a runtime file may import (top-level module names).
 ALLOWED_IMPORTS = frozenset({"__future__", "json", "math", "os", "sys", "time", "dataclasses", "functools", "typing",
-                             "concurrent", "numpy", "onnxruntime", "tqdm", "triton_python_backend_utils",
+                             "concurrent", "threading", "numpy", "onnxruntime", "openvino", "tqdm",
+                             "triton_python_backend_utils",
                              *(Path(name).stem for name in RUNTIME_FILES)})

@@ -42,12 +42,12 @@ class TritonPythonModel:
         directory = os.path.join(args["model_repository"], args["model_version"])
         files = {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[P.FILES]).items()}
         self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
-                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers)
-        self.runner.warm()  # every session, including those the config's bucket-sized warm-up requests skip
+                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
+                                   engines=json.loads(params.get(P.ENGINES, "{}")))
+        self.runner.warm()  # the sessions calls of each bucket's size use, before the model reports ready
         self.buckets = self.runner.buckets
         # Per-item shapes as the graphs see them (after Triton's reshape: a [1] scalar in the config is () here).
-        any_session = self.runner.sessions[self.buckets[0]]
-        self.item_shapes = {i.name: tuple(i.shape[1:]) for i in any_session.get_inputs()}
+        self.item_shapes = self.runner.input_shapes()
         expected = [name for name, _ in self.inputs]
         if sorted(self.item_shapes) != sorted(expected):
             raise pb_utils.TritonModelException(

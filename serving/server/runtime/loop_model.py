@@ -50,8 +50,9 @@ class TritonPythonModel:
         directory = os.path.join(args["model_repository"], args["model_version"])
         files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P.FILES]).items()}
         self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
-                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers)
-        self.runner.warm()  # not batched by Triton, so no model_warmup in the config: warm every session here
+                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
+                                   engines=json.loads(params.get(P.ENGINES, "{}")))
+        self.runner.warm()  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
 
     def _eps(self, x, t, y):
         feed = {self.sample_name: np.ascontiguousarray(x, dtype=np.float32),

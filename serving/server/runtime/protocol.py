@@ -7,6 +7,8 @@ runs where Triton is not).
 
 CARD = "trident_card"               # the model card as JSON (serving/card.py: ModelCard.to_json)
 FILES = "trident_onnx_files"         # JSON {bucket: file name in the version directory}
+ENGINES = "trident_engines"          # JSON {bucket: ort_runner engine}: onnxruntime, openvino-f32 or openvino-bf16
+PRECISION = "trident_precision"      # JSON {bucket: variant} (serving/precision.py): what the build chose
 RANGES = "trident_input_ranges"      # JSON {input name: {"low", "high", "hint"}}, valid is low <= x < high
 UNET_IO = "trident_unet_io"          # loop model: JSON [sample, timestep, class_label, noise_pred] U-Net tensor names
 MAX_IMAGES = "trident_max_images"    # loop model: images per request
