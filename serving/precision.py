@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .ort_runner import BucketRunner
+from .spec import DECODER, GENERATOR, UNET
 
 REFERENCE = "onnxruntime-fp32"
 # variant -> (the export's graph files, the BucketRunner engine)
@@ -52,6 +53,10 @@ CHOICES = ("auto", *VARIANTS)  # what --precision takes
 # not merely imprecise: the bounds are guards; the quality gate judges the images.
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 0.1, "int8": 0.5}
 REDUCED = ("bf16", "int8")  # precisions that need the quality gate
+# The graph each model's gate setting draws through (`trident evaluate --precision-gate`: DPM-Solver++-20 at guidance
+# 3, the GAN untruncated, the VAE from its prior). A verdict covers only that graph: the VAE's encoder is not judged
+# by drawing, so it keeps fp32 runtimes under auto.
+JUDGED_GRAPHS = {"diffusion": (UNET,), "gan": (GENERATOR,), "vae": (DECODER,)}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
 ROUNDS = 3
@@ -88,8 +93,9 @@ def gate_verdicts(gate_file: str | os.PathLike | None, checkpoint_sha256: str | 
     return data.get("checkpoints", {}).get(checkpoint_sha256, {}).get("variants", {})
 
 
-def candidates(precisions_exported: set[str], cpu: dict, verdicts: dict[str, dict]) -> dict[str, str | None]:
-    """{CPU variant: None if auto may try it, else why not}."""
+def candidates(precisions_exported: set[str], cpu: dict, verdicts: dict[str, dict],
+               judged: bool = True) -> dict[str, str | None]:
+    """{CPU variant: None if auto may try it, else why not}. judged: the quality gate draws through this graph."""
     out = {}
     for variant in CPU_VARIANTS:
         files, _ = VARIANTS[variant]
@@ -98,6 +104,8 @@ def candidates(precisions_exported: set[str], cpu: dict, verdicts: dict[str, dic
             out[variant] = f"the export has no {files} graphs"
         elif precision == "bf16" and not any(f in cpu["flags"] for f in BF16_FLAGS):
             out[variant] = f"this CPU has none of {BF16_FLAGS}"
+        elif precision in REDUCED and not judged:
+            out[variant] = "the quality gate does not draw through this graph"
         elif precision in REDUCED and not verdicts.get(variant, {}).get("pass"):
             out[variant] = ("failed the quality gate" if variant in verdicts
                             else "no quality gate result for this checkpoint (`trident evaluate --precision-gate`)")
@@ -203,7 +211,8 @@ def choose(export_dir: str | os.PathLike, meta: dict, graph: str, precision: str
         return {"precision": precision, "choice": {b: precision for b in buckets}}
     cpu = cpu_info()
     verdicts = gate_verdicts(gate_file, meta.get("source_checkpoint", {}).get("sha256"))
-    allowed = candidates(exported, cpu, verdicts)
+    kind = meta.get("card", {}).get("kind")
+    allowed = candidates(exported, cpu, verdicts, judged=graph in JUDGED_GRAPHS.get(kind, ()))
     parity = load_parity(export_dir, entry)
     if parity is None:
         allowed = {v: (why or "the export has no fixed parity batch (re-export)") if v != REFERENCE else None

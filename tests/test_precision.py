@@ -87,6 +87,9 @@ def test_candidates_exclude_bf16_without_bf16_hardware_and_reduced_precisions_wi
     failed = precision.candidates(exported, bf16, {"openvino-int8": {"pass": False}})
     assert failed["openvino-int8"] == "failed the quality gate"
     assert precision.candidates({"fp32"}, bf16, passed)["openvino-int8"] == "the export has no int8 graphs"
+    unjudged = precision.candidates(exported, bf16, passed, judged=False)  # e.g. the VAE encoder
+    assert unjudged["openvino-int8"] == "the quality gate does not draw through this graph"
+    assert unjudged["openvino-fp32"] is None
 
 
 def test_auto_chooses_per_bucket_only_variants_that_beat_fp32_in_every_round_when_measured(export_dirs, tmp_path):
