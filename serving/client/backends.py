@@ -134,6 +134,11 @@ class OnnxRuntimeBackend(InProcess):
                                                        threads=threads or 0, row_shards=row_shards,
                                                        providers=providers)
                     self.buckets[graph] = tuple(self.runners[graph].buckets)
+        except ValueError as e:  # BucketRunner's plain ValueError, e.g. a GPU provider asked for that does not load
+            self.close()
+            if isinstance(e, TridentError):
+                raise
+            raise InvalidArgumentError(str(e)) from None
         except BaseException:
             self.close()
             raise

@@ -8,6 +8,7 @@ runs where Triton is not).
 CARD = "trident_card"               # the model card as JSON (serving/card.py: ModelCard.to_json)
 FILES = "trident_onnx_files"         # JSON {bucket: file name in the version directory}
 RANGES = "trident_input_ranges"      # JSON {input name: {"low", "high", "hint"}}, valid is low <= x < high
+BUCKET_MODELS = "trident_bucket_models"  # container flavour: JSON {bucket: per-bucket model name} a front model calls
 UNET_IO = "trident_unet_io"          # loop model: JSON [sample, timestep, class_label, noise_pred] U-Net tensor names
 MAX_IMAGES = "trident_max_images"    # loop model: images per request
 THREADS = "intra_op_num_threads"     # ONNX Runtime threads of a whole call (0: its default)
