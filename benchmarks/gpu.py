@@ -108,10 +108,13 @@ def set_tf32(enabled: bool) -> None:
 
 
 def autocast(device: str, precision: str):
+    """bf16/fp16 autocast, or nothing. Without autocast's weight cache, which CUDA-graph capture must not use (the
+    cached casts are freed when the context exits, under a captured graph); each call enters its own context, so
+    eager calls never reuse the cache anyway."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device, dtype=dtype, cache_enabled=False) if dtype is not None else contextlib.nullcontext()
 
 
 def graphed(fn, device: str):

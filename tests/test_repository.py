@@ -28,8 +28,11 @@ from trident.serving.server.repository import (
     RepositoryError,
     build_repository,
     container_config,
+    container_loop_config,
     embedded_config,
+    front_config,
     main,
+    stand_in_config,
     to_pbtxt,
 )
 from trident.serving.server.runtime import ALLOWED_IMPORTS, MODEL_FILES, RUNTIME_FILES
@@ -153,9 +156,14 @@ def all_configs(metas) -> list[dict]:
         configs.append(embedded_config(graph, meta))
         configs.append(embedded_config(graph, meta, gpu=True, fp16=True, max_batch_size=16, max_queue_delay_us=100,
                                        intra_op_threads=2))
-        for n in meta["graphs"][graph]["buckets"]:
+        bucket_models = {n: f"{graph}_b{n}" for n in meta["graphs"][graph]["buckets"]}
+        for n in bucket_models:
             configs.append(container_config(graph, meta, n))
             configs.append(container_config(graph, meta, n, gpu=True, fp16=True))
+            configs.append(stand_in_config(graph, meta, n, gpu=True, fp16=True, intra_op_threads=1))
+        configs.append(front_config(graph, meta, bucket_models, max_batch_size=64, max_queue_delay_us=100))
+        if graph == UNET:
+            configs.append(container_loop_config(meta, bucket_models))
     return configs
 
 
@@ -301,6 +309,16 @@ def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export
         str(n): f"{UNET}_b{n}" for n in metas[UNET]["graphs"][UNET]["buckets"]}
     assert "trident_onnx_files" not in loop.parameters and not list((out / SAMPLING_LOOP / "1").glob("*.onnx"))
     assert json.loads((out / MARKER).read_text())["bucket_backend"] == "onnxruntime"
+
+
+def test_front_config_refuses_per_bucket_models_that_do_not_cover_the_buckets_or_a_batch_below_one(metas):
+    meta = metas["vae_decoder"]
+    with pytest.raises(RepositoryError, match=r"per-bucket models \[1\] do not match the buckets \[1, 4\]"):
+        front_config("vae_decoder", meta, {1: "vae_decoder_b1"})
+    with pytest.raises(RepositoryError, match="max_batch_size must be >= 1"):
+        front_config("vae_decoder", meta, {1: "a", 4: "b"}, max_batch_size=0)
+    with pytest.raises(RepositoryError, match="bucket_backend must be one of"):
+        build_repository([], Path("unused"), flavour="container", bucket_backend="tensorrt")
 
 
 def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
