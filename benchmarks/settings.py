@@ -11,6 +11,8 @@
     TRIDENT_BENCH_CHECKPOINTS=DIR  folder holding {diffusion,gan,vae}/model.safetensors (default: ./checkpoints)
     TRIDENT_BENCH_EXPORTS=D1:D2    ready `trident export` folders to use instead of exporting the checkpoints
     TRIDENT_BENCH_WORK=DIR         export cache and repository folder (default: ./.trident)
+    TRIDENT_BENCH_QUALITY_GATE=F   the quality gate's verdicts `--precision auto` reads (default:
+                                   benchmarks/results/precision_gate.json)
 
 Pure Python: no torch, no transport, so the report can import it.
 """
@@ -49,6 +51,7 @@ class BenchSettings:
     checkpoints: Path = ROOT / "checkpoints"
     exports: tuple[Path, ...] = ()
     work: Path = ROOT / ".trident"
+    quality_gate: Path = ROOT / "benchmarks" / "results" / "precision_gate.json"
     guidance: float = 3.0
     # sizes of the numbered items
     cfg_batches: tuple[int, ...] = (1, 4, 16)
@@ -101,7 +104,9 @@ def from_env(env=None, *, smoke: bool | None = None) -> BenchSettings:
     exports = tuple(Path(p) for p in env.get("TRIDENT_BENCH_EXPORTS", "").split(os.pathsep) if p)
     base = dict(smoke=smoke, buckets=buckets, threads=max(1, int(threads)), device=device, protocol=protocol,
                 checkpoints=Path(env.get("TRIDENT_BENCH_CHECKPOINTS", ROOT / "checkpoints")), exports=exports,
-                work=Path(env.get("TRIDENT_BENCH_WORK", ROOT / ".trident")))
+                work=Path(env.get("TRIDENT_BENCH_WORK", ROOT / ".trident")),
+                quality_gate=Path(env.get("TRIDENT_BENCH_QUALITY_GATE",
+                                          ROOT / "benchmarks" / "results" / "precision_gate.json")))
     if not smoke:
         if device == "cuda":  # a GPU reaches its matmul peak only on large products
             return BenchSettings(**base, peak_sizes=(4096, 8192), peak_repeats=10)

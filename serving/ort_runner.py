@@ -3,7 +3,8 @@
 One class, BucketRunner, runs N rows through graphs exported at fixed batch sizes ("buckets"). Both the in-process
 backend (serving/client/backends.py) and the Triton Python-backend models (serving/server/runtime/) use it, so the two run
 the same code. `trident serve build` copies this file next to the model's model.py; it therefore imports only os,
-concurrent.futures, numpy and (when a runner is made) onnxruntime, so the client SDK can use plan_chunks without it.
+concurrent.futures, numpy and (when a runner is made) onnxruntime and ctypes, so the client SDK, and the container
+flavour's front models (which run the chunks on other Triton models: run_in_buckets), use it without onnxruntime.
 
 Chunks: the largest bucket while more rows remain than it holds, then the smallest bucket that holds the rest; the
 last chunk is zero-padded (zero is a valid timestep, class label and latent, and every served network treats rows
@@ -25,6 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# The shared library of each GPU provider, in onnxruntime/capi/ of an onnxruntime-gpu install.
+PROVIDER_LIBRARIES = {CUDA: "libonnxruntime_providers_cuda.so", "TensorrtExecutionProvider":
+                      "libonnxruntime_providers_tensorrt.so"}
 
 
 def available_cores() -> int:
@@ -49,6 +54,27 @@ def plan_chunks(n: int, buckets) -> list[tuple[int, int, int]]:
     return chunks
 
 
+def run_in_buckets(feed: dict, buckets, run_bucket, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
+    """Rows [start, stop) of feed ({name: array (n, ...)}) through fixed-batch graphs, chunk by chunk (plan_chunks):
+    run_bucket(bucket, {name: array (bucket, ...)}) -> [output (bucket, ...), ...]; the last chunk is zero-padded and
+    its padding dropped. Returns the outputs of the real rows, in run_bucket's order. BucketRunner runs its sessions
+    with this; the container flavour's front model (router_model.py) runs per-bucket Triton models."""
+    stop = len(next(iter(feed.values()))) if stop is None else stop
+    outs = None
+    for a, b, bucket in plan_chunks(stop - start, buckets):
+        part = {}
+        for name, array in feed.items():
+            rows = array[start + a:start + b]
+            if b - a < bucket:
+                rows = np.concatenate([rows, np.zeros((bucket - (b - a), *rows.shape[1:]), rows.dtype)])
+            part[name] = rows
+        results = run_bucket(bucket, part)
+        outs = outs or [[] for _ in results]
+        for k, out in enumerate(results):
+            outs[k].append(out[:b - a])
+    return [o[0] if len(o) == 1 else np.concatenate(o) for o in outs]
+
+
 def padded_rows(n: int, buckets) -> int:
     """Rows actually computed for n rows (the real ones plus padding)."""
     return sum(bucket for _, _, bucket in plan_chunks(n, buckets))
@@ -70,18 +96,58 @@ def plan_shards(n: int, shards: int, buckets) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def execution_providers(device: str, device_id: int = 0) -> tuple[list, str | None]:
-    """ONNX Runtime providers for a served model's `execution_provider` parameter ("cpu" or "cuda"), and a warning
-    when CUDA was asked for but this onnxruntime cannot run it (the model then serves on the CPU)."""
+def execution_providers(device: str, device_id: int = 0) -> list:
+    """ONNX Runtime providers for a served model's `execution_provider` parameter ("cpu" or "cuda").
+
+    No quiet CPU fallback: asked for CUDA, an onnxruntime without the CUDA provider is a ValueError naming what is
+    missing, and BucketRunner checks that the provider really loaded (ONNX Runtime itself only logs "Failed to create
+    CUDAExecutionProvider" and runs on the CPU).
+    """
     import onnxruntime as ort
 
+    if device == "cpu":
+        return [CPU]
     if device != "cuda":
-        return [CPU], None
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        return [CPU], (f"the CUDA execution provider was requested but this onnxruntime has only {available}; "
-                       "serving on CPU. Install onnxruntime-gpu to use the GPU.")
-    return [("CUDAExecutionProvider", {"device_id": int(device_id)}), CPU], None
+        raise ValueError(f"execution provider must be 'cpu' or 'cuda', got {device!r}")
+    if CUDA not in ort.get_available_providers():
+        raise ValueError(provider_missing(CUDA, f"this onnxruntime {ort.__version__} is built without it (it has "
+                                                f"{ort.get_available_providers()})"))
+    return [(CUDA, {"device_id": int(device_id)}), CPU]
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
+def provider_missing(provider: str, why: str) -> str:
+    """Why `provider` cannot run here, naming the shared library that is missing or does not load (its own error)."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    library = PROVIDER_LIBRARIES.get(provider, "")
+    path = os.path.join(os.path.dirname(ort.__file__), "capi", library)
+    if not library:
+        detail = ""
+    elif not os.path.isfile(path):
+        detail = f"{library} is not in {os.path.dirname(path)} (the CPU-only onnxruntime package)"
+    else:
+        try:
+            ctypes.CDLL(path)
+            detail = f"{library} loads, so a CUDA driver or device is missing (see ONNX Runtime's log above)"
+        except OSError as e:  # e.g. "libcublasLt.so.12: cannot open shared object file: No such file or directory"
+            detail = f"{library} does not load: {e}"
+    return (f"{provider} was requested but {why}{': ' + detail if detail else ''}. Install onnxruntime-gpu with the "
+            "CUDA and cuDNN libraries it needs (pip install 'onnxruntime-gpu[cuda,cudnn]'), or build for the CPU "
+            "(without --gpu); nothing falls back to the CPU quietly.")
+
+
+def check_providers(session, providers) -> None:
+    """Raise ValueError when the session does not run on the first provider asked for (ONNX Runtime skipped it)."""
+    wanted = _provider_name(providers[0])
+    got = session.get_providers()
+    if not got or got[0] != wanted:
+        raise ValueError(provider_missing(wanted, f"the session runs on {got}"))
 
 
 def session_options(threads: int):
@@ -139,6 +205,7 @@ class _OrtSession:
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(path, options, providers=providers)
+        check_providers(self.session, providers)  # a GPU that did not load is an error, not the CPU
 
     def inputs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         return [(i.name, tuple(i.shape), np.dtype(_NP_OF_ORT[i.type])) for i in self.session.get_inputs()]
@@ -194,7 +261,7 @@ class BucketRunner:
         if int(threads) < 0 or int(row_shards) < 0:
             raise ValueError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
         providers = list(providers or [CPU])
-        cpu_only = all((p[0] if isinstance(p, tuple) else p) == CPU for p in providers)
+        cpu_only = all(_provider_name(p) == CPU for p in providers)
         budget = int(threads) or available_cores()
         files = {int(b): str(path) for b, path in files.items()}
         self.buckets = sorted(files)
@@ -236,17 +303,8 @@ class BucketRunner:
                                                     for name, (shape, dtype) in zeros.items()})
 
     def _run_rows(self, sessions: dict, feed: dict, start: int, stop: int) -> list[np.ndarray]:
-        outs = [[] for _ in self.output_names]
-        for a, b, bucket in plan_chunks(stop - start, self.buckets):
-            part = {}
-            for name, array in feed.items():
-                rows = array[start + a:start + b]
-                if b - a < bucket:
-                    rows = np.concatenate([rows, np.zeros((bucket - (b - a), *rows.shape[1:]), rows.dtype)])
-                part[name] = rows
-            for k, out in enumerate(sessions[bucket].run(self.output_names, part)):
-                outs[k].append(out[:b - a])
-        return [o[0] if len(o) == 1 else np.concatenate(o) for o in outs]
+        return run_in_buckets(feed, self.buckets, lambda bucket, part: sessions[bucket].run(self.output_names, part),
+                              start, stop)
 
     def _shards(self, n: int) -> list[tuple[int, int]]:
         """Row shards for n rows: only where the whole call would run on onnxruntime buckets alone (a bucket chosen

@@ -11,7 +11,7 @@ import pytest
 
 from trident.benchmarks import metrics, report
 
-ITEMS = ("peak", "step", "cfg", "e2e", "loop", "peer", "concurrency", "oneshot")
+ITEMS = ("peak", "step", "cfg", "e2e", "loop", "peer", "concurrency", "oneshot", "precision", "precision-e2e", "memory")
 
 PROMETHEUS = """\
 # HELP nv_inference_count Number of inferences performed
@@ -56,7 +56,7 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
                TRIDENT_BENCH_EXPORTS=os.pathsep.join(str(d) for d in export_dirs.values()))
     env.pop("TRIDENT_BENCH_DEVICE", None)
     done = subprocess.run([sys.executable, "-m", "trident.benchmarks.run", "--smoke", "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
     data = json.loads((out / "latest.json").read_text())
@@ -64,7 +64,7 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
     assert measured == set(ITEMS), f"missing items: {set(ITEMS) - measured}"
     text = (out / "report.md").read_text()
     for heading in ("## Targets", "## 1. One U-Net step", "## 2. Batched CFG", "## 3. End-to-end", "### 3b. Where",
-                    "## 4. Peer", "## 5. Concurrent", "## 6. GAN"):
+                    "## 4. Peer", "## 5. Concurrent", "## 6. GAN", "## 7. Precision"):
         assert heading in text
     assert "**Smoke run**" in text and text.count("| n/a |") == 0
     assert "ORT, row shards off ms" in text and "row shards on vs off" in text  # the before/after of row shards

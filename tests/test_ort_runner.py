@@ -100,12 +100,39 @@ def test_runner_rejects_bad_settings(unet_files):
         BucketRunner(files, row_shards=-1)
 
 
-def test_execution_providers_fall_back_to_the_cpu_with_a_warning_when_cuda_is_missing():
-    import onnxruntime as ort
+# This machine's onnxruntime is the CPU build (no CUDA provider): asking it for CUDA must fail loudly, naming what is
+# missing, instead of running on the CPU as ONNX Runtime itself does. Where CUDA is available these cannot run.
+cpu_only = pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                              reason="needs an onnxruntime without the CUDA provider")
+expected_ort_warning = pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 
-    assert execution_providers("cpu") == (["CPUExecutionProvider"], None)
-    providers, warning = execution_providers("cuda", 1)
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert providers[0] == ("CUDAExecutionProvider", {"device_id": 1}) and warning is None
-    else:
-        assert providers == ["CPUExecutionProvider"] and "onnxruntime-gpu" in warning
+
+@cpu_only
+def test_execution_providers_refuse_cuda_naming_the_missing_library_when_onnxruntime_is_cpu_only():
+    assert execution_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match=r"CUDAExecutionProvider was requested but this onnxruntime .* is built "
+                                         r"without it.*libonnxruntime_providers_cuda\.so is not in .*onnxruntime-gpu"):
+        execution_providers("cuda", 1)
+    with pytest.raises(ValueError, match="must be 'cpu' or 'cuda'"):
+        execution_providers("gpu")
+
+
+@cpu_only
+@expected_ort_warning
+def test_bucket_runner_fails_instead_of_running_on_the_cpu_when_the_cuda_provider_does_not_load(unet_files):
+    files, spec = unet_files
+    # ONNX Runtime accepts this list, warns, and makes a CPU session; the runner must not serve from it
+    with pytest.raises(ValueError, match=r"CUDAExecutionProvider was requested but the session runs on "
+                                         r"\['CPUExecutionProvider'\]: libonnxruntime_providers_cuda\.so"):
+        BucketRunner(files, threads=1, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+@cpu_only
+@expected_ort_warning
+def test_in_process_backend_raises_invalid_argument_when_asked_for_a_gpu_it_does_not_have(export_dirs):
+    from trident.serving.client import TridentClient
+    from trident.serving.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="libonnxruntime_providers_cuda.so"):
+        TridentClient.from_onnx([export_dirs["vae"]], threads=1,
+                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"])

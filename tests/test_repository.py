@@ -28,11 +28,15 @@ from trident.serving.server.repository import (
     RepositoryError,
     build_repository,
     container_config,
+    container_loop_config,
     embedded_config,
+    front_config,
     main,
+    stand_in_config,
     to_pbtxt,
 )
-from trident.serving.server.runtime import ALLOWED_IMPORTS, RUNTIME_FILES
+from trident.serving.server.runtime import ALLOWED_IMPORTS, MODEL_FILES, RUNTIME_FILES
+from trident.serving.server.runtime.protocol import BUCKET_MODELS as BUCKET_MODELS_KEY
 from trident.serving.server.runtime.protocol import CARD as CARD_KEY
 from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, UNET, GraphSpec, TensorSpec,
                                   export_card, graph_spec_of)
@@ -152,9 +156,14 @@ def all_configs(metas) -> list[dict]:
         configs.append(embedded_config(graph, meta))
         configs.append(embedded_config(graph, meta, gpu=True, fp16=True, max_batch_size=16, max_queue_delay_us=100,
                                        intra_op_threads=2))
-        for n in meta["graphs"][graph]["buckets"]:
+        bucket_models = {n: f"{graph}_b{n}" for n in meta["graphs"][graph]["buckets"]}
+        for n in bucket_models:
             configs.append(container_config(graph, meta, n))
             configs.append(container_config(graph, meta, n, gpu=True, fp16=True))
+            configs.append(stand_in_config(graph, meta, n, gpu=True, fp16=True, intra_op_threads=1))
+        configs.append(front_config(graph, meta, bucket_models, max_batch_size=64, max_queue_delay_us=100))
+        if graph == UNET:
+            configs.append(container_loop_config(meta, bucket_models))
     return configs
 
 
@@ -244,21 +253,29 @@ def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_wh
 
 
 def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export_dirs, metas, tmp_path):
+    """The official container's layout, parsed back with Triton's own protobuf definition: per graph a native
+    onnxruntime model per bucket (checked against the ONNX file it serves) and a front model under the graph's name
+    that batches across clients and names those per-bucket models; the sampling loop model calls them too."""
     import onnx
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     out = tmp_path / "container_repository"
     names = build_repository(list(export_dirs.values()), out, flavour="container", gpu=True, fp16=True)
-    expected = sorted(f"{g}_b{n}" for g, meta in metas.items() for n in meta["graphs"][g]["buckets"])
-    assert names == expected
-    for name in names:
+    per_bucket = sorted(f"{g}_b{n}" for g, meta in metas.items() for n in meta["graphs"][g]["buckets"])
+    assert names == sorted((*per_bucket, *GRAPHS, SAMPLING_LOOP))
+
+    def parsed(name):
+        return text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+    for name in per_bucket:
         graph, bucket = name.rsplit("_b", 1)
-        config = text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        config = parsed(name)
         assert (config.name, config.backend, config.max_batch_size) == (name, "onnxruntime", 0)
         assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator
         assert [(a.name, dict(a.parameters)) for a in accelerator] == [("tensorrt", {"precision_mode": "FP16"})]
+        assert sorted(p.name for p in (out / name / "1").iterdir()) == ["model.onnx"]
         model_file = out / name / "1" / "model.onnx"
         recorded = metas[graph]["graphs"][graph]["fp32"][bucket]["sha256"]
         assert hashlib.sha256(model_file.read_bytes()).hexdigest() == recorded
@@ -270,9 +287,41 @@ def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export
                 triton = "TYPE_" + TensorSpec(v.name, np_dtype.name, ()).triton_dtype
                 assert model_config_pb2.DataType.Name(t.data_type) == triton, (name, v.name)
                 assert list(t.dims) == [d.dim_value for d in v.type.tensor_type.shape.dim], (name, v.name)
-        carried = ModelCard.from_json(config.parameters[CARD_KEY].string_value)
-        assert carried.buckets == {graph: tuple(metas[graph]["graphs"][graph]["buckets"])}
+        assert CARD_KEY not in config.parameters  # clients read the front model's card
         assert len(config.model_warmup) == 1 and config.model_warmup[0].batch_size == 1
+
+    for graph, meta in metas.items():
+        buckets = meta["graphs"][graph]["buckets"]
+        front = parsed(graph)
+        assert (front.backend, front.max_batch_size) == ("python", max(buckets))
+        assert list(front.dynamic_batching.preferred_batch_size) == buckets
+        assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in front.instance_group] == ["KIND_CPU"]
+        assert not front.model_warmup  # BLS is not available while the per-bucket models may still be loading
+        assert json.loads(front.parameters[BUCKET_MODELS_KEY].string_value) == {str(n): f"{graph}_b{n}"
+                                                                                 for n in buckets}
+        carried = ModelCard.from_json(front.parameters[CARD_KEY].string_value)
+        assert carried.buckets == {graph: tuple(buckets)}
+        # what the front model takes is what the embedded flavour's model of that graph takes
+        assert text_format.MessageToString(front.input[0]) == text_format.MessageToString(
+            text_format.Parse(to_pbtxt(embedded_config(graph, meta)), model_config_pb2.ModelConfig()).input[0])
+        assert sorted(p.name for p in (out / graph / "1").iterdir()) == sorted(("model.py", *RUNTIME_FILES))
+        assert (out / graph / "1" / "model.py").read_bytes() == MODEL_FILES["router"].read_bytes()
+    loop = parsed(SAMPLING_LOOP)
+    assert (out / SAMPLING_LOOP / "1" / "model.py").read_bytes() == MODEL_FILES["loop"].read_bytes()
+    assert json.loads(loop.parameters[BUCKET_MODELS_KEY].string_value) == {
+        str(n): f"{UNET}_b{n}" for n in metas[UNET]["graphs"][UNET]["buckets"]}
+    assert "trident_onnx_files" not in loop.parameters and not list((out / SAMPLING_LOOP / "1").glob("*.onnx"))
+    assert json.loads((out / MARKER).read_text())["bucket_backend"] == "onnxruntime"
+
+
+def test_front_config_refuses_per_bucket_models_that_do_not_cover_the_buckets_or_a_batch_below_one(metas):
+    meta = metas["vae_decoder"]
+    with pytest.raises(RepositoryError, match=r"per-bucket models \[1\] do not match the buckets \[1, 4\]"):
+        front_config("vae_decoder", meta, {1: "vae_decoder_b1"})
+    with pytest.raises(RepositoryError, match="max_batch_size must be >= 1"):
+        front_config("vae_decoder", meta, {1: "a", 4: "b"}, max_batch_size=0)
+    with pytest.raises(RepositoryError, match="bucket_backend must be one of"):
+        build_repository([], Path("unused"), flavour="container", bucket_backend="tensorrt")
 
 
 def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
@@ -292,10 +341,10 @@ def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
 def test_build_repository_writes_self_contained_models_when_embedded(repository, metas):
     assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, SAMPLING_LOOP))
     # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
+    # ctypes: ort_runner loads a GPU provider's library itself to name what it is missing
     allowed = {"json", "os", "sys", "concurrent", "threading", "numpy", "onnxruntime", "openvino",
-               "triton_python_backend_utils",
-               "ort_runner", "sampling", "card", "protocol", "__future__", "math", "time", "dataclasses",
-               "functools", "typing", "tqdm"}
+               "triton_python_backend_utils", "ort_runner", "sampling", "card", "protocol", "batching", "bls",
+               "__future__", "math", "time", "dataclasses", "functools", "typing", "tqdm", "ctypes"}
     assert ALLOWED_IMPORTS == allowed  # the rule the runtime folder states is the one checked here
     # every Python-backend model gets model.py and the one declared list of runtime files
     code = {graph: ("model.py", *RUNTIME_FILES) for graph in (*metas, SAMPLING_LOOP)}
@@ -353,10 +402,12 @@ def test_build_repository_raises_when_same_graph_exported_twice(export_dirs, tmp
 def test_main_builds_container_repository_and_exits_2_with_hint_when_export_missing(export_dirs, tmp_path, capsys):
     out = tmp_path / "repo"
     assert main(["--export", str(export_dirs["vae"]), "--out", str(out), "--flavour", "container"]) == 0
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["vae_decoder_b1", "vae_decoder_b4",
-                                                                    "vae_encoder_b1", "vae_encoder_b4"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["vae_decoder", "vae_decoder_b1", "vae_decoder_b4",
+                                                                    "vae_encoder", "vae_encoder_b1", "vae_encoder_b4"]
     assert main(["--export", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "run `trident export CHECKPOINT" in capsys.readouterr().err
+    assert main(["--export", str(export_dirs["vae"]), "--out", str(out), "--bucket-backend", "python"]) == 2
+    assert "an option of the container flavour" in capsys.readouterr().err
 
 
 def test_default_build_exports_once_then_reuses_cache_when_checkpoint_unchanged(checkpoints, tmp_path):
@@ -544,6 +595,28 @@ def infer(protocol: str, url: str, spec: GraphSpec, arrays: list[np.ndarray], wi
 
 def url(served: Served, protocol: str) -> str:
     return served.server.http_url if protocol == "http" else served.server.grpc_url
+
+
+@pytest.mark.server
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="needs an onnxruntime without the CUDA provider")
+def test_served_model_refuses_to_load_naming_the_missing_library_when_cuda_is_asked_of_a_cpu_onnxruntime(
+        export_dirs, tmp_path):
+    """`--gpu` where onnxruntime is the CPU build: the model must fail to load, not serve from the CPU. This machine
+    has no GPU, and Triton refuses a KIND_GPU instance before model.py runs, so the instances are moved to the CPU
+    in the written configs (the one thing mocked); the models still ask ONNX Runtime for CUDA."""
+    from trident.serving.server.launcher import ServerConfig, TritonServer, TritonServerError
+
+    repo = tmp_path / "model_repository"
+    build_repository([export_dirs["vae"]], repo, gpu=True, intra_op_threads=1)
+    for config in repo.glob("*/config.pbtxt"):
+        assert 'string_value: "cuda"' in config.read_text()
+        config.write_text(config.read_text().replace("KIND_GPU", "KIND_CPU"))
+    with pytest.raises(TritonServerError) as failure:
+        with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)):
+            pass
+    message = str(failure.value)
+    assert "CUDAExecutionProvider was requested" in message and "libonnxruntime_providers_cuda.so" in message, message
 
 
 @pytest.mark.server

@@ -147,6 +147,11 @@ class OnnxRuntimeBackend(InProcess):
                                                        engines={b: precisions.VARIANTS[v][1]
                                                                 for b, v in variant_of.items()})
                     self.buckets[graph] = tuple(self.runners[graph].buckets)
+        except ValueError as e:  # BucketRunner's plain ValueError, e.g. a GPU provider asked for that does not load
+            self.close()
+            if isinstance(e, TridentError):
+                raise
+            raise InvalidArgumentError(str(e)) from None
         except BaseException:
             self.close()
             raise

@@ -545,7 +545,7 @@ class TritonServer:
             return (
                 f"Backends available in {backends}: {available}. The tritonserver bundled with nvidia-pytriton has "
                 "only the Python backend: host ONNX Runtime inside a Python-backend model.py, or run in the Triton "
-                "container.\n"
+                "container. A container-flavour repository built with `--bucket-backend python` serves here.\n"
             )
         if any("already in use" in line for line in errors):
             return "Another process holds that port: choose other ports or pass 0 (--free-ports) to pick free ones.\n"

@@ -1,6 +1,7 @@
 """Export directories -> a Triton model repository.
 
-`trident serve build --export DIR [DIR ...] --out model_repository [--flavour embedded|container] [--gpu] [--fp16]`
+`trident serve build --export DIR [DIR ...] --out model_repository [--flavour embedded|container] [--gpu] [--fp16]
+                    [--bucket-backend onnxruntime|python]`
 
 Two flavours of the same exported graphs:
 
@@ -11,11 +12,18 @@ embedded (default)  For the tritonserver bundled with nvidia-pytriton, which has
                     diffusion export, also `diffusion_sampler`: the whole sampling loop on the server (serving/server/
                     runtime/loop_model.py), one request per batch of images (`--no-server-loop` leaves it out).
                     Self-contained: the repository also runs in a Triton container where trident is not installed.
-container           For the official Triton container's native onnxruntime backend. One model per (graph, bucket),
-                    e.g. diffusion_unet_b8, `max_batch_size: 0` with the full static shape, `1/model.onnx`;
-                    `--gpu --fp16` adds the TensorRT FP16 accelerator.
+container           For the official Triton container. Per graph: one native onnxruntime model per bucket
+                    (diffusion_unet_b8, ...: `max_batch_size: 0` with the full static shape, `1/model.onnx`; `--gpu`
+                    runs it on CUDA, `--gpu --fp16` adds the TensorRT FP16 accelerator), and a front model under the
+                    graph's own name (serving/server/runtime/router_model.py, Python backend, numpy only) with
+                    `max_batch_size` > 0 and the dynamic batcher: it gathers requests across clients, pads them to the
+                    smallest bucket (or splits them over the largest) and runs them on the per-bucket models through
+                    BLS. With a diffusion export, also `diffusion_sampler`, its U-Net calls going through BLS too.
+                    Clients see the same names, tensors and model cards as in the embedded flavour.
+                    `--bucket-backend python` serves the per-bucket models with graph_model.py instead (a Triton with
+                    only the Python backend, such as the one `trident serve` runs: how the tests serve this layout).
 
-Every model's `parameters` carry the model card (serving/card.py) as one JSON parameter, `trident_card`, so a client
+Every model a client calls carries the model card (serving/card.py) as one JSON parameter, `trident_card`, so a client
 discovers everything from the server; the other parameters are what the model's own model.py reads (keys in
 serving/server/runtime/protocol.py).
 
@@ -42,20 +50,27 @@ from trident.serving.spec import (GRAPHS_OF_KIND, SAMPLING_LOOP, UNET, GraphSpec
                                   graph_spec_of, load_export_metadata, loop_spec)
 
 __all__ = [
+    "BUCKET_BACKENDS",
     "FLAVOURS",
     "RepositoryError",
     "build_repository",
     "container_config",
+    "container_loop_config",
     "card_parameters",
+    "front_config",
     "embedded_config",
     "input_ranges",
     "loop_config",
     "main",
     "plan_repository",
+    "stand_in_config",
     "to_pbtxt",
 ]
 
 FLAVOURS = ("embedded", "container")
+# The container flavour's per-bucket models: native onnxruntime (the official container), or graph_model.py on the
+# Python backend standing in for it (a Triton with the Python backend only, e.g. the one `trident serve` runs).
+BUCKET_BACKENDS = ("onnxruntime", "python")
 DEFAULT_LOOP_MAX_IMAGES = 1024  # images per request of the sampling loop model
 VERSION = "1"  # the one model version directory written
 MARKER = "trident_repository.json"  # written at the root; Triton only looks at sub-directories
@@ -257,7 +272,8 @@ def loop_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_t
 
 def container_config(graph: str, meta: dict, bucket: int, *, gpu: bool = False, fp16: bool = False,
                      intra_op_threads: int = 0) -> dict:
-    """onnxruntime-backend model of one graph at one static batch size (the official Triton container)."""
+    """onnxruntime-backend model of one graph at one static batch size (the official Triton container): what the
+    graph's front model (front_config) calls through BLS. It carries no model card: clients read the front's."""
     spec, entry = _graph(meta, graph)
     buckets = sorted(int(b) for b in entry["buckets"])
     if bucket not in buckets:
@@ -273,7 +289,7 @@ def container_config(graph: str, meta: dict, bucket: int, *, gpu: bool = False, 
         "output": [_static_io(t, bucket) for t in spec.outputs],
         "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}],
         "model_warmup": [_warmup("zeros", 1, inputs)],  # a non-batching model warms up with batch_size 1
-        "parameters": _parameters({**card_parameters(meta, graph), P.ORT_BACKEND_THREADS: str(int(intra_op_threads))}),
+        "parameters": _parameters({P.ORT_BACKEND_THREADS: str(int(intra_op_threads))}),
     }
     if fp16:
         # TensorRT builds the FP16 engine from the fp32 graph (its own casts beat the fp16 graph's edge casts).
@@ -284,6 +300,64 @@ def container_config(graph: str, meta: dict, bucket: int, *, gpu: bool = False, 
 
 def container_model_name(graph: str, bucket: int) -> str:
     return f"{graph}_b{bucket}"
+
+
+def stand_in_config(graph: str, meta: dict, bucket: int, *, gpu: bool = False, fp16: bool = False,
+                    intra_op_threads: int = 0) -> dict:
+    """A per-bucket model on the Python backend instead of the native onnxruntime one (`--bucket-backend python`):
+    the same name, tensors and static shapes as container_config, run by graph_model.py over the bucket's one ONNX
+    file. The container layout then serves in a Triton with only the Python backend (the one `trident serve` runs),
+    which is how the tests serve it."""
+    _, entry = _graph(meta, graph)
+    config = container_config(graph, meta, bucket, gpu=gpu, intra_op_threads=intra_op_threads)
+    runtime = _bucket_runner_parameters(graph, entry, _choice(graph, {**entry, "buckets": [bucket]}, None, fp16),
+                                        gpu=gpu, intra_op_threads=intra_op_threads, row_shards=1)
+    return {**config, "backend": "python", "parameters": _parameters(runtime)}
+
+
+def front_config(graph: str, meta: dict, bucket_models: dict[int, str], *, max_batch_size: int | None = None,
+                 max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US) -> dict:
+    """The container flavour's front model of one graph (serving/server/runtime/router_model.py): the graph's own name
+    and tensors as the embedded flavour serves them, max_batch_size > 0 and the dynamic batcher, so requests from
+    different clients meet in one execution, which runs them on the per-bucket models through BLS.
+
+    It advertises what a client reads (the model card with this graph's buckets, as every trident model does) and
+    what its model.py reads (the valid input ranges; trident_bucket_models: {bucket: model name}). No model_warmup:
+    a warm-up request would reach the per-bucket models through BLS before Triton has necessarily loaded them; they
+    warm up on their own. The instance runs numpy only, so it sits on the CPU whatever the per-bucket models use.
+    """
+    spec, entry = _graph(meta, graph)
+    buckets = sorted(int(b) for b in entry["buckets"])
+    if sorted(int(b) for b in bucket_models) != buckets:
+        raise RepositoryError(f"{graph}: per-bucket models {sorted(bucket_models)} do not match the buckets {buckets}")
+    max_batch_size = buckets[-1] if max_batch_size is None else int(max_batch_size)
+    if max_batch_size < 1:
+        raise RepositoryError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    return {
+        "name": graph,
+        "backend": "python",
+        "max_batch_size": max_batch_size,
+        "input": [_batched_io(t) for t in spec.inputs],
+        "output": [_batched_io(t) for t in spec.outputs],
+        "dynamic_batching": {"preferred_batch_size": [n for n in buckets if n <= max_batch_size],
+                             "max_queue_delay_microseconds": int(max_queue_delay_us)},
+        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+        "parameters": _parameters({**card_parameters(meta, graph),
+                                   P.RANGES: json.dumps(input_ranges(spec, _card(meta))),
+                                   P.BUCKET_MODELS: json.dumps({str(n): bucket_models[n] for n in buckets})}),
+    }
+
+
+def container_loop_config(meta: dict, bucket_models: dict[int, str], *,
+                          max_images: int = DEFAULT_LOOP_MAX_IMAGES) -> dict:
+    """The sampling loop model of the container flavour: loop_model.py with the U-Net's per-bucket models (BLS)
+    instead of its own ONNX Runtime sessions, so Triton's Python needs numpy only. On the CPU: the U-Net runs in
+    the per-bucket models, wherever they are."""
+    config = loop_config(meta, max_images=max_images)
+    keep = {P.CARD, P.UNET_IO, P.MAX_IMAGES}
+    return {**config, "instance_group": [{"kind": "KIND_CPU", "count": 1}], "parameters": {
+        **{key: value for key, value in config["parameters"].items() if key in keep},
+        P.BUCKET_MODELS: {"string_value": json.dumps({str(n): name for n, name in sorted(bucket_models.items())})}}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,13 +433,18 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                     max_batch_size: int | None = None, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                     intra_op_threads: int = 0, row_shards: int = 0, server_loop: bool = True,
                     precision_choice: str = "fp32", quality_gate: Path | None = None, log=None,
-                    records: dict | None = None) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
+                    records: dict | None = None, bucket_backend: str = "onnxruntime"
+                    ) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
     """[(config, {file name in the version dir: (source path, sha256)})] for every model; writes nothing.
 
     precision_choice: "fp32" (onnxruntime-fp32, today's default), a variant of serving/precision.py for every bucket,
     or "auto": measured here per graph and bucket (the record of each graph's trial goes into `records`)."""
     if flavour not in FLAVOURS:
         raise RepositoryError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    if bucket_backend not in BUCKET_BACKENDS:
+        raise RepositoryError(f"bucket_backend must be one of {BUCKET_BACKENDS}, got {bucket_backend!r}")
+    if bucket_backend != "onnxruntime" and flavour != "container":
+        raise RepositoryError("bucket_backend (--bucket-backend) is an option of the container flavour")
     if fp16 and not gpu:
         raise RepositoryError("fp16 graphs are for the GPU path: pass --gpu with --fp16")
     precision_choice = {"fp32": precision.REFERENCE, "fp16": "onnxruntime-fp16"}.get(precision_choice,
@@ -414,12 +493,33 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                     plan.append((loop_config(meta, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads,
                                              row_shards=row_shards, choice=choice), dict(files)))
             else:
-                for n in entry["buckets"]:
-                    # TensorRT FP16 starts from the fp32 graph (see container_config).
-                    file = entry["fp32"][str(n)]
-                    config = container_config(graph, meta, int(n), gpu=gpu, fp16=fp16,
-                                              intra_op_threads=intra_op_threads)
-                    plan.append((config, {"model.onnx": (directory / file["file"], file["sha256"])}))
+                plan += _plan_container(graph, meta, directory, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
+                                        max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
+                                        server_loop=server_loop, bucket_backend=bucket_backend)
+    return plan
+
+
+def _plan_container(graph: str, meta: dict, directory: Path, *, gpu: bool, fp16: bool, max_batch_size: int | None,
+                    max_queue_delay_us: int, intra_op_threads: int, server_loop: bool, bucket_backend: str
+                    ) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
+    """One graph in the container flavour: a model per bucket, the front model over them, and (U-Net) the loop."""
+    _, entry = _graph(meta, graph)
+    plan, bucket_models = [], {}
+    for n in (int(b) for b in entry["buckets"]):
+        if bucket_backend == "onnxruntime":
+            file = entry["fp32"][str(n)]  # TensorRT FP16 starts from the fp32 graph (see container_config)
+            config = container_config(graph, meta, n, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads)
+            files = {"model.onnx": (directory / file["file"], file["sha256"])}
+        else:
+            file = entry["fp16" if fp16 else "fp32"][str(n)]
+            config = stand_in_config(graph, meta, n, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads)
+            files = {Path(file["file"]).name: (directory / file["file"], file["sha256"])}
+        plan.append((config, files))
+        bucket_models[n] = config["name"]
+    plan.append((front_config(graph, meta, bucket_models, max_batch_size=max_batch_size,
+                              max_queue_delay_us=max_queue_delay_us), {}))
+    if graph == UNET and server_loop:
+        plan.append((container_loop_config(meta, bucket_models), {}))
     return plan
 
 
@@ -441,6 +541,13 @@ def _copy_checked(source: Path, destination: Path, sha256: str) -> None:
 KEPT = ("README.md",)  # a repository's own notes survive a rebuild
 
 
+def _model_file(config: dict) -> Path:
+    """The runtime file a Python-backend model runs as its model.py."""
+    if config["name"] == SAMPLING_LOOP:
+        return MODEL_FILES["loop"]
+    return MODEL_FILES["router" if P.BUCKET_MODELS in config["parameters"] else "graph"]
+
+
 def _check_replaceable(out: Path) -> None:
     foreign = out.is_dir() and any(p.name not in KEPT for p in out.iterdir()) and not (out / MARKER).is_file()
     if out.exists() and (not out.is_dir() or foreign):
@@ -452,7 +559,7 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
                      fp16: bool = False, max_batch_size: int | None = None,
                      max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 0,
                      row_shards: int = 0, server_loop: bool = True, precision_choice: str = "fp32",
-                     quality_gate: Path | None = None, log=None) -> list[str]:
+                     quality_gate: Path | None = None, log=None, bucket_backend: str = "onnxruntime") -> list[str]:
     """Write a Triton model repository for these export directories into `out` (replaced atomically).
 
     Returns the model names, sorted. See the module docstring for the two flavours, serving/precision.py for
@@ -463,7 +570,7 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
     plan = plan_repository(export_dirs, flavour, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
                            max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
                            row_shards=row_shards, server_loop=server_loop, precision_choice=precision_choice,
-                           quality_gate=quality_gate, log=log, records=records)
+                           quality_gate=quality_gate, log=log, records=records, bucket_backend=bucket_backend)
     _check_replaceable(out)
     with atomic_directory(out) as tmp:  # the old repository is removed only once the new one is complete
         for name in KEPT:
@@ -476,13 +583,13 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
             for name, (source, sha256) in files.items():
                 _copy_checked(source, version / name, sha256)
             if config["backend"] == "python":
-                model = MODEL_FILES["loop" if config["name"] == SAMPLING_LOOP else "graph"]
-                shutil.copyfile(model, version / "model.py")
+                shutil.copyfile(_model_file(config), version / "model.py")
                 for name, source in RUNTIME_FILES.items():
                     shutil.copyfile(source, version / name)
         names = sorted(config["name"] for config, _ in plan)
+        container = {"bucket_backend": bucket_backend} if flavour == "container" else {}
         (tmp / MARKER).write_text(json.dumps({
-            "flavour": flavour, "models": names, "gpu": gpu, "fp16": fp16,
+            "flavour": flavour, "models": names, "gpu": gpu, "fp16": fp16, **container,
             "exports": sorted(Path(d).name for d in export_dirs), "precision": records}, indent=2) + "\n")
     return names
 
@@ -511,12 +618,17 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--quality-gate", type=Path, default=DEFAULT_QUALITY_GATE,
                    help="with --precision auto: the quality gate's verdicts (`trident evaluate --precision-gate`); "
                         f"default {DEFAULT_QUALITY_GATE}")
-    p.add_argument("--max-batch-size", type=int, default=None, help="embedded: default the largest bucket")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="the dynamically batched models (embedded: each graph's; container: each front model): rows "
+                        "per execution, default the largest bucket")
     p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US,
-                   help="embedded: how long the dynamic batcher waits to fill a bucket")
+                   help="how long the dynamic batcher waits to fill a bucket")
+    p.add_argument("--bucket-backend", choices=BUCKET_BACKENDS, default="onnxruntime",
+                   help="container: the per-bucket models' backend; python runs them in graph_model.py, so the "
+                        "container layout serves in a Triton with the Python backend only (trident serve)")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="embedded: ONNX Runtime threads of a whole batch (0: its default, one per physical core); "
-                        "container: the onnxruntime backend's intra_op_thread_count")
+                        "container: each per-bucket model's (the onnxruntime backend's intra_op_thread_count)")
     p.add_argument("--no-server-loop", "--no-sampler", dest="server_loop", action="store_false",
                    help="embedded: leave out the sampling loop model (diffusion_sampler)")
     p.add_argument("--row-shards", type=int, default=0,
@@ -530,7 +642,7 @@ def main(argv=None) -> int:
     options = dict(flavour=args.flavour, gpu=args.gpu, fp16=args.fp16, max_batch_size=args.max_batch_size,
                    max_queue_delay_us=args.max_queue_delay_us, intra_op_threads=args.intra_op_threads,
                    row_shards=args.row_shards, server_loop=args.server_loop, precision_choice=args.precision,
-                   quality_gate=args.quality_gate, log=print)
+                   quality_gate=args.quality_gate, log=print, bucket_backend=args.bucket_backend)
     try:
         if args.export is None:  # export the checkpoints first (torch): through the one seam to export/
             toolchain.resolve("default_build")(args.checkpoints, args.out, **options)

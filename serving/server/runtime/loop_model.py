@@ -8,6 +8,8 @@ A request carries what TridentClient.sample takes (class labels, seed, steps, gu
 spec.loop_spec); the model runs sampling.sample_progressive with the U-Net called in-process through
 ort_runner.BucketRunner (the same code as the diffusion_unet model and the client's in-process backend), and answers
 the last step's x_0 estimate. The client loop pays one request per step; this pays one per batch of images.
+In the container flavour the U-Net runs on its per-bucket models instead, through BLS (bls.BucketModels): no
+onnxruntime needed in Triton's Python.
 Requests of one execute() call run one after another; a bad one gets an error response, the others go on.
 """
 
@@ -22,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol as P  # noqa: E402  (siblings copied in by `trident serve build`)
 import sampling  # noqa: E402
+from bls import BucketModels  # noqa: E402
 from card import ModelCard  # noqa: E402
 from ort_runner import BucketRunner, execution_providers  # noqa: E402
 from protocol import InvalidRequest, error_response  # noqa: E402
@@ -43,15 +46,16 @@ class TritonPythonModel:
         (self.labels_in, self.seed_in, self.steps_in, self.guidance_in, self.eta_in, self.sampler_in, self.spacing_in,
          self.max_seconds_in) = [t["name"] for t in config["input"]]
 
-        providers, warning = execution_providers(params.get(P.PROVIDER, "cpu"),
-                                                 int(args.get("model_instance_device_id", "0")))
-        if warning:
-            pb_utils.Logger.log_warn(f"{self.name}: {warning}")
-        directory = os.path.join(args["model_repository"], args["model_version"])
-        files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P.FILES]).items()}
-        self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
-                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
-                                   engines=json.loads(params.get(P.ENGINES, "{}")))
+        if P.BUCKET_MODELS in params:  # container flavour: the U-Net's per-bucket models, through BLS
+            self.runner = BucketModels(json.loads(params[P.BUCKET_MODELS]), [self.eps_name])
+        else:  # no CPU fallback: a GPU provider that is missing or does not load fails the load, naming the library
+            providers = execution_providers(params.get(P.PROVIDER, "cpu"),
+                                            int(args.get("model_instance_device_id", "0")))
+            directory = os.path.join(args["model_repository"], args["model_version"])
+            files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P.FILES]).items()}
+            self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
+                                       row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
+                                       engines=json.loads(params.get(P.ENGINES, "{}")))
         self.runner.warm()  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
 
     def _eps(self, x, t, y):

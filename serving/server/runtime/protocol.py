@@ -10,6 +10,7 @@ FILES = "trident_onnx_files"         # JSON {bucket: file name in the version di
 ENGINES = "trident_engines"          # JSON {bucket: ort_runner engine}: onnxruntime, openvino-f32 or openvino-bf16
 PRECISION = "trident_precision"      # JSON {bucket: variant} (serving/precision.py): what the build chose
 RANGES = "trident_input_ranges"      # JSON {input name: {"low", "high", "hint"}}, valid is low <= x < high
+BUCKET_MODELS = "trident_bucket_models"  # container flavour: JSON {bucket: per-bucket model name} a front model calls
 UNET_IO = "trident_unet_io"          # loop model: JSON [sample, timestep, class_label, noise_pred] U-Net tensor names
 MAX_IMAGES = "trident_max_images"    # loop model: images per request
 THREADS = "intra_op_num_threads"     # ONNX Runtime threads of a whole call (0: its default)
