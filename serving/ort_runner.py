@@ -150,13 +150,31 @@ def check_providers(session, providers) -> None:
         raise ValueError(provider_missing(wanted, f"the session runs on {got}"))
 
 
-def session_options(threads: int):
+_SHARED_ARENA = []  # the process-wide CPU arena, registered once (onnxruntime refuses a second registration)
+
+
+def _shared_cpu_arena() -> None:
+    """Register one CPU memory arena for the whole process. Each session otherwise keeps an arena of its own at the
+    peak of its bucket's activations, for good: the U-Net's sessions held 404 MB after one call of every size up to
+    64 rows on their own arenas, 266 MB on the shared one, at the same speed (9 interleaved rounds, 1-32 rows)."""
+    import onnxruntime as ort
+
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # defaults: unlimited, doubling
+        _SHARED_ARENA.append(info)
+
+
+def session_options(threads: int, shared_arena: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = int(threads)  # 0: ONNX Runtime's default, one per physical core
     options.inter_op_num_threads = 1
+    if shared_arena:  # CPU allocations from the process's one arena (_shared_cpu_arena)
+        _shared_cpu_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     return options
 
 
@@ -271,7 +289,7 @@ class BucketRunner:
             raise ValueError(f"unknown engines {unknown}; expected one of {ENGINES}")
         if not cpu_only and any(e != "onnxruntime" for e in self.engines.values()):
             raise ValueError("the OpenVINO engines run on the CPU; use onnxruntime with a GPU execution provider")
-        whole = session_options(threads)
+        whole = session_options(threads, shared_arena=cpu_only)
         self.sessions = _Sessions(lambda b: _OrtSession(files[b], whole, providers)
                                   if self.engines[b] == "onnxruntime"
                                   else _OpenVinoSession(files[b], self.engines[b].split("-")[1], threads), self.buckets)
@@ -280,7 +298,7 @@ class BucketRunner:
         self.row_shards = (int(row_shards) or (budget if cpu_only else 1)) if ort_buckets else 1
         self.shard_sessions, self._pool = None, None
         if self.row_shards > 1:
-            per_shard = session_options(max(1, budget // self.row_shards))
+            per_shard = session_options(max(1, budget // self.row_shards), shared_arena=cpu_only)
             self.shard_sessions = _Sessions(lambda b: _OrtSession(files[b], per_shard, providers), ort_buckets)
             self._pool = ThreadPoolExecutor(self.row_shards, thread_name_prefix="ort-shard")
 

@@ -40,7 +40,8 @@ class TritonPythonModel:
         self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
                                    row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
                                    engines=json.loads(params.get(P.ENGINES, "{}")))
-        self.runner.warm()  # the sessions calls of each bucket's size use, before the model reports ready
+        if not config.get("model_warmup"):  # else Triton's warm-up requests warm the same sessions, on the thread
+            self.runner.warm()              # that serves (ONNX Runtime keeps per-thread buffers: not twice)
         self.buckets = self.runner.buckets
         # Per-item shapes as the graphs see them (after Triton's reshape: a [1] scalar in the config is () here).
         item_shapes = self.runner.input_shapes()
