@@ -388,14 +388,35 @@ def make_sampler(name: str, schedule: NoiseSchedule, **options):
 # Classifier-free guidance
 # ----------------------------------------------------------------------------------------------------------------
 
-def _call_model(model: EpsModel, x: np.ndarray, t: int, y: np.ndarray) -> np.ndarray:
-    n = x.shape[0]
-    out = model(x.astype(np.float32), np.full((n,), t, dtype=np.float32), y.astype(np.int64))
-    out = np.asarray(out, dtype=np.float64)
-    if out.shape != x.shape:
-        raise ValueError(f"model returned shape {out.shape} for input of shape {x.shape}; "
+def cfg_model_input(x, t: int, labels, guidance: float, null_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one model call a guided step needs: (x float32 [N, C, H, W], t float32 [N], y int64 [N]).
+
+    labels None: N = B rows with y = null_class (unconditional). guidance 1: the B conditional rows. Otherwise the
+    stacked batch [x; x] with y = [labels; null], N = 2B, as diffusers' DiT pipeline; cfg_combine splits the answer.
+    """
+    x = np.asarray(x, dtype=np.float64)  # [B, C, H, W]
+    b = x.shape[0]
+    null = np.full((b,), null_class, dtype=np.int64)
+    if labels is None:
+        y = null
+    elif guidance == 1:
+        y = np.asarray(labels, dtype=np.int64).reshape(b)
+    else:
+        x, y = np.concatenate([x, x]), np.concatenate([np.asarray(labels, dtype=np.int64).reshape(b), null])
+    return x.astype(np.float32), np.full((len(x),), t, dtype=np.float32), y
+
+
+def cfg_combine(model_output, model_x: np.ndarray, labels, guidance: float) -> np.ndarray:
+    """The guided eps from the answer to cfg_model_input's call: uncond + guidance * (cond - uncond), float64."""
+    out = np.asarray(model_output, dtype=np.float64)
+    if out.shape != model_x.shape:
+        raise ValueError(f"model returned shape {out.shape} for input of shape {model_x.shape}; "
                          f"expected eps of the same shape")
-    return out
+    if labels is None or guidance == 1:
+        return out
+    b = len(out) // 2
+    cond, uncond = out[:b], out[b:]  # [B, C, H, W] each
+    return uncond + guidance * (cond - uncond)
 
 
 def cfg_eps(model: EpsModel, x, t: int, labels, guidance: float, null_class: int) -> np.ndarray:
@@ -404,17 +425,8 @@ def cfg_eps(model: EpsModel, x, t: int, labels, guidance: float, null_class: int
     labels None: unconditional, one call with y = null_class. guidance 1: one call on the conditional batch.
     Otherwise one call on the stacked batch [x; x] with y = [labels; null], as diffusers' DiT pipeline.
     """
-    x = np.asarray(x, dtype=np.float64)  # [B, C, H, W]
-    b = x.shape[0]
-    if labels is None:
-        return _call_model(model, x, t, np.full((b,), null_class, dtype=np.int64))
-    labels = np.asarray(labels, dtype=np.int64).reshape(b)
-    if guidance == 1:
-        return _call_model(model, x, t, labels)
-    both = _call_model(model, np.concatenate([x, x]), t,
-                       np.concatenate([labels, np.full((b,), null_class, dtype=np.int64)]))  # [2B, C, H, W]
-    cond, uncond = both[:b], both[b:]
-    return uncond + guidance * (cond - uncond)
+    xs, ts, ys = cfg_model_input(x, t, labels, guidance, null_class)  # [N, C, H, W], N = B or 2B
+    return cfg_combine(model(xs, ts, ys), xs, labels, guidance)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,16 +465,77 @@ def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
     return int(v)
 
 
-def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
-                       steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
-                       spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
-                       callback: Callable | None = None, progress: bool = False,
-                       clip_sample: bool | None = None,
-                       sampler_options: dict | None = None) -> Iterator[SamplingStep]:
-    """Like `sample`, but yields a SamplingStep after every step (previews, progress), as guided-diffusion's
-    p_sample_loop_progressive. Arguments are checked here, before the generator starts and before any model call.
-    sampler_options: further keyword options of the sampler (see make_sampler), e.g. DDIM's
-    use_clipped_model_output=False to run DDIM as diffusers does by default."""
+class SamplingLoop:
+    """One sampling run as a state machine without I/O: it names the model call the next step needs and takes the
+    answer (the sans-I/O pattern). Every driver runs the same steps: sample_progressive calls a model function, the
+    asyncio client awaits a Triton request per step (serving/client/aio.py).
+
+        loop = sampling_loop(shape, labels, schedule=..., null_class=...)   # every argument checked here
+        while not loop.done:
+            x, t, y = loop.model_input()            # one call per step ([cond; null] stacked under guidance)
+            step = loop.advance(model(x, t, y))     # the SamplingStep; the callback may raise SamplingCancelled
+    """
+
+    def __init__(self, shape, labels, solver, guidance: float, null_class: int, callback=None, progress=False):
+        self.labels, self.solver, self.guidance, self.null_class = labels, solver, guidance, null_class
+        self.callback, self.progress = callback, progress
+        self.x = solver.rng.standard_normal(shape)  # x_T ~ N(0, I), float64 [B, C, H, W]
+        self.index = 0  # steps done
+        self.num_steps = len(solver.timesteps)
+        self._asked: np.ndarray | None = None  # the x of the model call asked for and not yet answered
+        self._bar = None
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.num_steps
+
+    @property
+    def t(self) -> int:
+        """The timestep of the next step."""
+        return int(self.solver.timesteps[self.index])
+
+    def model_input(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x float32 [N, C, H, W], t float32 [N], y int64 [N]) of the next step's one model call."""
+        if self.done:
+            raise ValueError(f"all {self.num_steps} steps are done")
+        if self.progress and self._bar is None and self.index == 0:
+            self._bar = _progress_bar(self.num_steps, self.solver.name)
+        x, t, y = cfg_model_input(self.x, self.t, self.labels, self.guidance, self.null_class)
+        self._asked = x
+        return x, t, y
+
+    def advance(self, model_output) -> SamplingStep:
+        """Take the answer to model_input()'s call and make the step."""
+        if self._asked is None:
+            raise ValueError("call model_input() before advance(): each step answers the call it asked for")
+        eps = cfg_combine(model_output, self._asked, self.labels, self.guidance)
+        self._asked = None
+        i, t = self.index, self.t
+        out = self.solver.step(eps, t, self.x)
+        self.x = out.prev_sample
+        self.index += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            if self.done:
+                self.close()
+        if self.callback is not None and self.callback(i, t, self.x, out.pred_original_sample) is False:
+            self.close()
+            raise SamplingCancelled(i, t)
+        return SamplingStep(i, self.num_steps, t, self.x, out.pred_original_sample)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m", steps: int = 20,
+                  guidance: float = 3.0, null_class: int, eta: float = 0.0, spacing: str | None = None,
+                  seed: int | None = None, rng: np.random.Generator | None = None, callback: Callable | None = None,
+                  progress: bool = False, clip_sample: bool | None = None,
+                  sampler_options: dict | None = None) -> SamplingLoop:
+    """A SamplingLoop over these arguments, every one checked here (ValueError naming it) before any model call.
+    The arguments are sample_progressive's, without the model."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not isinstance(schedule, NoiseSchedule):
@@ -509,27 +582,32 @@ def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSc
     except TypeError as e:  # an option this sampler does not have
         raise ValueError(f"sampler_options {sorted(options)} do not fit sampler {sampler!r}: {e}") from None
     solver.set_timesteps(steps, spacing=spacing)  # validates spacing and the steps/spacing combination
-    return _sample_loop(model, shape, labels, solver, guidance, null_class, callback, progress)
+    return SamplingLoop(shape, labels, solver, guidance, null_class, callback, progress)
 
 
-def _sample_loop(model, shape, labels, solver, guidance, null_class, callback, progress):
-    x = solver.rng.standard_normal(shape)  # x_T ~ N(0, I), float64 [B, C, H, W]
-    n = len(solver.timesteps)
-    bar = _progress_bar(n, solver.name) if progress else None
+def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
+                       steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
+                       spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
+                       callback: Callable | None = None, progress: bool = False,
+                       clip_sample: bool | None = None,
+                       sampler_options: dict | None = None) -> Iterator[SamplingStep]:
+    """Like `sample`, but yields a SamplingStep after every step (previews, progress), as guided-diffusion's
+    p_sample_loop_progressive. Arguments are checked here, before the generator starts and before any model call.
+    sampler_options: further keyword options of the sampler (see make_sampler), e.g. DDIM's
+    use_clipped_model_output=False to run DDIM as diffusers does by default."""
+    loop = sampling_loop(shape, labels, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance,
+                         null_class=null_class, eta=eta, spacing=spacing, seed=seed, rng=rng, callback=callback,
+                         progress=progress, clip_sample=clip_sample, sampler_options=sampler_options)
+    return drive(model, loop)
+
+
+def drive(model: EpsModel, loop: SamplingLoop) -> Iterator[SamplingStep]:
+    """Run a SamplingLoop with a model function, one call per step, yielding each step."""
     try:
-        for i, t in enumerate(solver.timesteps):
-            t = int(t)
-            eps = cfg_eps(model, x, t, labels, guidance, null_class)
-            out = solver.step(eps, t, x)
-            x = out.prev_sample
-            if bar is not None:
-                bar.update(1)
-            if callback is not None and callback(i, t, x, out.pred_original_sample) is False:
-                raise SamplingCancelled(i, t)
-            yield SamplingStep(i, n, t, x, out.pred_original_sample)
+        while not loop.done:
+            yield loop.advance(model(*loop.model_input()))
     finally:
-        if bar is not None:
-            bar.close()
+        loop.close()
 
 
 def last_estimate(steps: Iterator[SamplingStep]) -> np.ndarray:

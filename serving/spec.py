@@ -25,6 +25,10 @@ GRAPHS_OF_KIND = {"diffusion": (UNET,), "gan": (GENERATOR,), "vae": (DECODER, EN
 # graphs, one request per batch of images (serving/server/runtime/loop_model.py). Its Triton name predates the word
 # "sampling loop" and stays for compatibility with deployed repositories and clients.
 SAMPLING_LOOP = "diffusion_sampler"
+# The same loop as a decoupled model: over a gRPC stream it answers each step (index, timestep, optionally the x_0
+# preview) and then the images. Triton's HTTP /infer refuses decoupled models, so SAMPLING_LOOP keeps the
+# one-response request that any HTTP client can send; this one loads its U-Net sessions on its first request.
+SAMPLING_LOOP_STREAM = "diffusion_sampler_stream"
 KIND_OF_GRAPH = {g: k for k, gs in GRAPHS_OF_KIND.items() for g in gs}
 
 DEFAULT_BUCKETS = {UNET: (1, 2, 4, 8, 16, 32), GENERATOR: (1, 8, 32), DECODER: (1, 8, 32), ENCODER: (1, 8, 32)}
@@ -102,29 +106,37 @@ def graph_spec(graph: str, image_shape: tuple[int, int, int], latent_dim: int | 
     raise ValueError(f"unknown graph {graph!r}; expected one of {sorted(KIND_OF_GRAPH)}")
 
 
-def loop_spec(image_shape: tuple[int, int, int]) -> GraphSpec:
+def loop_spec(image_shape: tuple[int, int, int], stream: bool = False) -> GraphSpec:
     """I/O of the server-side sampling loop. Triton does not batch it (max_batch_size 0), so shapes are whole
     tensors, -1 = any length. One request draws N images with the client's sampler arguments; class labels all equal
-    to the null class mean unconditional."""
+    to the null class mean unconditional. stream: the decoupled model (SAMPLING_LOOP_STREAM), whose progress
+    responses carry step and timestep (and preview every preview_every steps) and whose last response the image."""
     img = tuple(int(s) for s in image_shape)
-    return GraphSpec(SAMPLING_LOOP,
-                     inputs=(TensorSpec("class_label", "int64", (-1,)),   # N labels in [0, null_class]
-                             TensorSpec("seed", "int64", (1,)),           # initial and step noise
-                             TensorSpec("steps", "int64", (1,)),
-                             TensorSpec("guidance", "float64", (1,)),     # 1: no guidance (float64, as the
-                             TensorSpec("eta", "float64", (1,)),          # client loop uses); eta: DDIM only
-                             TensorSpec("sampler", "bytes", (1,)),        # "ddpm", "ddim" or "dpmpp-2m"
-                             TensorSpec("spacing", "bytes", (1,)),        # "" = the sampler's default
-                             # stop (with an error) once the loop has run this long: the client's timeout, since
-                             # an HTTP client that gives up does not cancel the request; left out or 0 = no limit
-                             TensorSpec("max_seconds", "float64", (1,), optional=True)),
-                     outputs=(TensorSpec("image", "float32", (-1, *img)),))  # x_0 estimate, float in value_range
+    inputs = (TensorSpec("class_label", "int64", (-1,)),   # N labels in [0, null_class]
+              TensorSpec("seed", "int64", (1,)),           # initial and step noise
+              TensorSpec("steps", "int64", (1,)),
+              TensorSpec("guidance", "float64", (1,)),     # 1: no guidance (float64, as the
+              TensorSpec("eta", "float64", (1,)),          # client loop uses); eta: DDIM only
+              TensorSpec("sampler", "bytes", (1,)),        # "ddpm", "ddim" or "dpmpp-2m"
+              TensorSpec("spacing", "bytes", (1,)),        # "" = the sampler's default
+              # stop (with an error) once the loop has run this long: the client's timeout, since
+              # an HTTP client that gives up does not cancel the request; left out or 0 = no limit
+              TensorSpec("max_seconds", "float64", (1,), optional=True))
+    outputs = (TensorSpec("image", "float32", (-1, *img)),)  # x_0 estimate, float in value_range
+    if not stream:
+        return GraphSpec(SAMPLING_LOOP, inputs, outputs)
+    return GraphSpec(SAMPLING_LOOP_STREAM,
+                     inputs=(*inputs, TensorSpec("preview_every", "int64", (1,), optional=True)),  # 0/absent: none
+                     outputs=(*outputs,
+                              TensorSpec("step", "int64", (1,)),              # 0-based index of the step just done
+                              TensorSpec("timestep", "int64", (1,)),          # the timestep it evaluated the U-Net at
+                              TensorSpec("preview", "float32", (-1, *img))))  # that step's x_0 estimate
 
 
 def graph_spec_of(graph: str, card: ModelCard) -> GraphSpec:
     """The spec of a graph (or of the sampling loop model) of the model a card describes."""
-    if graph == SAMPLING_LOOP:
-        return loop_spec(card.image.shape)
+    if graph in (SAMPLING_LOOP, SAMPLING_LOOP_STREAM):
+        return loop_spec(card.image.shape, stream=graph == SAMPLING_LOOP_STREAM)
     return graph_spec(graph, card.image.shape, card.latent_dim)
 
 

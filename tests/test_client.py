@@ -117,8 +117,11 @@ def test_server_loop_draws_what_the_client_loop_draws_in_one_request(triton_clie
 
 @pytest.mark.server
 def test_server_loop_rejects_bad_arguments_and_keeps_serving(triton_client, server):
-    with pytest.raises(InvalidArgumentError, match="progress and callback need loop='client'"):
-        triton_client.sample([1], steps=2, loop="server", callback=lambda *a: True)
+    if triton_client.backend.protocol == "http":  # progress streams, and Triton streams over gRPC only
+        with pytest.raises(InvalidArgumentError, match="loop='server' need a gRPC client"):
+            triton_client.sample([1], steps=2, loop="server", callback=lambda *a: True)
+    with pytest.raises(InvalidArgumentError, match=re.escape("preview_every must be an integer in [0, steps=2]")):
+        triton_client.sample([1], steps=2, loop="server", preview_every=3)
     with pytest.raises(InvalidArgumentError, match="loop must be one of"):
         triton_client.sample([1], steps=2, loop="elsewhere")
     with pytest.raises(InvalidArgumentError, match=re.escape("seed must be an integer in [0, 2**63)")):
@@ -163,6 +166,82 @@ def test_server_loop_stops_when_the_client_stops_waiting(server, protocol):
         t0 = time.monotonic()
         assert client.sample([1], steps=2, loop="server").shape == (1, 28, 28, 1)
         assert time.monotonic() - t0 < 30, "the abandoned loop kept the sampler busy"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The streamed server-side loop (diffusion_sampler_stream, gRPC): progress, previews and cancel with loop="server"
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with TridentClient.connect(server.grpc_url, "grpc") as c:
+        yield c
+
+
+@pytest.mark.server
+def test_streamed_server_loop_reports_every_step_and_draws_what_the_unary_loop_draws(grpc_client, ort_client):
+    kw = dict(classes=["sneaker", "bag", 0], sampler="ddim", steps=5, eta=0.5, seed=11, raw=True)
+    seen = []
+    streamed = grpc_client.sample(**kw, loop="server", progress=True, preview_every=2,
+                                  callback=lambda i, t, x, x0: seen.append((i, t, x, x0)))
+    assert grpc_client.last_stats.calls == 1  # one request, many answers
+    solver = sampling.make_sampler("ddim", sampling.NoiseSchedule.from_dict(grpc_client.card("diffusion").schedule))
+    solver.set_timesteps(5)
+    assert [(i, t) for i, t, _, _ in seen] == list(enumerate(solver.timesteps.tolist()))
+    assert all(x is None for _, _, x, _ in seen)  # the sample stays on the server
+    previews = [x0 for _, _, _, x0 in seen]
+    assert [p is not None for p in previews] == [False, True, False, True, False]  # every 2nd step
+    assert previews[1].shape == (3, 1, 28, 28) and np.abs(previews[1]).max() <= 1 + 1e-6
+    # the preview of a step is that step's x0 estimate: the client loop's callback sees the same
+    client_x0 = []
+    ort_client.sample(**kw, callback=lambda i, t, x, x0: client_x0.append(x0))
+    np.testing.assert_allclose(previews[3], client_x0[3], atol=1e-4)
+    np.testing.assert_allclose(streamed, grpc_client.sample(**kw, loop="server"), atol=1e-6)
+    np.testing.assert_allclose(streamed, ort_client.sample(**kw), atol=1e-4)
+
+
+@pytest.mark.server
+def test_streamed_server_loop_stops_on_the_server_when_the_callback_returns_false(grpc_client):
+    """Cancel by returning False, as with the client loop: SamplingCancelled here, and the loop (a DDPM-1000 of 8
+    images, ~2 min on this machine) stops on the server, so the next streamed request starts at once."""
+    seen = []
+    with pytest.raises(sampling.SamplingCancelled) as cancelled:
+        grpc_client.sample(list(np.arange(8) % 10), sampler="ddpm", steps=1000, loop="server",
+                           callback=lambda i, t, x, x0: seen.append(i) or i < 2)
+    assert cancelled.value.index == 2 and seen == [0, 1, 2]
+    first = []
+    t0 = time.monotonic()
+    grpc_client.sample([1], steps=3, loop="server", callback=lambda i, *a: first.append(time.monotonic() - t0))
+    assert first[0] < 30, "the cancelled loop kept the streaming model busy"
+
+
+@pytest.mark.server
+def test_streamed_server_loop_rejects_bad_arguments_and_keeps_serving(grpc_client):
+    backend = grpc_client.backend
+    good = {"class_label": np.array([1, 2], np.int64), "seed": np.array([0], np.int64),
+            "steps": np.array([2], np.int64), "guidance": np.array([3.0], np.float64),
+            "eta": np.array([0.0], np.float64), "sampler": np.array([b"ddim"], dtype=object),
+            "spacing": np.array([b""], dtype=object)}
+    bad = {"preview_every must be in [0, steps=2]": {"preview_every": np.array([-1], np.int64)},
+           "guidance must be a finite number >= 0 and <= 50": {"guidance": np.array([np.inf], np.float64)},
+           "sampler must be one of": {"sampler": np.array([b"euler"], dtype=object)}}
+    for message, change in bad.items():
+        steps = []
+        with pytest.raises(InferenceError, match=re.escape(message)):
+            backend.run_loop({**good, **change}, on_step=lambda *step: steps.append(step))
+        assert steps == []  # refused before the first step
+    steps = []
+    assert backend.run_loop(good, on_step=lambda *step: steps.append(step)).shape == (2, 1, 28, 28)
+    assert [s[0] for s in steps] == [0, 1]
+
+
+@pytest.mark.server
+def test_plain_http_clients_keep_the_one_response_model_and_the_stream_says_grpc(server):
+    """Triton's HTTP /infer refuses decoupled models: the documented request goes to diffusion_sampler (tested
+    above); the same body sent to the streaming model is refused with Triton's own reason."""
+    status, answer = post_json(server.http_url, "/v2/models/diffusion_sampler_stream/infer",
+                               documented_sampler_request())
+    assert status == 501 and "decoupled" in answer["error"], answer  # 501 Not Implemented
 
 
 # ---------------------------------------------------------------------------------------------------------------

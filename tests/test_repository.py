@@ -38,10 +38,11 @@ from trident.serving.server.repository import (
 from trident.serving.server.runtime import ALLOWED_IMPORTS, MODEL_FILES, RUNTIME_FILES
 from trident.serving.server.runtime.protocol import BUCKET_MODELS as BUCKET_MODELS_KEY
 from trident.serving.server.runtime.protocol import CARD as CARD_KEY
-from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, UNET, GraphSpec, TensorSpec,
-                                  export_card, graph_spec_of)
+from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET,
+                                  GraphSpec, TensorSpec, export_card, graph_spec_of)
 
 GRAPHS = tuple(KIND_OF_GRAPH)
+LOOPS = (SAMPLING_LOOP, SAMPLING_LOOP_STREAM)  # the sampling loop models: one response, and streaming
 # The served repository lets one execute() hold two largest buckets, so requests above the largest bucket (and
 # dynamic batches of several requests) go through the chunking path.
 SERVED_MAX_BATCH = 8
@@ -339,7 +340,7 @@ def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
 
 
 def test_build_repository_writes_self_contained_models_when_embedded(repository, metas):
-    assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, SAMPLING_LOOP))
+    assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, *LOOPS))
     # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
     # ctypes: ort_runner loads a GPU provider's library itself to name what it is missing
     allowed = {"json", "os", "sys", "concurrent", "threading", "numpy", "onnxruntime", "openvino",
@@ -347,11 +348,11 @@ def test_build_repository_writes_self_contained_models_when_embedded(repository,
                "__future__", "math", "time", "dataclasses", "functools", "typing", "tqdm", "ctypes"}
     assert ALLOWED_IMPORTS == allowed  # the rule the runtime folder states is the one checked here
     # every Python-backend model gets model.py and the one declared list of runtime files
-    code = {graph: ("model.py", *RUNTIME_FILES) for graph in (*metas, SAMPLING_LOOP)}
+    code = {graph: ("model.py", *RUNTIME_FILES) for graph in (*metas, *LOOPS)}
     for graph, files in code.items():
         meta = metas.get(graph, metas[UNET])
         version = repository / graph / "1"
-        graph_entry = meta["graphs"][UNET if graph == SAMPLING_LOOP else graph]
+        graph_entry = meta["graphs"][UNET if graph in LOOPS else graph]
         for n in graph_entry["buckets"]:
             entry = graph_entry["fp32"][str(n)]
             assert hashlib.sha256((version / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
@@ -623,8 +624,8 @@ def test_served_model_refuses_to_load_naming_the_missing_library_when_cuda_is_as
 def test_server_reports_every_model_ready_when_repository_built(served):
     with triton_client("http", served.server.http_url) as client:
         assert client.is_server_ready()
-        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted((*GRAPHS, SAMPLING_LOOP))
-        assert all(client.is_model_ready(graph) for graph in (*GRAPHS, SAMPLING_LOOP))
+        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted((*GRAPHS, *LOOPS))
+        assert all(client.is_model_ready(graph) for graph in (*GRAPHS, *LOOPS))
 
 
 @pytest.mark.server

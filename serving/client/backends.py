@@ -10,6 +10,7 @@ All tensor names come from trident.serving.spec. No module here imports torch.
 from __future__ import annotations
 
 import os
+import queue
 import random
 import socket
 import time
@@ -23,9 +24,12 @@ from ..card import ModelCard
 from ..errors import InferenceError, InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
 from .. import precision as precisions
 from ..ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
-from ..spec import KIND_OF_GRAPH, SAMPLING_LOOP, GraphSpec, export_card, graph_spec_of, load_export_metadata
+from ..sampling import SamplingCancelled
+from ..spec import (KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, GraphSpec, export_card, graph_spec_of,
+                    load_export_metadata)
 from ..server.runtime.protocol import CARD as CARD_PARAMETER
 from ..server.runtime.protocol import MAX_IMAGES as MAX_IMAGES_PARAMETER
+from ..server.runtime.protocol import SHUTTING_DOWN
 
 __all__ = ["Backend", "ServerLoop", "OnnxRuntimeBackend", "TritonBackend", "check_inputs", "TridentError",
            "ServerUnreachableError", "ModelNotReadyError", "InvalidArgumentError", "InferenceError"]
@@ -48,8 +52,10 @@ class Backend(Protocol):
     run(graph, inputs)          {tensor name: array (N, ...)} -> {tensor name: array (N, ...)} for any N >= 1
     close()
     server_loop                 the sampling loop model the backend can call (a ServerLoop), or None
-    require_server_loop()       server_loop, or the typed error that says why there is none
-    run_loop(feed)              one request to that loop (inputs as spec.loop_spec): the images
+    require_server_loop(stream) server_loop (stream: the streaming one), or the typed error that says why there is none
+    run_loop(feed, on_step)     one request to that loop (inputs as spec.loop_spec): the images; with on_step, the
+                                streaming loop, calling on_step(index, timestep, preview or None) at each step (an
+                                exception from it, e.g. SamplingCancelled, cancels the request and propagates)
     """
 
     name: str
@@ -60,9 +66,9 @@ class Backend(Protocol):
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def require_server_loop(self) -> ServerLoop: ...
+    def require_server_loop(self, stream: bool = False) -> ServerLoop: ...
 
-    def run_loop(self, feed: dict[str, np.ndarray]) -> np.ndarray: ...
+    def run_loop(self, feed: dict[str, np.ndarray], on_step=None) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -74,11 +80,11 @@ class InProcess:
     name = "in-process"
     server_loop: ServerLoop | None = None
 
-    def require_server_loop(self) -> ServerLoop:
+    def require_server_loop(self, stream: bool = False) -> ServerLoop:
         raise InvalidArgumentError(f"loop='server' needs a Triton server; this client runs {self.name} in-process "
                                    "(use loop='client')")
 
-    def run_loop(self, feed):
+    def run_loop(self, feed, on_step=None):
         self.require_server_loop()
 
 
@@ -183,9 +189,15 @@ def _is_transient(exc: Exception) -> bool:
     status = str(getattr(exc, "status", lambda: "")() or "").lower()
     # tritonclient.http (geventhttpclient) reports a connection reset while awaiting the answer as
     # HTTPConnectionClosed("connection closed."), an http.client.HTTPException, not a ConnectionError.
+    # tritonclient.http.aio (aiohttp) reports a server that went away as ServerDisconnectedError("Server
+    # disconnected"), which is not an OSError either.
     return any(s in text or s in status for s in ("unavailable", "deadline", "timed out", "timeout",
                                                     "connection reset", "connection refused", "broken pipe",
-                                                    "connection closed"))
+                                                    "connection closed", "disconnected"))
+
+
+def _is_timeout(text: str) -> bool:
+    return any(s in text.lower() for s in ("deadline", "timed out", "timeout"))
 
 
 def _model_gone(exc: Exception) -> bool:
@@ -193,6 +205,75 @@ def _model_gone(exc: Exception) -> bool:
     SIGTERM, answering "Request for unknown model: ... has no available versions") or an operator unloaded it."""
     text = str(exc).lower()
     return "unknown model" in text or "no available versions" in text
+
+
+def _detail(e: Exception) -> str:
+    return e.message() if hasattr(e, "message") and callable(e.message) else f"{type(e).__name__}: {e}"
+
+
+def rejected(graph: str, e: Exception) -> InferenceError:
+    return InferenceError(f"{graph}: the server rejected the request: {_detail(e)}")
+
+
+def lost(url: str, graph: str, e: Exception, live: bool) -> TridentError:
+    """The error for a request that failed because the server or the model went away: ServerUnreachableError when
+    the server no longer answers (killed, or shutting down), else ModelNotReadyError (unloaded)."""
+    if not live:
+        return ServerUnreachableError(url, f"{graph}: {_detail(e)}")
+    return ModelNotReadyError(f"model {graph!r} on {url} stopped serving: {_detail(e)}")
+
+
+def loop_failure(e: Exception, url: str, graph: str, sample_timeout_s: float) -> TridentError | None:
+    """The error for a failed request to a sampling loop model, or None when the server or the model went away (the
+    caller asks the server whether it is still live, then raises lost())."""
+    from tritonclient.utils import InferenceServerException
+
+    text = _detail(e)
+    if SHUTTING_DOWN in text:  # the loop stopped at the launcher's stop file (runtime/protocol.py)
+        return ServerUnreachableError(url, text)
+    if _is_timeout(text) or isinstance(e, (TimeoutError, socket.timeout)):
+        return InferenceError(f"{graph}: no answer within sample_timeout_s={sample_timeout_s:g} s ({text}); ask for "
+                              "fewer images or steps, or raise the timeout")
+    if isinstance(e, InferenceServerException):  # the server's own errors, and gRPC's status codes
+        return None if _is_transient(e) or _model_gone(e) else rejected(graph, e)
+    return ServerUnreachableError(url, text)
+
+
+def infer_inputs(tc, protocol: str, spec: GraphSpec, feed: dict[str, np.ndarray], batched: bool = True) -> list:
+    """The InferInput objects of a request (tc: the tritonclient module, sync or asyncio: they share the classes)."""
+    inputs = []
+    for t in spec.inputs:
+        if t.optional and t.name not in feed:
+            continue
+        a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype)
+        if batched:
+            # Per-item scalars (timestep, class_label) travel as (N, 1): Triton needs non-empty dims when
+            # max_batch_size > 0; the model config reshapes them back to (N,).
+            a = a.reshape(len(a), *(t.shape or (1,)))
+        inp = tc.InferInput(t.name, list(a.shape), t.triton_dtype)
+        if protocol == "http":
+            inp.set_data_from_numpy(a, binary_data=True)
+        else:
+            inp.set_data_from_numpy(a)
+        inputs.append(inp)
+    return inputs
+
+
+def requested_outputs(tc, protocol: str, spec: GraphSpec) -> list:
+    if protocol == "http":
+        return [tc.InferRequestedOutput(t.name, binary_data=True) for t in spec.outputs]
+    return [tc.InferRequestedOutput(t.name) for t in spec.outputs]
+
+
+def stream_message(result, spec: GraphSpec) -> tuple[np.ndarray | None, tuple | None]:
+    """One response of the streaming loop model: (images, None) for the last one, else (None, (index, timestep,
+    preview or None))."""
+    image, step, timestep, preview = (result.as_numpy(t.name) for t in spec.outputs)
+    if image is not None:
+        return image, None
+    if step is None or timestep is None:
+        raise InferenceError(f"{spec.name}: a response without image, step or timestep")
+    return None, (int(step.reshape(-1)[0]), int(timestep.reshape(-1)[0]), preview)
 
 
 class TritonBackend:
@@ -216,6 +297,7 @@ class TritonBackend:
         self.sample_timeout_s = float(sample_timeout_s)
         self.server_loop: ServerLoop | None = None  # when the server runs the sampling loop model
         self.server_loop_missing = f"the server at {url} does not serve {SAMPLING_LOOP!r}"  # why server_loop is None
+        self.stream_loop: ServerLoop | None = None  # the streaming one (diffusion_sampler_stream), gRPC only
         self._long_client = None  # HTTP only: a client whose network timeout fits a whole sampling request
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         if protocol == "http":
@@ -306,6 +388,10 @@ class TritonBackend:
                                          f"({served[SAMPLING_LOOP] or 'no state'}); see the server log")
             params, _, card = self._config(SAMPLING_LOOP)
             self.server_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP, card), int(params[MAX_IMAGES_PARAMETER]))
+            if SAMPLING_LOOP_STREAM in served and self._client.is_model_ready(SAMPLING_LOOP_STREAM, **self._call_kw):
+                params, _, card = self._config(SAMPLING_LOOP_STREAM)
+                self.stream_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP_STREAM, card),
+                                              int(params[MAX_IMAGES_PARAMETER]))
         except ModelNotReadyError as e:
             if required:
                 raise
@@ -321,67 +407,78 @@ class TritonBackend:
         tc = self._tc
         client = client or self._client
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        inputs = []
-        for t in spec.inputs:
-            if t.optional and t.name not in feed:
-                continue
-            a = np.ascontiguousarray(feed[t.name], dtype=t.np_dtype)
-            if batched:
-                # Per-item scalars (timestep, class_label) travel as (N, 1): Triton needs non-empty dims when
-                # max_batch_size > 0; the model config reshapes them back to (N,).
-                a = a.reshape(len(a), *(t.shape or (1,)))
-            inp = tc.InferInput(t.name, list(a.shape), t.triton_dtype)
-            if self.protocol == "http":
-                inp.set_data_from_numpy(a, binary_data=True)
-            else:
-                inp.set_data_from_numpy(a)
-            inputs.append(inp)
+        inputs = infer_inputs(tc, self.protocol, spec, feed, batched)
+        outputs = requested_outputs(tc, self.protocol, spec)
         if self.protocol == "http":
-            outputs = [tc.InferRequestedOutput(t.name, binary_data=True) for t in spec.outputs]
             res = client.infer(graph, inputs, outputs=outputs, timeout=int(timeout_s * 1e6))
         else:
-            outputs = [tc.InferRequestedOutput(t.name) for t in spec.outputs]
             res = client.infer(graph, inputs, outputs=outputs, client_timeout=timeout_s)
         return [res.as_numpy(t.name) for t in spec.outputs]
 
-    def require_server_loop(self) -> ServerLoop:
+    def require_server_loop(self, stream: bool = False) -> ServerLoop:
         if self.server_loop is None:
             raise ModelNotReadyError(f"{self.server_loop_missing}; or use loop='client'")
-        return self.server_loop
+        if not stream:
+            return self.server_loop
+        if self.protocol != "grpc":
+            raise InvalidArgumentError("progress and callback with loop='server' need a gRPC client (the loop streams "
+                                       "its steps, which Triton does only over gRPC): connect with protocol='grpc', "
+                                       "or use loop='client'")
+        if self.stream_loop is None:
+            raise ModelNotReadyError(f"the server at {self.url} has no ready {SAMPLING_LOOP_STREAM!r} model, so the "
+                                     "server-side loop cannot report progress; rebuild the repository with `trident "
+                                     "serve build`, or drop progress and callback, or use loop='client'")
+        return self.stream_loop
 
-    def run_loop(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        """One request to the sampling loop model (inputs as spec.loop_spec): the images, float32.
+    def run_loop(self, feed: dict[str, np.ndarray], on_step=None) -> np.ndarray:
+        """One request to the sampling loop model (inputs as spec.loop_spec): the images, float32. With on_step, to
+        the streaming one (see the Backend protocol).
 
         Not retried (a retry would redo the whole loop); waits up to sample_timeout_s."""
-        from tritonclient.utils import InferenceServerException
-
-        spec = self.require_server_loop().spec
-        client = self._client
-        if self.protocol == "http":  # the HTTP client's network timeout is fixed per connection
-            if self._long_client is None:
-                self._long_client = self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
-                                                                   network_timeout=self.sample_timeout_s)
-            client = self._long_client
-
-        def timed_out(detail) -> InferenceError:
-            return InferenceError(f"{SAMPLING_LOOP}: no answer within sample_timeout_s={self.sample_timeout_s:g} s "
-                                  f"({detail}); ask for fewer images or steps, or raise the timeout")
-
+        loop = self.require_server_loop(stream=on_step is not None)
         try:
-            return self._infer_once(SAMPLING_LOOP, spec, feed, batched=False, client=client,
+            if on_step is not None:
+                return self._stream_loop(loop.spec, feed, on_step)
+            client = self._client
+            if self.protocol == "http":  # the HTTP client's network timeout is fixed per connection
+                if self._long_client is None:
+                    self._long_client = self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
+                                                                       network_timeout=self.sample_timeout_s)
+                client = self._long_client
+            return self._infer_once(loop.spec.name, loop.spec, feed, batched=False, client=client,
                                     timeout_s=self.sample_timeout_s)[0]
-        except InferenceServerException as e:  # gRPC deadlines arrive here; so do the server's own errors
-            if any(s in str(e).lower() for s in ("deadline", "timed out", "timeout")):
-                raise timed_out(e.message()) from None
-            if _is_transient(e) or _model_gone(e):
-                raise self._lost(SAMPLING_LOOP, e) from None
-            raise InferenceError(f"{SAMPLING_LOOP}: the server rejected the request: {e.message()}") from None
-        except Exception as e:  # HTTP: socket.timeout / TimeoutError (or a wrapped one) from the network timeout
-            text = f"{type(e).__name__}: {e}"
-            if isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in text.lower() \
-                    or "timeout" in text.lower():
-                raise timed_out(text) from None
-            raise ServerUnreachableError(self.url, text) from None
+        except (SamplingCancelled, TridentError):
+            raise
+        except Exception as e:  # gRPC deadlines, the server's errors, HTTP socket timeouts, a server gone
+            error = loop_failure(e, self.url, loop.spec.name, self.sample_timeout_s)
+            raise (error or self._lost(loop.spec.name, e)) from None
+
+    def _stream_loop(self, spec: GraphSpec, feed: dict[str, np.ndarray], on_step) -> np.ndarray:
+        """gRPC bidirectional stream: one request, a response per step, the images last. Left early (a callback that
+        says stop, a timeout), the stream is closed with cancel_requests=True, so the loop stops on the server too.
+        Not after the last answer: a cancellation that crosses the final response left Triton 2.51 unable to unload
+        the streaming model at shutdown (seen 1 run in 4 of a stopped server; 0 in 6 since)."""
+        answers: queue.Queue = queue.Queue()
+        self._client.start_stream(callback=lambda result, error: answers.put((result, error)),
+                                  stream_timeout=self.sample_timeout_s)
+        finished = False  # the server sent its last answer (images or error): nothing left to cancel
+        try:
+            self._client.async_stream_infer(spec.name, infer_inputs(self._tc, "grpc", spec, feed, batched=False))
+            while True:
+                try:
+                    result, error = answers.get(timeout=self.sample_timeout_s + self.timeout_s)
+                except queue.Empty:  # the stream's own deadline should have answered first
+                    raise TimeoutError("the stream went silent") from None
+                if error is not None:
+                    finished = True
+                    raise error
+                images, step = stream_message(result, spec)
+                if images is not None:
+                    finished = True
+                    return images
+                on_step(*step)
+        finally:
+            self._client.stop_stream(cancel_requests=not finished)
 
     def _server_live(self) -> bool:
         try:
@@ -390,12 +487,7 @@ class TritonBackend:
             return False
 
     def _lost(self, graph: str, e: Exception) -> TridentError:
-        """The error for a request that failed because the server or the model went away: ServerUnreachableError
-        when the server no longer answers (killed, or shutting down), else ModelNotReadyError (unloaded)."""
-        detail = e.message() if hasattr(e, "message") else f"{type(e).__name__}: {e}"
-        if not self._server_live():
-            return ServerUnreachableError(self.url, f"{graph}: {detail}")
-        return ModelNotReadyError(f"model {graph!r} on {self.url} stopped serving: {detail}")
+        return lost(self.url, graph, e, self._server_live())
 
     def _infer(self, graph, spec, feed):
         from tritonclient.utils import InferenceServerException
@@ -406,9 +498,7 @@ class TritonBackend:
             except InferenceServerException as e:
                 gone = _is_transient(e) or _model_gone(e)
                 if attempt == self.retries or not gone:
-                    if gone:
-                        raise self._lost(graph, e) from None
-                    raise InferenceError(f"{graph}: the server rejected the request: {e.message()}") from None
+                    raise (self._lost(graph, e) if gone else rejected(graph, e)) from None
             except Exception as e:
                 if attempt == self.retries or not _is_transient(e):
                     raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None

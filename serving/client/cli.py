@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (client loop: per step)")
     p.add_argument("--sample-timeout", type=float, default=600.0,
                    help="--loop server: seconds the one request may take")
-    p.add_argument("--progress", action="store_true", help="show a progress bar over denoising steps (client loop)")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar over denoising steps (with --loop server: streamed, --protocol grpc)")
     p.add_argument("--loop", choices=("client", "server"), default="client",
                    help="diffusion: run the sampling loop here (one request per step) or on the server (one "
                         "request in all, the diffusion_sampler model)")

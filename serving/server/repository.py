@@ -10,7 +10,8 @@ embedded (default)  For the tritonserver bundled with nvidia-pytriton, which has
                     dynamic batching up to the largest bucket, and `1/model.py` = a copy of serving/server/runtime/
                     graph_model.py that runs the static-batch ONNX files (copied next to it) in ONNX Runtime. With a
                     diffusion export, also `diffusion_sampler`: the whole sampling loop on the server (serving/server/
-                    runtime/loop_model.py), one request per batch of images (`--no-server-loop` leaves it out).
+                    runtime/loop_model.py), one request per batch of images, and `diffusion_sampler_stream`, the same
+                    loop streaming its progress over gRPC (`--no-server-loop` leaves both out).
                     Self-contained: the repository also runs in a Triton container where trident is not installed.
 container           For the official Triton container. Per graph: one native onnxruntime model per bucket
                     (diffusion_unet_b8, ...: `max_batch_size: 0` with the full static shape, `1/model.onnx`; `--gpu`
@@ -18,7 +19,8 @@ container           For the official Triton container. Per graph: one native onn
                     graph's own name (serving/server/runtime/router_model.py, Python backend, numpy only) with
                     `max_batch_size` > 0 and the dynamic batcher: it gathers requests across clients, pads them to the
                     smallest bucket (or splits them over the largest) and runs them on the per-bucket models through
-                    BLS. With a diffusion export, also `diffusion_sampler`, its U-Net calls going through BLS too.
+                    BLS. With a diffusion export, also `diffusion_sampler` and `diffusion_sampler_stream`, their U-Net
+                    calls going through BLS too.
                     Clients see the same names, tensors and model cards as in the embedded flavour.
                     `--bucket-backend python` serves the per-bucket models with graph_model.py instead (a Triton with
                     only the Python backend, such as the one `trident serve` runs: how the tests serve this layout).
@@ -46,8 +48,8 @@ from trident.serving.errors import ExportMetadataError, TridentError
 from trident.serving.files import atomic_directory
 from trident.serving.server.runtime import MODEL_FILES, RUNTIME_FILES
 from trident.serving.server.runtime import protocol as P
-from trident.serving.spec import (GRAPHS_OF_KIND, SAMPLING_LOOP, UNET, GraphSpec, TensorSpec, export_card,
-                                  graph_spec_of, load_export_metadata, loop_spec)
+from trident.serving.spec import (GRAPHS_OF_KIND, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET, GraphSpec, TensorSpec,
+                                  export_card, graph_spec_of, load_export_metadata, loop_spec)
 
 __all__ = [
     "BUCKET_BACKENDS",
@@ -246,20 +248,22 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
 
 
 def loop_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_threads: int = 0,
-                row_shards: int = 0, max_images: int = DEFAULT_LOOP_MAX_IMAGES, choice: dict | None = None) -> dict:
+                row_shards: int = 0, max_images: int = DEFAULT_LOOP_MAX_IMAGES, choice: dict | None = None,
+                stream: bool = False) -> dict:
     """The sampling loop model (serving/server/runtime/loop_model.py) over the export's U-Net graphs: not batched by
     Triton (max_batch_size 0, one request = one batch of images), its own sessions of the U-Net (choice: as the
-    U-Net model's)."""
+    U-Net model's). stream: the decoupled variant (diffusion_sampler_stream, gRPC streaming: progress, then the
+    images), which makes its sessions on its first request."""
     unet, entry = _graph(meta, UNET)
-    spec = loop_spec(_card(meta).image.shape)
+    spec = loop_spec(_card(meta).image.shape, stream=stream)
     runtime = _bucket_runner_parameters(UNET, entry, _choice(UNET, entry, choice, fp16), gpu=gpu,
                                         intra_op_threads=intra_op_threads, row_shards=row_shards)
     if max_images < 1:
         raise RepositoryError(f"max_images must be >= 1, got {max_images}")
     runtime[P.UNET_IO] = json.dumps([t.name for t in (*unet.inputs, *unet.outputs)])
     runtime[P.MAX_IMAGES] = str(int(max_images))
-    return {
-        "name": SAMPLING_LOOP,
+    config = {
+        "name": spec.name,
         "backend": "python",
         "max_batch_size": 0,
         "input": [{"name": t.name, "data_type": _triton_type(t), "dims": list(t.shape),
@@ -268,6 +272,9 @@ def loop_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_t
         "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}],
         "parameters": _parameters({**card_parameters(meta, UNET), **runtime}),
     }
+    if stream:
+        config["model_transaction_policy"] = {"decoupled": True}
+    return config
 
 
 def container_config(graph: str, meta: dict, bucket: int, *, gpu: bool = False, fp16: bool = False,
@@ -349,11 +356,11 @@ def front_config(graph: str, meta: dict, bucket_models: dict[int, str], *, max_b
 
 
 def container_loop_config(meta: dict, bucket_models: dict[int, str], *,
-                          max_images: int = DEFAULT_LOOP_MAX_IMAGES) -> dict:
+                          max_images: int = DEFAULT_LOOP_MAX_IMAGES, stream: bool = False) -> dict:
     """The sampling loop model of the container flavour: loop_model.py with the U-Net's per-bucket models (BLS)
     instead of its own ONNX Runtime sessions, so Triton's Python needs numpy only. On the CPU: the U-Net runs in
-    the per-bucket models, wherever they are."""
-    config = loop_config(meta, max_images=max_images)
+    the per-bucket models, wherever they are. stream: the streaming one (no sessions of its own either)."""
+    config = loop_config(meta, max_images=max_images, stream=stream)
     keep = {P.CARD, P.UNET_IO, P.MAX_IMAGES}
     return {**config, "instance_group": [{"kind": "KIND_CPU", "count": 1}], "parameters": {
         **{key: value for key, value in config["parameters"].items() if key in keep},
@@ -489,9 +496,10 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                                          intra_op_threads=intra_op_threads, row_shards=row_shards, choice=choice)
                 files = _model_files(directory, entry, _choice(graph, entry, choice, fp16))
                 plan.append((config, files))
-                if graph == UNET and server_loop:  # the sampling loop model runs the same graph files
-                    plan.append((loop_config(meta, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads,
-                                             row_shards=row_shards, choice=choice), dict(files)))
+                if graph == UNET and server_loop:  # the sampling loop models run the same graph files
+                    for stream in (False, True):
+                        plan.append((loop_config(meta, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads,
+                                                 row_shards=row_shards, choice=choice, stream=stream), dict(files)))
             else:
                 plan += _plan_container(graph, meta, directory, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
                                         max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
@@ -519,7 +527,7 @@ def _plan_container(graph: str, meta: dict, directory: Path, *, gpu: bool, fp16:
     plan.append((front_config(graph, meta, bucket_models, max_batch_size=max_batch_size,
                               max_queue_delay_us=max_queue_delay_us), {}))
     if graph == UNET and server_loop:
-        plan.append((container_loop_config(meta, bucket_models), {}))
+        plan += [(container_loop_config(meta, bucket_models, stream=stream), {}) for stream in (False, True)]
     return plan
 
 
@@ -543,7 +551,7 @@ KEPT = ("README.md",)  # a repository's own notes survive a rebuild
 
 def _model_file(config: dict) -> Path:
     """The runtime file a Python-backend model runs as its model.py."""
-    if config["name"] == SAMPLING_LOOP:
+    if config["name"] in (SAMPLING_LOOP, SAMPLING_LOOP_STREAM):
         return MODEL_FILES["loop"]
     return MODEL_FILES["router" if P.BUCKET_MODELS in config["parameters"] else "graph"]
 
@@ -630,7 +638,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="embedded: ONNX Runtime threads of a whole batch (0: its default, one per physical core); "
                         "container: each per-bucket model's (the onnxruntime backend's intra_op_thread_count)")
     p.add_argument("--no-server-loop", "--no-sampler", dest="server_loop", action="store_false",
-                   help="embedded: leave out the sampling loop model (diffusion_sampler)")
+                   help="leave out the sampling loop models (diffusion_sampler, diffusion_sampler_stream)")
     p.add_argument("--row-shards", type=int, default=0,
                    help="embedded, CPU: split a batch of 2+ rows into this many parts run concurrently on "
                         "single-threaded sessions (0: one per core the server may use; 1: off)")

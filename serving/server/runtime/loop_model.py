@@ -1,8 +1,8 @@
 """Triton Python-backend model: the whole diffusion sampling loop on the server, one request per batch of images.
 
-`trident serve build` copies this file to ``diffusion_sampler/1/model.py`` with the runtime files (serving/server/
-runtime: RUNTIME_FILES, among them sampling.py and ort_runner.py) and the U-Net's ``diffusion_unet_b<N>.onnx`` files,
-so it runs in any Triton with the Python backend, trident installed or not.
+`trident serve build` copies this file to ``diffusion_sampler/1/model.py`` and ``diffusion_sampler_stream/1/model.py``
+with the runtime files (serving/server/runtime: RUNTIME_FILES, among them sampling.py and ort_runner.py) and the U-Net's
+``diffusion_unet_b<N>.onnx`` files, so it runs in any Triton with the Python backend, trident installed or not.
 
 A request carries what TridentClient.sample takes (class labels, seed, steps, guidance, eta, sampler, spacing; see
 spec.loop_spec); the model runs sampling.sample_progressive with the U-Net called in-process through
@@ -11,6 +11,15 @@ the last step's x_0 estimate. The client loop pays one request per step; this pa
 In the container flavour the U-Net runs on its per-bucket models instead, through BLS (bls.BucketModels): no
 onnxruntime needed in Triton's Python.
 Requests of one execute() call run one after another; a bad one gets an error response, the others go on.
+
+Two models run this file, told apart by their configuration:
+  diffusion_sampler         one response per request (any HTTP client, gRPC unary); warmed at load.
+  diffusion_sampler_stream  decoupled (gRPC streaming only: Triton's HTTP /infer refuses decoupled models): a
+                            response per step (step, timestep, and the x_0 preview every `preview_every` steps), then
+                            the images with the final flag. It makes its sessions on its first request, so a server
+                            whose clients never stream holds one set of U-Net sessions for loops, not two.
+Both stop between steps when the client gives up (cancellation, max_seconds) or the server is shutting down
+(protocol.shutting_down: the launcher's stop file).
 """
 
 import json
@@ -41,11 +50,15 @@ class TritonPythonModel:
         self.image_shape = card.image.shape
         self.max_images = int(params[P.MAX_IMAGES])
         self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P.UNET_IO])
-        self.output_name = config["output"][0]["name"]
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         # Tensor names from the configuration (written from spec.loop_spec), their roles by the spec's order.
+        names = [t["name"] for t in config["input"]]
         (self.labels_in, self.seed_in, self.steps_in, self.guidance_in, self.eta_in, self.sampler_in, self.spacing_in,
-         self.max_seconds_in) = [t["name"] for t in config["input"]]
-
+         self.max_seconds_in) = names[:8]
+        self.preview_every_in = names[8] if self.decoupled else None
+        self.output_name, *progress = [t["name"] for t in config["output"]]
+        if self.decoupled:
+            self.step_out, self.timestep_out, self.preview_out = progress
         if P.BUCKET_MODELS in params:  # container flavour: the U-Net's per-bucket models, through BLS
             self.runner = BucketModels(json.loads(params[P.BUCKET_MODELS]), [self.eps_name])
         else:  # no CPU fallback: a GPU provider that is missing or does not load fails the load, naming the library
@@ -56,7 +69,10 @@ class TritonPythonModel:
             self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
                                        row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
                                        engines=json.loads(params.get(P.ENGINES, "{}")))
-        self.runner.warm()  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
+        if not self.decoupled:  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
+            self.runner.warm()
+        # The streaming model is not warmed: its sessions are made on its first request (BucketRunner makes each on
+        # first use), so a server whose clients never stream holds no second set of U-Net sessions.
 
     def _eps(self, x, t, y):
         feed = {self.sample_name: np.ascontiguousarray(x, dtype=np.float32),
@@ -78,6 +94,11 @@ class TritonPythonModel:
             return (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).strip()
         return kind(value)
 
+    def _optional(self, request, name, kind, default):
+        if name is None or pb_utils.get_input_tensor_by_name(request, name) is None:
+            return default
+        return self._scalar(request, name, kind)
+
     def _read(self, request):
         labels = pb_utils.get_input_tensor_by_name(request, self.labels_in)
         if labels is None:
@@ -91,29 +112,34 @@ class TritonPythonModel:
         sampler, spacing = self._scalar(request, self.sampler_in, str), self._scalar(request, self.spacing_in, str)
         if seed < 0:
             raise InvalidRequest(f"{self.name}: {self.seed_in} must be >= 0, got {seed}")
-        max_seconds = 0.0
-        if pb_utils.get_input_tensor_by_name(request, self.max_seconds_in) is not None:
-            max_seconds = self._scalar(request, self.max_seconds_in, float)
-            if not max_seconds >= 0:  # also NaN
-                raise InvalidRequest(f"{self.name}: {self.max_seconds_in} must be >= 0 (0 = no limit), "
-                                     f"got {max_seconds}")
+        max_seconds = self._optional(request, self.max_seconds_in, float, 0.0)
+        if not max_seconds >= 0:  # also NaN
+            raise InvalidRequest(f"{self.name}: {self.max_seconds_in} must be >= 0 (0 = no limit), got {max_seconds}")
+        preview_every = self._optional(request, self.preview_every_in, int, 0)
+        if not 0 <= preview_every <= steps:
+            raise InvalidRequest(f"{self.name}: {self.preview_every_in} must be in [0, steps={steps}] (0 = no "
+                                 f"previews), got {preview_every}")
         unconditional = bool(np.all(labels == self.null_class))
         return dict(count=int(labels.size), max_seconds=max_seconds, labels=None if unconditional else labels,
-                    steps=steps, seed=seed, guidance=guidance, eta=eta,
-                    sampler=sampler, spacing=spacing or None)
+                    steps=steps, seed=seed, guidance=guidance, eta=eta, sampler=sampler, spacing=spacing or None,
+                    preview_every=preview_every)
 
-    def _sample(self, a, request):
+    def _sample(self, a, is_cancelled, on_step=None):
+        """The images of one checked request. Between steps: stop when the client gave up (gRPC cancels, and this
+        Triton tells us; an HTTP client that times out does not, so the client also sends its timeout as
+        max_seconds) or the server is shutting down; then report the step (streaming)."""
         shape = (a["count"], *self.image_shape)
-        # Stop between steps when the client gave up: gRPC cancels (and this Triton tells us); an HTTP client that
-        # times out does not, so the client also sends its timeout as max_seconds.
-        is_cancelled = getattr(request, "is_cancelled", None)
         deadline = time.monotonic() + a["max_seconds"] if a["max_seconds"] > 0 else None
 
         def callback(i, t, x, x0):
             if deadline is not None and time.monotonic() > deadline:
                 raise InvalidRequest(f"{self.name}: stopped after step {i + 1} of {a['steps']}: the loop ran longer "
                                      f"than max_seconds={a['max_seconds']:g}")
-            return not (callable(is_cancelled) and is_cancelled())
+            if P.shutting_down() or is_cancelled():
+                return False  # SamplingCancelled; _answer tells the two apart
+            if on_step is not None:
+                on_step(i, t, x0, preview=bool(a["preview_every"]) and (i + 1) % a["preview_every"] == 0)
+            return True
 
         try:
             steps = sampling.sample_progressive(
@@ -122,23 +148,54 @@ class TritonPythonModel:
                 seed=a["seed"], callback=callback)
         except ValueError as e:  # an argument out of range: sample_progressive checks before any U-Net call
             raise InvalidRequest(f"{self.name}: {e}") from None
+        if P.shutting_down():  # a request that arrives while the server drains does not start
+            raise sampling.SamplingCancelled(-1, -1)
+        return sampling.last_estimate(steps)
+
+    def _answer(self, request, is_cancelled, on_step=None):
+        """(images, None) or (None, an error response) for one request."""
         try:
-            return sampling.last_estimate(steps)
-        except sampling.SamplingCancelled as c:
-            raise InvalidRequest(f"{self.name}: the request was cancelled after step {c.index + 1}") from None
+            return self._sample(self._read(request), is_cancelled, on_step), None
+        except InvalidRequest as invalid:
+            return None, error_response(str(invalid))
+        except sampling.SamplingCancelled as stop:
+            if P.shutting_down():  # UNAVAILABLE (HTTP 503): the client's ServerUnreachableError
+                return None, error_response(f"{self.name}: {P.SHUTTING_DOWN}; stopped after step {stop.index + 1}",
+                                            code_name="UNAVAILABLE")
+            return None, error_response(f"{self.name}: the request was cancelled after step {stop.index + 1}")
+        except Exception as failure:  # ONNX Runtime or numpy failed: this request learns why, the server stays up
+            return None, error_response(f"{self.name}: sampling failed: {failure}", invalid_argument=False)
+
+    def _stream(self, request):
+        """Decoupled: a response per step, then the images (or the error) with the final flag."""
+        sender = request.get_response_sender()
+
+        def on_step(i, t, x0, preview):
+            tensors = [pb_utils.Tensor(self.step_out, np.array([i], np.int64)),
+                       pb_utils.Tensor(self.timestep_out, np.array([t], np.int64))]
+            if preview:
+                tensors.append(pb_utils.Tensor(self.preview_out, np.asarray(x0, dtype=np.float32)))
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+
+        images, error = self._answer(request, sender.is_cancelled, on_step)
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if error is None:
+            sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, images)]),
+                        flags=final)
+        else:
+            sender.send(error, flags=final)
 
     def execute(self, requests):
+        if self.decoupled:
+            for request in requests:
+                self._stream(request)
+            return None
         responses = []
         for request in requests:
-            try:
-                images = self._sample(self._read(request), request)
-            except InvalidRequest as invalid:
-                responses.append(error_response(str(invalid)))
-                continue
-            except Exception as failure:  # ONNX Runtime or numpy failed: this request learns why, the server stays up
-                responses.append(error_response(f"{self.name}: sampling failed: {failure}", invalid_argument=False))
-                continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, images)]))
+            cancelled = getattr(request, "is_cancelled", None) or (lambda: False)
+            images, error = self._answer(request, cancelled)
+            responses.append(error if error is not None else
+                             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, images)]))
         return responses
 
     def finalize(self):

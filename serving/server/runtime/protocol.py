@@ -4,6 +4,7 @@ Imported by serving/server/repository.py as a module of the package and by the c
 sibling ``protocol``; so standard library only, and triton_python_backend_utils only inside functions (the builder
 runs where Triton is not).
 """
+import os
 
 CARD = "trident_card"               # the model card as JSON (serving/card.py: ModelCard.to_json)
 FILES = "trident_onnx_files"         # JSON {bucket: file name in the version directory}
@@ -18,6 +19,19 @@ SHARDS = "row_shards"                # concurrent row shards on the CPU (0: one 
 PROVIDER = "execution_provider"      # "cpu" or "cuda"
 ORT_BACKEND_THREADS = "intra_op_thread_count"  # the native onnxruntime backend's own parameter (container flavour)
 
+# Shutdown: Triton does not tell a running execute() that the server is stopping, so a sampling loop in flight would
+# hold the exit for its whole length. The launcher (serving/server/launcher.py) names a file in this environment
+# variable, which the server and its Python-backend stubs inherit, and creates it just before it asks Triton to stop;
+# the loop models look for it before every step and answer SHUTTING_DOWN (the client's ServerUnreachableError).
+STOP_FILE_ENV = "TRIDENT_STOP_FILE"
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def shutting_down() -> bool:
+    """Whether the launcher has asked this server to stop (one stat call: cheap enough for every sampling step)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    return bool(path) and os.path.exists(path)
+
 
 class InvalidRequest(ValueError):
     """A request a model cannot serve; its message goes back to the client as an INVALID_ARG error."""
@@ -28,10 +42,12 @@ def parameters(model_config: dict) -> dict:
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
 
 
-def error_response(message: str, invalid_argument: bool = True):
-    """An InferenceResponse that carries only an error (INVALID_ARG where this Triton has the code)."""
+def error_response(message: str, invalid_argument: bool = True, code_name: str | None = None):
+    """An InferenceResponse that carries only an error: INVALID_ARG (or the TritonError code `code_name`, e.g.
+    "UNAVAILABLE") where this Triton has that code, else the default (INTERNAL)."""
     import triton_python_backend_utils as pb_utils
 
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
+    code_name = code_name or ("INVALID_ARG" if invalid_argument else None)
+    code = getattr(pb_utils.TritonError, code_name, None) if code_name else None
     error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
