@@ -5,11 +5,14 @@
     images = client.sample(classes=["sneaker"] * 8, steps=20, guidance=3.0, seed=0)   # uint8 (8, 28, 28, 1)
 
     sdk.py       TridentClient: sampling (client loop with batched CFG, or the server's sampling loop), GAN, VAE
+    aio.py       AsyncTridentClient: the same methods as coroutines (tritonclient's asyncio clients)
+    base.py      what both clients share: cards, argument checks, the requests each method sends
     backends.py  the Backend protocol; in-process ONNX Runtime and Triton (HTTP/gRPC) backends
     cli.py       `trident sample`
 """
 from ..errors import InferenceError, InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
+from .aio import AsyncTridentClient
 from .sdk import MAX_IMAGES, SampleStats, TridentClient
 
-__all__ = ["TridentClient", "SampleStats", "MAX_IMAGES", "TridentError", "ServerUnreachableError",
+__all__ = ["TridentClient", "AsyncTridentClient", "SampleStats", "MAX_IMAGES", "TridentError", "ServerUnreachableError",
            "ModelNotReadyError", "InvalidArgumentError", "InferenceError"]

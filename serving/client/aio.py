@@ -1,0 +1,288 @@
+"""The asyncio client: TridentClient's methods as coroutines over tritonclient's asyncio clients (gRPC: grpc.aio,
+HTTP: aiohttp), for services that hold many users' requests in one event loop (FastAPI, aiohttp).
+
+    from trident.serving.client import AsyncTridentClient
+
+    async with AsyncTridentClient.connect("127.0.0.1:8001", "grpc") as client:
+        images = await client.sample(["sneaker"] * 4, steps=20, seed=0)        # uint8 (4, 28, 28, 1)
+
+Same arguments and the same images for the same seed as TridentClient: the checks, the requests and the sampling
+loop are ClientBase's (base.py) and sampling.SamplingLoop, shared with the sync client; only the sending differs.
+Concurrent calls are independent coroutines whose requests meet in the server's dynamic batcher. Cancelling a task
+stops its requests: the client loop sends no further step, and a server-side loop over gRPC is cancelled on the
+server (Triton's request cancellation); over HTTP a server-side loop runs on until it ends or its max_seconds (the
+client's sample_timeout_s) passes, since an HTTP request cannot be cancelled.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ModelNotReadyError, ServerUnreachableError, TridentError
+from ..sampling import SamplingCancelled
+from ..spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
+from .backends import (ServerLoop, TritonBackend, _is_transient, _model_gone, check_inputs, infer_inputs, lost,
+                       loop_failure, rejected, requested_outputs, stream_message)
+from .base import ClientBase, SampleJob, SampleStats
+
+__all__ = ["AsyncTridentClient", "AsyncTritonBackend"]
+
+
+class AsyncTritonBackend:
+    """A Triton server over tritonclient.grpc.aio or tritonclient.http.aio: TritonBackend's contract with coroutines
+    for run and run_loop. Made by `await AsyncTritonBackend.connect(...)` inside the event loop that will use it.
+
+    The handshake (live, ready, every model's card, the sampling loop models) is TritonBackend's, run once in a worker
+    thread, so both clients learn a server the same way; every request after it is a coroutine. Retries, timeouts
+    and the typed errors follow TritonBackend's (the same helpers decide).
+    """
+
+    name = "triton-asyncio"
+
+    def __init__(self, handshake: TritonBackend):
+        """Use connect(); `handshake` is a closed TritonBackend whose metadata this backend takes over."""
+        for attribute in ("url", "protocol", "timeout_s", "sample_timeout_s", "retries", "backoff_s", "cards",
+                          "specs", "buckets", "max_batch", "server_loop", "server_loop_missing", "stream_loop"):
+            setattr(self, attribute, getattr(handshake, attribute))
+        self._require = handshake.require_server_loop  # reads only the metadata above
+        if self.protocol == "http":
+            import tritonclient.http.aio as tc
+
+            # no session-wide timeout (aiohttp's would cut a long sampling request): each call gets its own below
+            self._client = tc.InferenceServerClient(self.url, conn_timeout=None)
+        else:
+            import tritonclient.grpc.aio as tc
+
+            self._client = tc.InferenceServerClient(self.url)
+        self._tc = tc
+
+    @classmethod
+    async def connect(cls, url: str = "127.0.0.1:8001", protocol: str = "grpc", **kw) -> "AsyncTritonBackend":
+        """kw: TritonBackend's (timeout_s, retries, backoff_s, models, sample_timeout_s)."""
+        def handshake() -> TritonBackend:
+            backend = TritonBackend(url, protocol, **kw)
+            backend.close()  # in the thread that made it (tritonclient.http is per thread)
+            return backend
+
+        return cls(await asyncio.to_thread(handshake))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # -- one request ----------------------------------------------------------------------------------------------
+    async def _infer_once(self, graph: str, spec: GraphSpec, feed: dict, batched: bool, timeout_s: float) -> list:
+        inputs = infer_inputs(self._tc, self.protocol, spec, feed, batched)
+        outputs = requested_outputs(self._tc, self.protocol, spec)
+        if self.protocol == "grpc":
+            res = await self._client.infer(graph, inputs, outputs=outputs, client_timeout=timeout_s)
+        else:
+            res = await asyncio.wait_for(self._client.infer(graph, inputs, outputs=outputs,
+                                                            timeout=int(timeout_s * 1e6)), timeout_s)
+        return [res.as_numpy(t.name) for t in spec.outputs]
+
+    async def _server_live(self) -> bool:
+        try:
+            if self.protocol == "grpc":
+                return bool(await self._client.is_server_live(client_timeout=self.timeout_s))
+            return bool(await asyncio.wait_for(self._client.is_server_live(), self.timeout_s))
+        except Exception:
+            return False
+
+    async def _infer(self, graph: str, spec: GraphSpec, feed: dict) -> list:
+        """One request with TritonBackend._infer's retries: transient failures and a model gone (a restarting
+        server) are retried with exponential backoff; an error the server answered is not."""
+        from tritonclient.utils import InferenceServerException
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._infer_once(graph, spec, feed, True, self.timeout_s)
+            except InferenceServerException as e:
+                gone = _is_transient(e) or _model_gone(e)
+                if attempt == self.retries or not gone:
+                    raise (lost(self.url, graph, e, await self._server_live()) if gone else rejected(graph, e)) \
+                        from None
+            except Exception as e:  # aiohttp's connection errors, asyncio's timeout
+                transient = _is_transient(e) or isinstance(e, asyncio.TimeoutError)
+                if attempt == self.retries or not transient:
+                    raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None
+            await asyncio.sleep(self.backoff_s * 2 ** attempt * (1 + 0.1 * random.random()))
+
+    async def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph not in self.specs:
+            raise ModelNotReadyError(f"model {graph!r} is not served at {self.url} (served: {sorted(self.specs)})")
+        spec = self.specs[graph]
+        n = check_inputs(spec, inputs)
+        step = self.max_batch[graph]
+        outs = [await self._infer(graph, spec, {k: v[i:i + step] for k, v in inputs.items()})
+                for i in range(0, n, step)]
+        return {t.name: np.concatenate([o[j] for o in outs]) for j, t in enumerate(spec.outputs)}
+
+    # -- the sampling loop models ---------------------------------------------------------------------------------
+    def require_server_loop(self, stream: bool = False) -> ServerLoop:
+        return self._require(stream)
+
+    async def run_loop(self, feed: dict[str, np.ndarray], on_step: Callable | None = None) -> np.ndarray:
+        """TritonBackend.run_loop as a coroutine. Cancelling the task cancels the request (gRPC)."""
+        loop = self.require_server_loop(stream=on_step is not None)
+        try:
+            if on_step is not None:
+                return await self._stream_loop(loop.spec, feed, on_step)
+            return (await self._infer_once(loop.spec.name, loop.spec, feed, False, self.sample_timeout_s))[0]
+        except (SamplingCancelled, TridentError):
+            raise
+        except Exception as e:
+            error = loop_failure(e, self.url, loop.spec.name, self.sample_timeout_s)
+            raise (error or lost(self.url, loop.spec.name, e, await self._server_live())) from None
+
+    async def _stream_loop(self, spec: GraphSpec, feed: dict, on_step: Callable) -> np.ndarray:
+        inputs = infer_inputs(self._tc, "grpc", spec, feed, batched=False)
+        sent = asyncio.Event()
+
+        async def requests():
+            yield {"model_name": spec.name, "inputs": inputs}
+            await sent.wait()  # keep our side of the stream open until the answer is in
+
+        responses = self._client.stream_infer(requests(), stream_timeout=self.sample_timeout_s)
+        finished = False  # the server sent its last answer (images or error): nothing left to cancel
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    finished = True
+                    raise error
+                images, step = stream_message(result, spec)
+                if images is not None:
+                    finished = True
+                    return images
+                on_step(*step)
+            finished = True
+            raise ServerUnreachableError(self.url, f"{spec.name}: the stream ended before the images")
+        finally:
+            sent.set()  # closes our side: the server ends the stream
+            if not finished:  # a task cancelled, a callback that said stop: the server's loop ends at its next step
+                responses.cancel()
+
+
+class _Connecting:
+    """What AsyncTridentClient.connect returns: await it for the client, or use it in `async with`."""
+
+    def __init__(self, make):
+        self._make, self._client = make, None
+
+    def __await__(self):
+        return self._make().__await__()
+
+    async def __aenter__(self) -> "AsyncTridentClient":
+        self._client = await self._make()
+        return self._client
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.close()
+
+
+class AsyncTridentClient(ClientBase):
+    """TridentClient's sample, generate, decode, generate_vae, encode and interpolate as coroutines, over a Triton
+    server (gRPC or HTTP); card, class_names, resolve_classes and save_grid as in TridentClient.
+
+    callback(i, t, x, x0) is a plain function, called in the event loop (keep it short). last_stats describes the
+    most recently started call; with concurrent calls on one client, time them yourself.
+    """
+
+    @classmethod
+    def connect(cls, url: str = "127.0.0.1:8001", protocol: str = "grpc", **kw) -> _Connecting:
+        """`client = await AsyncTridentClient.connect(url, protocol)` or `async with AsyncTridentClient.connect(...)
+        as client`. kw: TridentClient.connect's (timeout_s, retries, backoff_s, models, sample_timeout_s). Raises
+        ServerUnreachableError / ModelNotReadyError."""
+        async def make() -> AsyncTridentClient:
+            return cls(await AsyncTritonBackend.connect(url, protocol, **kw))
+
+        return _Connecting(make)
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def _timed_run(self, graph: str, inputs: dict, stats: SampleStats) -> dict:
+        t0 = time.perf_counter()
+        out = await self.backend.run(graph, inputs)
+        stats.add(time.perf_counter() - t0, len(next(iter(inputs.values()))))
+        return out
+
+    # -- diffusion ----------------------------------------------------------------------------------------------
+    async def sample(self, classes=None, n: int | None = None, *, sampler: str = "dpmpp-2m", steps: int = 20,
+                     guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0, spacing: str | None = None,
+                     progress: bool = False, callback: Callable | None = None, raw: bool = False,
+                     loop: str = "client", preview_every: int = 0) -> np.ndarray:
+        """TridentClient.sample as a coroutine: the same arguments, the same images for the same seed."""
+        job = self._sample_job(classes, n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
+                               spacing=spacing, progress=progress, callback=callback, loop=loop,
+                               preview_every=preview_every)
+        self.last_stats = stats = SampleStats()
+        t0 = time.perf_counter()
+        x = await (self._run_loop_on_server(job, stats) if job.loop is None else self._run_loop_here(job, stats))
+        stats.wall_s = time.perf_counter() - t0
+        return self._finish(x, job.card, raw)
+
+    async def _run_loop_here(self, job: SampleJob, stats: SampleStats) -> np.ndarray:
+        loop, out_name = job.loop, self.backend.specs[UNET].outputs[0].name
+        try:
+            while not loop.done:
+                step = loop.advance((await self._timed_run(UNET, self._unet_feed(*loop.model_input()), stats))[out_name])
+        finally:
+            loop.close()
+        return np.asarray(step.pred_original_sample, dtype=np.float32)  # as sampling.last_estimate
+
+    async def _run_loop_on_server(self, job: SampleJob, stats: SampleStats) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            x = await self.backend.run_loop(job.feed, on_step=job.on_step)
+        finally:
+            if job.on_step is not None:
+                job.on_step.close()
+        stats.add(time.perf_counter() - t0, job.count)
+        return np.asarray(x, dtype=np.float32)
+
+    # -- GAN and VAE --------------------------------------------------------------------------------------------
+    async def generate(self, classes=None, n: int | None = None, *, seed: int | None = 0,
+                       truncation: float | None = None, raw: bool = False) -> np.ndarray:
+        """TridentClient.generate as a coroutine."""
+        feed, card = self._generate_request(classes, n, seed, truncation)
+        return await self._images(GENERATOR, feed, card, raw)
+
+    async def decode(self, z: np.ndarray, raw: bool = False) -> np.ndarray:
+        feed, card = self._decode_request(z)
+        return await self._images(DECODER, feed, card, raw)
+
+    async def generate_vae(self, n: int, *, seed: int | None = 0, temperature: float = 1.0,
+                           raw: bool = False) -> np.ndarray:
+        """TridentClient.generate_vae as a coroutine."""
+        return await self.decode(self._vae_latents(n, seed, temperature), raw)
+
+    async def encode(self, images: np.ndarray) -> np.ndarray:
+        feed = self._encode_request(images)
+        self.last_stats = stats = SampleStats()
+        return (await self._timed_run(ENCODER, feed, stats))[self.backend.specs[ENCODER].outputs[0].name]
+
+    async def interpolate(self, start, end, steps: int = 8, *, spherical: bool = True, raw: bool = False) -> np.ndarray:
+        """TridentClient.interpolate as a coroutine."""
+        card = self._check_interpolation(steps)
+        ends = []
+        for end_ in (start, end):
+            latent, image = self._endpoint(end_, card)
+            ends.append(latent if image is None else (await self.encode(image))[0].astype(np.float64))
+        return await self.decode(self._latent_path(*ends, steps, spherical), raw)
+
+    async def _images(self, graph, inputs, card, raw):
+        self.last_stats = stats = SampleStats()
+        t0 = time.perf_counter()
+        out = (await self._timed_run(graph, inputs, stats))[self.backend.specs[graph].outputs[0].name]
+        stats.wall_s = time.perf_counter() - t0
+        return self._finish(out, card, raw)

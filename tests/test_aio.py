@@ -1,0 +1,192 @@
+"""AsyncTridentClient over a real embedded Triton server (gRPC and HTTP asyncio clients): the sync client's images for
+the same arguments, many tasks sharing the dynamic batcher, and cancellation that stops the requests."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import numpy as np
+import pytest
+
+from trident.serving import sampling
+from trident.serving.client import AsyncTridentClient, TridentClient
+from trident.serving.client.backends import InvalidArgumentError, ServerUnreachableError
+from trident.serving.server.launcher import ServerConfig, TritonServer, free_port
+from trident.serving.server.repository import build_repository
+from trident.serving.spec import UNET
+
+
+@pytest.fixture(scope="module")
+def server(export_dirs, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("aio_repo") / "model_repository"
+    build_repository(list(export_dirs.values()), repo)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+        yield srv
+
+
+def url_of(server, protocol: str) -> str:
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+def unet_counts(server) -> tuple[int, int]:
+    """(requests, executions) the server's diffusion_unet has answered so far (Triton's statistics)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics(UNET, as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("execution_count", 0))
+
+
+def mixed_jobs(protocol: str) -> list[dict]:
+    """32 sample() calls: 1-5 images, the three samplers, guided / unguided / unconditional, a few on the server."""
+    rng = np.random.default_rng(13)
+    jobs = []
+    for k in range(32):
+        n = int(rng.integers(1, 6))
+        kw = dict(sampler=sampling.SAMPLERS[k % 3], steps=int(rng.integers(2, 5)), seed=100 + k, raw=True)
+        if k % 5 == 4:
+            kw.update(classes=None, n=n)  # unconditional: N rows a step
+        else:
+            kw.update(classes=[int(c) for c in rng.integers(0, 10, n)], guidance=1.0 if k % 5 == 3 else 3.0)
+        if kw["sampler"] == "ddim" and k % 2:
+            kw["eta"] = 0.5
+        if k % 8 == 7:
+            kw["loop"] = "server"
+            if protocol == "grpc" and k % 16 == 15:
+                kw["callback"] = lambda *step: None  # streamed
+        jobs.append(kw)
+    return jobs
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_32_concurrent_sample_tasks_of_mixed_sizes_and_samplers_each_equal_their_sync_result(server, protocol):
+    jobs = mixed_jobs(protocol)
+    with TridentClient.connect(url_of(server, protocol), protocol) as client:
+        expected = [client.sample(**{k: v for k, v in kw.items() if k != "callback"}) for kw in jobs]
+        max_batch = client.backend.max_batch[UNET]
+    requests0, executions0 = unet_counts(server)
+
+    async def draw_all():
+        async with AsyncTridentClient.connect(url_of(server, protocol), protocol) as client:
+            return await asyncio.gather(*(client.sample(**kw) for kw in jobs))
+
+    got = asyncio.run(draw_all())
+    requests1, executions1 = unet_counts(server)
+    assert len(got) == len(jobs)  # none lost
+    for kw, a, b in zip(jobs, got, expected):
+        assert a.shape == b.shape == (kw["n"] if kw["classes"] is None else len(kw["classes"]), 1, 28, 28), kw
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=str(kw))  # float tolerance: other bucket layouts
+    def requests_per_step(kw):  # [cond; null] rows, split at the model's max_batch_size
+        n = kw["n"] if kw["classes"] is None else len(kw["classes"])
+        rows = n if kw["classes"] is None or kw.get("guidance") == 1.0 else 2 * n
+        return -(-rows // max_batch)
+
+    sent = sum(kw["steps"] * requests_per_step(kw) for kw in jobs if kw.get("loop") != "server")
+    assert requests1 - requests0 == sent  # what the client loop sends per step, no retry, none lost
+    # the tasks' requests met in Triton's dynamic batcher: fewer executions than requests
+    assert executions1 - executions0 < requests1 - requests0
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_gan_vae_and_interpolation_equal_the_sync_client(server, protocol):
+    from trident.training.data import load_fashion_mnist
+
+    a_img, b_img = load_fashion_mnist("test", limit=2).images  # uint8 (28, 28) each
+    with TridentClient.connect(url_of(server, protocol), protocol) as client:
+        calls = [("generate", (["coat", "bag", 3],), dict(seed=3, raw=True)),
+                 ("generate", (None, 5), dict(seed=4, truncation=1.5)),
+                 ("generate_vae", (6,), dict(seed=1, temperature=0.8, raw=True)),
+                 ("interpolate", ("sneaker", "bag", 5), dict(raw=True)),
+                 ("interpolate", (a_img, b_img, 4), dict(spherical=False)),  # encodes the two images first
+                 ("decode", (np.zeros((2, client.card("vae").latent_dim)),), dict(raw=True))]
+        expected = [getattr(client, name)(*args, **kw) for name, args, kw in calls]
+
+    async def run_all():
+        async with AsyncTridentClient.connect(url_of(server, protocol), protocol) as client:
+            return await asyncio.gather(*(getattr(client, name)(*args, **kw) for name, args, kw in calls))
+
+    for (name, _, _), a, b in zip(calls, asyncio.run(run_all()), expected):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), atol=1e-4 if a.dtype != np.uint8 else 1,
+                                   err_msg=name)
+
+
+@pytest.mark.server
+def test_cancelling_a_task_stops_its_requests(server):
+    """The client loop sends no step after its task is cancelled (Triton's request count stands still); a server-side
+    loop, streamed or not, is cancelled on the server (the next request does not wait behind a DDPM-1000)."""
+    async def scenario():
+        async with AsyncTridentClient.connect(server.grpc_url, "grpc") as client:
+            # client loop: DDPM-1000, cancelled after a few steps
+            steps_done = asyncio.Event()
+            task = asyncio.create_task(client.sample(
+                [1, 2], sampler="ddpm", steps=1000,
+                callback=lambda i, t, x, x0: (i >= 3 and steps_done.set()) or True))
+            await asyncio.wait_for(steps_done.wait(), 60)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.5)  # a request already on the wire may still finish
+            at_cancel = unet_counts(server)[0]
+            await asyncio.sleep(2.0)
+            after = unet_counts(server)[0]
+
+            # server-side loops (DDPM-1000 of 8 images: ~2 min here), streamed and not
+            waits = {}
+            for streamed in (True, False):
+                started = asyncio.Event()
+                kw = dict(callback=lambda *step: started.set()) if streamed else {}
+                task = asyncio.create_task(client.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server",
+                                                         **kw))
+                if streamed:
+                    await asyncio.wait_for(started.wait(), 60)
+                else:
+                    await asyncio.sleep(2.0)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                t0 = time.monotonic()
+                await client.sample([1], steps=2, loop="server", **({"callback": lambda *s: None} if streamed else {}))
+                waits[streamed] = time.monotonic() - t0
+            return at_cancel, after, waits
+
+    requests0 = unet_counts(server)[0]
+    at_cancel, after, waits = asyncio.run(scenario())
+    assert after == at_cancel, "requests reached the U-Net after the task was cancelled"
+    assert 4 <= at_cancel - requests0 < 1000
+    assert waits[True] < 30 and waits[False] < 30, f"a cancelled server-side loop kept running: {waits}"
+
+
+@pytest.mark.server
+def test_async_arguments_are_checked_before_any_request(server):
+    async def scenario():
+        async with AsyncTridentClient.connect(server.http_url, "http") as client:
+            with pytest.raises(InvalidArgumentError, match="guidance must be a finite number >= 0 and <= 50"):
+                await client.sample([1], guidance=1e308)
+            with pytest.raises(InvalidArgumentError, match="unknown class name"):
+                await client.sample(["no-such-class"])
+            with pytest.raises(InvalidArgumentError, match="loop='server' need a gRPC client"):
+                await client.sample([1], loop="server", progress=True)
+            with pytest.raises(InvalidArgumentError, match=re.escape("temperature must be > 0")):
+                await client.generate_vae(2, temperature=0)
+
+    before = unet_counts(server)
+    asyncio.run(scenario())
+    assert unet_counts(server) == before
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_connect_to_no_server_raises_server_unreachable_with_the_url(protocol):
+    url = f"127.0.0.1:{free_port()}"
+
+    async def connect():
+        async with AsyncTridentClient.connect(url, protocol, timeout_s=2.0):
+            pass
+
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachableError, match=re.escape(url)):
+        asyncio.run(connect())
+    assert time.monotonic() - t0 < 30
