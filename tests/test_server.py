@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -492,3 +493,57 @@ def test_serve_stops_with_the_build_command_when_repository_is_not_built(tmp_pat
     assert "gan_generator" in err[0] and "version must be available" not in err[0]
     (repo / "gan_generator" / "1" / "model.py").write_text("")
     assert "gan_generator" not in unbuilt_models(repo)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_serve_exits_within_5_s_of_sigterm_with_sampling_loops_in_flight(export_dirs, tmp_path):
+    """The issue's case (35 s before any fix, 8.2 s with --exit-timeout 3 alone): DDPM-1000 loops of 32 images on
+    both loop models, the one-response one over HTTP and the streaming one over gRPC. The launcher's stop file ends
+    both at their next step, each client learns that the server is going away, and the process exits in < 5 s."""
+    from trident.serving.client import ServerUnreachableError, TridentClient
+    from trident.serving.server.repository import build_repository
+
+    repo = tmp_path / "model_repository"
+    build_repository([export_dirs["diffusion"]], repo)
+    process = subprocess.Popen([sys.executable, "-m", "trident.serving.server.launcher", "--model-repository",
+                                str(repo), "--free-ports", "--log-file", str(tmp_path / "serve.log")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    errors, streaming = {}, threading.Event()
+
+    def draw(protocol, url, **kw):
+        try:
+            with TridentClient.connect(url, protocol) as client:
+                client.sample(list(np.arange(32) % 10), sampler="ddpm", steps=1000, loop="server", **kw)
+        except Exception as e:  # noqa: BLE001  (checked below)
+            errors[protocol] = e
+
+    try:
+        output = OutputReader(process).until("Ctrl-C to stop", timeout=90)
+        fields = dict(line.split(None, 1) for line in output.splitlines() if line.startswith("  "))
+        server_pid = int(output.split("tritonserver pid ", 1)[1].split(",")[0])
+        clients = [threading.Thread(target=draw, args=("http", fields["HTTP"])),
+                   threading.Thread(target=draw, args=("grpc", fields["gRPC"]),
+                                    kwargs=dict(callback=lambda *step: streaming.set()))]
+        for client in clients:
+            client.start()
+        assert streaming.wait(120), "the streamed loop never reported a step"
+        time.sleep(1.0)  # both loops a few steps in
+
+        t0 = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        exit_s = time.monotonic() - t0
+        for client in clients:
+            client.join(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    print(f"SIGTERM to exit: {exit_s:.2f} s")
+    assert exit_s < 5.0, f"trident serve took {exit_s:.1f} s to exit"
+    assert group_members(server_pid) == []
+    for protocol, model in (("http", "diffusion_sampler"), ("grpc", "diffusion_sampler_stream")):
+        assert isinstance(errors.get(protocol), ServerUnreachableError), errors
+        stopped = re.search(rf"{model}: the server is shutting down; stopped after step (\d+)", str(errors[protocol]))
+        assert stopped and int(stopped.group(1)) >= 1, errors[protocol]  # it was running, and stopped mid-loop

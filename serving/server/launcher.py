@@ -605,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--exit-timeout", type=int, default=3,
                         help="seconds Triton lets in-flight requests finish on Ctrl-C/SIGTERM before it exits (a "
-                             "U-Net step takes milliseconds; a server-side sampling loop in flight is cut off and its "
-                             "client gets ServerUnreachableError)")
+                             "U-Net step takes milliseconds; a server-side sampling loop in flight stops at its next "
+                             "step, and its client gets ServerUnreachableError)")
     args = parser.parse_args(argv)
 
     ports = (0, 0, 0) if args.free_ports else (args.http_port, args.grpc_port, args.metrics_port)
