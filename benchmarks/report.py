@@ -3,8 +3,8 @@ with PASS/FAIL) and bar charts (PNG, drawn with Pillow).
 
     python -m trident.benchmarks.report benchmarks/results/latest.json [--out DIR]
 
-Every benchmark carries extra_info["item"] (peak, step, cfg, e2e, peer, concurrency, oneshot) and the fields that
-identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
+Every benchmark carries extra_info["item"] (peak, step, cfg, e2e, loop, stream, peer, concurrency, oneshot) and the
+fields that identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
 ratios are taken between medians measured in the same run.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -256,6 +257,25 @@ def analyse_loop(data):
     lines = table(["sampler", "B", "client loop requests", "client loop ms/image", "server loop requests",
                    "server loop ms/image", "client / server", "protocol"], rows)
     return lines, {"speedups": speedups}
+
+
+def analyse_stream(data):
+    """3c: the server-side loop streamed (the benchmark's own timings) vs answered once (timed in the same rounds,
+    extra_info one_response_s), same server, gRPC."""
+    rows, ratios = [], {}
+    for b in sorted(items(data, "stream"), key=lambda b: b["extra_info"]["images"]):
+        e, n = b["extra_info"], b["extra_info"]["images"]
+        once = e.get("one_response_s") or []
+        once_med, once_mean = (statistics.median(once), statistics.mean(once)) if once else (None, None)
+        ratios[n] = ratio(med(b), once_med)
+        once_cell = "-" if once_med is None else f"{ms(once_med / n)} ({ms(once_mean / n)})"
+        rows.append([run_label(e["sampler"], e["steps"]), n, once_cell, ms_cell(b, n),
+                     pct(None if ratios[n] is None else ratios[n] - 1, signed=True), len(once), e.get("protocol", "-")])
+    if not rows:
+        return [], {"ratios": ratios}
+    lines = table(["sampler", "B", "one response ms/image", "streamed ms/image", "streaming cost", "rounds",
+                   "protocol"], rows)
+    return lines, {"ratios": ratios}
 
 
 def analyse_peer(data):
@@ -711,6 +731,7 @@ def render(data: dict, out_dir: Path) -> str:
     cfg_lines, cfg = analyse_cfg(data)
     e2e_lines, e2e = analyse_e2e(data)
     loop_lines, _ = analyse_loop(data)
+    stream_lines, _ = analyse_stream(data)
     peer_lines, peer = analyse_peer(data)
     conc_lines, conc = analyse_concurrency(data)
     e2e_triton = {r: med(find(items(data, "e2e"), sampler=r[0], steps=r[1], images=r[2], backend="triton"))
@@ -761,6 +782,12 @@ def render(data: dict, out_dir: Path) -> str:
                   "The client loop sends one U-Net request per step; the server-side loop (the diffusion_sampler "
                   "model, serving/server/runtime/loop_model.py) runs the same numpy sampler next to the U-Net sessions and "
                   "answers one request per batch. Both draw the same images (checked in the run).", ""] + loop_lines
+    if stream_lines:
+        lines += ["### 3c. Streaming the server-side loop: one response vs a response per step", "",
+                  "The same loop and images; diffusion_sampler answers once, diffusion_sampler_stream (decoupled, "
+                  "gRPC) also reports the steps as it goes (what progress bars, callbacks and cancel with "
+                  "loop='server' use). The two alternate round by round. Streaming cost = streamed median / "
+                  "one-response median - 1.", ""] + stream_lines
     lines += ["## 4. Peer: diffusers DPMSolverMultistepScheduler loop on the same weights", ""] + peer_lines
     lines += img("peer.png")
     lines += ["## 5. Concurrent clients", ""] + conc_lines + img("concurrency.png")

@@ -12,9 +12,8 @@ from trident.serving.spec import UNET
 
 def _two_calls_cfg(model, x, t, labels, guidance, null_class):
     """The same guided eps as sampling.cfg_eps, with the conditional and unconditional halves sent separately."""
-    b = x.shape[0]
-    cond = sampling._call_model(model, x, t, np.asarray(labels, dtype=np.int64))
-    uncond = sampling._call_model(model, x, t, np.full((b,), null_class, dtype=np.int64))
+    cond = sampling.cfg_eps(model, x, t, labels, 1.0, null_class)  # guidance 1: one call of the B labelled rows
+    uncond = sampling.cfg_eps(model, x, t, None, guidance, null_class)  # no labels: one call of B null-class rows
     return uncond + guidance * (cond - uncond)
 
 

@@ -110,7 +110,8 @@ def loop_spec(image_shape: tuple[int, int, int], stream: bool = False) -> GraphS
     """I/O of the server-side sampling loop. Triton does not batch it (max_batch_size 0), so shapes are whole
     tensors, -1 = any length. One request draws N images with the client's sampler arguments; class labels all equal
     to the null class mean unconditional. stream: the decoupled model (SAMPLING_LOOP_STREAM), whose progress
-    responses carry step and timestep (and preview every preview_every steps) and whose last response the image."""
+    responses carry the steps done since the previous one (step, timestep) and, every preview_every steps, the
+    preview; its last response carries the image (and the steps not yet reported)."""
     img = tuple(int(s) for s in image_shape)
     inputs = (TensorSpec("class_label", "int64", (-1,)),   # N labels in [0, null_class]
               TensorSpec("seed", "int64", (1,)),           # initial and step noise
@@ -128,9 +129,9 @@ def loop_spec(image_shape: tuple[int, int, int], stream: bool = False) -> GraphS
     return GraphSpec(SAMPLING_LOOP_STREAM,
                      inputs=(*inputs, TensorSpec("preview_every", "int64", (1,), optional=True)),  # 0/absent: none
                      outputs=(*outputs,
-                              TensorSpec("step", "int64", (1,)),              # 0-based index of the step just done
-                              TensorSpec("timestep", "int64", (1,)),          # the timestep it evaluated the U-Net at
-                              TensorSpec("preview", "float32", (-1, *img))))  # that step's x_0 estimate
+                              TensorSpec("step", "int64", (-1,)),             # 0-based indices of the steps done
+                              TensorSpec("timestep", "int64", (-1,)),         # the timesteps they ran the U-Net at
+                              TensorSpec("preview", "float32", (-1, *img))))  # the last step's x_0 estimate
 
 
 def graph_spec_of(graph: str, card: ModelCard) -> GraphSpec:

@@ -11,7 +11,8 @@ import pytest
 
 from trident.benchmarks import metrics, report
 
-ITEMS = ("peak", "step", "cfg", "e2e", "loop", "peer", "concurrency", "oneshot", "precision", "precision-e2e", "memory")
+ITEMS = ("peak", "step", "cfg", "e2e", "loop", "stream", "peer", "concurrency", "oneshot", "precision",
+         "precision-e2e", "memory")
 
 PROMETHEUS = """\
 # HELP nv_inference_count Number of inferences performed
@@ -64,7 +65,7 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
     assert measured == set(ITEMS), f"missing items: {set(ITEMS) - measured}"
     text = (out / "report.md").read_text()
     for heading in ("## Targets", "## 1. One U-Net step", "## 2. Batched CFG", "## 3. End-to-end", "### 3b. Where",
-                    "## 4. Peer", "## 5. Concurrent", "## 6. GAN", "## 7. Precision"):
+                    "### 3c. Streaming", "## 4. Peer", "## 5. Concurrent", "## 6. GAN", "## 7. Precision"):
         assert heading in text
     assert "**Smoke run**" in text and text.count("| n/a |") == 0
     assert "ORT, row shards off ms" in text and "row shards on vs off" in text  # the before/after of row shards
@@ -126,6 +127,17 @@ def test_report_target_fails_when_just_missed(tmp_path, slow, target):
     got = _targets(report.render(_synthetic_run(**slow), tmp_path))
     assert got[target][1] == "**FAIL**", got[target]
     assert sum(result == "**FAIL**" for _, result in got.values()) == 1, got
+
+
+def test_report_streaming_cost_is_the_streamed_median_over_the_one_response_median(tmp_path):
+    runs = [_bench("stream", streamed, images=n, sampler="dpmpp-2m", steps=20, protocol="grpc",
+                   one_response_s=[once - 0.01, once, once + 0.05])  # median `once`, mean once + 0.0133
+            for n, once, streamed in ((1, 0.200, 0.210), (8, 0.800, 0.792))]
+    text = report.render({"benchmarks": runs, "machine_info": {}}, tmp_path)
+    section = text.split("### 3c. Streaming", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| DPM")]
+    assert len(rows) == 2 and "| +5.0% |" in rows[0] and "| -1.0% |" in rows[1], rows  # B=1: 210/200, B=8: 792/800
+    assert "| 200 (213) | 210 (210) |" in rows[0], rows[0]  # one response: median (mean) of its own timings
 
 
 @pytest.mark.slow

@@ -153,11 +153,12 @@ class AsyncTritonBackend:
                 if error is not None:
                     finished = True
                     raise error
-                images, step = stream_message(result, spec)
-                if images is not None:
-                    finished = True
+                images, steps = stream_message(result, spec)
+                finished = images is not None
+                for step in steps:
+                    on_step(*step)
+                if finished:
                     return images
-                on_step(*step)
             finished = True
             raise ServerUnreachableError(self.url, f"{spec.name}: the stream ended before the images")
         finally:

@@ -265,15 +265,18 @@ def requested_outputs(tc, protocol: str, spec: GraphSpec) -> list:
     return [tc.InferRequestedOutput(t.name) for t in spec.outputs]
 
 
-def stream_message(result, spec: GraphSpec) -> tuple[np.ndarray | None, tuple | None]:
-    """One response of the streaming loop model: (images, None) for the last one, else (None, (index, timestep,
-    preview or None))."""
+def stream_message(result, spec: GraphSpec) -> tuple[np.ndarray | None, list[tuple[int, int, np.ndarray | None]]]:
+    """One response of the streaming loop model: (the images or None, [(index, timestep, preview or None)] of the
+    steps it reports, in order; a preview belongs to the response's last step)."""
     image, step, timestep, preview = (result.as_numpy(t.name) for t in spec.outputs)
-    if image is not None:
-        return image, None
-    if step is None or timestep is None:
+    if image is None and (step is None or timestep is None):
         raise InferenceError(f"{spec.name}: a response without image, step or timestep")
-    return None, (int(step.reshape(-1)[0]), int(timestep.reshape(-1)[0]), preview)
+    indices = [] if step is None else step.reshape(-1).tolist()
+    times = [] if timestep is None else timestep.reshape(-1).tolist()
+    steps = [(int(i), int(t), None) for i, t in zip(indices, times)]
+    if steps and preview is not None:
+        steps[-1] = (*steps[-1][:2], preview)
+    return image, steps
 
 
 class TritonBackend:
@@ -472,11 +475,12 @@ class TritonBackend:
                 if error is not None:
                     finished = True
                     raise error
-                images, step = stream_message(result, spec)
-                if images is not None:
-                    finished = True
+                images, steps = stream_message(result, spec)
+                finished = images is not None
+                for step in steps:
+                    on_step(*step)
+                if finished:
                     return images
-                on_step(*step)
         finally:
             self._client.stop_stream(cancel_requests=not finished)
 

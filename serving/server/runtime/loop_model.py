@@ -14,10 +14,10 @@ Requests of one execute() call run one after another; a bad one gets an error re
 
 Two models run this file, told apart by their configuration:
   diffusion_sampler         one response per request (any HTTP client, gRPC unary); warmed at load.
-  diffusion_sampler_stream  decoupled (gRPC streaming only: Triton's HTTP /infer refuses decoupled models): a
-                            response per step (step, timestep, and the x_0 preview every `preview_every` steps), then
-                            the images with the final flag. It makes its sessions on its first request, so a server
-                            whose clients never stream holds one set of U-Net sessions for loops, not two.
+  diffusion_sampler_stream  decoupled (gRPC streaming only: Triton's HTTP /infer refuses decoupled models): progress
+                            responses (the steps done, their timesteps, and the x_0 preview every `preview_every`
+                            steps), then the images with the final flag. It makes its sessions on its first request, so
+                            a server whose clients never stream holds one set of U-Net sessions for loops, not two.
 Both stop between steps when the client gives up (cancellation, max_seconds) or the server is shutting down
 (protocol.shutting_down: the launcher's stop file).
 """
@@ -37,6 +37,13 @@ from bls import BucketModels  # noqa: E402
 from card import ModelCard  # noqa: E402
 from ort_runner import BucketRunner, execution_providers  # noqa: E402
 from protocol import InvalidRequest, error_response  # noqa: E402
+
+
+PROGRESS_INTERVAL_S = 0.05  # the streaming model's progress responses: at most 20 a second (see _stream)
+# Asking Triton whether a request was cancelled is a round trip to the server process: ~0.5 ms of CPU per step on
+# this 2-core machine, +3% to +4% on a DPM-Solver++-20 loop of one image (measured interleaved). So a loop asks at
+# most this often, and a cancelled loop stops within this time plus one step.
+CANCEL_CHECK_INTERVAL_S = 0.05
 
 
 class TritonPythonModel:
@@ -130,12 +137,20 @@ class TritonPythonModel:
         max_seconds) or the server is shutting down; then report the step (streaming)."""
         shape = (a["count"], *self.image_shape)
         deadline = time.monotonic() + a["max_seconds"] if a["max_seconds"] > 0 else None
+        next_cancel_check = [0.0]
+
+        def cancelled():
+            now = time.monotonic()
+            if now < next_cancel_check[0]:
+                return False
+            next_cancel_check[0] = now + CANCEL_CHECK_INTERVAL_S
+            return is_cancelled()
 
         def callback(i, t, x, x0):
             if deadline is not None and time.monotonic() > deadline:
                 raise InvalidRequest(f"{self.name}: stopped after step {i + 1} of {a['steps']}: the loop ran longer "
                                      f"than max_seconds={a['max_seconds']:g}")
-            if P.shutting_down() or is_cancelled():
+            if P.shutting_down() or cancelled():
                 return False  # SamplingCancelled; _answer tells the two apart
             if on_step is not None:
                 on_step(i, t, x0, preview=bool(a["preview_every"]) and (i + 1) % a["preview_every"] == 0)
@@ -167,23 +182,34 @@ class TritonPythonModel:
             return None, error_response(f"{self.name}: sampling failed: {failure}", invalid_argument=False)
 
     def _stream(self, request):
-        """Decoupled: a response per step, then the images (or the error) with the final flag."""
+        """Decoupled: progress responses, then the images (or the error) with the final flag.
+
+        A progress response lists the steps done since the previous one (step, timestep: one entry each) and goes
+        out at most every PROGRESS_INTERVAL_S, or at once for a step that carries a preview (its x_0 estimate, the
+        response's last step). A response per step cost ~0.45 ms of CPU each on this 2-core machine (with the
+        cancellation check of every step: +6-8% on a DPM-Solver++-20 loop of one image, measured interleaved),
+        which a loop of ~6 ms steps notices."""
         sender = request.get_response_sender()
+        pending, last_sent = [], [time.monotonic()]  # (index, timestep) not yet reported
 
         def on_step(i, t, x0, preview):
-            tensors = [pb_utils.Tensor(self.step_out, np.array([i], np.int64)),
-                       pb_utils.Tensor(self.timestep_out, np.array([t], np.int64))]
-            if preview:
-                tensors.append(pb_utils.Tensor(self.preview_out, np.asarray(x0, dtype=np.float32)))
-            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+            pending.append((i, t))
+            if preview or time.monotonic() - last_sent[0] >= PROGRESS_INTERVAL_S:
+                tensors = [pb_utils.Tensor(self.step_out, np.array([p[0] for p in pending], np.int64)),
+                           pb_utils.Tensor(self.timestep_out, np.array([p[1] for p in pending], np.int64))]
+                if preview:
+                    tensors.append(pb_utils.Tensor(self.preview_out, np.asarray(x0, dtype=np.float32)))
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+                pending.clear()
+                last_sent[0] = time.monotonic()
 
         images, error = self._answer(request, sender.is_cancelled, on_step)
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if error is None:
-            sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, images)]),
-                        flags=final)
-        else:
-            sender.send(error, flags=final)
+        if error is None:  # the steps not yet reported travel with the images
+            tensors = [pb_utils.Tensor(self.output_name, images),
+                       pb_utils.Tensor(self.step_out, np.array([p[0] for p in pending], np.int64)),
+                       pb_utils.Tensor(self.timestep_out, np.array([p[1] for p in pending], np.int64))]
+            error = pb_utils.InferenceResponse(output_tensors=tensors)
+        sender.send(error, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def execute(self, requests):
         if self.decoupled:
