@@ -190,3 +190,19 @@ def test_async_connect_to_no_server_raises_server_unreachable_with_the_url(proto
     with pytest.raises(ServerUnreachableError, match=re.escape(url)):
         asyncio.run(connect())
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.server
+def test_readme_asyncio_example_runs_against_a_server(server):
+    """The README's web-service example, as written there (only the address changes): four handlers at once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"### From asyncio.*?```python\n(.*?)```", readme, re.S)
+    assert example, "README.md no longer has the asyncio example"
+    code = example.group(1).replace('"127.0.0.1:8001"', repr(server.grpc_url))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[200, 200, 200, 200]", done.stdout
