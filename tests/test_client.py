@@ -638,6 +638,15 @@ def test_sample_cli_writes_labelled_grid_and_prints_latency(server, tmp_path, ca
                  "--url", url, "--protocol", protocol, "--out", str(server_loop), "--loop", "server"]) == 0
     assert "one request to the server-side loop (4 steps)" in capsys.readouterr().out
     assert server_loop.read_bytes() == out.read_bytes()  # the same seed draws the same grid either way
+    streamed = tmp_path / "streamed.png"  # --progress with the server's loop streams (gRPC), or says why not (HTTP)
+    code = main(["--model", "diffusion", "--class", "sneaker", "--class", "bag", "--n", "3", "--steps", "4",
+                 "--url", url, "--protocol", protocol, "--out", str(streamed), "--loop", "server", "--progress"])
+    captured = capsys.readouterr()
+    if protocol == "grpc":
+        assert code == 0 and streamed.read_bytes() == out.read_bytes()
+        assert "4/4" in captured.err  # the progress bar reached the last step
+    else:
+        assert code == 2 and "need a gRPC client" in captured.err and not streamed.exists()
 
 
 def test_sample_cli_reports_unknown_class_and_unreachable_server(tmp_path, capsys):

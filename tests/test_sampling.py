@@ -25,6 +25,7 @@ from trident.serving.sampling import (
     make_sampler,
     sample,
     sample_progressive,
+    sampling_loop,
     spaced_timesteps,
 )
 
@@ -439,6 +440,32 @@ def test_sample_progressive_yields_each_step_and_ends_at_sample_when_iterated():
     ts.set_timesteps(6)
     assert [i.t for i in infos] == ts.timesteps.tolist()
     np.testing.assert_array_equal(infos[-1].sample.astype(np.float32), sample(RecordingModel(), SHAPE, [1, 2], **kw))
+
+
+def test_sampling_loop_driven_by_hand_takes_the_steps_sample_progressive_takes():
+    """The sans-I/O loop the asyncio client drives: ask for the model call, answer it, step; the same steps as the
+    generator, one call per step of the shape cfg_eps sends."""
+    kw = model_kwargs(sampler="dpmpp-2m", steps=4)
+    loop = sampling_loop(SHAPE, [1, 2], **kw)
+    model, steps = RecordingModel(), []
+    while not loop.done:
+        x, t, y = loop.model_input()
+        assert x.shape == (4, *SHAPE[1:]) and x.dtype == np.float32 and y.tolist() == [1, 2, NULL, NULL]
+        steps.append(loop.advance(model(x, t, y)))
+    reference = list(sample_progressive(RecordingModel(), SHAPE, [1, 2], **kw))
+    assert [s.t for s in steps] == [s.t for s in reference]
+    np.testing.assert_array_equal(steps[-1].pred_original_sample, reference[-1].pred_original_sample)
+    with pytest.raises(ValueError, match="all 4 steps are done"):
+        loop.model_input()
+
+
+def test_sampling_loop_refuses_an_answer_it_did_not_ask_for():
+    loop = sampling_loop(SHAPE, None, **model_kwargs(steps=2))
+    with pytest.raises(ValueError, match="call model_input"):
+        loop.advance(np.zeros(SHAPE))
+    x, t, y = loop.model_input()
+    with pytest.raises(ValueError, match="model returned shape"):
+        loop.advance(np.zeros((3, *SHAPE[1:])))
 
 
 def test_sample_raises_sampling_cancelled_after_that_step_when_callback_returns_false():
