@@ -18,7 +18,8 @@ import pytest
 from trident.serving.client import TridentClient
 from trident.serving.server.launcher import ServerConfig, TritonServer
 from trident.serving.server.repository import MARKER, build_repository
-from trident.serving.spec import DECODER, ENCODER, GENERATOR, SAMPLING_LOOP, UNET, export_card, graph_spec_of
+from trident.serving.spec import (DECODER, ENCODER, GENERATOR, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET, export_card,
+                                  graph_spec_of)
 
 from test_repository import Oracle, assert_outputs_close, infer, read_meta, triton_client, valid_inputs
 
@@ -66,7 +67,8 @@ def test_container_repository_is_front_models_over_python_stand_ins_when_built_w
     marker = json.loads((container_repository / MARKER).read_text())
     assert (marker["flavour"], marker["bucket_backend"]) == ("container", "python")
     graphs = (UNET, GENERATOR, DECODER, ENCODER)
-    assert marker["models"] == sorted((*graphs, SAMPLING_LOOP, *(f"{g}_b{n}" for g in graphs for n in (1, 4))))
+    assert marker["models"] == sorted((*graphs, SAMPLING_LOOP, SAMPLING_LOOP_STREAM,
+                                       *(f"{g}_b{n}" for g in graphs for n in (1, 4))))
     for g in graphs:
         stand_in = (container_repository / f"{g}_b4" / "config.pbtxt").read_text()
         assert 'backend: "python"' in stand_in and "max_batch_size: 0" in stand_in
@@ -85,6 +87,11 @@ def test_sdk_samples_from_the_container_flavour_what_it_samples_in_process(serve
         want = ort_client.sample(**kw)
         np.testing.assert_allclose(client.sample(**kw), want, rtol=0, atol=1e-5)  # 10 rows a step: 4 + 4 + 2
         np.testing.assert_allclose(client.sample(**kw, loop="server"), want, rtol=0, atol=1e-5)
+        if protocol == "grpc":  # the streamed loop, its U-Net calls through BLS too
+            steps = []
+            streamed = client.sample(**kw, loop="server", callback=lambda i, *rest: steps.append(i))
+            np.testing.assert_allclose(streamed, want, rtol=0, atol=1e-5)
+            assert steps == [0, 1, 2, 3]
         np.testing.assert_allclose(client.generate(["coat"] * 6, seed=1, raw=True),
                                    ort_client.generate(["coat"] * 6, seed=1, raw=True), rtol=0, atol=1e-5)
         images = client.generate_vae(9, seed=2)
