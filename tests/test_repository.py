@@ -264,7 +264,7 @@ def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export
     out = tmp_path / "container_repository"
     names = build_repository(list(export_dirs.values()), out, flavour="container", gpu=True, fp16=True)
     per_bucket = sorted(f"{g}_b{n}" for g, meta in metas.items() for n in meta["graphs"][g]["buckets"])
-    assert names == sorted((*per_bucket, *GRAPHS, SAMPLING_LOOP))
+    assert names == sorted((*per_bucket, *GRAPHS, *LOOPS))
 
     def parsed(name):
         return text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -307,11 +307,13 @@ def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export
             text_format.Parse(to_pbtxt(embedded_config(graph, meta)), model_config_pb2.ModelConfig()).input[0])
         assert sorted(p.name for p in (out / graph / "1").iterdir()) == sorted(("model.py", *RUNTIME_FILES))
         assert (out / graph / "1" / "model.py").read_bytes() == MODEL_FILES["router"].read_bytes()
-    loop = parsed(SAMPLING_LOOP)
-    assert (out / SAMPLING_LOOP / "1" / "model.py").read_bytes() == MODEL_FILES["loop"].read_bytes()
-    assert json.loads(loop.parameters[BUCKET_MODELS_KEY].string_value) == {
-        str(n): f"{UNET}_b{n}" for n in metas[UNET]["graphs"][UNET]["buckets"]}
-    assert "trident_onnx_files" not in loop.parameters and not list((out / SAMPLING_LOOP / "1").glob("*.onnx"))
+    for name in LOOPS:  # both sampling loop models call the per-bucket models, the streaming one decoupled
+        loop = parsed(name)
+        assert (out / name / "1" / "model.py").read_bytes() == MODEL_FILES["loop"].read_bytes()
+        assert json.loads(loop.parameters[BUCKET_MODELS_KEY].string_value) == {
+            str(n): f"{UNET}_b{n}" for n in metas[UNET]["graphs"][UNET]["buckets"]}
+        assert "trident_onnx_files" not in loop.parameters and not list((out / name / "1").glob("*.onnx"))
+        assert loop.model_transaction_policy.decoupled == (name == SAMPLING_LOOP_STREAM)
     assert json.loads((out / MARKER).read_text())["bucket_backend"] == "onnxruntime"
 
 
