@@ -79,7 +79,9 @@ class TritonPythonModel:
         if not self.decoupled:  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
             self.runner.warm()
         # The streaming model is not warmed: its sessions are made on its first request (BucketRunner makes each on
-        # first use), so a server whose clients never stream holds no second set of U-Net sessions.
+        # first use; only the smallest bucket's at load, which checks the files and providers), so a server whose
+        # clients never stream holds no second set of U-Net sessions (measured: 82 MiB before the first request,
+        # 157 MiB after one of 8 images, against diffusion_sampler's 199 MiB).
 
     def _eps(self, x, t, y):
         feed = {self.sample_name: np.ascontiguousarray(x, dtype=np.float32),
