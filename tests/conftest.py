@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -22,6 +24,28 @@ TINY_MODELS = {  # a few seconds of training each; enough for shapes and numeric
     "gan": '{"gen_channels": 16, "disc_channels": 16}',
     "vae": '{"channels": 8, "hidden": 32}',
 }
+
+
+T = TypeVar("T")
+
+
+def settled(read: Callable[[], T], reached: Callable[[T], bool] = lambda value: True, quiet_s: float = 0.5,
+            timeout_s: float = 15.0) -> T:
+    """read() once it has `reached` the expected value and then stayed unchanged for quiet_s (or at timeout_s).
+
+    For Triton's statistics: the server records a request when it releases it, which can be after the client already
+    holds the response, so a count read right after the last answer may still be one short. Waiting for the count to
+    reach what was sent (and then stay there) keeps both a lost request and a double answer visible."""
+    deadline = time.monotonic() + timeout_s
+    value, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif reached(value) and time.monotonic() - since >= quiet_s:
+            break
+    return value
 
 
 def _run_together(commands: dict[str, list[str]]) -> None:

@@ -17,6 +17,8 @@ from trident.serving.server.launcher import ServerConfig, TritonServer
 from trident.serving.server.repository import build_repository
 from trident.serving.spec import DECODER, GENERATOR, UNET
 
+from conftest import settled
+
 GRAPHS = (UNET, GENERATOR, DECODER)
 
 
@@ -106,17 +108,20 @@ def test_16_clients_x_50_requests_of_mixed_sizes_lose_nothing_and_each_gets_its_
         for thread in threads:
             thread.join(timeout=600)
         wall = time.monotonic() - t0
-        after = triton_counts(server)
         with TridentClient.connect(server.grpc_url, "grpc") as client:
             max_batch = client.backend.max_batch
+        sent = {g: 0 for g in GRAPHS}
+        for seed in results:
+            graph, feed = random_request(ort_client.backend, seed)
+            rows = len(next(iter(feed.values())))
+            sent[graph] += -(-rows // max_batch[graph])  # requests above max_batch_size are split
+        after = settled(lambda: triton_counts(server),
+                        lambda now: all(now[g][0] - before[g][0] >= sent[g] for g in GRAPHS))
 
     assert not failures, failures
     assert len(results) == clients * per_client, f"{clients * per_client - len(results)} requests lost"
-    sent = {g: 0 for g in GRAPHS}
     for seed, out in results.items():
         graph, feed = random_request(ort_client.backend, seed)
-        rows = len(next(iter(feed.values())))
-        sent[graph] += -(-rows // max_batch[graph])  # requests above max_batch_size are split
         for name, array in expected[seed].items():
             assert out[name].shape == array.shape, (seed, name)
             np.testing.assert_allclose(out[name], array, atol=1e-4, err_msg=f"request {seed} ({graph}), {name}")

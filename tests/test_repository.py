@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import threading
-import time
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from trident.serving.server.runtime.protocol import BUCKET_MODELS as BUCKET_MODE
 from trident.serving.server.runtime.protocol import CARD as CARD_KEY
 from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET,
                                   GraphSpec, TensorSpec, export_card, graph_spec_of)
+
+from conftest import settled
 
 GRAPHS = tuple(KIND_OF_GRAPH)
 LOOPS = (SAMPLING_LOOP, SAMPLING_LOOP_STREAM)  # the sampling loop models: one response, and streaming
@@ -687,14 +688,12 @@ def send_together(jobs: list, timeout: float = 60.0) -> list:
 def execution_counts(served: Served, graph: str, at_least: int = 0) -> tuple[int, int]:
     """(successful requests, executions) of a model. Triton records a request's statistics when it releases the
     request, which can be after the client already holds the response: poll until `at_least` requests show."""
-    deadline = time.monotonic() + 10
+    def read() -> tuple[int, int]:
+        model = client.get_inference_statistics(graph)["model_stats"][0]
+        return int(model["inference_stats"]["success"]["count"]), int(model["execution_count"])
+
     with triton_client("http", served.server.http_url) as client:
-        while True:
-            model = client.get_inference_statistics(graph)["model_stats"][0]
-            requests = int(model["inference_stats"]["success"]["count"])
-            if requests >= at_least or time.monotonic() > deadline:
-                return requests, int(model["execution_count"])
-            time.sleep(0.05)
+        return settled(read, lambda now: now[0] >= at_least)
 
 
 @pytest.mark.server
