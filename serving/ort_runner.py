@@ -240,14 +240,19 @@ class _Sessions(dict):
     memory arena grows to its bucket's activations, tens of MB)."""
 
     def __init__(self, make, buckets):
+        import threading
+
         super().__init__()
         self._make, self.buckets = make, tuple(buckets)
+        self._lock = threading.Lock()  # row shards reach a new bucket at once: one session, not one per shard
 
     def __missing__(self, bucket):
         if bucket not in self.buckets:
             raise KeyError(bucket)
-        session = self[bucket] = self._make(bucket)
-        return session
+        with self._lock:
+            if bucket not in self:
+                super().__setitem__(bucket, self._make(bucket))
+            return super().__getitem__(bucket)
 
     def all(self) -> "_Sessions":
         """Every session made."""
@@ -267,17 +272,24 @@ class BucketRunner:
                 Only onnxruntime buckets are sharded (OpenVINO spreads one call over its threads itself).
     providers   ONNX Runtime execution providers (default CPU)
     engines     {bucket: one of ENGINES} (default: onnxruntime for every bucket)
+    shard_limit the largest bucket a row shard runs (0: the largest bucket): a shard of more rows runs several
+                chunks in turn. Rows in flight are what a call's activations cost, and on a CPU the rows per second
+                of a conv net level off at some batch size, so a shard limit keeps the memory of the buckets above
+                it (their sessions and their activations in the arena) where they buy no speed. The repository
+                builder measures it on the serving machine (serving/precision.py: shard_trial).
 
     Sessions are made on first use; warm() makes and runs those that calls of each bucket's size use (what Triton's
     model_warmup sends), so that memory goes only to the sessions requests run.
     """
 
     def __init__(self, files: dict, *, threads: int = 0, row_shards: int = 0, providers=None,
-                 engines: dict | None = None):
+                 engines: dict | None = None, shard_limit: int = 0):
         if not files:
             raise ValueError("no bucket files given")
         if int(threads) < 0 or int(row_shards) < 0:
             raise ValueError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
+        if int(shard_limit) < 0:
+            raise ValueError(f"shard_limit must be >= 0 (0: the largest bucket), got {shard_limit}")
         providers = list(providers or [CPU])
         cpu_only = all(_provider_name(p) == CPU for p in providers)
         budget = int(threads) or available_cores()
@@ -296,6 +308,7 @@ class BucketRunner:
         self.output_names = self.sessions[self.buckets[0]].output_names()  # also checks the first file loads
         ort_buckets = [b for b in self.buckets if self.engines[b] == "onnxruntime"]
         self.row_shards = (int(row_shards) or (budget if cpu_only else 1)) if ort_buckets else 1
+        self.shard_limit = int(shard_limit)
         self.shard_sessions, self._pool = None, None
         if self.row_shards > 1:
             per_shard = session_options(max(1, budget // self.row_shards), shared_arena=cpu_only)
@@ -320,18 +333,25 @@ class BucketRunner:
                     session.run(self.output_names, {name: np.zeros((bucket, *shape), dtype)
                                                     for name, (shape, dtype) in zeros.items()})
 
-    def _run_rows(self, sessions: dict, feed: dict, start: int, stop: int) -> list[np.ndarray]:
-        return run_in_buckets(feed, self.buckets, lambda bucket, part: sessions[bucket].run(self.output_names, part),
-                              start, stop)
+    def _run_rows(self, sessions: dict, feed: dict, start: int, stop: int, buckets=None) -> list[np.ndarray]:
+        return run_in_buckets(feed, buckets or self.buckets,
+                              lambda bucket, part: sessions[bucket].run(self.output_names, part), start, stop)
 
     def _shards(self, n: int) -> list[tuple[int, int]]:
         """Row shards for n rows: only where the whole call would run on onnxruntime buckets alone (a bucket chosen
         for another engine was chosen because it beat onnxruntime, sharded or not, at that size)."""
         if self._pool is None or any(self.engines[b] != "onnxruntime" for _, _, b in plan_chunks(n, self.buckets)):
             return [(0, n)]
-        shards = plan_shards(n, self.row_shards, self.buckets)
-        parts = [bucket for a, b in shards for _, _, bucket in plan_chunks(b - a, self.buckets)]
+        buckets = self.shard_buckets()
+        shards = plan_shards(n, self.row_shards, buckets)
+        parts = [bucket for a, b in shards for _, _, bucket in plan_chunks(b - a, buckets)]
         return shards if all(self.engines[b] == "onnxruntime" for b in parts) else [(0, n)]
+
+    def shard_buckets(self) -> list[int]:
+        """The buckets a row shard runs: the onnxruntime buckets up to shard_limit (at least the smallest)."""
+        ort_buckets = sorted(self.shard_sessions.buckets) if self.shard_sessions is not None else []
+        limit = self.shard_limit or (ort_buckets[-1] if ort_buckets else 0)
+        return [b for b in ort_buckets if b <= limit] or ort_buckets[:1]
 
     def run(self, feed: dict) -> dict[str, np.ndarray]:
         """{input name: array (n, ...)} in the graph's dtypes -> {output name: array (n, ...)}, n >= 1."""
@@ -344,7 +364,8 @@ class BucketRunner:
         if len(shards) == 1:
             outs = self._run_rows(self.sessions, feed, 0, n)
         else:
-            futures = [self._pool.submit(self._run_rows, self.shard_sessions, feed, a, b) for a, b in shards]
+            buckets = self.shard_buckets()
+            futures = [self._pool.submit(self._run_rows, self.shard_sessions, feed, a, b, buckets) for a, b in shards]
             parts = [f.result() for f in futures]
             outs = [np.concatenate([p[k] for p in parts]) for k in range(len(self.output_names))]
         return dict(zip(self.output_names, outs))

@@ -184,6 +184,60 @@ def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allow
     return {"choice": choice, "buckets": results}
 
 
+SHARD_SLACK = 0.02  # shard_trial keeps the smallest bucket whose time per row is within this of the fastest
+
+
+def shard_trial(files: dict[int, str], parity: dict[str, np.ndarray] | None, *, threads: int = 0,
+                row_shards: int = 0, rounds: int = ROUNDS, min_seconds: float = 0.1, log=None) -> dict | None:
+    """The largest bucket a row shard should run here (ort_runner.BucketRunner's shard_limit), by measurement.
+
+    files: {bucket: path} of the buckets that run on onnxruntime. For each bucket b, a call of row_shards x b rows
+    (every shard runs one chunk of b rows, the shards at once, as served) is timed in interleaved rounds; the limit is
+    the smallest b whose median time per row is within SHARD_SLACK of the fastest. Buckets above it buy no speed on
+    this machine and would cost their sessions and activations (the U-Net's shard sessions for 16 rows hold ~30 MB).
+    Returns {"limit", "per_row_ms": {bucket: ms}, "rounds_ms": {bucket: [ms per row]}, "row_shards"}; None where calls
+    are not sharded (one shard, or fewer than two buckets)."""
+    if len(files) < 2:
+        return None
+    runner = BucketRunner(files, threads=threads, row_shards=row_shards)
+    try:
+        if runner.row_shards < 2:
+            return None
+        buckets = runner.buckets
+        names = {name: (shape, dtype) for name, shape, dtype in runner.sessions[buckets[0]].inputs()}
+        feeds = {}
+        for b in buckets:
+            n = runner.row_shards * b
+            feeds[b] = (_rows(parity, list(names), n) if parity is not None and set(names) <= set(parity) else
+                        {name: np.zeros((n, *shape[1:]), dtype) for name, (shape, dtype) in names.items()})
+        reps, per_row = {}, {b: [] for b in buckets}
+        for b in buckets:
+            runner.shard_limit = b
+            runner.run(feeds[b])  # makes and warms this bucket's shard session
+            t0, k = time.perf_counter(), 0
+            while time.perf_counter() - t0 < min_seconds or k < 2:
+                runner.run(feeds[b])
+                k += 1
+            reps[b] = k
+        for _ in range(rounds):  # interleaved: every bucket once per round
+            for b in buckets:
+                runner.shard_limit = b
+                t0 = time.perf_counter()
+                for _ in range(reps[b]):
+                    runner.run(feeds[b])
+                per_row[b].append(1e3 * (time.perf_counter() - t0) / reps[b] / len(feeds[b][next(iter(names))]))
+    finally:
+        runner.close()
+    median = {b: float(np.median(ms)) for b, ms in per_row.items()}
+    best = min(median.values())
+    limit = min(b for b, ms in median.items() if ms <= best * (1 + SHARD_SLACK))
+    if log:
+        log(f"row shards x{runner.row_shards}: " + ", ".join(f"b{b} {ms:.3f} ms/row" for b, ms in median.items())
+            + f"; shard limit b{limit}")
+    return {"limit": limit, "row_shards": runner.row_shards, "per_row_ms": {str(b): ms for b, ms in median.items()},
+            "rounds_ms": {str(b): ms for b, ms in per_row.items()}}
+
+
 def load_parity(export_dir: str | os.PathLike, entry: dict) -> dict[str, np.ndarray] | None:
     """The export's fixed batch of held-out real inputs for a graph (None for an export without one)."""
     if "parity_inputs" not in entry:

@@ -53,9 +53,9 @@ def test_sharded_runs_equal_whole_runs_row_for_row(unet_files):
     seen = []
     run_rows = sharded._run_rows
 
-    def recording(sessions, feed, start, stop):
+    def recording(sessions, feed, start, stop, buckets=None):
         seen.append((sessions is sharded.shard_sessions, start, stop))
-        return run_rows(sessions, feed, start, stop)
+        return run_rows(sessions, feed, start, stop, buckets)
 
     sharded._run_rows = recording
     # which rows each call ran where, with buckets (1, 4): (on the shard sessions?, start, stop)
@@ -72,6 +72,47 @@ def test_sharded_runs_equal_whole_runs_row_for_row(unet_files):
     finally:
         whole.close()
         sharded.close()
+
+
+def test_shard_limit_runs_larger_shards_in_chunks_of_the_smaller_buckets_with_the_same_rows(unet_files):
+    """shard_limit=1 over buckets (1, 4): 8 rows are two shards of four one-row calls each; the rows equal one
+    whole-batch session's, and the shards never make the 4-row session (what the limit saves is its memory)."""
+    files, spec = unet_files
+    whole = BucketRunner(files, threads=1, row_shards=1)
+    limited = BucketRunner(files, threads=2, row_shards=2, shard_limit=1)
+    calls = []
+    make = limited.shard_sessions._make
+    limited.shard_sessions._make = lambda b: (calls.append(b), make(b))[1]
+    try:
+        assert limited.shard_buckets() == [1]
+        for n in (2, 5, 8, 9):
+            feed = _feed(spec, n, seed=100 + n)
+            np.testing.assert_allclose(limited.run(feed)["noise_pred"], whole.run(feed)["noise_pred"], rtol=0,
+                                       atol=1e-5, err_msg=f"{n} rows")
+        assert calls == [1] and sorted(limited.shard_sessions) == [1]
+        limited.shard_limit = 3  # not a bucket: the buckets up to it
+        assert limited.shard_buckets() == [1]
+        limited.shard_limit = 0  # every bucket
+        assert limited.shard_buckets() == [1, 4]
+    finally:
+        whole.close()
+        limited.close()
+    with pytest.raises(ValueError, match="shard_limit must be >= 0"):
+        BucketRunner(files, shard_limit=-1)
+
+
+def test_shard_trial_times_every_bucket_on_the_shards_and_keeps_the_smallest_within_two_percent(unet_files):
+    from trident.serving import precision
+
+    files, spec = unet_files
+    trial = precision.shard_trial(files, None, threads=2, row_shards=2, min_seconds=0.02)
+    per_row = {int(b): ms for b, ms in trial["per_row_ms"].items()}
+    assert sorted(per_row) == sorted(files) and trial["row_shards"] == 2
+    assert all(len(trial["rounds_ms"][str(b)]) == precision.ROUNDS and ms > 0 for b, ms in per_row.items())
+    assert trial["limit"] == min(b for b, ms in per_row.items() if ms <= 1.02 * min(per_row.values()))
+    # nothing to choose: one shard, or one bucket
+    assert precision.shard_trial(files, None, threads=2, row_shards=1) is None
+    assert precision.shard_trial({1: files[1]}, None, threads=2, row_shards=2) is None
 
 
 def test_row_shards_default_to_the_cores_on_cpu_and_one_elsewhere(unet_files):

@@ -143,7 +143,9 @@ def repository(export_dirs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("served") / "model_repository"
     # row_shards=2: the served models split batches of 2+ rows over two sessions whatever the machine's core count,
     # so every served test below also checks the sharded path against the one-row-at-a-time oracle.
-    build_repository(list(export_dirs.values()), out, max_batch_size=SERVED_MAX_BATCH, row_shards=2)
+    # shard_limit=0: shards run every bucket, so the plans below are the same on every machine (the measured limit,
+    # shard_limit="auto", the default, is tested on its own).
+    build_repository(list(export_dirs.values()), out, max_batch_size=SERVED_MAX_BATCH, row_shards=2, shard_limit=0)
     return out
 
 
@@ -231,9 +233,53 @@ def test_card_parameter_carries_the_export_card_with_this_graphs_buckets_when_re
         # Every other parameter is one the model's own model.py reads, or the precision chosen per bucket (the
         # build's record for operators): no unread copies of card fields.
         assert set(params) == {CARD_KEY, "trident_onnx_files", "trident_engines", "trident_precision",
-                               "trident_input_ranges", "intra_op_num_threads", "row_shards", "execution_provider"}, graph
+                               "trident_input_ranges", "intra_op_num_threads", "row_shards", "trident_shard_limit",
+                               "execution_provider"}, graph
         assert json.loads(params["trident_precision"]) == {str(b): "onnxruntime-fp32"
                                                            for b in meta["graphs"][graph]["buckets"]}
+
+
+def test_shard_limit_is_measured_per_graph_and_recorded_when_built_with_defaults(export_dirs, tmp_path):
+    """The default build times each graph's buckets on row shards here (precision.shard_trial) and every model that
+    runs the graph gets the limit it chose; the trial's numbers go into trident_repository.json."""
+    out = tmp_path / "repo"
+    build_repository(list(export_dirs.values()), out, row_shards=2)
+    records = json.loads((out / MARKER).read_text())["precision"]
+    for graph in GRAPHS:
+        trial = records[graph]["shard_trial"]
+        per_row = {int(b): ms for b, ms in trial["per_row_ms"].items()}
+        assert sorted(per_row) == sorted(int(b) for b in read_meta(export_dirs[KIND_OF_GRAPH[graph]])["graphs"][graph]
+                                         ["buckets"]) and trial["row_shards"] == 2, graph
+        assert all(len(rounds) == 3 for rounds in trial["rounds_ms"].values()), graph
+        # the smallest bucket within 2% of the fastest time per row
+        assert trial["limit"] == min(b for b, ms in per_row.items() if ms <= 1.02 * min(per_row.values())), graph
+        models = [graph, *(LOOPS if graph == UNET else ())]
+        for model in models:
+            params = embedded_parameters(out / model / "config.pbtxt")
+            assert params["trident_shard_limit"] == str(trial["limit"]), model
+
+
+def embedded_parameters(config_path: Path) -> dict[str, str]:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def test_shard_limit_given_is_written_as_is_and_bad_values_are_refused(export_dirs, tmp_path, capsys):
+
+    out = tmp_path / "repo"
+    assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--shard-limit", "1"]) == 0
+    assert embedded_parameters(out / "gan_generator" / "config.pbtxt")["trident_shard_limit"] == "1"
+    assert "shard_trial" not in json.loads((out / MARKER).read_text())["precision"]["gan_generator"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--export", str(export_dirs["gan"]), "--out", str(tmp_path / "other"), "--shard-limit", "-2"])
+    assert exit_info.value.code == 2
+    assert "expected auto or a bucket size >= 0, got '-2'" in capsys.readouterr().err
+    with pytest.raises(RepositoryError, match="shard_limit must be 'auto' or a bucket size >= 0"):
+        build_repository([export_dirs["gan"]], tmp_path / "third", shard_limit="fast")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "third").exists()
 
 
 def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_when_built(metas, specs):

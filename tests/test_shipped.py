@@ -1,6 +1,8 @@
 """The shipped artefacts: checkpoints, the committed model repository, and the demo (the README's main job)."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,18 @@ def test_shipped_checkpoint_exists_and_records_how_it_was_trained(kind):
     assert (SHIPPED / kind / "TRAINING.md").is_file()
 
 
+def unmeasured(path: Path) -> str:
+    """A repository file without what the build measures on its machine (the row shards' bucket limit and its
+    trial, precision.shard_trial): those differ from machine to machine, and by noise, by design."""
+    text = path.read_text()
+    if path.name == MARKER:
+        data = json.loads(text)
+        for record in data.get("precision", {}).values():
+            record.pop("shard_trial", None)
+        return json.dumps(data, indent=2)
+    return re.sub(r'(key: "trident_shard_limit"\s*value \{\s*string_value: )"\d+"', r'\1"measured"', text)
+
+
 def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path):
     fresh = tmp_path / "model_repository"
     default_build(SHIPPED, fresh, shipped_work, log=lambda *_: None)
@@ -43,7 +57,7 @@ def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path)
     committed, built = listed(ROOT / "model_repository"), listed(fresh)
     assert committed == built, "committed model_repository/ lists other files than a fresh `trident serve build`"
     for rel in committed:
-        assert (ROOT / "model_repository" / rel).read_bytes() == (fresh / rel).read_bytes(), (
+        assert unmeasured(ROOT / "model_repository" / rel) == unmeasured(fresh / rel), (
             f"model_repository/{rel} differs from a fresh build: run `trident serve build` and commit the result")
     assert (ROOT / "model_repository" / MARKER).is_file()
 

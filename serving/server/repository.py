@@ -40,6 +40,7 @@ import hashlib
 import json
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from trident.serving import precision, toolchain
@@ -191,10 +192,10 @@ def _choice(graph: str, entry: dict, choice: dict | None, fp16: bool) -> dict[in
 
 
 def _bucket_runner_parameters(graph: str, entry: dict, choice: dict[int, str], *, gpu: bool, intra_op_threads: int,
-                              row_shards: int) -> dict[str, str]:
+                              row_shards: int, shard_limit: int = 0) -> dict[str, str]:
     """The parameters of a Python-backend model that runs a graph's bucket files with ort_runner.BucketRunner: per
-    bucket the file and engine of its variant, and the threads, row shards and execution provider its model.py
-    reads."""
+    bucket the file and engine of its variant, and the threads, row shards (and their bucket limit) and execution
+    provider its model.py reads."""
     file_of = {b: entry[precision.VARIANTS[v][0]][str(b)]["file"] for b, v in choice.items()}
     return {
         P.FILES: json.dumps({str(b): Path(file).name for b, file in file_of.items()}),
@@ -202,6 +203,7 @@ def _bucket_runner_parameters(graph: str, entry: dict, choice: dict[int, str], *
         P.PRECISION: json.dumps({str(b): v for b, v in choice.items()}),
         P.THREADS: str(int(intra_op_threads)),
         P.SHARDS: str(int(row_shards)),
+        P.SHARD_LIMIT: str(int(shard_limit)),
         P.PROVIDER: "cuda" if gpu else "cpu",
     }
 
@@ -217,17 +219,19 @@ def _model_files(directory: Path, entry: dict, choice: dict[int, str]) -> dict[s
 
 def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None,
                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, gpu: bool = False, fp16: bool = False,
-                    intra_op_threads: int = 0, row_shards: int = 0, choice: dict | None = None) -> dict:
+                    intra_op_threads: int = 0, row_shards: int = 0, choice: dict | None = None,
+                    shard_limit: int = 0) -> dict:
     """Python-backend model serving every bucket of one graph (see serving/server/runtime/graph_model.py).
 
     max_batch_size defaults to the largest bucket; a larger value lets one request (or one dynamic batch) span
-    several bucket runs. choice: {bucket: variant} (default onnxruntime-fp32, or -fp16 with fp16).
+    several bucket runs. choice: {bucket: variant} (default onnxruntime-fp32, or -fp16 with fp16). shard_limit: the
+    largest bucket a row shard runs (0: the largest bucket; plan_repository measures it).
     """
     spec, entry = _graph(meta, graph)
     choice = _choice(graph, entry, choice, fp16)
     buckets = sorted(choice)
     runtime = _bucket_runner_parameters(graph, entry, choice, gpu=gpu, intra_op_threads=intra_op_threads,
-                                        row_shards=row_shards)
+                                        row_shards=row_shards, shard_limit=shard_limit)
     max_batch_size = buckets[-1] if max_batch_size is None else int(max_batch_size)
     if max_batch_size < 1:
         raise RepositoryError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -249,7 +253,7 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
 
 def loop_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_threads: int = 0,
                 row_shards: int = 0, max_images: int = DEFAULT_LOOP_MAX_IMAGES, choice: dict | None = None,
-                stream: bool = False) -> dict:
+                stream: bool = False, shard_limit: int = 0) -> dict:
     """The sampling loop model (serving/server/runtime/loop_model.py) over the export's U-Net graphs: not batched by
     Triton (max_batch_size 0, one request = one batch of images), its own sessions of the U-Net (choice: as the
     U-Net model's). stream: the decoupled variant (diffusion_sampler_stream, gRPC streaming: progress, then the
@@ -257,7 +261,8 @@ def loop_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_t
     unet, entry = _graph(meta, UNET)
     spec = loop_spec(_card(meta).image.shape, stream=stream)
     runtime = _bucket_runner_parameters(UNET, entry, _choice(UNET, entry, choice, fp16), gpu=gpu,
-                                        intra_op_threads=intra_op_threads, row_shards=row_shards)
+                                        intra_op_threads=intra_op_threads, row_shards=row_shards,
+                                        shard_limit=shard_limit)
     if max_images < 1:
         raise RepositoryError(f"max_images must be >= 1, got {max_images}")
     runtime[P.UNET_IO] = json.dumps([t.name for t in (*unet.inputs, *unet.outputs)])
@@ -440,12 +445,14 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                     max_batch_size: int | None = None, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                     intra_op_threads: int = 0, row_shards: int = 0, server_loop: bool = True,
                     precision_choice: str = "fp32", quality_gate: Path | None = None, log=None,
-                    records: dict | None = None, bucket_backend: str = "onnxruntime"
+                    records: dict | None = None, bucket_backend: str = "onnxruntime", shard_limit: int | str = "auto"
                     ) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
     """[(config, {file name in the version dir: (source path, sha256)})] for every model; writes nothing.
 
     precision_choice: "fp32" (onnxruntime-fp32, today's default), a variant of serving/precision.py for every bucket,
-    or "auto": measured here per graph and bucket (the record of each graph's trial goes into `records`)."""
+    or "auto": measured here per graph and bucket (the record of each graph's trial goes into `records`).
+    shard_limit: embedded, CPU: the largest bucket a row shard runs; "auto" measures it here per graph
+    (precision.shard_trial, recorded in `records`), 0 lets shards run every bucket."""
     if flavour not in FLAVOURS:
         raise RepositoryError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
     if bucket_backend not in BUCKET_BACKENDS:
@@ -467,6 +474,10 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                               "Triton's native backends (--gpu --fp16 for TensorRT FP16)")
     if gpu and precision_choice not in (precision.REFERENCE, "onnxruntime-fp16"):
         raise RepositoryError(f"--precision {precision_choice} runs on the CPU; with --gpu use fp32 or --fp16")
+    if shard_limit != "auto" and (isinstance(shard_limit, bool) or not isinstance(shard_limit, int)
+                                  or shard_limit < 0):
+        raise RepositoryError(f"shard_limit must be 'auto' or a bucket size >= 0 (0: every bucket), got "
+                              f"{shard_limit!r}")
     if intra_op_threads < 0 or row_shards < 0:
         raise RepositoryError(f"intra_op_threads and row_shards must be >= 0 (0: automatic), got {intra_op_threads} "
                               f"and {row_shards}")
@@ -482,24 +493,36 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
             source_of[graph] = directory
             _, entry = _graph(meta, graph)
             if flavour == "embedded":
+                _verify_graph_files(directory, entry)  # before the trials below load them
                 try:
                     record = precision.choose(directory, meta, graph, precision_choice, gate_file=quality_gate,
                                               threads=intra_op_threads, row_shards=row_shards,
                                               log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
                 except ValueError as e:
                     raise RepositoryError(str(e)) from None
+                choice = record["choice"]
+                limit = shard_limit
+                if limit == "auto":  # measured over the buckets that run on onnxruntime (the ones row shards run)
+                    ort_files = {int(b): str(directory / entry[precision.VARIANTS[v][0]][str(b)]["file"])
+                                 for b, v in choice.items() if precision.VARIANTS[v][1] == "onnxruntime"}
+                    shards = None if gpu else precision.shard_trial(
+                        ort_files, precision.load_parity(directory, entry), threads=intra_op_threads,
+                        row_shards=row_shards, log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
+                    record = {**record, "shard_trial": shards}
+                    limit = shards["limit"] if shards else 0
                 if records is not None:
                     records[graph] = record
-                choice = record["choice"]
                 config = embedded_config(graph, meta, max_batch_size=max_batch_size,
                                          max_queue_delay_us=max_queue_delay_us, gpu=gpu, fp16=fp16,
-                                         intra_op_threads=intra_op_threads, row_shards=row_shards, choice=choice)
+                                         intra_op_threads=intra_op_threads, row_shards=row_shards, choice=choice,
+                                         shard_limit=limit)
                 files = _model_files(directory, entry, _choice(graph, entry, choice, fp16))
                 plan.append((config, files))
                 if graph == UNET and server_loop:  # the sampling loop models run the same graph files
                     for stream in (False, True):
                         plan.append((loop_config(meta, gpu=gpu, fp16=fp16, intra_op_threads=intra_op_threads,
-                                                 row_shards=row_shards, choice=choice, stream=stream), dict(files)))
+                                                 row_shards=row_shards, choice=choice, stream=stream,
+                                                 shard_limit=limit), dict(files)))
             else:
                 plan += _plan_container(graph, meta, directory, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
                                         max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
@@ -531,14 +554,22 @@ def _plan_container(graph: str, meta: dict, directory: Path, *, gpu: bool, fp16:
     return plan
 
 
-def _copy_checked(source: Path, destination: Path, sha256: str) -> None:
-    """Copy a graph file, refusing one that is not the file the export recorded."""
+def _verify_graph_files(directory: Path, entry: dict) -> None:
+    """Every graph file of one graph's entry (all precisions) is the file the export recorded."""
+    for files in (entry.get(p) or {} for p in ("fp32", "fp16", "int8")):
+        for file in files.values():
+            _copy_checked(directory / file["file"], None, file["sha256"])
+
+
+def _copy_checked(source: Path, destination: Path | None, sha256: str) -> None:
+    """Copy a graph file (destination None: only check it), refusing one that is not the file the export recorded."""
     digest = hashlib.sha256()
     try:
-        with open(source, "rb") as src, open(destination, "wb") as dst:
+        with open(source, "rb") as src, (open(destination, "wb") if destination else nullcontext()) as dst:
             for block in iter(lambda: src.read(1 << 20), b""):
                 digest.update(block)
-                dst.write(block)
+                if dst is not None:
+                    dst.write(block)
     except FileNotFoundError:
         raise RepositoryError(f"{source} is listed in metadata.json but missing; re-export") from None
     if digest.hexdigest() != sha256:
@@ -567,7 +598,8 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
                      fp16: bool = False, max_batch_size: int | None = None,
                      max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 0,
                      row_shards: int = 0, server_loop: bool = True, precision_choice: str = "fp32",
-                     quality_gate: Path | None = None, log=None, bucket_backend: str = "onnxruntime") -> list[str]:
+                     quality_gate: Path | None = None, log=None, bucket_backend: str = "onnxruntime",
+                     shard_limit: int | str = "auto") -> list[str]:
     """Write a Triton model repository for these export directories into `out` (replaced atomically).
 
     Returns the model names, sorted. See the module docstring for the two flavours, serving/precision.py for
@@ -578,7 +610,8 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
     plan = plan_repository(export_dirs, flavour, gpu=gpu, fp16=fp16, max_batch_size=max_batch_size,
                            max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
                            row_shards=row_shards, server_loop=server_loop, precision_choice=precision_choice,
-                           quality_gate=quality_gate, log=log, records=records, bucket_backend=bucket_backend)
+                           quality_gate=quality_gate, log=log, records=records, bucket_backend=bucket_backend,
+                           shard_limit=shard_limit)
     _check_replaceable(out)
     with atomic_directory(out) as tmp:  # the old repository is removed only once the new one is complete
         for name in KEPT:
@@ -642,7 +675,23 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--row-shards", type=int, default=0,
                    help="embedded, CPU: split a batch of 2+ rows into this many parts run concurrently on "
                         "single-threaded sessions (0: one per core the server may use; 1: off)")
+    p.add_argument("--shard-limit", type=_shard_limit, default="auto", metavar="auto|N",
+                   help="embedded, CPU: the largest bucket a row shard runs (a shard of more rows runs several "
+                        "chunks); auto (default): per graph the smallest bucket whose time per row is within 2%% of the "
+                        "fastest, measured here; 0: every bucket")
     return p
+
+
+def _shard_limit(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a bucket size >= 0, got {text!r}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -650,7 +699,8 @@ def main(argv=None) -> int:
     options = dict(flavour=args.flavour, gpu=args.gpu, fp16=args.fp16, max_batch_size=args.max_batch_size,
                    max_queue_delay_us=args.max_queue_delay_us, intra_op_threads=args.intra_op_threads,
                    row_shards=args.row_shards, server_loop=args.server_loop, precision_choice=args.precision,
-                   quality_gate=args.quality_gate, log=print, bucket_backend=args.bucket_backend)
+                   quality_gate=args.quality_gate, log=print, bucket_backend=args.bucket_backend,
+                   shard_limit=args.shard_limit)
     try:
         if args.export is None:  # export the checkpoints first (torch): through the one seam to export/
             toolchain.resolve("default_build")(args.checkpoints, args.out, **options)

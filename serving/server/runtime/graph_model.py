@@ -39,7 +39,8 @@ class TritonPythonModel:
         files = {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[P.FILES]).items()}
         self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
                                    row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
-                                   engines=json.loads(params.get(P.ENGINES, "{}")))
+                                   engines=json.loads(params.get(P.ENGINES, "{}")),
+                                   shard_limit=int(params.get(P.SHARD_LIMIT, "0")))
         if not config.get("model_warmup"):  # else Triton's warm-up requests warm the same sessions, on the thread
             self.runner.warm()              # that serves (ONNX Runtime keeps per-thread buffers: not twice)
         self.buckets = self.runner.buckets

@@ -75,7 +75,8 @@ class TritonPythonModel:
             files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P.FILES]).items()}
             self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
                                        row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
-                                       engines=json.loads(params.get(P.ENGINES, "{}")))
+                                       engines=json.loads(params.get(P.ENGINES, "{}")),
+                                       shard_limit=int(params.get(P.SHARD_LIMIT, "0")))
         if not self.decoupled:  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
             self.runner.warm()
         # The streaming model is not warmed: its sessions are made on its first request (BucketRunner makes each on

@@ -16,6 +16,7 @@ UNET_IO = "trident_unet_io"          # loop model: JSON [sample, timestep, class
 MAX_IMAGES = "trident_max_images"    # loop model: images per request
 THREADS = "intra_op_num_threads"     # ONNX Runtime threads of a whole call (0: its default)
 SHARDS = "row_shards"                # concurrent row shards on the CPU (0: one per core, 1: off)
+SHARD_LIMIT = "trident_shard_limit"  # the largest bucket a row shard runs (0: the largest; serving/precision.py)
 PROVIDER = "execution_provider"      # "cpu" or "cuda"
 ORT_BACKEND_THREADS = "intra_op_thread_count"  # the native onnxruntime backend's own parameter (container flavour)
 
