@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     process = subprocess.Popen(command, env=env)
     try:
         code = process.wait()
-    except KeyboardInterrupt:  # Ctrl-C or gpu.sh's time cap reach pytest too: it stops and writes what finished
+    except KeyboardInterrupt:  # Ctrl-C (or a timeout's SIGINT) reaches pytest too: it stops and writes what finished
         print("interrupted: waiting for pytest to write its results", flush=True)
         code = process.wait()
     print(f"pytest exited with {code} after {time.monotonic() - t0:.0f} s", flush=True)

@@ -216,6 +216,19 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _keep_reduced(tmp: Path, entry: dict, precision: str, graph: str, n: int, data: bytes, err: float,
+                  tolerance: float) -> str:
+    """One bucket's int8 or fp16 graph: refused beyond its precision's tolerance against PyTorch, else written to
+    tmp/<precision>/ and recorded in the graph's entry. Returns the log fragment."""
+    if not err < tolerance:
+        raise ExportError(f"{graph} b{n} {precision}: max abs error {err:.3g} exceeds {tolerance}")
+    name = f"{graph}_b{n}.onnx"
+    (tmp / precision).mkdir(exist_ok=True)
+    (tmp / precision / name).write_bytes(data)
+    entry[precision][str(n)] = {"file": f"{precision}/{name}", "sha256": _sha256(data), "parity_max_abs_err": err}
+    return f", {precision} parity {err:.2e}"
+
+
 def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bucket_map, fp16: bool, exporter: str,
                  log, int8: bool = True) -> dict:
     """Export, check and write every graph and metadata.json (the card, with the buckets) into the folder tmp."""
@@ -253,24 +266,14 @@ def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bu
             msg = f"{graph} b{n}: parity {err:.2e}"
             if int8:
                 qdata = quantize.quantize_graph(data, spec, calibration, n)
-                qerr = parity(qdata, module, spec, n, card, inputs=held_out)
-                if not qerr < INT8_TOLERANCE:
-                    raise ExportError(f"{graph} b{n} int8: max abs error {qerr:.3g} exceeds {INT8_TOLERANCE}")
-                (tmp / "int8").mkdir(exist_ok=True)
-                (tmp / "int8" / name).write_bytes(qdata)
-                entry["int8"][str(n)] = {"file": f"int8/{name}", "sha256": _sha256(qdata), "parity_max_abs_err": qerr}
-                msg += f", int8 parity {qerr:.2e}"
+                qerr = parity(qdata, module, spec, n, card, inputs=held_out)  # on rows the calibration did not see
+                msg += _keep_reduced(tmp, entry, "int8", graph, n, qdata, qerr, INT8_TOLERANCE)
             if fp16:
                 half = to_fp16(proto)
                 onnx.checker.check_model(half)
                 hdata = half.SerializeToString()
-                herr = parity(hdata, module, spec, n, card)
-                if not herr < FP16_TOLERANCE:
-                    raise ExportError(f"{graph} b{n} fp16: max abs error {herr:.3g} exceeds {FP16_TOLERANCE}")
-                (tmp / "fp16").mkdir(exist_ok=True)
-                (tmp / "fp16" / name).write_bytes(hdata)
-                entry["fp16"][str(n)] = {"file": f"fp16/{name}", "sha256": _sha256(hdata), "parity_max_abs_err": herr}
-                msg += f", fp16 parity {herr:.2e}"
+                msg += _keep_reduced(tmp, entry, "fp16", graph, n, hdata, parity(hdata, module, spec, n, card),
+                                     FP16_TOLERANCE)
             log(f"{msg} ({time.time() - t0:.1f}s)")
         info["graphs"][graph] = entry
     (tmp / "metadata.json").write_text(json.dumps(info, indent=2) + "\n")

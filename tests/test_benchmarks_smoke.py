@@ -142,7 +142,7 @@ def test_report_streaming_cost_is_the_streamed_median_over_the_one_response_medi
 
 @pytest.mark.slow
 def test_benchmark_run_keeps_what_finished_when_interrupted(checkpoints, export_dirs, tmp_path):
-    """Ctrl-C (or gpu.sh's time cap) during `make bench` reaches pytest too: run.py waits for it, and the benchmarks
+    """Ctrl-C (or a timeout's SIGINT) during `make bench` reaches pytest too: run.py waits for it, and the benchmarks
     that finished still reach latest.json and the report."""
     import signal
 

@@ -115,6 +115,27 @@ def test_shard_trial_times_every_bucket_on_the_shards_and_keeps_the_smallest_wit
     assert precision.shard_trial({1: files[1]}, None, threads=2, row_shards=2) is None
 
 
+def test_in_process_backend_takes_a_shard_limit_or_measures_one_and_draws_the_same_images(export_dirs):
+    from trident.serving.client import TridentClient
+    from trident.serving.client.backends import InvalidArgumentError
+
+    d = export_dirs["diffusion"]
+    kw = dict(threads=2, row_shards=2)
+    with TridentClient.from_onnx(d, **kw) as every, TridentClient.from_onnx(d, shard_limit=1, **kw) as one, \
+            TridentClient.from_onnx(d, shard_limit="auto", **kw) as measured:
+        assert every.backend.runners[UNET].shard_limit == 0 and "shard_trial" not in every.backend.precision[UNET]
+        assert one.backend.runners[UNET].shard_limit == 1
+        trial = measured.backend.precision[UNET]["shard_trial"]
+        assert measured.backend.runners[UNET].shard_limit == trial["limit"] in every.backend.buckets[UNET]
+        want = every.sample([1, 7, 3], steps=3, guidance=3.0, seed=5, raw=True)  # 6 rows a step: 2 shards of 3
+        for client in (one, measured):
+            np.testing.assert_allclose(client.sample([1, 7, 3], steps=3, guidance=3.0, seed=5, raw=True), want,
+                                       rtol=0, atol=1e-5)
+    for bad in (-1, "fast", 2.5):
+        with pytest.raises(InvalidArgumentError, match="shard_limit must be 'auto' or a bucket size >= 0"):
+            TridentClient.from_onnx(d, shard_limit=bad)
+
+
 def test_row_shards_default_to_the_cores_on_cpu_and_one_elsewhere(unet_files):
     files, _ = unet_files
     from trident.serving.ort_runner import available_cores

@@ -23,6 +23,7 @@ import numpy as np
 from ..card import ModelCard
 from ..errors import InferenceError, InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
 from .. import precision as precisions
+from ..ort_runner import CPU as CPU_PROVIDER
 from ..ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
 from ..sampling import SamplingCancelled
 from ..spec import (KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, GraphSpec, export_card, graph_spec_of,
@@ -116,19 +117,25 @@ class OnnxRuntimeBackend(InProcess):
     serving/precision.py for every bucket, or "auto": per graph and bucket the fastest variant measured here that
     this CPU runs natively and that passed the quality gate (quality_gate: its verdicts file) and the parity gate;
     what was chosen and measured is in .precision[graph]. threads: intra-op threads of a whole call (None or 0:
-    ONNX Runtime's default); row_shards: concurrent row shards on the CPU (0: one per core; 1: off).
+    ONNX Runtime's default); row_shards: concurrent row shards on the CPU (0: one per core; 1: off); shard_limit: the
+    largest bucket a row shard runs (0, the default: every bucket; "auto": per graph the smallest bucket within 2% of
+    the fastest time per row, measured here as `trident serve build` does, recorded in .precision[graph]).
     """
 
     name = "onnxruntime"
 
     def __init__(self, export_dirs, threads: int | None = None, providers: list[str] | None = None,
-                 precision: str = "fp32", row_shards: int = 0, quality_gate=None):
+                 precision: str = "fp32", row_shards: int = 0, quality_gate=None, shard_limit: int | str = 0):
         if isinstance(export_dirs, (str, os.PathLike)):
             export_dirs = [export_dirs]
         precision = {"fp32": precisions.REFERENCE, "fp16": "onnxruntime-fp16"}.get(precision, precision)
         if precision not in precisions.CHOICES:
             raise InvalidArgumentError(f"precision must be fp32, fp16 or one of {precisions.CHOICES}, "
                                        f"got {precision!r}")
+        if shard_limit != "auto" and (isinstance(shard_limit, bool) or not isinstance(shard_limit, int)
+                                      or shard_limit < 0):
+            raise InvalidArgumentError(f"shard_limit must be 'auto' or a bucket size >= 0 (0: every bucket), got "
+                                       f"{shard_limit!r}")
         if (threads or 0) < 0 or row_shards < 0:
             raise InvalidArgumentError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
         self.cards, self.buckets, self.specs, self.runners, self.precision = {}, {}, {}, {}, {}
@@ -143,15 +150,24 @@ class OnnxRuntimeBackend(InProcess):
                                                    threads=threads or 0, row_shards=row_shards)
                     except ValueError as e:
                         raise InvalidArgumentError(f"{d}: {e}") from None
-                    self.precision[graph] = record
                     variant_of = {int(b): v for b, v in record["choice"].items()}
                     files = {b: Path(d) / entry[precisions.VARIANTS[v][0]][str(b)]["file"]
                              for b, v in variant_of.items()}
+                    engines = {b: precisions.VARIANTS[v][1] for b, v in variant_of.items()}
+                    limit = shard_limit
+                    if limit == "auto" and providers and any(
+                            (p if isinstance(p, str) else p[0]) != CPU_PROVIDER for p in providers):
+                        limit = 0  # a GPU runs one call at a time: no row shards to limit
+                    if limit == "auto":
+                        trial = precisions.shard_trial(
+                            {b: str(f) for b, f in files.items() if engines[b] == "onnxruntime"},
+                            precisions.load_parity(d, entry), threads=threads or 0, row_shards=row_shards)
+                        record = {**record, "shard_trial": trial}
+                        limit = trial["limit"] if trial else 0
+                    self.precision[graph] = record
                     self.specs[graph] = graph_spec_of(graph, card)
                     self.runners[graph] = BucketRunner(files, threads=threads or 0, row_shards=row_shards,
-                                                       providers=providers,
-                                                       engines={b: precisions.VARIANTS[v][1]
-                                                                for b, v in variant_of.items()})
+                                                       providers=providers, engines=engines, shard_limit=limit)
                     self.buckets[graph] = tuple(self.runners[graph].buckets)
         except ValueError as e:  # BucketRunner's plain ValueError, e.g. a GPU provider asked for that does not load
             self.close()
