@@ -35,12 +35,7 @@ class TritonPythonModel:
         # No CPU fallback: a GPU provider that is missing or does not load fails the model load, naming the library.
         providers = execution_providers(params.get(P.PROVIDER, "cpu"), int(args.get("model_instance_device_id", "0")))
 
-        directory = os.path.join(args["model_repository"], args["model_version"])
-        files = {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[P.FILES]).items()}
-        self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
-                                   row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
-                                   engines=json.loads(params.get(P.ENGINES, "{}")),
-                                   shard_limit=int(params.get(P.SHARD_LIMIT, "0")))
+        self.runner = BucketRunner(**P.bucket_runner_arguments(params, args), providers=providers)
         if not config.get("model_warmup"):  # else Triton's warm-up requests warm the same sessions, on the thread
             self.runner.warm()              # that serves (ONNX Runtime keeps per-thread buffers: not twice)
         self.buckets = self.runner.buckets

@@ -71,12 +71,7 @@ class TritonPythonModel:
         else:  # no CPU fallback: a GPU provider that is missing or does not load fails the load, naming the library
             providers = execution_providers(params.get(P.PROVIDER, "cpu"),
                                             int(args.get("model_instance_device_id", "0")))
-            directory = os.path.join(args["model_repository"], args["model_version"])
-            files = {int(b): os.path.join(directory, f) for b, f in json.loads(params[P.FILES]).items()}
-            self.runner = BucketRunner(files, threads=int(params.get(P.THREADS, "0")),
-                                       row_shards=int(params.get(P.SHARDS, "0")), providers=providers,
-                                       engines=json.loads(params.get(P.ENGINES, "{}")),
-                                       shard_limit=int(params.get(P.SHARD_LIMIT, "0")))
+            self.runner = BucketRunner(**P.bucket_runner_arguments(params, args), providers=providers)
         if not self.decoupled:  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
             self.runner.warm()
         # The streaming model is not warmed: its sessions are made on its first request (BucketRunner makes each on

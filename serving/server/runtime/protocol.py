@@ -4,6 +4,7 @@ Imported by serving/server/repository.py as a module of the package and by the c
 sibling ``protocol``; so standard library only, and triton_python_backend_utils only inside functions (the builder
 runs where Triton is not).
 """
+import json
 import os
 
 CARD = "trident_card"               # the model card as JSON (serving/card.py: ModelCard.to_json)
@@ -41,6 +42,16 @@ class InvalidRequest(ValueError):
 def parameters(model_config: dict) -> dict:
     """The `parameters` of a model configuration (as Triton hands it to initialize) as {key: string}."""
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+def bucket_runner_arguments(params: dict, args: dict) -> dict:
+    """The ort_runner.BucketRunner arguments (all but providers) that a model's parameters carry, as the builder's
+    _bucket_runner_parameters writes them: each bucket's file in the model's version directory, the threads, the row
+    shards and their bucket limit, and each bucket's engine."""
+    directory = os.path.join(args["model_repository"], args["model_version"])
+    return {"files": {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[FILES]).items()},
+            "threads": int(params.get(THREADS, "0")), "row_shards": int(params.get(SHARDS, "0")),
+            "engines": json.loads(params.get(ENGINES, "{}")), "shard_limit": int(params.get(SHARD_LIMIT, "0"))}
 
 
 def error_response(message: str, invalid_argument: bool = True, code_name: str | None = None):
