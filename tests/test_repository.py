@@ -37,6 +37,7 @@ from trident.serving.server.repository import (
 from trident.serving.server.runtime import ALLOWED_IMPORTS, MODEL_FILES, RUNTIME_FILES
 from trident.serving.server.runtime.protocol import BUCKET_MODELS as BUCKET_MODELS_KEY
 from trident.serving.server.runtime.protocol import CARD as CARD_KEY
+from trident.serving.server.runtime.protocol import MEASURED_FILE, bucket_runner_arguments
 from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET,
                                   GraphSpec, TensorSpec, export_card, graph_spec_of)
 
@@ -240,23 +241,31 @@ def test_card_parameter_carries_the_export_card_with_this_graphs_buckets_when_re
 
 
 def test_shard_limit_is_measured_per_graph_and_recorded_when_built_with_defaults(export_dirs, tmp_path):
-    """The default build times each graph's buckets on row shards here (precision.shard_trial) and every model that
-    runs the graph gets the limit it chose; the trial's numbers go into trident_repository.json."""
+    """The default build times each graph's buckets on row shards here (precision.shard_trial). Every model that runs
+    the graph says "measured" in its config and finds the limit, with the trial's numbers, in its version directory
+    (so config.pbtxt and the marker do not depend on the machine); the served model runs with that limit."""
     out = tmp_path / "repo"
     build_repository(list(export_dirs.values()), out, row_shards=2)
-    records = json.loads((out / MARKER).read_text())["precision"]
+    assert "shard_trial" not in (out / MARKER).read_text()
     for graph in GRAPHS:
-        trial = records[graph]["shard_trial"]
+        models = [graph, *(LOOPS if graph == UNET else ())]
+        measured = [json.loads((out / model / "1" / MEASURED_FILE).read_text()) for model in models]
+        assert all(m == measured[0] for m in measured), graph  # one trial per graph
+        trial = measured[0]["shard_trial"]
         per_row = {int(b): ms for b, ms in trial["per_row_ms"].items()}
         assert sorted(per_row) == sorted(int(b) for b in read_meta(export_dirs[KIND_OF_GRAPH[graph]])["graphs"][graph]
                                          ["buckets"]) and trial["row_shards"] == 2, graph
         assert all(len(rounds) == 3 for rounds in trial["rounds_ms"].values()), graph
         # the smallest bucket within 2% of the fastest time per row
-        assert trial["limit"] == min(b for b, ms in per_row.items() if ms <= 1.02 * min(per_row.values())), graph
-        models = [graph, *(LOOPS if graph == UNET else ())]
+        assert measured[0]["shard_limit"] == trial["limit"] == min(
+            b for b, ms in per_row.items() if ms <= 1.02 * min(per_row.values())), graph
         for model in models:
-            params = embedded_parameters(out / model / "config.pbtxt")
-            assert params["trident_shard_limit"] == str(trial["limit"]), model
+            assert embedded_parameters(out / model / "config.pbtxt")["trident_shard_limit"] == "measured", model
+    params = embedded_parameters(out / UNET / "config.pbtxt")
+    arguments = bucket_runner_arguments(params, {"model_repository": str(out / UNET), "model_version": "1"})
+    assert arguments["shard_limit"] == json.loads((out / UNET / "1" / MEASURED_FILE).read_text())["shard_limit"]
+    assert arguments["files"] == {int(b): str(out / UNET / "1" / f)
+                                  for b, f in json.loads(params["trident_onnx_files"]).items()}
 
 
 def embedded_parameters(config_path: Path) -> dict[str, str]:
@@ -272,7 +281,7 @@ def test_shard_limit_given_is_written_as_is_and_bad_values_are_refused(export_di
     out = tmp_path / "repo"
     assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--shard-limit", "1"]) == 0
     assert embedded_parameters(out / "gan_generator" / "config.pbtxt")["trident_shard_limit"] == "1"
-    assert "shard_trial" not in json.loads((out / MARKER).read_text())["precision"]["gan_generator"]
+    assert not (out / "gan_generator" / "1" / MEASURED_FILE).exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["--export", str(export_dirs["gan"]), "--out", str(tmp_path / "other"), "--shard-limit", "-2"])
     assert exit_info.value.code == 2

@@ -1,8 +1,6 @@
 """The shipped artefacts: checkpoints, the committed model repository, and the demo (the README's main job)."""
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ import pytest
 from trident.export.build import default_build
 from trident.serving.server.repository import MARKER
 from trident.serving.server.runtime import RUNTIME_FILES
+from trident.serving.server.runtime.protocol import MEASURED_FILE
 from trident.training.checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,32 +31,22 @@ def test_shipped_checkpoint_exists_and_records_how_it_was_trained(kind):
     assert (SHIPPED / kind / "TRAINING.md").is_file()
 
 
-def unmeasured(path: Path) -> str:
-    """A repository file without what the build measures on its machine (the row shards' bucket limit and its
-    trial, precision.shard_trial): those differ from machine to machine, and by noise, by design."""
-    text = path.read_text()
-    if path.name == MARKER:
-        data = json.loads(text)
-        for record in data.get("precision", {}).values():
-            record.pop("shard_trial", None)
-        return json.dumps(data, indent=2)
-    return re.sub(r'(key: "trident_shard_limit"\s*value \{\s*string_value: )"\d+"', r'\1"measured"', text)
-
-
 def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path):
     fresh = tmp_path / "model_repository"
     default_build(SHIPPED, fresh, shipped_work, log=lambda *_: None)
     # Committed: the marker and every config.pbtxt. Generated only: the graphs, model.py and the runtime files
-    # (copies of serving/server/runtime/*_model.py and of RUNTIME_FILES), all git-ignored.
+    # (copies of serving/server/runtime/*_model.py and of RUNTIME_FILES), and what the build measured on its machine
+    # (MEASURED_FILE: the row shards' bucket limit), all git-ignored, so the committed files are the same wherever
+    # they are rebuilt.
     def listed(root):
         return sorted(p.relative_to(root) for p in root.rglob("*")
                       if p.is_file() and p.suffix not in (".onnx", ".pyc")
-                      and p.name not in ("model.py", *RUNTIME_FILES, "README.md"))
+                      and p.name not in ("model.py", *RUNTIME_FILES, MEASURED_FILE, "README.md"))
 
     committed, built = listed(ROOT / "model_repository"), listed(fresh)
     assert committed == built, "committed model_repository/ lists other files than a fresh `trident serve build`"
     for rel in committed:
-        assert unmeasured(ROOT / "model_repository" / rel) == unmeasured(fresh / rel), (
+        assert (ROOT / "model_repository" / rel).read_bytes() == (fresh / rel).read_bytes(), (
             f"model_repository/{rel} differs from a fresh build: run `trident serve build` and commit the result")
     assert (ROOT / "model_repository" / MARKER).is_file()
 

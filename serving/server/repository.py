@@ -191,8 +191,11 @@ def _choice(graph: str, entry: dict, choice: dict | None, fp16: bool) -> dict[in
     return choice
 
 
+MEASURED = "measured"  # a trident_shard_limit the build measured (P.MEASURED_FILE holds it)
+
+
 def _bucket_runner_parameters(graph: str, entry: dict, choice: dict[int, str], *, gpu: bool, intra_op_threads: int,
-                              row_shards: int, shard_limit: int = 0) -> dict[str, str]:
+                              row_shards: int, shard_limit: int | str = 0) -> dict[str, str]:
     """The parameters of a Python-backend model that runs a graph's bucket files with ort_runner.BucketRunner: per
     bucket the file and engine of its variant, and the threads, row shards (and their bucket limit) and execution
     provider its model.py reads."""
@@ -203,7 +206,7 @@ def _bucket_runner_parameters(graph: str, entry: dict, choice: dict[int, str], *
         P.PRECISION: json.dumps({str(b): v for b, v in choice.items()}),
         P.THREADS: str(int(intra_op_threads)),
         P.SHARDS: str(int(row_shards)),
-        P.SHARD_LIMIT: str(int(shard_limit)),
+        P.SHARD_LIMIT: shard_limit if shard_limit == MEASURED else str(int(shard_limit)),
         P.PROVIDER: "cuda" if gpu else "cpu",
     }
 
@@ -220,12 +223,13 @@ def _model_files(directory: Path, entry: dict, choice: dict[int, str]) -> dict[s
 def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None,
                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, gpu: bool = False, fp16: bool = False,
                     intra_op_threads: int = 0, row_shards: int = 0, choice: dict | None = None,
-                    shard_limit: int = 0) -> dict:
+                    shard_limit: int | str = 0) -> dict:
     """Python-backend model serving every bucket of one graph (see serving/server/runtime/graph_model.py).
 
     max_batch_size defaults to the largest bucket; a larger value lets one request (or one dynamic batch) span
     several bucket runs. choice: {bucket: variant} (default onnxruntime-fp32, or -fp16 with fp16). shard_limit: the
-    largest bucket a row shard runs (0: the largest bucket; plan_repository measures it).
+    largest bucket a row shard runs (0: the largest bucket), or "measured": read from the version directory's
+    protocol.MEASURED_FILE, which plan_repository writes from its trial on the building machine.
     """
     spec, entry = _graph(meta, graph)
     choice = _choice(graph, entry, choice, fp16)
@@ -253,7 +257,7 @@ def embedded_config(graph: str, meta: dict, *, max_batch_size: int | None = None
 
 def loop_config(meta: dict, *, gpu: bool = False, fp16: bool = False, intra_op_threads: int = 0,
                 row_shards: int = 0, max_images: int = DEFAULT_LOOP_MAX_IMAGES, choice: dict | None = None,
-                stream: bool = False, shard_limit: int = 0) -> dict:
+                stream: bool = False, shard_limit: int | str = 0) -> dict:
     """The sampling loop model (serving/server/runtime/loop_model.py) over the export's U-Net graphs: not batched by
     Triton (max_batch_size 0, one request = one batch of images), its own sessions of the U-Net (choice: as the
     U-Net model's). stream: the decoupled variant (diffusion_sampler_stream, gRPC streaming: progress, then the
@@ -447,12 +451,14 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                     precision_choice: str = "fp32", quality_gate: Path | None = None, log=None,
                     records: dict | None = None, bucket_backend: str = "onnxruntime", shard_limit: int | str = "auto"
                     ) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
-    """[(config, {file name in the version dir: (source path, sha256)})] for every model; writes nothing.
+    """[(config, {file name in the version dir: (source path, sha256), or the bytes of a file the build writes})] for
+    every model; writes nothing.
 
     precision_choice: "fp32" (onnxruntime-fp32, today's default), a variant of serving/precision.py for every bucket,
     or "auto": measured here per graph and bucket (the record of each graph's trial goes into `records`).
     shard_limit: embedded, CPU: the largest bucket a row shard runs; "auto" measures it here per graph
-    (precision.shard_trial, recorded in `records`), 0 lets shards run every bucket."""
+    (precision.shard_trial; the limit and the trial go into each model's version directory as P.MEASURED_FILE),
+    0 lets shards run every bucket."""
     if flavour not in FLAVOURS:
         raise RepositoryError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
     if bucket_backend not in BUCKET_BACKENDS:
@@ -500,23 +506,28 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                                               log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
                 except ValueError as e:
                     raise RepositoryError(str(e)) from None
-                choice = record["choice"]
-                limit = shard_limit
-                if limit == "auto":  # measured over the buckets that run on onnxruntime (the ones row shards run)
-                    ort_files = {int(b): str(directory / entry[precision.VARIANTS[v][0]][str(b)]["file"])
-                                 for b, v in choice.items() if precision.VARIANTS[v][1] == "onnxruntime"}
-                    shards = None if gpu else precision.shard_trial(
-                        ort_files, precision.load_parity(directory, entry), threads=intra_op_threads,
-                        row_shards=row_shards, log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
-                    record = {**record, "shard_trial": shards}
-                    limit = shards["limit"] if shards else 0
                 if records is not None:
                     records[graph] = record
+                choice = record["choice"]
+                files = _model_files(directory, entry, _choice(graph, entry, choice, fp16))
+                limit = shard_limit
+                if limit == "auto" and gpu:
+                    limit = 0  # one call at a time on the device: no row shards to limit
+                elif limit == "auto":  # measured over the buckets that run on onnxruntime (the ones row shards run)
+                    ort_files = {int(b): str(directory / entry[precision.VARIANTS[v][0]][str(b)]["file"])
+                                 for b, v in choice.items() if precision.VARIANTS[v][1] == "onnxruntime"}
+                    trial = precision.shard_trial(
+                        ort_files, precision.load_parity(directory, entry), threads=intra_op_threads,
+                        row_shards=row_shards, log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
+                    # per machine: beside the graph files, not in config.pbtxt (a committed repository stays the same
+                    # wherever it is rebuilt)
+                    files[P.MEASURED_FILE] = (json.dumps({"shard_limit": trial["limit"] if trial else 0,
+                                                          "shard_trial": trial}, indent=2) + "\n").encode()
+                    limit = MEASURED
                 config = embedded_config(graph, meta, max_batch_size=max_batch_size,
                                          max_queue_delay_us=max_queue_delay_us, gpu=gpu, fp16=fp16,
                                          intra_op_threads=intra_op_threads, row_shards=row_shards, choice=choice,
                                          shard_limit=limit)
-                files = _model_files(directory, entry, _choice(graph, entry, choice, fp16))
                 plan.append((config, files))
                 if graph == UNET and server_loop:  # the sampling loop models run the same graph files
                     for stream in (False, True):
@@ -621,8 +632,11 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
             version = tmp / config["name"] / VERSION
             version.mkdir(parents=True)
             (tmp / config["name"] / "config.pbtxt").write_text(to_pbtxt(config))
-            for name, (source, sha256) in files.items():
-                _copy_checked(source, version / name, sha256)
+            for name, item in files.items():
+                if isinstance(item, bytes):  # written by the build itself (P.MEASURED_FILE)
+                    (version / name).write_bytes(item)
+                else:
+                    _copy_checked(item[0], version / name, item[1])
             if config["backend"] == "python":
                 shutil.copyfile(_model_file(config), version / "model.py")
                 for name, source in RUNTIME_FILES.items():

@@ -17,7 +17,10 @@ UNET_IO = "trident_unet_io"          # loop model: JSON [sample, timestep, class
 MAX_IMAGES = "trident_max_images"    # loop model: images per request
 THREADS = "intra_op_num_threads"     # ONNX Runtime threads of a whole call (0: its default)
 SHARDS = "row_shards"                # concurrent row shards on the CPU (0: one per core, 1: off)
-SHARD_LIMIT = "trident_shard_limit"  # the largest bucket a row shard runs (0: the largest; serving/precision.py)
+SHARD_LIMIT = "trident_shard_limit"  # the largest bucket a row shard runs (0: the largest), or "measured": the build
+                                     # measured it on its machine (serving/precision.py) and wrote it, with the
+                                     # trial's numbers, into MEASURED_FILE in the version directory
+MEASURED_FILE = "trident_measured.json"  # generated, per machine; not part of the committed config.pbtxt
 PROVIDER = "execution_provider"      # "cpu" or "cuda"
 ORT_BACKEND_THREADS = "intra_op_thread_count"  # the native onnxruntime backend's own parameter (container flavour)
 
@@ -49,9 +52,13 @@ def bucket_runner_arguments(params: dict, args: dict) -> dict:
     _bucket_runner_parameters writes them: each bucket's file in the model's version directory, the threads, the row
     shards and their bucket limit, and each bucket's engine."""
     directory = os.path.join(args["model_repository"], args["model_version"])
+    shard_limit = params.get(SHARD_LIMIT, "0")
+    if shard_limit == "measured":
+        with open(os.path.join(directory, MEASURED_FILE)) as f:
+            shard_limit = json.load(f)["shard_limit"]
     return {"files": {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[FILES]).items()},
             "threads": int(params.get(THREADS, "0")), "row_shards": int(params.get(SHARDS, "0")),
-            "engines": json.loads(params.get(ENGINES, "{}")), "shard_limit": int(params.get(SHARD_LIMIT, "0"))}
+            "engines": json.loads(params.get(ENGINES, "{}")), "shard_limit": int(shard_limit)}
 
 
 def error_response(message: str, invalid_argument: bool = True, code_name: str | None = None):
