@@ -337,15 +337,16 @@ class BucketRunner:
         return run_in_buckets(feed, buckets or self.buckets,
                               lambda bucket, part: sessions[bucket].run(self.output_names, part), start, stop)
 
-    def _shards(self, n: int) -> list[tuple[int, int]]:
-        """Row shards for n rows: only where the whole call would run on onnxruntime buckets alone (a bucket chosen
-        for another engine was chosen because it beat onnxruntime, sharded or not, at that size)."""
+    def _shards(self, n: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """Row shards for n rows, and the buckets they run: only where the whole call would run on onnxruntime
+        buckets alone (a bucket chosen for another engine was chosen because it beat onnxruntime, sharded or not, at
+        that size)."""
         if self._pool is None or any(self.engines[b] != "onnxruntime" for _, _, b in plan_chunks(n, self.buckets)):
-            return [(0, n)]
+            return [(0, n)], self.buckets
         buckets = self.shard_buckets()
         shards = plan_shards(n, self.row_shards, buckets)
         parts = [bucket for a, b in shards for _, _, bucket in plan_chunks(b - a, buckets)]
-        return shards if all(self.engines[b] == "onnxruntime" for b in parts) else [(0, n)]
+        return (shards, buckets) if all(self.engines[b] == "onnxruntime" for b in parts) else ([(0, n)], self.buckets)
 
     def shard_buckets(self) -> list[int]:
         """The buckets a row shard runs: the onnxruntime buckets up to shard_limit (at least the smallest)."""
@@ -360,11 +361,10 @@ class BucketRunner:
         n = len(next(iter(feed.values())))
         if n < 1:
             raise ValueError("run needs at least one row")
-        shards = self._shards(n)
+        shards, buckets = self._shards(n)
         if len(shards) == 1:
             outs = self._run_rows(self.sessions, feed, 0, n)
         else:
-            buckets = self.shard_buckets()
             futures = [self._pool.submit(self._run_rows, self.shard_sessions, feed, a, b, buckets) for a, b in shards]
             parts = [f.result() for f in futures]
             outs = [np.concatenate([p[k] for p in parts]) for k in range(len(self.output_names))]

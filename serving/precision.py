@@ -238,6 +238,21 @@ def shard_trial(files: dict[int, str], parity: dict[str, np.ndarray] | None, *, 
             "rounds_ms": {str(b): ms for b, ms in per_row.items()}}
 
 
+def check_shard_limit(value) -> None:
+    """ValueError unless value is "auto" or a bucket size >= 0 (0: every bucket): what shard_limit takes."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"shard_limit must be 'auto' or a bucket size >= 0 (0: every bucket), got {value!r}")
+
+
+def measure_shard_limit(export_dir: str | os.PathLike, entry: dict, choice: dict, *, threads: int = 0,
+                        row_shards: int = 0, log=None) -> dict | None:
+    """shard_trial over the buckets of one graph's entry that choice ({bucket: variant}) runs on onnxruntime, on the
+    export's fixed batch: what `trident serve build` and the in-process backend run for shard_limit="auto"."""
+    files = {int(b): str(Path(export_dir) / entry[VARIANTS[v][0]][str(b)]["file"])
+             for b, v in choice.items() if VARIANTS[v][1] == "onnxruntime"}
+    return shard_trial(files, load_parity(export_dir, entry), threads=threads, row_shards=row_shards, log=log)
+
+
 def load_parity(export_dir: str | os.PathLike, entry: dict) -> dict[str, np.ndarray] | None:
     """The export's fixed batch of held-out real inputs for a graph (None for an export without one)."""
     if "parity_inputs" not in entry:

@@ -132,10 +132,10 @@ class OnnxRuntimeBackend(InProcess):
         if precision not in precisions.CHOICES:
             raise InvalidArgumentError(f"precision must be fp32, fp16 or one of {precisions.CHOICES}, "
                                        f"got {precision!r}")
-        if shard_limit != "auto" and (isinstance(shard_limit, bool) or not isinstance(shard_limit, int)
-                                      or shard_limit < 0):
-            raise InvalidArgumentError(f"shard_limit must be 'auto' or a bucket size >= 0 (0: every bucket), got "
-                                       f"{shard_limit!r}")
+        try:
+            precisions.check_shard_limit(shard_limit)
+        except ValueError as e:
+            raise InvalidArgumentError(str(e)) from None
         if (threads or 0) < 0 or row_shards < 0:
             raise InvalidArgumentError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
         self.cards, self.buckets, self.specs, self.runners, self.precision = {}, {}, {}, {}, {}
@@ -159,9 +159,8 @@ class OnnxRuntimeBackend(InProcess):
                             (p if isinstance(p, str) else p[0]) != CPU_PROVIDER for p in providers):
                         limit = 0  # a GPU runs one call at a time: no row shards to limit
                     if limit == "auto":
-                        trial = precisions.shard_trial(
-                            {b: str(f) for b, f in files.items() if engines[b] == "onnxruntime"},
-                            precisions.load_parity(d, entry), threads=threads or 0, row_shards=row_shards)
+                        trial = precisions.measure_shard_limit(d, entry, variant_of, threads=threads or 0,
+                                                               row_shards=row_shards)
                         record = {**record, "shard_trial": trial}
                         limit = trial["limit"] if trial else 0
                     self.precision[graph] = record

@@ -480,10 +480,10 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                               "Triton's native backends (--gpu --fp16 for TensorRT FP16)")
     if gpu and precision_choice not in (precision.REFERENCE, "onnxruntime-fp16"):
         raise RepositoryError(f"--precision {precision_choice} runs on the CPU; with --gpu use fp32 or --fp16")
-    if shard_limit != "auto" and (isinstance(shard_limit, bool) or not isinstance(shard_limit, int)
-                                  or shard_limit < 0):
-        raise RepositoryError(f"shard_limit must be 'auto' or a bucket size >= 0 (0: every bucket), got "
-                              f"{shard_limit!r}")
+    try:
+        precision.check_shard_limit(shard_limit)
+    except ValueError as e:
+        raise RepositoryError(str(e)) from None
     if intra_op_threads < 0 or row_shards < 0:
         raise RepositoryError(f"intra_op_threads and row_shards must be >= 0 (0: automatic), got {intra_op_threads} "
                               f"and {row_shards}")
@@ -514,11 +514,9 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                 if limit == "auto" and gpu:
                     limit = 0  # one call at a time on the device: no row shards to limit
                 elif limit == "auto":  # measured over the buckets that run on onnxruntime (the ones row shards run)
-                    ort_files = {int(b): str(directory / entry[precision.VARIANTS[v][0]][str(b)]["file"])
-                                 for b, v in choice.items() if precision.VARIANTS[v][1] == "onnxruntime"}
-                    trial = precision.shard_trial(
-                        ort_files, precision.load_parity(directory, entry), threads=intra_op_threads,
-                        row_shards=row_shards, log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
+                    trial = precision.measure_shard_limit(
+                        directory, entry, choice, threads=intra_op_threads, row_shards=row_shards,
+                        log=(lambda m, g=graph: log(f"{g} {m}")) if log else None)
                     # per machine: beside the graph files, not in config.pbtxt (a committed repository stays the same
                     # wherever it is rebuilt)
                     files[P.MEASURED_FILE] = (json.dumps({"shard_limit": trial["limit"] if trial else 0,
