@@ -170,7 +170,7 @@ def _sample(client: TridentClient, s: Setting, labels, seed) -> np.ndarray:
         client.eps_model(), (len(labels), *card.image.shape), labels,
         schedule=sampling.NoiseSchedule.from_dict(card.schedule), sampler="ddim", steps=s.steps,
         guidance=s.guidance, null_class=card.null_class, seed=seed,
-        sampler_options={"use_clipped_model_output": False})
+        sampler_options={"use_clipped_model_output": False}, prediction_type=card.prediction_type)
     return sampling.last_estimate(steps)
 
 

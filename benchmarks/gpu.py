@@ -316,12 +316,14 @@ def loop_rows(run: Run, model, card) -> None:
                     def fn():
                         return sampling.last_estimate(sampling.sample_progressive(
                             eps, (b, *card.image.shape), labels_np, schedule=schedule, sampler="dpmpp-2m",
-                            steps=s.steps, guidance=s.guidance, null_class=card.null_class, seed=s.seed))
+                            steps=s.steps, guidance=s.guidance, null_class=card.null_class, seed=s.seed,
+                            prediction_type=card.prediction_type))
                 else:
                     def net(xs, ts, ys):
                         with torch.inference_mode(), autocast(s.device, precision):
                             return model(xs, ts, ys)
                     sampler = TorchDPMSolverPP2M(net, schedule, steps=s.steps, guidance=s.guidance,
+                                                 prediction_type=card.prediction_type,
                                                  null_class=card.null_class)
                     if loop == "device-graph":
                         with torch.inference_mode():

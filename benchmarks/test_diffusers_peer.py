@@ -30,7 +30,7 @@ def diffusers_dpmpp(unet, card, device: str):
     ours = sampling.make_sampler("dpmpp-2m", sampling.NoiseSchedule.from_dict(sched))
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=int(sched["num_train_timesteps"]), beta_start=float(sched["beta_start"]),
-        beta_end=float(sched["beta_end"]), beta_schedule=SCHEDULES[sched["kind"]], prediction_type="epsilon",
+        beta_end=float(sched["beta_end"]), beta_schedule=SCHEDULES[sched["kind"]], prediction_type=card.prediction_type,
         algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
         final_sigmas_type="zero", timestep_spacing="linspace", thresholding=ours.clip_sample,
         sample_max_value=ours.clip_sample_range)

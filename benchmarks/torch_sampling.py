@@ -72,12 +72,16 @@ class TorchDPMSolverPP2M:
 
     def __init__(self, model: TorchEpsModel, schedule: sampling.NoiseSchedule, *, steps: int = 20,
                  guidance: float = 3.0, null_class: int, spacing: str | None = None, clip_sample: bool = True,
-                 clip_sample_range: float = 1.0, dtype: torch.dtype = torch.float64):
+                 clip_sample_range: float = 1.0, dtype: torch.dtype = torch.float64,
+                 prediction_type: str = "epsilon"):
+        if prediction_type not in sampling.PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {sampling.PREDICTION_TYPES}, got {prediction_type!r}")
         if not (math.isfinite(guidance) and 0 <= guidance <= sampling.MAX_GUIDANCE):
             raise ValueError(f"guidance must be in [0, {sampling.MAX_GUIDANCE:g}], got {guidance!r}")
         self.model, self.guidance, self.null_class = model, float(guidance), int(null_class)
         self.clip = float(clip_sample_range) if clip_sample else None
         self.dtype = dtype
+        self.v_prediction = prediction_type == "v_prediction"
         self.steps = dpmpp_2m_coefficients(schedule, steps, spacing)
 
     def _eps(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
@@ -105,6 +109,8 @@ class TorchDPMSolverPP2M:
         prev_x0 = None
         for i, c in enumerate(self.steps):
             eps = self._eps(x, c.t, labels)
+            if self.v_prediction:  # sampling.eps_from_prediction: eps = alpha_s v + sigma_s x_s
+                eps = c.alpha_s * eps + c.sigma_s * x
             # data prediction x_theta(x_s, s) = (x_s - sigma_s eps) / alpha_s, clipped (sampling.py's step)
             x0 = (x - c.sigma_s * eps) / c.alpha_s
             if self.clip is not None:

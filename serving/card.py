@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field, fields, replace
 
 KINDS = ("diffusion", "gan", "vae", "classifier")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a diffusion U-Net predicts (diffusers' names)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ModelCard:
     image: ImageFormat
     conditional: bool                           # takes class labels (diffusion, GAN)
     schedule: dict | None = None                # diffusion: sampling.NoiseSchedule.to_dict()
-    prediction_type: str | None = None          # diffusion: what the U-Net predicts ("epsilon")
+    prediction_type: str | None = None          # diffusion: what the U-Net predicts (PREDICTION_TYPES)
     null_class: int | None = None               # diffusion: the label of "no class" (classifier-free guidance)
     latent_dim: int | None = None               # GAN, VAE: size of z
     class_centroids: tuple[tuple[float, ...], ...] | None = None  # VAE: mean latent of each class's training images
@@ -66,8 +67,8 @@ class ModelCard:
         if self.kind == "diffusion":
             if not isinstance(self.schedule, dict) or "num_train_timesteps" not in self.schedule:
                 problems.append("a diffusion card needs a schedule with num_train_timesteps")
-            if self.prediction_type != "epsilon":
-                problems.append(f"prediction_type must be 'epsilon', got {self.prediction_type!r}")
+            if self.prediction_type not in PREDICTION_TYPES:
+                problems.append(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
             if self.null_class != len(self.class_names):
                 problems.append(f"null_class must be {len(self.class_names)} (one past the last class), "
                                 f"got {self.null_class!r}")

@@ -1,6 +1,7 @@
 """`trident` command line: one entry point, each subcommand a thin main() over importable code.
 
   trident train diffusion|gan|vae|classifier ...   train a model (torch)
+  trident distill guidance|steps TEACHER ...       distil the diffusion teacher into a few-step student (torch)
   trident export CHECKPOINT --out DIR ...          checkpoint -> fixed-shape ONNX graphs + metadata (torch, onnx)
   trident serve build --export DIR ... --out REPO  write a Triton model repository
   trident serve [--model-repository REPO] ...      start the embedded Triton server
@@ -19,6 +20,7 @@ from .toolchain import TORCH_SIDE
 # `trident sample` never imports torch; the torch side's commands come from the one seam (serving/toolchain.py).
 COMMANDS = {
     "train": TORCH_SIDE["train"],
+    "distill": TORCH_SIDE["distill"],
     "export": TORCH_SIDE["export"],
     "serve": "trident.serving.server.launcher:main",
     "serve build": "trident.serving.server.repository:main",
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        extra = {"train": "train", "export": "train", "evaluate": "train"}.get(cmd.split()[0], "serve")
+        extra = {"train": "train", "distill": "train", "export": "train", "evaluate": "train"}.get(cmd.split()[0],
+                                                                                                   "serve")
         print(f"trident {cmd}: missing dependency {e.name!r}; install it with `pip install -e .[{extra}]`",
               file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ import numpy as np
 SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
 SPACINGS = ("leading", "trailing", "linspace")
 SCHEDULE_KINDS = ("linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the model callable returns (card.PREDICTION_TYPES)
 
 # model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W]
 EpsModel = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -384,6 +385,24 @@ def make_sampler(name: str, schedule: NoiseSchedule, **options):
     return _SAMPLER_CLASSES[name](schedule, **options)
 
 
+def eps_from_prediction(model_output, x, t, schedule: NoiseSchedule, prediction_type: str) -> np.ndarray:
+    """The noise eps that a U-Net's output stands for, float64, so every sampler works in eps alone.
+
+    "epsilon": the output is eps. "v_prediction": v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022,
+    sec. 4), and with x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+    The map is affine in the output with x_t fixed, so guidance on v equals guidance on eps: cfg_combine may run
+    before or after it. t: one int timestep, or int [N] per row.
+    """
+    out = np.asarray(model_output, dtype=np.float64)
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type != "v_prediction":
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    abar = np.asarray(schedule.alphas_cumprod[np.asarray(t, dtype=np.int64)], dtype=np.float64)
+    abar = abar.reshape(abar.shape + (1,) * (out.ndim - abar.ndim))  # scalar, or [N, 1, 1, 1]
+    return np.sqrt(abar) * out + np.sqrt(1.0 - abar) * np.asarray(x, dtype=np.float64)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Classifier-free guidance
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,8 +495,10 @@ class SamplingLoop:
             step = loop.advance(model(x, t, y))     # the SamplingStep; the callback may raise SamplingCancelled
     """
 
-    def __init__(self, shape, labels, solver, guidance: float, null_class: int, callback=None, progress=False):
+    def __init__(self, shape, labels, solver, guidance: float, null_class: int, callback=None, progress=False,
+                 prediction_type: str = "epsilon"):
         self.labels, self.solver, self.guidance, self.null_class = labels, solver, guidance, null_class
+        self.prediction_type = prediction_type
         self.callback, self.progress = callback, progress
         self.x = solver.rng.standard_normal(shape)  # x_T ~ N(0, I), float64 [B, C, H, W]
         self.index = 0  # steps done
@@ -508,9 +529,10 @@ class SamplingLoop:
         """Take the answer to model_input()'s call and make the step."""
         if self._asked is None:
             raise ValueError("call model_input() before advance(): each step answers the call it asked for")
-        eps = cfg_combine(model_output, self._asked, self.labels, self.guidance)
+        guided = cfg_combine(model_output, self._asked, self.labels, self.guidance)
         self._asked = None
         i, t = self.index, self.t
+        eps = eps_from_prediction(guided, self.x, t, self.solver.schedule, self.prediction_type)
         out = self.solver.step(eps, t, self.x)
         self.x = out.prev_sample
         self.index += 1
@@ -533,11 +555,13 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, sampler: str =
                   guidance: float = 3.0, null_class: int, eta: float = 0.0, spacing: str | None = None,
                   seed: int | None = None, rng: np.random.Generator | None = None, callback: Callable | None = None,
                   progress: bool = False, clip_sample: bool | None = None,
-                  sampler_options: dict | None = None) -> SamplingLoop:
+                  sampler_options: dict | None = None, prediction_type: str = "epsilon") -> SamplingLoop:
     """A SamplingLoop over these arguments, every one checked here (ValueError naming it) before any model call.
     The arguments are sample_progressive's, without the model."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if not (isinstance(shape, (tuple, list)) and len(shape) == 4
@@ -582,22 +606,24 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, sampler: str =
     except TypeError as e:  # an option this sampler does not have
         raise ValueError(f"sampler_options {sorted(options)} do not fit sampler {sampler!r}: {e}") from None
     solver.set_timesteps(steps, spacing=spacing)  # validates spacing and the steps/spacing combination
-    return SamplingLoop(shape, labels, solver, guidance, null_class, callback, progress)
+    return SamplingLoop(shape, labels, solver, guidance, null_class, callback, progress, prediction_type)
 
 
 def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
                        steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
                        spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
                        callback: Callable | None = None, progress: bool = False,
-                       clip_sample: bool | None = None,
-                       sampler_options: dict | None = None) -> Iterator[SamplingStep]:
+                       clip_sample: bool | None = None, sampler_options: dict | None = None,
+                       prediction_type: str = "epsilon") -> Iterator[SamplingStep]:
     """Like `sample`, but yields a SamplingStep after every step (previews, progress), as guided-diffusion's
     p_sample_loop_progressive. Arguments are checked here, before the generator starts and before any model call.
     sampler_options: further keyword options of the sampler (see make_sampler), e.g. DDIM's
-    use_clipped_model_output=False to run DDIM as diffusers does by default."""
+    use_clipped_model_output=False to run DDIM as diffusers does by default. prediction_type: what model returns
+    (the card's), "epsilon" or "v_prediction"."""
     loop = sampling_loop(shape, labels, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance,
                          null_class=null_class, eta=eta, spacing=spacing, seed=seed, rng=rng, callback=callback,
-                         progress=progress, clip_sample=clip_sample, sampler_options=sampler_options)
+                         progress=progress, clip_sample=clip_sample, sampler_options=sampler_options,
+                         prediction_type=prediction_type)
     return drive(model, loop)
 
 
@@ -630,10 +656,12 @@ def _progress_bar(total: int, desc: str):
 def sample(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
            steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
            spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
-           callback: Callable | None = None, progress: bool = False, clip_sample: bool | None = None) -> np.ndarray:
+           callback: Callable | None = None, progress: bool = False, clip_sample: bool | None = None,
+           prediction_type: str = "epsilon") -> np.ndarray:
     """Draw images from x_T ~ N(0, I): float32 [B, C, H, W], the x_0 estimate, roughly in [-1, 1].
 
-    model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W]; with guidance it is called
+    model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W] (v with
+    prediction_type="v_prediction"); with guidance it is called
     once per step on 2B rows. labels: int [B] in [0, null_class], or None for unconditional. seed (or rng) fixes the
     initial noise and any step noise: the same seed gives the same images. spacing None: the sampler's diffusers
     default. clip_sample None: the sampler's default (True for all three: pixel-space data in [-1, 1]). callback(i, t, x, x0)
@@ -642,6 +670,7 @@ def sample(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, samp
     x = None
     for info in sample_progressive(model, shape, labels, schedule=schedule, sampler=sampler, steps=steps,
                                    guidance=guidance, null_class=null_class, eta=eta, spacing=spacing,
-                                   seed=seed, rng=rng, callback=callback, progress=progress, clip_sample=clip_sample):
+                                   seed=seed, rng=rng, callback=callback, progress=progress, clip_sample=clip_sample,
+                                   prediction_type=prediction_type):
         x = info.sample
     return x.astype(np.float32)

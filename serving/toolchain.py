@@ -15,6 +15,7 @@ from .errors import TridentError
 # name -> "module:attribute" on the torch side
 TORCH_SIDE = {
     "train": "trident.training.train:main",
+    "distill": "trident.training.train:distill_main",
     "export": "trident.export.onnx_export:main",
     "evaluate": "trident.benchmarks.evaluate:main",
     "default_build": "trident.export.build:default_build",     # checkpoints -> exports (cached) -> repository

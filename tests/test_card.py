@@ -27,7 +27,7 @@ def diffusion_card(**changes) -> ModelCard:
 def test_card_round_trips_through_json_unchanged():
     vae = ModelCard(kind="vae", class_names=CLASSES, image=ImageFormat(1, 28, 28, (-1.0, 1.0)), conditional=False,
                     latent_dim=2, class_centroids=tuple((float(i), -float(i)) for i in range(10)))
-    for card in (diffusion_card(), vae):
+    for card in (diffusion_card(), diffusion_card(prediction_type="v_prediction"), vae):
         assert ModelCard.from_json(card.to_json()) == card
         assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
 
@@ -40,6 +40,8 @@ def test_card_round_trips_through_json_unchanged():
     ({**diffusion_card().to_dict(), "buckets": {"diffusion_unet": [8, 1]}}, "must be increasing positive integers"),
     ({**diffusion_card().to_dict(), "image": {"channels": 0, "height": 28, "width": 28}}, "positive integers"),
     ({k: v for k, v in diffusion_card().to_dict().items() if k != "schedule"}, "needs a schedule"),
+    ({**diffusion_card().to_dict(), "prediction_type": "sample"},
+     "prediction_type must be one of ('epsilon', 'v_prediction')"),
 ])
 def test_card_refuses_a_bad_field_and_names_it(data, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -37,23 +37,25 @@ def torch_fixed_model(x, t, y):
     return (x * t / 1000.0 - 0.3 * x * x + 0.05 * (y - 5.0)).float()
 
 
-@pytest.mark.parametrize("labels,guidance,spacing,steps", [
-    ([3, 7, 10], 3.0, None, 20),       # guided: one call on [x; x] with [labels; null]
-    ([1, 2, 3], 1.0, "trailing", 7),   # guidance 1: the conditional batch only
-    (None, 3.0, "leading", 5),         # unconditional
-    ([0, 9], 5.0, None, 1),            # a single (final, first-order) step
+@pytest.mark.parametrize("labels,guidance,spacing,steps,prediction_type", [
+    ([3, 7, 10], 3.0, None, 20, "epsilon"),       # guided: one call on [x; x] with [labels; null]
+    ([1, 2, 3], 1.0, "trailing", 7, "epsilon"),   # guidance 1: the conditional batch only
+    (None, 3.0, "leading", 5, "epsilon"),         # unconditional
+    ([0, 9], 5.0, None, 1, "epsilon"),            # a single (final, first-order) step
+    ([3, 7, 10], 3.0, None, 20, "v_prediction"),  # the model predicts v
 ])
 def test_torch_dpmpp_2m_equals_the_numpy_sampler_at_every_step_when_the_model_is_a_fixed_function(
-        labels, guidance, spacing, steps):
+        labels, guidance, spacing, steps, prediction_type):
     b = 3 if labels is None else len(labels)
     shape = (b, 1, 4, 4)
     reference = list(sampling.sample_progressive(
         numpy_fixed_model, shape, None if labels is None else np.array(labels), schedule=SCHEDULE,
-        sampler="dpmpp-2m", steps=steps, guidance=guidance, null_class=NULL, spacing=spacing, seed=4))
+        sampler="dpmpp-2m", steps=steps, guidance=guidance, null_class=NULL, spacing=spacing, seed=4,
+        prediction_type=prediction_type))
     x_T = torch.from_numpy(np.random.default_rng(4).standard_normal(shape))  # what sample_progressive starts from
     seen = []
     loop = TorchDPMSolverPP2M(torch_fixed_model, SCHEDULE, steps=steps, guidance=guidance, null_class=NULL,
-                              spacing=spacing)
+                              spacing=spacing, prediction_type=prediction_type)
     out = loop(x_T, None if labels is None else torch.tensor(labels),
                callback=lambda i, x, x0: seen.append((x.numpy().copy(), x0.numpy().copy())))
     assert [c.t for c in loop.steps] == [step.t for step in reference]
@@ -80,8 +82,9 @@ def test_torch_loop_draws_what_the_numpy_client_loop_draws_when_the_model_is_the
 
     want = sampling.last_estimate(sampling.sample_progressive(
         numpy_unet, shape, labels, schedule=schedule, sampler="dpmpp-2m", steps=8, guidance=3.0,
-        null_class=card.null_class, seed=1))
-    loop = TorchDPMSolverPP2M(model, schedule, steps=8, guidance=3.0, null_class=card.null_class)
+        null_class=card.null_class, seed=1, prediction_type=card.prediction_type))
+    loop = TorchDPMSolverPP2M(model, schedule, steps=8, guidance=3.0, null_class=card.null_class,
+                              prediction_type=card.prediction_type)
     with torch.inference_mode():
         got = loop(torch.from_numpy(np.random.default_rng(1).standard_normal(shape)), torch.from_numpy(labels))
     assert np.abs(want).max() > 0.5  # images, not zeros

@@ -128,7 +128,8 @@ def _draw(client, sampler, **options):
     card = client.card("diffusion")
     steps = sampling.sample_progressive(client.eps_model(), (20, 1, 28, 28), labels,
                                         schedule=sampling.NoiseSchedule.from_dict(card.schedule), sampler=sampler,
-                                        steps=20, guidance=3.0, null_class=10, seed=0, sampler_options=options)
+                                        steps=20, guidance=3.0, null_class=10, seed=0, sampler_options=options,
+                                        prediction_type=card.prediction_type)
     return sampling.last_estimate(steps), labels
 
 

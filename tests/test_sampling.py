@@ -22,6 +22,7 @@ from trident.serving.sampling import (
     SamplingCancelled,
     StepOutput,
     cfg_eps,
+    eps_from_prediction,
     make_sampler,
     sample,
     sample_progressive,
@@ -60,9 +61,10 @@ class RecordingModel:
 
 
 def diffusers_scheduler(name, schedule, spacing, *, clip_sample=None, set_alpha_to_one=True,
-                        variance="fixed_small"):
+                        variance="fixed_small", prediction_type="epsilon"):
     """The diffusers scheduler our sampler `name` claims to match, switched onto our float64 tables."""
     common = dict(num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start,
+                  prediction_type=prediction_type,
                   beta_end=schedule.beta_end, timestep_spacing=spacing,
                   beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule.kind])
     if name == "ddpm":
@@ -396,6 +398,54 @@ def test_cfg_eps_raises_value_error_when_model_returns_wrong_shape():
         return x[:1]
     with pytest.raises(ValueError, match="shape"):
         cfg_eps(bad, np.zeros(SHAPE), 1, [0, 1], 2.0, NULL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# v-prediction
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_eps_from_prediction_recovers_the_noise_when_given_the_v_target():
+    rng = np.random.default_rng(0)
+    x0, eps = rng.uniform(-1, 1, SHAPE), rng.standard_normal(SHAPE)
+    t = np.array([0, 999])
+    a = LINEAR.alphas_cumprod[t][:, None, None, None]
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+    v = np.sqrt(a) * eps - np.sqrt(1 - a) * x0  # Salimans & Ho 2022, sec. 4
+    np.testing.assert_allclose(eps_from_prediction(v, x_t, t, LINEAR, "v_prediction"), eps, atol=1e-12)
+    np.testing.assert_allclose(eps_from_prediction(v[:1], x_t[:1], 500, LINEAR, "v_prediction"),
+                               eps_from_prediction(v[:1], x_t[:1], [500], LINEAR, "v_prediction"))
+    assert eps_from_prediction(eps, x_t, t, LINEAR, "epsilon") is not None
+    np.testing.assert_array_equal(eps_from_prediction(eps, x_t, t, LINEAR, "epsilon"), eps)
+    with pytest.raises(ValueError, match="prediction_type"):
+        eps_from_prediction(v, x_t, t, LINEAR, "sample")
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m"])
+def test_sample_matches_diffusers_loop_when_model_predicts_v(name):
+    """A v-predicting model through our loop (prediction_type="v_prediction") against diffusers' scheduler told the
+    same; unconditional, so each step is the model's output as it is."""
+    steps = 8
+    theirs = diffusers_scheduler(name, LINEAR, make_sampler(name, LINEAR).default_spacing,
+                                 prediction_type="v_prediction")
+    diffusers_set_timesteps(theirs, steps)
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal(SHAPE))  # what sample_progressive draws, seed 3
+    for t in theirs.timesteps:
+        kwargs = {"use_clipped_model_output": False} if name == "ddim" else {}
+        x = theirs.step(dummy_eps(x, float(t)), t, x, **kwargs).prev_sample.double()
+    options = {"use_clipped_model_output": False} if name == "ddim" else {}
+    ours = list(sample_progressive(lambda x, t, y: dummy_eps(x.astype(np.float64), t[:, None, None, None]), SHAPE,
+                                   None, schedule=LINEAR, sampler=name, steps=steps, null_class=NULL, seed=3,
+                                   sampler_options=options, prediction_type="v_prediction"))[-1].sample
+    np.testing.assert_allclose(ours, x.numpy(), **TOL)
+    eps_run = list(sample_progressive(lambda x, t, y: dummy_eps(x.astype(np.float64), t[:, None, None, None]), SHAPE,
+                                      None, schedule=LINEAR, sampler=name, steps=steps, null_class=NULL, seed=3,
+                                      sampler_options=options))[-1].sample
+    assert not np.allclose(ours, eps_run)  # the prediction type changes the loop
+
+
+def test_sampling_loop_raises_value_error_naming_prediction_type_when_unknown():
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        sampling_loop(SHAPE, None, **model_kwargs(prediction_type="x0"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Models, training steps, checkpoints, resume and torchrun: tiny configs, fixed seeds."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from trident.training import checkpoint as ckpt
 from trident.training.data import DEFAULT_DATA_DIR, load_fashion_mnist, write_idx
 from trident.training.models import (Classifier, ClassifierConfig, Discriminator, GANConfig, Generator, UNet,
                                      UNetConfig, VAE, VAEConfig, build_model)
-from trident.training.train import TrainConfig, main as train_main, train, vae_loss
+from trident.training.train import (TrainConfig, diffusion_target, lr_factor, main as train_main, min_snr_weight,
+                                    resolve_precision, train, vae_loss)
 
 TINY_UNET = {"base_channels": 8, "channel_mult": [1, 2], "attention_levels": [1], "num_heads": 2, "groups": 4}
 TINY = {"diffusion": TINY_UNET, "gan": {"gen_channels": 8, "disc_channels": 8, "latent_dim": 8},
@@ -233,6 +235,70 @@ def test_train_cli_reports_missing_dataset_with_hint(tmp_path, capsys):
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
+def test_resume_repeats_an_uninterrupted_diffusion_run_when_v_prediction_and_cosine_lr(tmp_path, tiny_data):
+    # the U-Net config has tuple fields, which come back from the checkpoint's JSON as lists: resume must still match
+    kw = dict(prediction_type="v_prediction", min_snr_gamma=5.0, lr_schedule="cosine", warmup_steps=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg("diffusion", a, tiny_data, steps=6, **kw))
+    train(_cfg("diffusion", b, tiny_data, steps=3, **kw))
+    train(_cfg("diffusion", b, tiny_data, steps=6, **kw))
+    ta, _ = ckpt.load_checkpoint(a / "model.safetensors")
+    tb, mb = ckpt.load_checkpoint(b / "model.safetensors")
+    assert mb["train"]["step"] == 6 and mb["card"]["prediction_type"] == "v_prediction"
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_refuses_different_prediction_type(tmp_path, tiny_data):
+    train(_cfg("diffusion", tmp_path, tiny_data, steps=1))
+    with pytest.raises(ckpt.CheckpointError, match="prediction_type 'epsilon', not 'v_prediction'"):
+        train(_cfg("diffusion", tmp_path, tiny_data, steps=2, prediction_type="v_prediction"))
+
+
+def test_v_target_is_what_the_sampler_turns_back_into_the_noise():
+    from trident.serving.sampling import NoiseSchedule, eps_from_prediction
+    sched = NoiseSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(4, 1, 6, 6, generator=g) * 2 - 1, torch.randn(4, 1, 6, 6, generator=g)
+    t = np.array([0, 10, 500, 999])
+    a = torch.from_numpy(sched.alphas_cumprod[t])[:, None, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = diffusion_target(x0, eps, a, "v_prediction")
+    np.testing.assert_allclose(eps_from_prediction(v.numpy(), x_t.numpy(), t, sched, "v_prediction"), eps.numpy(),
+                               atol=1e-12)
+    assert diffusion_target(x0, eps, a, "epsilon") is eps
+
+
+def test_min_snr_weight_caps_the_x0_weight_at_gamma_for_each_prediction_type():
+    a = torch.tensor([0.999, 0.5, 0.001])  # SNR 999, 1, ~0.001
+    snr = a / (1 - a)
+    for kind, per_x0 in (("epsilon", snr), ("v_prediction", snr + 1)):
+        w = min_snr_weight(a, 5.0, kind)
+        # the weight times the factor that turns this loss into an x0-loss is min(SNR, 5)
+        torch.testing.assert_close(w * per_x0, snr.clamp(max=5.0))
+
+
+def test_lr_factor_warms_up_then_decays_to_the_floor_when_cosine(tmp_path):
+    cfg = TrainConfig(kind="diffusion", out_dir=str(tmp_path), steps=100, warmup_steps=10, lr_schedule="cosine",
+                      lr_min_ratio=0.1)
+    f = [lr_factor(cfg, s) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)
+    assert all(x >= y for x, y in zip(f[10:], f[11:]))
+    constant = TrainConfig(kind="diffusion", out_dir=str(tmp_path), steps=100, warmup_steps=10)
+    assert [lr_factor(constant, s) for s in (9, 50, 100)] == [1.0, 1.0, 1.0]
+
+
+def test_resolve_precision_takes_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    from trident.serving import precision
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_info", lambda: {"model": "AVX2 CPU", "flags": ["avx2"], "cores": 2})
+    assert resolve_precision("auto", cpu)[0] == "fp32"
+    monkeypatch.setattr(precision, "cpu_info", lambda: {"model": "AMX CPU", "flags": ["amx_bf16"], "cores": 2})
+    assert resolve_precision("auto", cpu) == ("bf16", "CPU AMX CPU has amx_bf16")
+    assert resolve_precision("fp32", cpu)[0] == "fp32"
+
+
 def test_resume_refuses_different_model_config(tmp_path, tiny_data):
     train(_cfg("vae", tmp_path, tiny_data, steps=1))
     with pytest.raises(ckpt.CheckpointError, match="use another --out directory"):
@@ -317,3 +383,128 @@ def test_autoencoder_trains_without_kl_and_exports_like_the_vae(tmp_path, tiny_d
     x = torch.randn(3, 1, 28, 28)
     logits, mean, _ = model(x)
     torch.testing.assert_close(logits, model.decoder.logits(mean))  # deterministic: z is the encoder's mean
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distillation (training/distill.py, `trident distill`)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _v_teacher(tmp_path, tiny_data):
+    return train(_cfg("diffusion", tmp_path / "teacher", tiny_data, steps=3, prediction_type="v_prediction"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32])
+def test_stage_timesteps_halve_the_trailing_grid_and_end_at_the_data(n):
+    from trident.serving.sampling import spaced_timesteps
+    from trident.training.distill import stage_timesteps
+    grid = stage_timesteps(1000, n)
+    np.testing.assert_array_equal(grid[:, 0], spaced_timesteps(1000, n, "trailing"))
+    np.testing.assert_array_equal(grid[:, 1], spaced_timesteps(1000, 2 * n, "trailing")[1::2])
+    np.testing.assert_array_equal(grid[:-1, 2], grid[1:, 0])
+    assert grid[-1, 2] == -1
+
+
+def test_halvings_list_each_stage_and_refuse_a_non_power_of_two_ratio():
+    from trident.training.distill import halvings
+    assert halvings(64, 4) == [32, 16, 8, 4] and halvings(2, 1) == [1]
+    for bad in ((12, 4), (4, 4), (4, 0)):
+        with pytest.raises(ValueError, match="power of two"):
+            halvings(*bad)
+
+
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_two_step_target_is_what_the_serving_ddim_sampler_reaches_in_two_steps(index):
+    """The student's x0 target, checked against our numpy DDIM sampler (serving/sampling.py) taking the teacher's two
+    steps: one DDIM step of the student with that x0 must land where they land."""
+    from trident.serving.sampling import NoiseSchedule, eps_from_prediction, make_sampler
+    from trident.training.distill import stage_timesteps, two_step_target
+    sched, n = NoiseSchedule(), 4
+    t, t_mid, t_next = stage_timesteps(1000, n)[index]
+
+    def teacher_v(z, tt):  # a fixed smooth stand-in for the network, v-prediction
+        return 0.3 * np.tanh(z) + 0.001 * tt
+
+    z = np.random.default_rng(index).standard_normal((2, 1, 4, 4))
+    ddim = make_sampler("ddim", sched)  # clip_sample and use_clipped_model_output on, as the student is drawn
+    ddim.set_timesteps(2 * n, spacing="trailing")
+    z2 = z
+    for tt in (t, t_mid):
+        eps = eps_from_prediction(teacher_v(z2, tt), z2, int(tt), sched, "v_prediction")
+        z2 = ddim.step(eps, int(tt), z2).prev_sample
+    target = two_step_target(lambda zz, tt: 0.3 * torch.tanh(zz) + 0.001 * tt[:, None, None, None].double(),
+                             torch.from_numpy(z), torch.full((2,), int(t)), torch.full((2,), int(t_mid)),
+                             torch.full((2,), int(t_next)), torch.from_numpy(sched.alphas_cumprod.copy()),
+                             "v_prediction").numpy()
+    a = math.sqrt(sched.alphas_cumprod[t])
+    s = math.sqrt(1 - sched.alphas_cumprod[t])
+    a2, s2 = (1.0, 0.0) if t_next < 0 else (math.sqrt(sched.alphas_cumprod[t_next]),
+                                              math.sqrt(1 - sched.alphas_cumprod[t_next]))
+    np.testing.assert_allclose(a2 * target + s2 * (z - a * target) / s, z2, rtol=0, atol=1e-10)
+
+
+def test_guided_output_is_cfg_combine_of_one_stacked_call():
+    from trident.serving.sampling import cfg_combine
+    from trident.training.distill import guided_output
+    calls = []
+
+    def teacher(x, t, y):
+        calls.append(len(x))
+        return x * (1 + y[:, None, None, None].float()) + t[:, None, None, None] / 1000
+
+    x, t, y = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([5.0, 500.0, 900.0]), torch.tensor([1, 2, 10])
+    got = guided_output(teacher, x, t, y, torch.full((3,), 2.5), null_class=10)
+    both = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)])).numpy()
+    want = cfg_combine(both, np.concatenate([x.numpy()] * 2), np.array([1, 2, 10]), 2.5)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+    assert calls == [6, 6]  # one stacked call of 2N rows (plus the reference's)
+
+
+def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tiny_data):
+    teacher_path = _v_teacher(tmp_path, tiny_data)
+    teacher, _ = ckpt.load_model(teacher_path, "diffusion")
+    out = tmp_path / "g"
+    train(_cfg("diffusion", out, tiny_data, model={}, distill="guidance", teacher=str(teacher_path), steps=1,
+               lr=1e-12, warmup_steps=0))
+    student, meta = ckpt.load_model(out / "model.safetensors", "diffusion")
+    assert student.config.guidance_input and meta["distill"]["stage"] == "guidance"
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10.0, 800.0]), torch.tensor([3, 10])
+    with torch.no_grad():
+        for w in (1.0, 4.0):
+            torch.testing.assert_close(student(x, t, y, torch.full((2,), w)), teacher(x, t, y), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="takes the guidance scale"):
+        student(x, t, y)
+    out2 = tmp_path / "g2"
+    train(_cfg("diffusion", out2, tiny_data, model={}, distill="guidance", teacher=str(teacher_path), steps=40,
+               lr=2e-3, log_every=10))
+    log = _log(out2)
+    assert log[-1]["loss"] < log[0]["loss"], log
+
+
+def test_step_distillation_resumes_across_a_stage_boundary_exactly(tmp_path, tiny_data):
+    teacher_path = _v_teacher(tmp_path, tiny_data)
+    stage1 = train(_cfg("diffusion", tmp_path / "g", tiny_data, model={}, distill="guidance",
+                        teacher=str(teacher_path), steps=2))
+    kw = dict(model={}, distill="steps", teacher=str(stage1), distill_from_steps=8, distill_to_steps=2, ckpt_every=1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg("diffusion", a, tiny_data, steps=6, **kw))
+    train(_cfg("diffusion", b, tiny_data, steps=6, time_limit_min=0.0, **kw))  # stops after its first step ...
+    for _ in range(5):
+        train(_cfg("diffusion", b, tiny_data, steps=6, time_limit_min=0.0, **kw))  # ... and each resume takes one
+    ta, ma = ckpt.load_checkpoint(a / "last.safetensors")
+    tb, mb = ckpt.load_checkpoint(b / "last.safetensors")
+    assert ma["train"]["step"] == mb["train"]["step"] == 6 and ma["distill"]["stages"] == [4, 2]
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["steps", "{teacher}", "--from-steps", "12", "--to-steps", "4"], "times a power of two"),
+    (["steps", "{teacher}"], "the teacher must take the guidance scale"),
+    (["guidance", "{missing}"], "none.safetensors does not exist"),
+])
+def test_distill_cli_exits_2_naming_the_problem(tmp_path, tiny_data, capsys, args, msg):
+    from trident.training.train import distill_main
+    teacher = _v_teacher(tmp_path, tiny_data)
+    argv = [a.format(teacher=teacher, missing=tmp_path / "none.safetensors") for a in args]
+    assert distill_main([*argv, "--out", str(tmp_path / "d"), "--data-dir", str(tiny_data), "--no-progress"]) == 2
+    assert msg in capsys.readouterr().err

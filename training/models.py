@@ -39,6 +39,7 @@ class UNetConfig:
     num_classes: int = 10                       # the class embedding has one more row: the null class
     groups: int = 8
     dropout: float = 0.0
+    guidance_input: bool = False                # a guidance-distilled student: forward takes the guidance scale w
 
     def __post_init__(self):
         if self.image_size % (2 ** (len(self.channel_mult) - 1)):
@@ -52,6 +53,11 @@ class UNetConfig:
 
     to_dict = asdict
     from_dict = classmethod(_from_dict)
+
+
+# The guidance scale w goes through the timestep embedding's sinusoids as w * GUIDANCE_EMBED_SCALE, so that the scales a
+# student is trained on (a few units) are spread over as many frequencies as timesteps are.
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -102,7 +108,11 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): predicts the noise added to x_t. y == config.null_class means "no class"."""
+    """eps_theta(x_t, t, y) (or v, as the card's prediction_type says): predicts the noise added to x_t.
+    y == config.null_class means "no class". With config.guidance_input, forward(x, t, y, w) also takes the guidance
+    scale w (N,) and predicts the guided output in one row (Meng et al. 2023, stage one): an embedding of w, its last
+    layer zero-initialised, added to the class embedding, so a student copied from its teacher starts as the teacher's
+    conditional prediction at every w."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -111,6 +121,10 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(c.num_classes + 1, emb_dim)
+        if c.guidance_input:
+            self.guidance_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.guidance_mlp[-1].weight)
+            nn.init.zeros_(self.guidance_mlp[-1].bias)
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -146,9 +160,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # x (N, C, H, W), t (N,) float timesteps, y (N,) int64 class ids in [0, num_classes]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        # x (N, C, H, W), t (N,) float timesteps, y (N,) int64 class ids in [0, num_classes], w (N,) guidance scales
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels)) + self.class_emb(y)  # (N, 4ch)
+        if self.config.guidance_input:
+            if w is None:
+                raise ValueError("this U-Net takes the guidance scale: call it as model(x, t, y, w)")
+            emb = emb + self.guidance_mlp(timestep_embedding(w * GUIDANCE_EMBED_SCALE, self.config.base_channels))
+        elif w is not None:
+            raise ValueError("this U-Net has no guidance input (config.guidance_input is False); call model(x, t, y)")
         h = self.conv_in(x)
         hs = [h]
         for blocks in self.down:

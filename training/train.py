@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import csv
 import json
 import math
@@ -24,15 +25,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trident.serving.card import ImageFormat, ModelCard
+from trident.serving.card import PREDICTION_TYPES, ImageFormat, ModelCard
+from trident.serving.files import file_sha256
 from trident.serving.images import labelled_grid, save_png, to_uint8
 from trident.serving.sampling import NoiseSchedule, sample
 
 from . import checkpoint as ckpt
+from . import distill
 from .data import CLASS_NAMES, load_fashion_mnist
 from .models import CONFIGS, Discriminator, build_model
 
 KINDS = ("diffusion", "gan", "vae", "classifier")
+LR_SCHEDULES = ("constant", "cosine")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULTS = {  # per-kind (lr, batch size) that trained well on Fashion-MNIST here
     "diffusion": (5e-4, 128), "gan": (2e-4, 128), "vae": (1e-3, 128), "classifier": (1e-3, 128),
 }
@@ -51,6 +56,19 @@ class TrainConfig:
     model: dict = field(default_factory=dict)   # overrides of the model config dataclass
     schedule: dict = field(default_factory=dict)  # diffusion: NoiseSchedule overrides (kind, beta_start, ...)
     label_dropout: float = 0.1        # diffusion: P(label -> null class), for classifier-free guidance
+    prediction_type: str = "epsilon"  # diffusion: what the U-Net learns to predict (card.PREDICTION_TYPES)
+    min_snr_gamma: float = 0.0        # diffusion: Min-SNR-gamma loss weighting (Hang et al. 2023), 0 = off
+    lr_schedule: str = "constant"     # after warm-up: "constant", or "cosine" decay to lr_min_ratio * lr at `steps`
+    lr_min_ratio: float = 0.05
+    precision: str = "fp32"           # "bf16": torch.autocast on the CPU; "auto": bf16 where the CPU has bf16 units
+    snapshot_every: int = 0           # also keep model.safetensors as snapshots/step_N.safetensors (0 = never)
+    # Distillation (`trident distill`, training/distill.py): the student is a diffusion model trained from `teacher`
+    distill: str = ""                 # "" (plain training), "guidance" (stage 1) or "steps" (stage 2)
+    teacher: str | None = None        # the teacher's model.safetensors
+    guidance_min: float = 1.0         # w ~ U[guidance_min, guidance_max] for the student's guidance input
+    guidance_max: float = 5.0
+    distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
+    distill_to_steps: int = 4         # ... down to the final student's
     ema_decay: float = 0.999            # diffusion and GAN: the exported weights are this EMA of the trained ones
     gan_augment: str = ""             # GAN: DiffAugment policies, comma-separated ("translation,cutout"), "" = off
     gan_r1: float = 0.0               # GAN: R1 penalty weight gamma (0 = off)
@@ -80,6 +98,30 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if not (self.min_snr_gamma >= 0 and math.isfinite(self.min_snr_gamma)):
+            raise ValueError(f"min_snr_gamma must be a finite number >= 0, got {self.min_snr_gamma}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
+        if self.distill not in ("", *distill.STAGES):
+            raise ValueError(f"distill must be one of {distill.STAGES}, got {self.distill!r}")
+        if self.distill and (self.kind != "diffusion" or not self.teacher):
+            raise ValueError("distillation trains a diffusion student and needs a teacher checkpoint")
+        if self.distill and not (math.isfinite(self.guidance_min) and math.isfinite(self.guidance_max)
+                                 and 0 <= self.guidance_min <= self.guidance_max):
+            raise ValueError(f"guidance range must satisfy 0 <= min <= max, got [{self.guidance_min}, "
+                             f"{self.guidance_max}]")
+        if self.distill == "steps":
+            stages = distill.halvings(self.distill_from_steps, self.distill_to_steps)  # ValueError when not halvings
+            if self.steps % len(stages):
+                raise ValueError(f"steps ({self.steps}) must split evenly over the {len(stages)} stages {stages}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         unknown = sorted(set(self.augment_policy) - set(AUGMENT_POLICIES))
@@ -93,6 +135,15 @@ class TrainConfig:
             raise ValueError(f"gan_mode_seeking must be a finite number >= 0, got {self.gan_mode_seeking}")
         if self.disc_lr is not None and not self.disc_lr > 0:
             raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
+
+    @property
+    def stages(self) -> list[int]:
+        """distill "steps": the student's step count in each stage."""
+        return distill.halvings(self.distill_from_steps, self.distill_to_steps) if self.distill == "steps" else []
+
+    @property
+    def stage_length(self) -> int:
+        return self.steps // len(self.stages) if self.stages else self.steps
 
     @property
     def augment_policy(self) -> tuple[str, ...]:
@@ -135,8 +186,55 @@ def _diffusion_tables(meta: dict, device) -> torch.Tensor:
     return torch.tensor(sched.alphas_cumprod, dtype=torch.float32, device=device)
 
 
+def diffusion_target(x0, eps, a, prediction_type: str):
+    """What the U-Net learns to output for x_t = sqrt(a) x0 + sqrt(1 - a) eps: eps, or v = sqrt(a) eps - sqrt(1 - a) x0
+    (Salimans & Ho 2022, sec. 4; steadier than eps where few sampling steps follow, e.g. distilled students)."""
+    return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def min_snr_weight(a: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023): the x0-loss weight min(SNR, gamma), carried over to what the model predicts.
+    An eps-loss equals SNR times the x0-loss and a v-loss (SNR + 1) times it, so the weights are
+    min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1). It keeps the many nearly clean timesteps from dominating."""
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """(fp32 or bf16, why). "auto" takes bf16 where the hardware computes it natively: a CUDA device that supports it,
+    or a CPU with avx512_bf16 or amx_bf16; elsewhere autocast would emulate bf16, many times slower than fp32."""
+    if requested != "auto":
+        return requested, "asked for"
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ("bf16" if ok else "fp32"), f"CUDA device {'supports' if ok else 'lacks'} bf16"
+    from trident.serving.precision import BF16_FLAGS, cpu_info
+    cpu = cpu_info()
+    native = [f for f in BF16_FLAGS if f in cpu["flags"]]
+    if native:
+        return "bf16", f"CPU {cpu['model']} has {', '.join(native)}"
+    return "fp32", f"CPU {cpu['model']} has neither {' nor '.join(BF16_FLAGS)}"
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over warmup_steps, then constant or a cosine decay to lr_min_ratio at cfg.steps; a progressive
+    distillation run restarts this in each stage."""
+    if cfg.stages:
+        return lr_factor(dataclasses.replace(cfg, distill="", steps=cfg.stage_length), step % cfg.stage_length)
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return warm
+    progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1))
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _autocast(cfg, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
 def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
-    """Ho et al. 2020, Algorithm 1, with label dropout for classifier-free guidance (Ho & Salimans 2022)."""
+    """Ho et al. 2020, Algorithm 1, with label dropout for classifier-free guidance (Ho & Salimans 2022), the target
+    of cfg.prediction_type, and optionally Min-SNR weighting."""
     unet = mods["model"]
     null = _unwrap(unet).config.null_class
     n = x0.shape[0]
@@ -146,10 +244,34 @@ def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps                          # q(x_t | x_0)
     drop = torch.rand(n, generator=gen, device=x0.device) < cfg.label_dropout
     y = torch.where(drop, torch.full_like(y, null), y)
-    loss = F.mse_loss(unet(x_t, t.float(), y), eps)
+    with _autocast(cfg, x0.device):
+        out = unet(x_t, t.float(), y)
+    err = (out.float() - diffusion_target(x0, eps, a, cfg.prediction_type)).pow(2)  # (N, C, H, W)
+    if cfg.min_snr_gamma > 0:
+        err = err * min_snr_weight(a, cfg.min_snr_gamma, cfg.prediction_type)
+    loss = err.mean()
     opts["model"].zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opts["model"].step()
+    return {"loss": loss.item()}
+
+
+def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
+    """One step of either distillation stage (training/distill.py); the teacher is frozen."""
+    student = mods["model"]
+    kw = dict(null_class=_unwrap(student).config.null_class, label_dropout=cfg.label_dropout,
+              guidance_range=(cfg.guidance_min, cfg.guidance_max), prediction_type=cfg.prediction_type)
+    with _autocast(cfg, x0.device):
+        if cfg.distill == "guidance":
+            loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod, **kw)
+        else:
+            n = cfg.stages[distill.stage_of(step, cfg.stage_length, cfg.stages)]
+            loss = distill.step_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
+                                                  student_steps=n, **kw)
+    opts["model"].zero_grad(set_to_none=True)
+    loss.float().backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
     opts["model"].step()
     return {"loss": loss.item()}
 
@@ -268,8 +390,11 @@ STEPS = {"diffusion": _diffusion_step, "gan": _gan_step, "vae": _vae_step, "clas
 
 
 @torch.no_grad()
-def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, seed: int = 0) -> np.ndarray | None:
-    """A uint8 grid drawn from the model: one row per class for conditional models, (H, W, 3)."""
+def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, seed: int = 0,
+            student_steps: int | None = None) -> np.ndarray | None:
+    """A uint8 grid drawn from the model: one row per class for conditional models, (H, W, 3). Diffusion: guidance 3,
+    DPM-Solver++ 20 steps; a distilled student takes 3 as its guidance input, one row per step, and a step-distilled
+    one draws with DDIM at its student_steps."""
     module.eval()
     names = meta["card"]["class_names"]
     k = len(names)
@@ -278,14 +403,21 @@ def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, 
     if kind == "diffusion":
         c = module.config
         device = next(module.parameters()).device
+        schedule = NoiseSchedule.from_dict(meta["card"]["schedule"])
 
-        def eps(x, t, y):  # the torch module as the sampler's callable
-            out = module(torch.from_numpy(x).to(device), torch.from_numpy(t).to(device), torch.from_numpy(y).to(device))
-            return out.cpu().numpy()
+        w = 3.0
 
-        imgs = sample(eps, (len(labels), c.in_channels, c.image_size, c.image_size), labels,
-                      schedule=NoiseSchedule.from_dict(meta["card"]["schedule"]), sampler="dpmpp-2m", steps=20,
-                      guidance=3.0, null_class=c.null_class, seed=seed)
+        def net(x, t, y):  # the torch module as the sampler's callable
+            args = [torch.from_numpy(a).to(device) for a in (x, t, y)]
+            if c.guidance_input:
+                args.append(torch.full((len(x),), w, device=device))
+            return module(*args).cpu().numpy()
+
+        how = ({"sampler": "dpmpp-2m", "steps": 20, "spacing": None} if student_steps is None
+               else {"sampler": "ddim", "steps": student_steps, "spacing": distill.STUDENT_SPACING})
+        imgs = sample(net, (len(labels), c.in_channels, c.image_size, c.image_size), labels,
+                      schedule=schedule, guidance=1.0 if c.guidance_input else w, null_class=c.null_class,
+                      seed=seed, prediction_type=meta["card"]["prediction_type"], **how)
     elif kind == "gan":
         device = next(module.parameters()).device
         z = torch.randn(len(labels), module.config.latent_dim, generator=g).to(device)
@@ -312,7 +444,7 @@ def model_card(cfg: TrainConfig, model_cfg) -> ModelCard:
         image=ImageFormat(model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size, (-1.0, 1.0)),
         conditional=cfg.kind in ("diffusion", "gan"),
         schedule=NoiseSchedule(**cfg.schedule).to_dict() if diffusion else None,
-        prediction_type="epsilon" if diffusion else None,
+        prediction_type=cfg.prediction_type if diffusion else None,
         null_class=model_cfg.null_class if diffusion else None,
         latent_dim=getattr(model_cfg, "latent_dim", None) if cfg.kind in ("gan", "vae") else None)
 
@@ -324,16 +456,47 @@ def _meta(cfg: TrainConfig, model_cfg) -> dict:
     return meta
 
 
+def _distill_setup(cfg: TrainConfig, device) -> tuple[torch.nn.Module, TrainConfig, object]:
+    """The frozen teacher, the run's config with the teacher's schedule and prediction type, and the student's model
+    config (the teacher's, with the guidance input)."""
+    if cfg.model:
+        raise ValueError("a distilled student has its teacher's architecture: drop --model")
+    teacher, tmeta = ckpt.load_model(cfg.teacher, "diffusion")
+    card = ckpt.card_of(tmeta, cfg.teacher).to_dict()
+    distill.check_teacher(cfg.distill, teacher.config, card)
+    cfg = dataclasses.replace(cfg, schedule=card["schedule"], prediction_type=card["prediction_type"])
+    student_cfg = dataclasses.replace(teacher.config, guidance_input=True)
+    return teacher.to(device).eval().requires_grad_(False), cfg, student_cfg
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the path of model.safetensors."""
     rank, world, device = _setup_distributed()
     torch.manual_seed(cfg.seed + rank)
+    precision, why = resolve_precision(cfg.precision, device)
+    if precision != "fp32" and cfg.kind != "diffusion":
+        raise ValueError(f"--precision {cfg.precision}: reduced-precision training is offered for diffusion only")
+    cfg = dataclasses.replace(cfg, precision=precision) if cfg.kind == "diffusion" else cfg
+    if rank == 0 and cfg.kind == "diffusion":
+        print(f"training precision: {precision} ({why})", flush=True)
     out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    model_cfg = CONFIGS[cfg.kind].from_dict(cfg.model)
+    teacher = None
+    if cfg.distill:
+        teacher, cfg, model_cfg = _distill_setup(cfg, device)
+    else:
+        model_cfg = CONFIGS[cfg.kind].from_dict(cfg.model)
     meta = _meta(cfg, model_cfg)
     mods = {"model": build_model(cfg.kind, model_cfg).to(device)}
+    if teacher is not None:
+        # the student starts as its teacher; a stage-1 student's new guidance embedding starts at zero
+        missing, unexpected = mods["model"].load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("guidance_mlp.") for k in missing), (missing, unexpected)
+        meta["distill"] = {"stage": cfg.distill, "teacher": str(cfg.teacher),
+                           "teacher_sha256": file_sha256(cfg.teacher),
+                           "guidance_range": [cfg.guidance_min, cfg.guidance_max], "stages": cfg.stages,
+                           "spacing": distill.STUDENT_SPACING if cfg.stages else None}
     if cfg.kind == "gan":
         mods["disc"] = Discriminator(model_cfg).to(device)
     betas = (0.5, 0.999) if cfg.kind == "gan" else (0.9, 0.999)
@@ -347,14 +510,21 @@ def train(cfg: TrainConfig) -> Path:
     last = out / "last.safetensors"
     if last.exists():
         tensors, old = ckpt.load_checkpoint(last, cfg.kind)
-        if old["config"] != meta["config"]:
+        if CONFIGS[cfg.kind].from_dict(old["config"]) != model_cfg:  # JSON lists against the config's tuples
             raise ckpt.CheckpointError(f"{last} was trained with model config {old['config']}, not {meta['config']}; "
                                        "use another --out directory or the same config")
+        old_card = ckpt.card_of(old).to_dict()
+        for key in ("prediction_type", "schedule"):
+            if old_card.get(key) != meta["card"].get(key):
+                raise ckpt.CheckpointError(f"{last} was trained with {key} {old_card.get(key)!r}, not "
+                                           f"{meta['card'].get(key)!r}; use another --out directory or the same {key}")
         for name, m in mods.items():
             ckpt.load_state(m, tensors, f"train.{name}", last)
             ckpt.restore_optimizer(opts[name], name, tensors, old["train"]["optim"][name])
         if ema is not None:
             ckpt.load_state(ema, tensors, "model", last)
+        if cfg.stages:  # progressive distillation: the teacher of the stage it stopped in
+            ckpt.load_state(teacher, tensors, "train.teacher", last)
         step, elapsed = old["train"]["step"], old["train"]["elapsed_s"]
         history = old["train"].get("last_losses", {})
         if rank == 0:
@@ -372,7 +542,9 @@ def train(cfg: TrainConfig) -> Path:
     labels = torch.from_numpy(data.labels).to(device)
     gen = torch.Generator(device=device)
     alphas_cumprod = _diffusion_tables(meta, device) if cfg.kind == "diffusion" else None
-    step_fn = STEPS[cfg.kind]
+    step_fn = _distill_step if cfg.distill else STEPS[cfg.kind]
+    if teacher is not None:
+        mods["teacher"] = teacher  # frozen: no optimizer, never wrapped, saved only when stages change it
     local_bs = max(1, cfg.batch_size // world)
 
     def save(final: bool = False):
@@ -380,6 +552,10 @@ def train(cfg: TrainConfig) -> Path:
             return
         tensors, optim_info = {}, {}
         for name, m in mods.items():
+            if name == "teacher":
+                if cfg.stages:
+                    tensors.update(ckpt.with_prefix(m.state_dict(), "train.teacher"))
+                continue
             tensors.update(ckpt.with_prefix(_unwrap(m).state_dict(), f"train.{name}"))
             t_opt, info = ckpt.optimizer_tensors(opts[name], name)
             tensors.update(t_opt)
@@ -395,6 +571,10 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.kind == "vae":
             card = {**card, "class_centroids": _vae_centroids(export_module, images, labels)}
         ckpt.save_checkpoint(out / "model.safetensors", export_tensors, {**meta, "card": card, "train": train_meta})
+        if cfg.snapshot_every and (step % cfg.snapshot_every == 0):
+            (out / "snapshots").mkdir(exist_ok=True)
+            ckpt.save_checkpoint(out / "snapshots" / f"step_{step:07d}.safetensors", export_tensors,
+                                 {**meta, "card": card, "train": train_meta})
 
     log_path = out / "log.csv"
     log_file = None
@@ -416,7 +596,16 @@ def train(cfg: TrainConfig) -> Path:
         while step < cfg.steps:
             for name, o in opts.items():
                 for group in o.param_groups:
-                    group["lr"] = base_lr[name] * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+                    group["lr"] = base_lr[name] * lr_factor(cfg, step)
+            if cfg.stages and step > 0 and step % cfg.stage_length == 0:
+                # a new halving: the student (its EMA) becomes the teacher and the next student starts from it
+                # (Salimans & Ho 2022, algorithm 2), with fresh optimiser moments
+                teacher.load_state_dict(ema.state_dict())
+                _unwrap(mods["model"]).load_state_dict(ema.state_dict())
+                opts["model"].state.clear()
+                if rank == 0:
+                    print(f"stage {step // cfg.stage_length + 1}/{len(cfg.stages)}: "
+                          f"{cfg.stages[step // cfg.stage_length]} student steps", flush=True)
             # Randomness is a function of (seed, rank, step) alone, so a resumed run repeats an uninterrupted one.
             step_seed = (cfg.seed * 1_000_003 + rank) * 10_000_019 + step
             gen.manual_seed(step_seed)
@@ -455,11 +644,13 @@ def train(cfg: TrainConfig) -> Path:
                 flag = torch.tensor([float(stop)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop = bool(flag.item())
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            snapshot = cfg.snapshot_every and step % cfg.snapshot_every == 0
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop or snapshot:
                 save()
             final = (step == cfg.steps or stop) and step >= cfg.sample_every  # no preview for tiny test runs
             if rank == 0 and (step % cfg.sample_every == 0 or final):
-                grid = preview(cfg.kind, ema if ema is not None else _unwrap(mods["model"]), meta)
+                n = cfg.stages[distill.stage_of(step - 1, cfg.stage_length, cfg.stages)] if cfg.stages else None
+                grid = preview(cfg.kind, ema if ema is not None else _unwrap(mods["model"]), meta, student_steps=n)
                 _unwrap(mods["model"]).train()
                 if grid is not None:
                     save_png(out / "samples" / f"step_{step:07d}.png", grid)
@@ -526,6 +717,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model", default="{}", help='JSON overrides of the model config, e.g. \'{"base_channels": 16}\'')
     p.add_argument("--schedule", default="{}", help='diffusion: JSON noise schedule, e.g. \'{"kind": "cosine"}\'')
     p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--prediction", default="epsilon", choices=PREDICTION_TYPES,
+                   help="diffusion: what the U-Net predicts (v_prediction: Salimans & Ho 2022)")
+    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="diffusion: Min-SNR-gamma loss weight (0 = off)")
+    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                   help="after warm-up: constant, or cosine decay to --lr-min-ratio x lr at --steps")
+    p.add_argument("--lr-min-ratio", type=float, default=0.05)
+    p.add_argument("--precision", default="fp32", choices=TRAIN_PRECISIONS,
+                   help="diffusion: bf16 autocast; auto = bf16 where the CPU/GPU computes bf16 natively, else fp32")
+    p.add_argument("--snapshot-every", type=int, default=0,
+                   help="also keep the exported weights as snapshots/step_N.safetensors every N steps (0 = never)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--gan-augment", default="", help="GAN: DiffAugment policies, e.g. translation,cutout")
     p.add_argument("--gan-r1", type=float, default=0.0, help="GAN: R1 penalty weight (0 = off)")
@@ -552,30 +753,18 @@ def _json_arg(text: str, flag: str) -> dict:
     return value
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _run(prog: str, make_config) -> int:
+    """Build the TrainConfig (make_config()), train, and turn a bad argument, dataset or checkpoint into exit 2 with
+    one line naming it."""
     try:
-        cfg = TrainConfig(kind=args.kind, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, data_dir=args.data_dir, limit=args.limit,
-                          model=_json_arg(args.model, "--model"), schedule=_json_arg(args.schedule, "--schedule"),
-                          label_dropout=args.label_dropout, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
-                          gan_augment=args.gan_augment, gan_r1=args.gan_r1, gan_r1_every=args.gan_r1_every,
-                          disc_lr=args.disc_lr, gan_mode_seeking=args.gan_mode_seeking,
-                          log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
-                          time_limit_min=args.time_limit, progress=not args.no_progress,
-                          command="trident train " + " ".join(shlex.quote(a) for a in argv))
-        CONFIGS[cfg.kind].from_dict(cfg.model)
-        path = train(cfg)
+        path = train(make_config())
     except (ValueError, TypeError) as e:
-        print(f"trident train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from .data import DatasetError
         if isinstance(e, (DatasetError, ckpt.CheckpointError)):
-            print(f"trident train: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
         raise
     finally:
@@ -584,6 +773,97 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
     return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def config():
+        cfg = TrainConfig(kind=args.kind, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, data_dir=args.data_dir, limit=args.limit,
+                          model=_json_arg(args.model, "--model"), schedule=_json_arg(args.schedule, "--schedule"),
+                          label_dropout=args.label_dropout, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
+                          prediction_type=args.prediction, min_snr_gamma=args.min_snr_gamma,
+                          lr_schedule=args.lr_schedule, lr_min_ratio=args.lr_min_ratio, precision=args.precision,
+                          snapshot_every=args.snapshot_every,
+                          gan_augment=args.gan_augment, gan_r1=args.gan_r1, gan_r1_every=args.gan_r1_every,
+                          disc_lr=args.disc_lr, gan_mode_seeking=args.gan_mode_seeking,
+                          log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
+                          time_limit_min=args.time_limit, progress=not args.no_progress,
+                          command="trident train " + " ".join(shlex.quote(a) for a in argv))
+        CONFIGS[cfg.kind].from_dict(cfg.model)
+        return cfg
+
+    return _run("trident train", config)
+
+
+DISTILL_HELP = """Distil the diffusion teacher into a student that draws with one network row per step, in a few steps.
+
+  trident distill guidance TEACHER --out DIR [--steps N]                    stage 1 (Meng et al. 2023): the guidance
+      scale becomes an input; the student learns the teacher's guided pair [cond; null] in one row
+  trident distill steps STAGE1 --out DIR --from-steps 64 --to-steps 4 --steps-per-stage N
+      stage 2 (Salimans & Ho 2022): progressive halvings of DDIM steps, each student the next one's teacher
+
+Writes what `trident train` writes (last.safetensors to resume, model.safetensors, log.csv, preview grids) and the
+student's model.safetensors exports like any diffusion checkpoint. Re-running with the same DIR resumes.
+"""
+
+
+def build_distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trident distill", description=DISTILL_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=distill.STAGES)
+    p.add_argument("teacher", help="the teacher's model.safetensors (stage 1: `trident train diffusion`; stage 2: "
+                                   "a stage-1 student)")
+    p.add_argument("--out", required=True, help="output directory (re-use it to resume)")
+    p.add_argument("--steps", type=int, default=2000, help="guidance: training steps")
+    p.add_argument("--steps-per-stage", type=int, default=1000, help="steps: training steps per halving")
+    p.add_argument("--from-steps", type=int, default=64, help="steps: the first teacher's DDIM steps")
+    p.add_argument("--to-steps", type=int, default=4, help="steps: the final student's DDIM steps")
+    p.add_argument("--guidance-min", type=float, default=1.0)
+    p.add_argument("--guidance-max", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--precision", default="auto", choices=TRAIN_PRECISIONS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=500)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--time-limit", type=float, default=None, help="stop and save after this many minutes")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def distill_main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_distill_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def config():
+        n_stages = len(distill.halvings(args.from_steps, args.to_steps)) if args.stage == "steps" else 0
+        return TrainConfig(kind="diffusion", out_dir=args.out, distill=args.stage, teacher=args.teacher,
+                           steps=args.steps_per_stage * n_stages if n_stages else args.steps,
+                           distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
+                           guidance_min=args.guidance_min, guidance_max=args.guidance_max,
+                           batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                           warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
+                           precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
+                           log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
+                           time_limit_min=args.time_limit, progress=not args.no_progress,
+                           command="trident distill " + " ".join(shlex.quote(a) for a in argv))
+
+    return _run("trident distill", config)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ class ClientBase:
                 (count, *card.image.shape), labels, schedule=sampling.NoiseSchedule.from_dict(card.schedule),
                 sampler=sampler, steps=steps, guidance=guidance, null_class=card.null_class, eta=eta,
                 spacing=spacing, seed=seed, callback=callback if client_side else None,
-                progress=progress and client_side)
+                progress=progress and client_side, prediction_type=card.prediction_type)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
         if client_side:

@@ -54,6 +54,7 @@ class TritonPythonModel:
         card = ModelCard.from_json(params[P.CARD])
         self.schedule = sampling.NoiseSchedule.from_dict(card.schedule)
         self.null_class = card.null_class
+        self.prediction_type = card.prediction_type
         self.image_shape = card.image.shape
         self.max_images = int(params[P.MAX_IMAGES])
         self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P.UNET_IO])
@@ -158,7 +159,7 @@ class TritonPythonModel:
             steps = sampling.sample_progressive(
                 self._eps, shape, a["labels"], schedule=self.schedule, sampler=a["sampler"], steps=a["steps"],
                 guidance=a["guidance"], null_class=self.null_class, eta=a["eta"], spacing=a["spacing"],
-                seed=a["seed"], callback=callback)
+                seed=a["seed"], callback=callback, prediction_type=self.prediction_type)
         except ValueError as e:  # an argument out of range: sample_progressive checks before any U-Net call
             raise InvalidRequest(f"{self.name}: {e}") from None
         if P.shutting_down():  # a request that arrives while the server drains does not start
