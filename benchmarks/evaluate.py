@@ -364,9 +364,8 @@ def main(argv=None) -> int:
         from trident.serving import precision
 
         variants = tuple(v.strip() for v in args.gate_variants.split(",") if v.strip())
-        flags = precision.cpu_info()["flags"]
-        if not any(f in flags for f in precision.BF16_FLAGS):
-            variants = tuple(v for v in variants if precision.precision_of(v) != "bf16")
+        cpu = precision.cpu_info()
+        variants = tuple(v for v in variants if precision.not_native(v, cpu) is None)
         result = precision_gate({m: checkpoints[m] for m in GATE_SETTINGS}, Path(args.work), ref, args.n, args.seed,
                                 args.batch, variants, Path(args.gate_file), log=log)
         print(json.dumps(result, indent=2))

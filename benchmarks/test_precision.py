@@ -17,7 +17,7 @@ from trident.serving.spec import UNET, load_export_metadata
 # backend -> (variant, engine note) of the step rows; "ort-session" is ONNX Runtime fp32 in one session (no row
 # shards): the baseline the step targets are stated against.
 STEP_VARIANTS = ("ort-session", *precision.CPU_VARIANTS, "auto", "torch-compile")
-HAS_BF16 = any(f in precision.cpu_info()["flags"] for f in precision.BF16_FLAGS)
+CPU = precision.cpu_info()
 
 
 def _gate(settings):
@@ -55,8 +55,8 @@ def test_precision_step(benchmark, request, settings, exports, checkpoints, unet
     require(exports, "diffusion")
     if settings.device != "cpu":
         pytest.skip("the precision rows are the CPU runtimes")
-    if backend == "openvino-bf16" and not HAS_BF16:
-        pytest.skip(f"bf16 needs one of {precision.BF16_FLAGS}; this CPU has {precision.cpu_info()['flags']}")
+    if precision.not_native(backend, CPU):
+        pytest.skip(f"{backend}: {precision.not_native(backend, CPU)} (flags {CPU['flags']})")
     entry = load_export_metadata(exports["diffusion"])["graphs"][UNET]
     if str(bucket) not in entry["fp32"]:
         pytest.skip(f"bucket {bucket} is not exported")

@@ -15,11 +15,11 @@ from trident.serving.ort_runner import BucketRunner
 from trident.serving.spec import GRAPHS_OF_KIND, UNET, load_export_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_BF16 = any(f in precision.cpu_info()["flags"] for f in precision.BF16_FLAGS)
+CPU = precision.cpu_info()
 
 
 def runnable_here(variant: str) -> bool:
-    return precision.precision_of(variant) != "bf16" or HAS_BF16
+    return precision.not_native(variant, CPU) is None
 
 
 def files_of(export_dir: Path, entry: dict, files: str) -> dict[int, str]:
@@ -38,7 +38,7 @@ def passing_gate(tmp_path: Path, meta: dict, variants=("openvino-bf16", "onnxrun
 @pytest.mark.parametrize("variant", precision.CPU_VARIANTS)
 def test_variant_matches_onnxruntime_fp32_within_its_tolerance_when_run_on_the_parity_batch(export_dirs, variant):
     if not runnable_here(variant):
-        pytest.skip(f"{variant} needs one of {precision.BF16_FLAGS}; this CPU has {precision.cpu_info()['flags']}")
+        pytest.skip(f"{variant}: {precision.not_native(variant, CPU)} (flags {CPU['flags']})")
     files, engine = precision.VARIANTS[variant]
     tolerance = precision.PARITY_TOLERANCE[precision.precision_of(variant)]
     for kind, directory in export_dirs.items():
@@ -75,11 +75,12 @@ def test_int8_graph_is_quantized_smaller_and_recorded_when_exported(export_dirs)
 
 def test_candidates_exclude_bf16_without_bf16_hardware_and_reduced_precisions_without_a_passed_gate():
     no_bf16 = {"flags": ["avx2", "avx512f"]}
-    bf16 = {"flags": ["avx512f", "amx_bf16"]}
+    bf16 = {"flags": ["avx512f", "avx512_vnni", "amx_bf16"]}
     exported = {"fp32", "int8"}
     passed = {v: {"pass": True} for v in ("openvino-bf16", "onnxruntime-int8", "openvino-int8")}
     out = precision.candidates(exported, no_bf16, passed)
     assert out["openvino-bf16"].startswith("this CPU has none of")
+    assert out["openvino-int8"] == f"this CPU has none of {precision.INT8_DOT_FLAGS}"  # no VNNI: OpenVINO int8 is off
     assert out["onnxruntime-int8"] is None and out["openvino-fp32"] is None and out["onnxruntime-fp32"] is None
     assert precision.candidates(exported, bf16, passed)["openvino-bf16"] is None
     ungated = precision.candidates(exported, bf16, {})
@@ -97,8 +98,9 @@ def test_auto_chooses_per_bucket_only_variants_that_beat_fp32_in_every_round_whe
     record = precision.choose(export_dirs["diffusion"], meta, UNET, "auto", gate_file=passing_gate(tmp_path, meta),
                               row_shards=1)
     assert record["cpu"]["model"] and sorted(record["choice"]) == sorted(meta["graphs"][UNET]["buckets"])
-    if not HAS_BF16:
-        assert "openvino-bf16" in record["excluded"]
+    for variant in precision.CPU_VARIANTS:  # a variant this CPU cannot run natively is never tried
+        if not runnable_here(variant):
+            assert record["excluded"][variant] == precision.not_native(variant, CPU)
     for b, variant in record["choice"].items():
         results = record["buckets"][b]
         assert results[precision.REFERENCE]["why"] == "reference" and len(results[variant]["rounds_ms"]) == 3
