@@ -9,7 +9,7 @@ from trident.serving.files import atomic_file
 
 from trident.benchmarks.evaluate import GAN_TARGETS
 
-from .report import lines, save_panels, scatter
+from .charts import lines, save_panels, scatter
 
 GUIDANCE_STEPS = 20   # the guidance sweep's step count
 STEPS_GUIDANCE = 3.0  # the step sweep's guidance

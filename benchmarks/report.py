@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from trident.benchmarks.charts import bars, save_panels
 from trident.benchmarks.settings import SAMPLER_LABELS
 
 STEP_BACKENDS = ("torch", "ort-whole", "ort", "triton-http", "triton-grpc", "ort-cudagraph")
@@ -25,16 +26,34 @@ STEP_LABELS = {"torch": "PyTorch eager", "ort-whole": "ORT, row shards off", "or
 PEER_LABELS = {"diffusers-torch": "diffusers loop (PyTorch)", "ours-triton": "ours, Triton client",
                "ours-ort": "ours, ORT in-process", "ours-torch": "ours, PyTorch backend"}
 
-# The issue's targets.
-TARGET_PEAK_FRACTION = 0.75
-TARGET_TRITON_OVERHEAD = 0.10
-TARGET_CFG_SPEEDUP = 1.6
-TARGET_PEER_RATIO = 1.5
-# issue "Reduced precision at equal quality"
-TARGET_AUTO_STEP = 2.0          # auto U-Net step vs ONNX Runtime fp32 in one session, at b8 and b32 (bf16 CPUs)
-TARGET_AUTO_SERVED = 1.8        # served DPM-Solver++-20 at B=8, auto repository vs fp32 repository
-TARGET_AUTO_PEER = 3.0          # the same vs the diffusers loop peer
-TARGET_MEMORY_MB = 200          # resident memory of each U-Net host (diffusion_unet, diffusion_sampler)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issues: a measured value passes when it is >= bound (at_least) or <= bound."""
+
+    bound: float
+    at_least: bool = True
+
+    def check(self, value: float | None) -> bool | None:
+        """PASS/FAIL, or None where nothing was measured."""
+        if value is None:
+            return None
+        return value >= self.bound if self.at_least else value <= self.bound
+
+
+# The issues' targets, in one table.
+TARGETS = {
+    "peak_fraction": Target(0.75),           # U-Net step at the largest bucket, fraction of the measured matmul peak
+    "triton_overhead": Target(0.10, False),  # Triton client loop over in-process ORT
+    "cfg_speedup": Target(1.6),              # batched CFG against two calls at B=1
+    "peer_ratio": Target(1.5),               # images/s against the diffusers loop peer
+    # issue "Reduced precision at equal quality"
+    "auto_step": Target(2.0),                # auto U-Net step vs ORT fp32 in one session, at b8 and b32 (bf16 CPUs)
+    "auto_served": Target(1.8),              # served DPM-Solver++-20 at B=8, auto repository vs fp32 repository
+    "auto_peer": Target(3.0),                # the same vs the diffusers loop peer
+    "memory_mb": Target(200, False),         # resident memory of each U-Net host (diffusion_unet, diffusion_sampler)
+}
 PRECISION_LABELS = {"ort-session": "ORT fp32, one session", "onnxruntime-fp32": "ORT fp32 (row shards)",
                     "onnxruntime-int8": "ORT int8", "openvino-fp32": "OpenVINO fp32", "openvino-bf16": "OpenVINO bf16",
                     "openvino-int8": "OpenVINO int8", "auto": "auto", "torch-compile": "torch.compile"}
@@ -424,10 +443,10 @@ def precision_targets(prec: dict, peer_images_per_s: float | None, auto_images_p
     measured = {n for n, _ in prec["speed"]}
     for n in [n for n in (8, 32) if n in measured]:  # the issue's buckets, where this run exported them
         v = prec["speed"].get((n, "auto"))
-        rows.append([f"auto U-Net step >= {TARGET_AUTO_STEP}x ORT fp32 (one session) at b{n}"
+        rows.append([f"auto U-Net step >= {TARGETS['auto_step'].bound}x ORT fp32 (one session) at b{n}"
                      + ("" if bf16_cpu else " (only on a CPU with AMX or AVX512-BF16)"),
                      "-" if v is None else f"{v:.2f}x ({prec['choice'].get(str(n), '-')})",
-                     verdict(None if v is None or not bf16_cpu else v >= TARGET_AUTO_STEP)])
+                     verdict(TARGETS["auto_step"].check(v) if bf16_cpu else None)])
     slower = [(n, prec["speed"].get((n, "auto")), prec["speed"].get((n, "onnxruntime-fp32")))
               for n in sorted({n for n, _ in prec["speed"]})]
     slower = [(n, a, f) for n, a, f in slower if a is not None and f is not None]
@@ -437,18 +456,18 @@ def precision_targets(prec: dict, peer_images_per_s: float | None, auto_images_p
                  verdict(None if worst is None else worst[0] >= 0.97)])
     big = max(prec["served"], default=None)
     s8 = prec["served"].get(big)
-    rows.append([f"served DPM-Solver++-20 at B={big}: auto >= {TARGET_AUTO_SERVED}x the fp32 repository",
-                 "-" if s8 is None else f"{s8:.2f}x", verdict(None if s8 is None else s8 >= TARGET_AUTO_SERVED)])
+    rows.append([f"served DPM-Solver++-20 at B={big}: auto >= {TARGETS['auto_served'].bound}x the fp32 repository",
+                 "-" if s8 is None else f"{s8:.2f}x", verdict(TARGETS["auto_served"].check(s8))])
     pr = ratio(auto_images_per_s, peer_images_per_s)
-    rows.append([f"served auto >= {TARGET_AUTO_PEER}x the diffusers loop peer", "-" if pr is None else f"{pr:.2f}x",
-                 verdict(None if pr is None else pr >= TARGET_AUTO_PEER)])
+    rows.append([f"served auto >= {TARGETS['auto_peer'].bound}x the diffusers loop peer", "-" if pr is None else f"{pr:.2f}x",
+                 verdict(TARGETS["auto_peer"].check(pr))])
     for state, models in prec["memory"].items():
         if not state.endswith("warm-up"):  # the issue's measure: the served repository after warm-up
             continue
         for model in ("diffusion_unet", "diffusion_sampler"):
             mb = models.get(model)
-            rows.append([f"{model} resident memory <= {TARGET_MEMORY_MB} MB ({state}, default settings)",
-                         "-" if mb is None else f"{mb:.0f} MB", verdict(None if mb is None else mb <= TARGET_MEMORY_MB)])
+            rows.append([f"{model} resident memory <= {TARGETS['memory_mb'].bound} MB ({state}, default settings)",
+                         "-" if mb is None else f"{mb:.0f} MB", verdict(TARGETS["memory_mb"].check(mb))])
     return rows
 
 
@@ -467,26 +486,26 @@ def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: i
 
     top = step["largest"]
     frac = ratio(step["ort_gflops"].get(top), peak) if top else None
-    rows.append([f">= {TARGET_PEAK_FRACTION:.0%} of measured {peak_dtype} matmul peak at the largest bucket",
+    rows.append([f">= {TARGETS['peak_fraction'].bound:.0%} of measured {peak_dtype} matmul peak at the largest bucket",
                  "-" if frac is None else f"b{top}: ORT {step['ort_gflops'][top]:.1f} GFLOP/s = {pct(frac)} of "
                                           f"{peak:.1f}",
-                 verdict(None if frac is None else frac >= TARGET_PEAK_FRACTION)])
+                 verdict(TARGETS["peak_fraction"].check(frac))])
 
     key = ("dpmpp-2m", peer_steps, sample_batch)
     over = e2e["overhead"].get(key)
-    rows.append([f"Triton client loop overhead <= {TARGET_TRITON_OVERHEAD:.0%} over in-process ORT for "
+    rows.append([f"Triton client loop overhead <= {TARGETS['triton_overhead'].bound:.0%} over in-process ORT for "
                  f"DPM-Solver++-{ISSUE_E2E[1]} at B={ISSUE_E2E[2]}",
                  "-" if over is None else f"{pct(over, signed=True)} ({run_label(*key[:2])}, B={key[2]})",
-                 verdict(None if over is None else over <= TARGET_TRITON_OVERHEAD)])
+                 verdict(TARGETS["triton_overhead"].check(over))])
 
     c1 = cfg["speedups"].get(1)
-    rows.append([f"Batched CFG >= {TARGET_CFG_SPEEDUP}x faster than two calls at B=1",
-                 "-" if c1 is None else f"{c1:.2f}x", verdict(None if c1 is None else c1 >= TARGET_CFG_SPEEDUP)])
+    rows.append([f"Batched CFG >= {TARGETS['cfg_speedup'].bound}x faster than two calls at B=1",
+                 "-" if c1 is None else f"{c1:.2f}x", verdict(TARGETS["cfg_speedup"].check(c1))])
 
     pr = peer["ratios"].get((peer_steps, sample_batch, "ours-triton"))
-    rows.append([f">= {TARGET_PEER_RATIO}x the images/s of the diffusers loop peer at equal steps",
+    rows.append([f">= {TARGETS['peer_ratio'].bound}x the images/s of the diffusers loop peer at equal steps",
                  "-" if pr is None else f"{pr:.2f}x (DPM-Solver++-{peer_steps}, B={sample_batch})",
-                 verdict(None if pr is None else pr >= TARGET_PEER_RATIO)])
+                 verdict(TARGETS["peer_ratio"].check(pr))])
     lines = table(["target (from the issue)", "measured", "result"], rows, left=3)
     if smoke:
         lines += ["**Smoke run**: sizes were shrunk (few steps, small batches, one round) to check that the suite "
@@ -495,185 +514,6 @@ def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: i
         lines += [f"Note: the end-to-end targets were read at DPM-Solver++-{peer_steps}, B={sample_batch}, not the "
                   f"issue's DPM-Solver++-{ISSUE_E2E[1]}, B={ISSUE_E2E[2]}.", ""]
     return lines
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots (Pillow: matplotlib is not a dependency)
-# ----------------------------------------------------------------------------------------------------------------
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def _nice_ticks(top: float, count: int = 5) -> list[float]:
-    if top <= 0:
-        return [0.0, 1.0]
-    raw = top / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return [i * step for i in range(int(math.ceil(top / step)) + 1)]
-
-
-def bars(title: str, categories: list[str], series: dict[str, list], ylabel: str):
-    """A grouped bar chart as a PIL image: one group per category, one bar per series (None leaves a gap); None when
-    there is nothing to draw."""
-    from PIL import Image, ImageDraw
-
-    values = [v for vs in series.values() for v in vs if v is not None]
-    if not categories or not values:
-        return None
-    width, height = max(560, 120 + 55 * len(categories) * max(1, len(series))), 460
-    left, right, top, bottom = 80, 20, 50, 110
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    f_title, f_small = _font(16), _font(11)
-    d.text((left, 15), title, fill="black", font=f_title)
-    ticks = _nice_ticks(max(values) * 1.05)
-    ymax = ticks[-1]
-    plot_h, plot_w = height - top - bottom, width - left - right
-
-    def y_of(v):
-        return top + plot_h * (1 - v / ymax)
-
-    for t in ticks:
-        y = y_of(t)
-        d.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        d.text((left - 8, y), f"{t:g}", fill="black", font=f_small, anchor="rm")
-    d.text((10, top - 20), ylabel, fill="black", font=f_small)
-    d.line([(left, top), (left, top + plot_h), (width - right, top + plot_h)], fill="black")
-    group_w = plot_w / len(categories)
-    bar_w = group_w * 0.8 / len(series)
-    for i, cat in enumerate(categories):
-        x0 = left + i * group_w + group_w * 0.1
-        for j, (name, vs) in enumerate(series.items()):
-            v = vs[i] if i < len(vs) else None
-            if v is None:
-                continue
-            bx = x0 + j * bar_w
-            d.rectangle([bx, y_of(v), bx + bar_w - 2, top + plot_h], fill=PALETTE[j % len(PALETTE)])
-            d.text((bx + bar_w / 2, y_of(v) - 2), f"{v:.3g}", fill="black", font=f_small, anchor="mb")
-        d.text((left + (i + 0.5) * group_w, top + plot_h + 6), cat, fill="black", font=f_small, anchor="ma")
-    lx, ly = left, height - bottom + 40
-    for j, name in enumerate(series):
-        d.rectangle([lx, ly, lx + 12, ly + 12], fill=PALETTE[j % len(PALETTE)])
-        d.text((lx + 16, ly + 6), name, fill="black", font=f_small, anchor="lm")
-        lx += 30 + int(d.textlength(name, font=f_small))
-        if lx > width - 150:
-            lx, ly = left, ly + 20
-    return img
-
-
-def _axes(d, title, xlabel, ylabel, width, height, left, right, top, bottom, x_of, y_of, xticks, yticks, fonts):
-    f_title, f_small = fonts
-    d.text((left, 15), title, fill="black", font=f_title)
-    for t in yticks:
-        d.line([(left, y_of(t)), (width - right, y_of(t))], fill=(225, 225, 225))
-        d.text((left - 8, y_of(t)), f"{t:g}", fill="black", font=f_small, anchor="rm")
-    for t in xticks:
-        d.line([(x_of(t), top), (x_of(t), height - bottom)], fill=(235, 235, 235))
-        d.text((x_of(t), height - bottom + 6), f"{t:g}", fill="black", font=f_small, anchor="ma")
-    d.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
-    d.text((10, top - 20), ylabel, fill="black", font=f_small)
-    d.text(((left + width - right) / 2, height - bottom + 24), xlabel, fill="black", font=f_small, anchor="ma")
-
-
-def lines(title: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, *, logx: bool = False,
-          hline: tuple[str, float] | None = None):
-    """A line chart as a PIL image: one polyline with markers per series of (x, y) points; logx puts x on a log
-    scale; hline draws one labelled horizontal reference line. None when there is nothing to draw."""
-    from PIL import Image, ImageDraw
-
-    pts = [p for ps in series.values() for p in ps]
-    if not pts:
-        return None
-    width, height, left, right, top, bottom = 620, 440, 70, 20, 50, 90
-    xs = [math.log10(x) if logx else x for x, _ in pts]
-    lo, hi = min(xs), max(xs)
-    lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-    ymax = max([y for _, y in pts] + ([hline[1]] if hline else [])) * 1.05
-    yticks = _nice_ticks(ymax)
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    fonts = (_font(16), _font(11))
-
-    def x_of(x):
-        v = math.log10(x) if logx else x
-        return left + (width - left - right) * (v - lo) / (hi - lo)
-
-    def y_of(y):
-        return top + (height - top - bottom) * (1 - y / yticks[-1])
-
-    xticks = sorted({x for x, _ in pts})
-    _axes(d, title, xlabel, ylabel, width, height, left, right, top, bottom, x_of, y_of, xticks, yticks, fonts)
-    if hline:
-        d.line([(left, y_of(hline[1])), (width - right, y_of(hline[1]))], fill=(120, 120, 120), width=1)
-        d.text((width - right - 4, y_of(hline[1]) - 3), hline[0], fill=(90, 90, 90), font=fonts[1], anchor="rb")
-    for j, (name, ps) in enumerate(series.items()):
-        color = PALETTE[j % len(PALETTE)]
-        xy = [(x_of(x), y_of(y)) for x, y in sorted(ps)]
-        if len(xy) > 1:
-            d.line(xy, fill=color, width=2)
-        for x, y in xy:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    lx, ly = left, height - bottom + 45
-    for j, name in enumerate(series):
-        d.rectangle([lx, ly, lx + 12, ly + 12], fill=PALETTE[j % len(PALETTE)])
-        d.text((lx + 16, ly + 6), name, fill="black", font=fonts[1], anchor="lm")
-        lx += 30 + int(d.textlength(name, font=fonts[1]))
-    return img
-
-
-def scatter(title: str, points: list[tuple[str, float, float]], xlabel: str, ylabel: str, *, limit: float = 1.0):
-    """A labelled scatter plot on [0, limit] x [0, limit] as a PIL image (precision-recall); None when empty."""
-    from PIL import Image, ImageDraw
-
-    if not points:
-        return None
-    legend_rows = (len(points) + 1) // 2
-    width, height, left, right, top, bottom = 620, 560 + 18 * legend_rows, 70, 30, 50, 60 + 18 * legend_rows
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    fonts = (_font(16), _font(11))
-
-    def x_of(x):
-        return left + (width - left - right) * x / limit
-
-    def y_of(y):
-        return top + (height - top - bottom) * (1 - y / limit)
-
-    ticks = [limit * i / 5 for i in range(6)]
-    _axes(d, title, xlabel, ylabel, width, height, left, right, top, bottom, x_of, y_of, ticks, ticks, fonts)
-    for j, (label, x, y) in enumerate(points):  # numbered points, names in a legend below (labels overlap)
-        color = PALETTE[j % len(PALETTE)]
-        d.ellipse([x_of(x) - 4, y_of(y) - 4, x_of(x) + 4, y_of(y) + 4], fill=color)
-        d.text((x_of(x) + 6, y_of(y)), str(j + 1), fill=color, font=fonts[1], anchor="lm")
-        lx, ly = left + (j % 2) * (width - left) // 2, height - bottom + 40 + 18 * (j // 2)
-        d.text((lx, ly), f"{j + 1}  {label}", fill=color, font=fonts[1], anchor="lm")
-    return img
-
-
-def save_panels(path: Path, panels: list) -> Path | None:
-    """Charts side by side in one PNG; None (and no file) when none has data."""
-    from PIL import Image
-
-    panels = [p for p in panels if p is not None]
-    if not panels:
-        return None
-    out = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width
-    out.save(path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
