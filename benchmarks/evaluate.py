@@ -161,17 +161,10 @@ def draw(clients: Clients, setting: Setting, n: int, seed: int = 0, batch: int =
 
 
 def _sample(client: TridentClient, s: Setting, labels, seed) -> np.ndarray:
-    if s.variant != "diffusers":
-        return client.sample(labels, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=seed, raw=True)
-    # DDIM as diffusers' DDIMScheduler runs it by default (use_clipped_model_output=False): the same client loop,
-    # with the one sampler option the SDK does not expose
-    card = client.card("diffusion")
-    steps = sampling.sample_progressive(
-        client.eps_model(), (len(labels), *card.image.shape), labels,
-        schedule=sampling.NoiseSchedule.from_dict(card.schedule), sampler="ddim", steps=s.steps,
-        guidance=s.guidance, null_class=card.null_class, seed=seed,
-        sampler_options={"use_clipped_model_output": False}, prediction_type=card.prediction_type)
-    return sampling.last_estimate(steps)
+    # the "diffusers" variant: DDIM as diffusers' DDIMScheduler runs it by default (use_clipped_model_output=False)
+    options = {"use_clipped_model_output": False} if s.variant == "diffusers" else None
+    return client.sample(labels, sampler="ddim" if options else s.sampler, steps=s.steps, guidance=s.guidance,
+                         seed=seed, raw=True, sampler_options=options)
 
 
 def _draw_latent(client: TridentClient, variant: str, n: int, seed: int, ref: RealReference) -> np.ndarray:

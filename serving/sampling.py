@@ -14,13 +14,14 @@ spacing (diffusers issue #12633).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import inspect
+import json
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Callable, Iterator
 
 import numpy as np
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
 SPACINGS = ("leading", "trailing", "linspace")
 SCHEDULE_KINDS = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the model callable returns (card.PREDICTION_TYPES)
@@ -373,16 +374,24 @@ class DPMSolverPP2MSampler(_Sampler):
         return StepOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-_SAMPLER_CLASSES = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp-2m": DPMSolverPP2MSampler}
+# The one sampler registry: name -> class. Its keys are the names every interface takes.
+SAMPLER_CLASSES = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp-2m": DPMSolverPP2MSampler}
+SAMPLERS = tuple(SAMPLER_CLASSES)
+
+
+def sampler_options_of(name: str) -> tuple[str, ...]:
+    """The keyword options of a sampler's constructor (all but the schedule and rng)."""
+    params = inspect.signature(SAMPLER_CLASSES[name].__init__).parameters
+    return tuple(p for p in params if p not in ("self", "schedule", "rng"))
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, **options):
     """A fresh sampler. Options: ddpm: clip_sample, clip_sample_range, variance; ddim: eta, clip_sample,
     clip_sample_range, set_alpha_to_one, use_clipped_model_output; dpmpp-2m: clip_sample, clip_sample_range; all:
     rng (np.random.Generator)."""
-    if name not in _SAMPLER_CLASSES:
+    if name not in SAMPLER_CLASSES:
         raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
-    return _SAMPLER_CLASSES[name](schedule, **options)
+    return SAMPLER_CLASSES[name](schedule, **options)
 
 
 def eps_from_prediction(model_output, x, t, schedule: NoiseSchedule, prediction_type: str) -> np.ndarray:
@@ -460,6 +469,198 @@ MAX_GUIDANCE = 50.0
 MAX_ETA = 1.0
 
 
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {rng}, got {v!r}")
+    return int(v)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How one diffusion sampling run goes: the sampler and its settings, checked once here (ValueError naming the
+    field) and serialisable, so the client's loop, the server-side loop and the CLI run the same settings.
+
+    sampler: a SAMPLERS name. steps: model calls (checked against the schedule's T when the loop is made). guidance:
+    1 = none, else uncond + guidance * (cond - uncond). eta: DDIM's noise (0 deterministic .. 1 DDPM-like).
+    spacing: None = the sampler's default. clip_sample: None = the sampler's default. options: further keyword
+    options of the sampler (sampler_options_of), e.g. DDIM's use_clipped_model_output. preview_every: the streaming
+    server loop sends the x_0 estimate every this many steps (0: never).
+    """
+
+    sampler: str = "dpmpp-2m"
+    steps: int = 20
+    guidance: float = 3.0
+    eta: float = 0.0
+    spacing: str | None = None
+    clip_sample: bool | None = None
+    options: dict = field(default_factory=dict)
+    preview_every: int = 0
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLER_CLASSES:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        object.__setattr__(self, "steps", _check_int("steps", self.steps, 1))
+        if not (_is_number(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE):
+            raise ValueError(f"guidance must be a finite number >= 0 and <= {MAX_GUIDANCE:g} (1 = no guidance), "
+                             f"got {self.guidance!r}")
+        if not (_is_number(self.eta) and 0 <= self.eta <= MAX_ETA):
+            raise ValueError(f"eta must be a finite number >= 0 and <= {MAX_ETA:g}, got {self.eta!r}")
+        if self.eta > 0 and self.sampler != "ddim":
+            raise ValueError(f"eta={self.eta} applies to the 'ddim' sampler only, not {self.sampler!r}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS} or None (the sampler's default), got {self.spacing!r}")
+        if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
+            raise ValueError(f"clip_sample must be True, False or None, got {self.clip_sample!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"sampler options must be a dict, got {type(self.options).__name__}")
+        allowed = [o for o in sampler_options_of(self.sampler) if o not in ("eta", "clip_sample")]
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"sampler options {unknown} do not fit sampler {self.sampler!r} (it takes {allowed}; "
+                             f"eta and clip_sample are fields of their own)")
+        bad = [k for k, v in self.options.items() if not (isinstance(v, (bool, str)) or _is_number(v))]
+        if bad:
+            raise ValueError(f"sampler options {bad} must be numbers, booleans or strings")
+        object.__setattr__(self, "guidance", float(self.guidance))
+        object.__setattr__(self, "eta", float(self.eta))
+        p = self.preview_every
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p <= self.steps:
+            raise ValueError(f"preview_every must be an integer in [0, steps={self.steps}] (0: no previews), got {p!r}")
+        object.__setattr__(self, "preview_every", int(p))
+
+    def solver(self, schedule: NoiseSchedule, rng: np.random.Generator | None = None) -> _Sampler:
+        """The sampler this config names, on the schedule, with its timesteps set (steps <= T checked there)."""
+        options = dict(self.options)
+        if self.clip_sample is not None:
+            options["clip_sample"] = self.clip_sample
+        if self.sampler == "ddim":
+            options["eta"] = self.eta
+        try:
+            solver = make_sampler(self.sampler, schedule, rng=rng, **options)
+        except TypeError as e:  # unreachable for checked options; kept as a named error, not a crash
+            raise ValueError(f"sampler options {sorted(options)} do not fit sampler {self.sampler!r}: {e}") from None
+        solver.set_timesteps(self.steps, spacing=self.spacing)  # validates steps against T and the spacing
+        return solver
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SamplingConfig:
+        """Inverse of to_dict; unknown fields are refused (ValueError naming them)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a sampling config must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"sampling config: unknown fields {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> SamplingConfig:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"sampling config is not JSON: {e}") from None
+
+
+def sampling_config(config: SamplingConfig | None = None, **settings) -> SamplingConfig:
+    """A SamplingConfig, or one built from its fields given as keyword arguments (not both)."""
+    if config is not None:
+        if settings:
+            raise ValueError(f"pass config or its fields {sorted(settings)}, not both")
+        if not isinstance(config, SamplingConfig):
+            raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        return config
+    names = {f.name for f in fields(SamplingConfig)}
+    unknown = sorted(set(settings) - names - {"sampler_options"})
+    if unknown:
+        raise ValueError(f"unknown sampling arguments {unknown}; SamplingConfig has {sorted(names)}")
+    if "sampler_options" in settings:  # the keyword of earlier versions
+        settings = dict(settings)
+        settings["options"] = settings.pop("sampler_options") or {}
+    return SamplingConfig(**settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The server-side loop's request: one table, read by name on both ends
+# ----------------------------------------------------------------------------------------------------------------
+
+# tensor name -> (numpy dtype name, shape, optional). A SamplingConfig travels field by field under the fields' own
+# names (its options as JSON under "sampler_options"), next to the run's labels, seed and time limit. spec.loop_spec
+# declares these tensors to Triton, loop_request fills them and config_from_request reads them back by name in the
+# sampling loop model (serving/server/runtime/loop_model.py): the names are written here only.
+LOOP_REQUEST = {
+    "class_label": ("int64", (-1,), False),    # N labels in [0, null_class]; all null = unconditional
+    "seed": ("int64", (1,), False),            # initial and step noise
+    "steps": ("int64", (1,), False),
+    "guidance": ("float64", (1,), False),      # float64, as the client loop uses
+    "eta": ("float64", (1,), False),
+    "sampler": ("bytes", (1,), False),
+    "spacing": ("bytes", (1,), False),         # "" = the sampler's default
+    # stop (with an error) once the loop has run this long: the client's timeout, since an HTTP client that gives up
+    # does not cancel the request; left out or 0 = no limit
+    "max_seconds": ("float64", (1,), True),
+    "sampler_options": ("bytes", (1,), True),  # JSON object of SamplingConfig.options; left out = none
+}
+LOOP_STREAM_REQUEST = {**LOOP_REQUEST, "preview_every": ("int64", (1,), True)}  # 0/absent: no previews
+
+
+def loop_request(config: SamplingConfig, labels: np.ndarray, seed: int, max_seconds: float,
+                 stream: bool) -> dict[str, np.ndarray]:
+    """The sampling loop model's inputs for one run, by name."""
+    values = {"class_label": np.asarray(labels, np.int64), "seed": np.array([seed], np.int64),
+              "steps": np.array([config.steps], np.int64), "guidance": np.array([config.guidance], np.float64),
+              "eta": np.array([config.eta], np.float64), "sampler": np.array([config.sampler.encode()], dtype=object),
+              "spacing": np.array([(config.spacing or "").encode()], dtype=object),
+              "max_seconds": np.array([max_seconds], np.float64),
+              "sampler_options": np.array([json.dumps(config.options, sort_keys=True).encode()], dtype=object),
+              "preview_every": np.array([config.preview_every], np.int64)}
+    return {name: values[name] for name in (LOOP_STREAM_REQUEST if stream else LOOP_REQUEST)}
+
+
+def config_from_request(values: dict[str, np.ndarray]) -> tuple[SamplingConfig, np.ndarray, int, float]:
+    """(config, labels int64 [N], seed, max_seconds) from a loop request's tensors by name, the inverse of
+    loop_request; a tensor the table marks optional may be missing. ValueError names the bad input."""
+    def scalar(name, cast, default=None):
+        if name not in values:
+            if default is None:
+                raise ValueError(f"input '{name}' is missing")
+            return default
+        a = np.asarray(values[name]).reshape(-1)
+        if a.size != 1:
+            raise ValueError(f"input '{name}' must hold one value, got {a.size}")
+        v = a[0]
+        return v.decode() if isinstance(v, bytes) else cast(v)
+
+    if "class_label" not in values:
+        raise ValueError("input 'class_label' is missing")
+    labels = np.asarray(values["class_label"]).reshape(-1).astype(np.int64)
+    options_text = scalar("sampler_options", str, "{}") or "{}"
+    try:
+        options = json.loads(options_text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"input 'sampler_options' is not JSON: {e}") from None
+    seed = scalar("seed", int)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    max_seconds = scalar("max_seconds", float, 0.0)
+    if not max_seconds >= 0:  # also NaN
+        raise ValueError(f"max_seconds must be >= 0 (0 = no limit), got {max_seconds}")
+    config = SamplingConfig(sampler=scalar("sampler", str), steps=scalar("steps", int),
+                            guidance=scalar("guidance", float), eta=scalar("eta", float),
+                            spacing=scalar("spacing", str) or None, options=options,
+                            preview_every=scalar("preview_every", int, 0))
+    return config, labels, seed, max_seconds
+
+
 class SamplingCancelled(Exception):
     """Raised when a sampling callback returns False."""
 
@@ -477,13 +678,6 @@ class SamplingStep:
     pred_original_sample: np.ndarray  # x_0 estimate at t, float64 [B, C, H, W]
 
 
-def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {rng}, got {v!r}")
-    return int(v)
-
-
 class SamplingLoop:
     """One sampling run as a state machine without I/O: it names the model call the next step needs and takes the
     answer (the sans-I/O pattern). Every driver runs the same steps: sample_progressive calls a model function, the
@@ -496,9 +690,10 @@ class SamplingLoop:
     """
 
     def __init__(self, shape, labels, solver, guidance: float, null_class: int, callback=None, progress=False,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", config: SamplingConfig | None = None):
         self.labels, self.solver, self.guidance, self.null_class = labels, solver, guidance, null_class
         self.prediction_type = prediction_type
+        self.config = config  # the settings this run was made from (sampling_loop)
         self.callback, self.progress = callback, progress
         self.x = solver.rng.standard_normal(shape)  # x_T ~ N(0, I), float64 [B, C, H, W]
         self.index = 0  # steps done
@@ -551,33 +746,29 @@ class SamplingLoop:
             self._bar = None
 
 
-def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m", steps: int = 20,
-                  guidance: float = 3.0, null_class: int, eta: float = 0.0, spacing: str | None = None,
+def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, null_class: int, config: SamplingConfig | None = None,
                   seed: int | None = None, rng: np.random.Generator | None = None, callback: Callable | None = None,
-                  progress: bool = False, clip_sample: bool | None = None,
-                  sampler_options: dict | None = None, prediction_type: str = "epsilon") -> SamplingLoop:
-    """A SamplingLoop over these arguments, every one checked here (ValueError naming it) before any model call.
-    The arguments are sample_progressive's, without the model."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+                  progress: bool = False, prediction_type: str = "epsilon", **settings) -> SamplingLoop:
+    """A SamplingLoop for one run, every argument checked here (ValueError naming it) before any model call.
+
+    config: a SamplingConfig, or its fields as keyword arguments (sampler="ddim", steps=10, guidance=2.0, eta,
+    spacing, clip_sample, options or sampler_options, preview_every). labels: int [B] in [0, null_class], or None
+    (unconditional). seed (or rng) fixes the initial and step noise. prediction_type: what the model returns (the
+    card's): "epsilon" or "v_prediction". callback(i, t, x, x0) returning False raises SamplingCancelled.
+    """
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if "steps" in settings:  # the range with this schedule's T, before the config's own check says ">= 1"
+        _check_int("steps", settings["steps"], 1, schedule.num_train_timesteps)
+    config = sampling_config(config, **settings)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if not (isinstance(shape, (tuple, list)) and len(shape) == 4
             and all(not isinstance(d, bool) and isinstance(d, (int, np.integer)) and d > 0 for d in shape)):
         raise ValueError(f"shape must be (batch, channels, height, width) of positive integers, got {shape!r}")
     shape = tuple(int(d) for d in shape)
     null_class = _check_int("null_class", null_class, 0)
-    _check_int("steps", steps, 1, schedule.num_train_timesteps)
-    if not (isinstance(guidance, (int, float, np.floating)) and math.isfinite(guidance)
-            and 0 <= guidance <= MAX_GUIDANCE):
-        raise ValueError(f"guidance must be a finite number >= 0 and <= {MAX_GUIDANCE:g} (1 = no guidance), "
-                         f"got {guidance!r}")
-    if not (isinstance(eta, (int, float, np.floating)) and math.isfinite(eta) and 0 <= eta <= MAX_ETA):
-        raise ValueError(f"eta must be a finite number >= 0 and <= {MAX_ETA:g}, got {eta!r}")
-    if eta > 0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} applies to the 'ddim' sampler only, not {sampler!r}")
+    _check_int("steps", config.steps, 1, schedule.num_train_timesteps)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.shape[0] != shape[0]:
@@ -592,39 +783,17 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, sampler: str =
         raise ValueError("pass seed or rng, not both")
     if callback is not None and not callable(callback):
         raise ValueError("callback must be callable as callback(i, t, x, x0)")
-
-    options = dict(sampler_options or {})
-    if "rng" in options or "eta" in options or "clip_sample" in options:
-        raise ValueError("pass rng, eta and clip_sample as arguments, not in sampler_options")
-    if clip_sample is not None:
-        options["clip_sample"] = clip_sample
-    if sampler == "ddim":
-        options["eta"] = eta
-    rng = np.random.default_rng(seed) if rng is None else rng
-    try:
-        solver = make_sampler(sampler, schedule, rng=rng, **options)
-    except TypeError as e:  # an option this sampler does not have
-        raise ValueError(f"sampler_options {sorted(options)} do not fit sampler {sampler!r}: {e}") from None
-    solver.set_timesteps(steps, spacing=spacing)  # validates spacing and the steps/spacing combination
-    return SamplingLoop(shape, labels, solver, guidance, null_class, callback, progress, prediction_type)
+    solver = config.solver(schedule, np.random.default_rng(seed) if rng is None else rng)
+    return SamplingLoop(shape, labels, solver, config.guidance, null_class, callback, progress, prediction_type,
+                        config)
 
 
-def sample_progressive(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
-                       steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
-                       spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
-                       callback: Callable | None = None, progress: bool = False,
-                       clip_sample: bool | None = None, sampler_options: dict | None = None,
-                       prediction_type: str = "epsilon") -> Iterator[SamplingStep]:
+def sample_progressive(model: EpsModel, shape, labels=None, **arguments) -> Iterator[SamplingStep]:
     """Like `sample`, but yields a SamplingStep after every step (previews, progress), as guided-diffusion's
-    p_sample_loop_progressive. Arguments are checked here, before the generator starts and before any model call.
-    sampler_options: further keyword options of the sampler (see make_sampler), e.g. DDIM's
-    use_clipped_model_output=False to run DDIM as diffusers does by default. prediction_type: what model returns
-    (the card's), "epsilon" or "v_prediction"."""
-    loop = sampling_loop(shape, labels, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance,
-                         null_class=null_class, eta=eta, spacing=spacing, seed=seed, rng=rng, callback=callback,
-                         progress=progress, clip_sample=clip_sample, sampler_options=sampler_options,
-                         prediction_type=prediction_type)
-    return drive(model, loop)
+    p_sample_loop_progressive. The arguments are sampling_loop's, checked here, before the generator starts and
+    before any model call; e.g. sampler_options={"use_clipped_model_output": False} runs DDIM as diffusers does by
+    default."""
+    return drive(model, sampling_loop(shape, labels, **arguments))
 
 
 def drive(model: EpsModel, loop: SamplingLoop) -> Iterator[SamplingStep]:
@@ -653,24 +822,15 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step")
 
 
-def sample(model: EpsModel, shape, labels=None, *, schedule: NoiseSchedule, sampler: str = "dpmpp-2m",
-           steps: int = 20, guidance: float = 3.0, null_class: int, eta: float = 0.0,
-           spacing: str | None = None, seed: int | None = None, rng: np.random.Generator | None = None,
-           callback: Callable | None = None, progress: bool = False, clip_sample: bool | None = None,
-           prediction_type: str = "epsilon") -> np.ndarray:
+def sample(model: EpsModel, shape, labels=None, **arguments) -> np.ndarray:
     """Draw images from x_T ~ N(0, I): float32 [B, C, H, W], the x_0 estimate, roughly in [-1, 1].
 
     model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W] (v with
-    prediction_type="v_prediction"); with guidance it is called
-    once per step on 2B rows. labels: int [B] in [0, null_class], or None for unconditional. seed (or rng) fixes the
-    initial noise and any step noise: the same seed gives the same images. spacing None: the sampler's diffusers
-    default. clip_sample None: the sampler's default (True for all three: pixel-space data in [-1, 1]). callback(i, t, x, x0)
-    returning False raises SamplingCancelled. progress shows a tqdm bar when tqdm is installed.
+    prediction_type="v_prediction"); with guidance it is called once per step on 2B rows. The arguments are
+    sampling_loop's: schedule, null_class, the SamplingConfig (or its fields: sampler, steps, guidance, eta, spacing,
+    clip_sample, options), seed or rng, callback, progress, prediction_type. The same seed gives the same images.
     """
     x = None
-    for info in sample_progressive(model, shape, labels, schedule=schedule, sampler=sampler, steps=steps,
-                                   guidance=guidance, null_class=null_class, eta=eta, spacing=spacing,
-                                   seed=seed, rng=rng, callback=callback, progress=progress, clip_sample=clip_sample,
-                                   prediction_type=prediction_type):
+    for info in sample_progressive(model, shape, labels, **arguments):
         x = info.sample
     return x.astype(np.float32)

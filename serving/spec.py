@@ -14,6 +14,7 @@ import numpy as np
 
 from .card import ModelCard
 from .errors import ExportMetadataError
+from .sampling import LOOP_REQUEST, LOOP_STREAM_REQUEST
 
 # Triton model names, one per exported graph family.
 UNET = "diffusion_unet"
@@ -113,21 +114,12 @@ def loop_spec(image_shape: tuple[int, int, int], stream: bool = False) -> GraphS
     responses carry the steps done since the previous one (step, timestep) and, every preview_every steps, the
     preview; its last response carries the image (and the steps not yet reported)."""
     img = tuple(int(s) for s in image_shape)
-    inputs = (TensorSpec("class_label", "int64", (-1,)),   # N labels in [0, null_class]
-              TensorSpec("seed", "int64", (1,)),           # initial and step noise
-              TensorSpec("steps", "int64", (1,)),
-              TensorSpec("guidance", "float64", (1,)),     # 1: no guidance (float64, as the
-              TensorSpec("eta", "float64", (1,)),          # client loop uses); eta: DDIM only
-              TensorSpec("sampler", "bytes", (1,)),        # "ddpm", "ddim" or "dpmpp-2m"
-              TensorSpec("spacing", "bytes", (1,)),        # "" = the sampler's default
-              # stop (with an error) once the loop has run this long: the client's timeout, since
-              # an HTTP client that gives up does not cancel the request; left out or 0 = no limit
-              TensorSpec("max_seconds", "float64", (1,), optional=True))
+    inputs = tuple(TensorSpec(name, dtype, shape, optional)  # sampling.LOOP_REQUEST: the one table of the request
+                   for name, (dtype, shape, optional) in (LOOP_STREAM_REQUEST if stream else LOOP_REQUEST).items())
     outputs = (TensorSpec("image", "float32", (-1, *img)),)  # x_0 estimate, float in value_range
     if not stream:
         return GraphSpec(SAMPLING_LOOP, inputs, outputs)
-    return GraphSpec(SAMPLING_LOOP_STREAM,
-                     inputs=(*inputs, TensorSpec("preview_every", "int64", (1,), optional=True)),  # 0/absent: none
+    return GraphSpec(SAMPLING_LOOP_STREAM, inputs,
                      outputs=(*outputs,
                               TensorSpec("step", "int64", (-1,)),             # 0-based indices of the steps done
                               TensorSpec("timestep", "int64", (-1,)),         # the timesteps they ran the U-Net at

@@ -116,6 +116,17 @@ def test_server_loop_draws_what_the_client_loop_draws_in_one_request(triton_clie
 
 
 @pytest.mark.server
+def test_server_loop_takes_sampler_options_as_the_client_loop_does(triton_client, ort_client):
+    kw = dict(classes=[1, 2, 3], sampler="ddim", steps=4, guidance=3.0, seed=5, raw=True)
+    options = {"use_clipped_model_output": False}  # DDIM as diffusers runs it by default
+    served = triton_client.sample(**kw, loop="server", sampler_options=options)
+    np.testing.assert_allclose(served, ort_client.sample(**kw, sampler_options=options), atol=1e-4)
+    assert np.abs(served - triton_client.sample(**kw, loop="server")).max() > 1e-3  # the option reached the loop
+    with pytest.raises(InvalidArgumentError, match=re.escape("sampler options ['eta_scale'] do not fit")):
+        triton_client.sample(**kw, loop="server", sampler_options={"eta_scale": 1.0})
+
+
+@pytest.mark.server
 def test_server_loop_rejects_bad_arguments_and_keeps_serving(triton_client, server):
     if triton_client.backend.protocol == "http":  # progress streams, and Triton streams over gRPC only
         with pytest.raises(InvalidArgumentError, match="loop='server' need a gRPC client"):
@@ -142,6 +153,9 @@ def test_server_loop_rejects_bad_arguments_and_keeps_serving(triton_client, serv
                                                           "sampler": np.array([b"ddpm"], dtype=object)},
            "seed must be >= 0": {"seed": np.array([-1], np.int64)},
            "max_seconds must be >= 0": {"max_seconds": np.array([-1.0], np.float64)},
+           "input 'sampler_options' is not JSON": {"sampler_options": np.array([b"{"], dtype=object)},
+           "sampler options ['bogus'] do not fit sampler 'ddim'": {
+               "sampler_options": np.array([b'{"bogus": 1}'], dtype=object)},
            "must hold 1 to": {"class_label": np.zeros(backend.server_loop.max_images + 1, np.int64)}}
     for message, change in bad.items():
         with pytest.raises(InferenceError, match=re.escape(message)):
@@ -222,7 +236,7 @@ def test_streamed_server_loop_rejects_bad_arguments_and_keeps_serving(grpc_clien
             "steps": np.array([2], np.int64), "guidance": np.array([3.0], np.float64),
             "eta": np.array([0.0], np.float64), "sampler": np.array([b"ddim"], dtype=object),
             "spacing": np.array([b""], dtype=object)}
-    bad = {"preview_every must be in [0, steps=2]": {"preview_every": np.array([-1], np.int64)},
+    bad = {"preview_every must be an integer in [0, steps=2]": {"preview_every": np.array([-1], np.int64)},
            "guidance must be a finite number >= 0 and <= 50": {"guidance": np.array([np.inf], np.float64)},
            "sampler must be one of": {"sampler": np.array([b"euler"], dtype=object)}}
     for message, change in bad.items():

@@ -401,9 +401,10 @@ def test_build_repository_writes_self_contained_models_when_embedded(repository,
     assert json.loads((repository / MARKER).read_text())["models"] == sorted((*GRAPHS, *LOOPS))
     # tqdm: sampling.py imports it only for a progress bar, inside try/except ImportError
     # ctypes: ort_runner loads a GPU provider's library itself to name what it is missing
+    # inspect: sampling.py reads each sampler's options from its constructor's signature
     allowed = {"json", "os", "sys", "concurrent", "threading", "numpy", "onnxruntime", "openvino",
                "triton_python_backend_utils", "ort_runner", "sampling", "card", "protocol", "batching", "bls",
-               "__future__", "math", "time", "dataclasses", "functools", "typing", "tqdm", "ctypes"}
+               "__future__", "math", "time", "dataclasses", "functools", "typing", "tqdm", "ctypes", "inspect"}
     assert ALLOWED_IMPORTS == allowed  # the rule the runtime folder states is the one checked here
     # every Python-backend model gets model.py and the one declared list of runtime files
     code = {graph: ("model.py", *RUNTIME_FILES) for graph in (*metas, *LOOPS)}

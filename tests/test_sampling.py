@@ -7,6 +7,7 @@ math; diffusers' DPM-Solver computes its update in float32, hence float32 tolera
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -398,6 +399,58 @@ def test_cfg_eps_raises_value_error_when_model_returns_wrong_shape():
         return x[:1]
     with pytest.raises(ValueError, match="shape"):
         cfg_eps(bad, np.zeros(SHAPE), 1, [0, 1], 2.0, NULL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SamplingConfig: one check, one serialisation, the server-side loop's request
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_sampling_config_round_trips_through_json_and_the_loop_request():
+    from trident.serving.sampling import SamplingConfig, config_from_request, loop_request
+    config = SamplingConfig(sampler="ddim", steps=7, guidance=2.5, eta=0.3, spacing="trailing",
+                            options={"use_clipped_model_output": False}, preview_every=2)
+    assert SamplingConfig.from_json(config.to_json()) == config
+    for stream in (False, True):
+        feed = loop_request(config, np.array([1, 10]), 9, 4.0, stream=stream)
+        back, labels, seed, max_seconds = config_from_request(feed)
+        assert back == (config if stream else SamplingConfig(**{**config.to_dict(), "preview_every": 0}))
+        assert labels.tolist() == [1, 10] and seed == 9 and max_seconds == 4.0
+    minimal = {k: v for k, v in loop_request(SamplingConfig(), np.array([0]), 1, 0.0, False).items()
+               if k not in ("max_seconds", "sampler_options")}  # the optional inputs left out
+    assert config_from_request(minimal)[0] == SamplingConfig()
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"sampler": "euler"}, "sampler must be one of"),
+    ({"steps": 0}, "steps must be an integer"),
+    ({"guidance": float("nan")}, "guidance must be a finite number"),
+    ({"eta": 0.5}, "eta=0.5 applies to the 'ddim' sampler only"),
+    ({"spacing": "karras"}, "spacing must be one of"),
+    ({"preview_every": 30}, "preview_every must be an integer in [0, steps=20]"),
+    ({"sampler": "dpmpp-2m", "options": {"use_clipped_model_output": False}},
+     "sampler options ['use_clipped_model_output'] do not fit sampler 'dpmpp-2m'"),
+    ({"sampler": "ddim", "options": {"eta": 0.2}}, "eta and clip_sample are fields of their own"),
+    ({"sampler": "ddim", "options": {"set_alpha_to_one": [1]}}, "must be numbers, booleans or strings"),
+])
+def test_sampling_config_refuses_a_bad_field_and_names_it(fields, message):
+    from trident.serving.sampling import SamplingConfig
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplingConfig(**fields)
+    with pytest.raises(ValueError, match="unknown fields \\['colour'\\]"):
+        SamplingConfig.from_dict({"colour": "red"})
+
+
+def test_sample_takes_a_config_or_its_fields_and_draws_the_same():
+    from trident.serving.sampling import SamplingConfig
+    config = SamplingConfig(sampler="ddim", steps=4, guidance=2.0, options={"use_clipped_model_output": False})
+    a = sample(RecordingModel(), SHAPE, [1, 2], schedule=LINEAR, null_class=NULL, seed=0, config=config)
+    b = sample(RecordingModel(), SHAPE, [1, 2], schedule=LINEAR, null_class=NULL, seed=0, sampler="ddim", steps=4,
+               guidance=2.0, sampler_options={"use_clipped_model_output": False})
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="not both"):
+        sample(RecordingModel(), SHAPE, [1, 2], schedule=LINEAR, null_class=NULL, config=config, steps=3)
+    with pytest.raises(ValueError, match="unknown sampling arguments \\['stepz'\\]"):
+        sample(RecordingModel(), SHAPE, [1, 2], schedule=LINEAR, null_class=NULL, stepz=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------

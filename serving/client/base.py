@@ -124,54 +124,45 @@ class ClientBase:
         return np.asarray(ids, dtype=np.int64)
 
     # -- diffusion ----------------------------------------------------------------------------------------------
-    def _sample_job(self, classes, n, *, sampler, steps, guidance, eta, seed, spacing, progress, callback, loop,
-                    preview_every) -> SampleJob:
-        """Every check of sample(), before any request; see TridentClient.sample for the arguments."""
+    def _sample_job(self, classes, n, *, seed, progress, callback, loop, **settings) -> SampleJob:
+        """Every check of sample(), before any request; see TridentClient.sample for the arguments. settings: the
+        SamplingConfig fields (sampler, steps, guidance, eta, spacing, preview_every, sampler_options)."""
         card = self.card("diffusion")
         labels, count = self._labels_and_count(classes, n, "diffusion")
-        T = card.num_train_timesteps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-            raise InvalidArgumentError(f"steps must be an integer in [1, {T}], got {steps!r}")
-        if sampler not in sampling.SAMPLERS:
-            raise InvalidArgumentError(f"sampler must be one of {sampling.SAMPLERS}, got {sampler!r}")
         if loop not in LOOPS:
             raise InvalidArgumentError(f"loop must be one of {LOOPS}, got {loop!r}")
-        if isinstance(preview_every, bool) or not isinstance(preview_every, (int, np.integer)) \
-                or not 0 <= preview_every <= steps:
-            raise InvalidArgumentError(f"preview_every must be an integer in [0, steps={steps}] (0: no previews), "
-                                       f"got {preview_every!r}")
+        if callback is not None and not callable(callback):
+            raise InvalidArgumentError("callback must be callable as callback(i, t, x, x0)")
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2 ** 63)
         elif loop == "server" and not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2 ** 63):
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**63) for loop='server', got {seed!r}")
         client_side = loop == "client"
-        try:  # sampling_loop checks every argument (guidance, eta, spacing, labels) before any model call
+        try:  # sampling_loop checks every setting (one SamplingConfig) and the rest, before any model call
             steps_loop = sampling.sampling_loop(
                 (count, *card.image.shape), labels, schedule=sampling.NoiseSchedule.from_dict(card.schedule),
-                sampler=sampler, steps=steps, guidance=guidance, null_class=card.null_class, eta=eta,
-                spacing=spacing, seed=seed, callback=callback if client_side else None,
-                progress=progress and client_side, prediction_type=card.prediction_type)
+                null_class=card.null_class, seed=seed, callback=callback if client_side else None,
+                progress=progress and client_side, prediction_type=card.prediction_type, **settings)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
+        config = steps_loop.config
         if client_side:
             return SampleJob(card, count, loop=steps_loop)
 
         streamed = progress or callback is not None
-        if callback is not None and not callable(callback):
-            raise InvalidArgumentError("callback must be callable as callback(i, t, x, x0)")
         server = self.backend.require_server_loop(stream=streamed)
         if count > server.max_images:
             raise InvalidArgumentError(f"n={count} images is more than the server's {server.spec.name} takes per "
                                        f"request ({server.max_images}); split the job or use loop='client'")
-        values = [np.full(count, card.null_class, np.int64) if labels is None else labels.astype(np.int64),
-                  np.array([seed], np.int64), np.array([steps], np.int64),
-                  np.array([guidance], np.float64), np.array([eta], np.float64),
-                  np.array([sampler.encode()], dtype=object), np.array([(spacing or "").encode()], dtype=object),
-                  # the server stops the loop when this client stops waiting (an HTTP timeout cancels nothing)
-                  np.array([self.backend.sample_timeout_s], np.float64),
-                  np.array([preview_every], np.int64)]  # the streaming model's only extra input
-        feed = {t.name: v for t, v in zip(server.spec.inputs, values)}  # in spec.loop_spec's order
-        on_step = ServerProgress(steps, sampler, progress, callback) if streamed else None
+        # the server stops the loop when this client stops waiting (an HTTP timeout cancels nothing)
+        feed = sampling.loop_request(config, np.full(count, card.null_class, np.int64) if labels is None else labels,
+                                     seed, self.backend.sample_timeout_s, stream=streamed)
+        served = {t.name for t in server.spec.inputs}
+        if config.options and "sampler_options" not in served:
+            raise InvalidArgumentError(f"the server's {server.spec.name} predates sampler options; rebuild its "
+                                       f"repository with this trident or use loop='client'")
+        feed = {name: value for name, value in feed.items() if name in served}
+        on_step = ServerProgress(config.steps, config.sampler, progress, callback) if streamed else None
         return SampleJob(card, count, feed=feed, on_step=on_step)
 
     def _unet_feed(self, x, t, y) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import numpy as np
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--sampler-option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further sampler option, VALUE as JSON (repeatable), e.g. use_clipped_model_output=false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--url", default="127.0.0.1:8000", help="Triton address host:port (HTTP port, or gRPC port with "
@@ -35,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion: run the sampling loop here (one request per step) or on the server (one "
                         "request in all, the diffusion_sampler model)")
     return p
+
+
+def _sampler_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TridentError(f"--sampler-option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare string
+    return options
 
 
 def main(argv=None) -> int:
@@ -55,7 +71,8 @@ def main(argv=None) -> int:
             if args.model == "diffusion":
                 images = client.sample(classes, None if classes is not None else args.n, sampler=args.sampler,
                                        steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
-                                       progress=args.progress, loop=args.loop)
+                                       progress=args.progress, loop=args.loop,
+                                       sampler_options=_sampler_options(args.sampler_options))
             elif args.model == "gan":
                 images = client.generate(classes, None if classes is not None else args.n, seed=args.seed)
             else:

@@ -69,7 +69,7 @@ class TridentClient(ClientBase):
     def sample(self, classes=None, n: int | None = None, *, sampler: str = "dpmpp-2m", steps: int = 20,
                guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0, spacing: str | None = None,
                progress: bool = False, callback: Callable | None = None, raw: bool = False,
-               loop: str = "client", preview_every: int = 0) -> np.ndarray:
+               loop: str = "client", preview_every: int = 0, sampler_options: dict | None = None) -> np.ndarray:
         """Draw images from the diffusion model: uint8 (N, H, W, C), or float32 (N, C, H, W) in [-1, 1] with raw.
 
         classes: one id/name (repeated n times), a list of ids/names (one image each), or None (unconditional,
@@ -81,10 +81,12 @@ class TridentClient(ClientBase):
         step, x0 being the x_0 preview every `preview_every` steps and None between them. A callback returning False
         cancels the sampling (SamplingCancelled), on the server too. Deterministic in seed: both loops draw the
         same images for the same arguments (to float tolerance: the U-Net may run in different bucket layouts).
+        sampler_options: further options of the sampler (sampling.sampler_options_of), e.g.
+        {"use_clipped_model_output": False} for DDIM; they reach the server-side loop too.
         """
         job = self._sample_job(classes, n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                                spacing=spacing, progress=progress, callback=callback, loop=loop,
-                               preview_every=preview_every)
+                               preview_every=preview_every, sampler_options=sampler_options)
         self.last_stats = SampleStats()
         t0 = time.perf_counter()
         x = self._run_loop_on_server(job) if job.loop is None else self._run_loop_here(job)

@@ -32,6 +32,7 @@ RUNTIME_FILES = {
 }
 # What a runtime file may import (top-level module names).
 ALLOWED_IMPORTS = frozenset({"__future__", "ctypes", "json", "math", "os", "sys", "time", "dataclasses", "functools",
+                             "inspect",
                              "typing", "concurrent", "threading", "numpy", "onnxruntime", "openvino", "tqdm",
                              "triton_python_backend_utils",
                              *(Path(name).stem for name in RUNTIME_FILES)})

@@ -59,11 +59,13 @@ class TritonPythonModel:
         self.max_images = int(params[P.MAX_IMAGES])
         self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P.UNET_IO])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-        # Tensor names from the configuration (written from spec.loop_spec), their roles by the spec's order.
-        names = [t["name"] for t in config["input"]]
-        (self.labels_in, self.seed_in, self.steps_in, self.guidance_in, self.eta_in, self.sampler_in, self.spacing_in,
-         self.max_seconds_in) = names[:8]
-        self.preview_every_in = names[8] if self.decoupled else None
+        # The request's tensors by name, from the one table (sampling.LOOP_REQUEST) that spec.loop_spec wrote the
+        # configuration from; a configuration that lacks one was built by another trident.
+        self.request_names = tuple(sampling.LOOP_STREAM_REQUEST if self.decoupled else sampling.LOOP_REQUEST)
+        missing = sorted(set(self.request_names) - {t["name"] for t in config["input"]})
+        if missing:
+            raise ValueError(f"{self.name}: the model configuration lacks inputs {missing}: rebuild the repository "
+                             f"with this trident (`trident serve build`)")
         self.output_name, *progress = [t["name"] for t in config["output"]]
         if self.decoupled:
             self.step_out, self.timestep_out, self.preview_out = progress
@@ -88,47 +90,22 @@ class TritonPythonModel:
 
     # -- one request ----------------------------------------------------------------------------------------------
 
-    def _scalar(self, request, name, kind):
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        if tensor is None:
-            raise InvalidRequest(f"{self.name}: input '{name}' is missing")
-        array = tensor.as_numpy()
-        if array.size != 1:
-            raise InvalidRequest(f"{self.name}: input '{name}' must hold one value, got shape {list(array.shape)}")
-        value = array.reshape(-1)[0]
-        if kind is str:
-            return (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).strip()
-        return kind(value)
-
-    def _optional(self, request, name, kind, default):
-        if name is None or pb_utils.get_input_tensor_by_name(request, name) is None:
-            return default
-        return self._scalar(request, name, kind)
-
     def _read(self, request):
-        labels = pb_utils.get_input_tensor_by_name(request, self.labels_in)
-        if labels is None:
-            raise InvalidRequest(f"{self.name}: input '{self.labels_in}' is missing")
-        labels = labels.as_numpy().reshape(-1).astype(np.int64)
+        values = {}
+        for name in self.request_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                values[name] = tensor.as_numpy()
+        try:
+            config, labels, seed, max_seconds = sampling.config_from_request(values)
+        except ValueError as e:
+            raise InvalidRequest(f"{self.name}: {e}") from None
         if not 1 <= labels.size <= self.max_images:
-            raise InvalidRequest(f"{self.name}: '{self.labels_in}' must hold 1 to {self.max_images} labels (one per "
+            raise InvalidRequest(f"{self.name}: input 'class_label' must hold 1 to {self.max_images} labels (one per "
                                  f"image), got {labels.size}")
-        steps, seed = self._scalar(request, self.steps_in, int), self._scalar(request, self.seed_in, int)
-        guidance, eta = self._scalar(request, self.guidance_in, float), self._scalar(request, self.eta_in, float)
-        sampler, spacing = self._scalar(request, self.sampler_in, str), self._scalar(request, self.spacing_in, str)
-        if seed < 0:
-            raise InvalidRequest(f"{self.name}: {self.seed_in} must be >= 0, got {seed}")
-        max_seconds = self._optional(request, self.max_seconds_in, float, 0.0)
-        if not max_seconds >= 0:  # also NaN
-            raise InvalidRequest(f"{self.name}: {self.max_seconds_in} must be >= 0 (0 = no limit), got {max_seconds}")
-        preview_every = self._optional(request, self.preview_every_in, int, 0)
-        if not 0 <= preview_every <= steps:
-            raise InvalidRequest(f"{self.name}: {self.preview_every_in} must be in [0, steps={steps}] (0 = no "
-                                 f"previews), got {preview_every}")
         unconditional = bool(np.all(labels == self.null_class))
         return dict(count=int(labels.size), max_seconds=max_seconds, labels=None if unconditional else labels,
-                    steps=steps, seed=seed, guidance=guidance, eta=eta, sampler=sampler, spacing=spacing or None,
-                    preview_every=preview_every)
+                    config=config, seed=seed)
 
     def _sample(self, a, is_cancelled, on_step=None):
         """The images of one checked request. Between steps: stop when the client gave up (gRPC cancels, and this
@@ -147,18 +124,18 @@ class TritonPythonModel:
 
         def callback(i, t, x, x0):
             if deadline is not None and time.monotonic() > deadline:
-                raise InvalidRequest(f"{self.name}: stopped after step {i + 1} of {a['steps']}: the loop ran longer "
-                                     f"than max_seconds={a['max_seconds']:g}")
+                raise InvalidRequest(f"{self.name}: stopped after step {i + 1} of {a['config'].steps}: the loop ran "
+                                     f"longer than max_seconds={a['max_seconds']:g}")
             if P.shutting_down() or cancelled():
                 return False  # SamplingCancelled; _answer tells the two apart
             if on_step is not None:
-                on_step(i, t, x0, preview=bool(a["preview_every"]) and (i + 1) % a["preview_every"] == 0)
+                every = a["config"].preview_every
+                on_step(i, t, x0, preview=bool(every) and (i + 1) % every == 0)
             return True
 
         try:
             steps = sampling.sample_progressive(
-                self._eps, shape, a["labels"], schedule=self.schedule, sampler=a["sampler"], steps=a["steps"],
-                guidance=a["guidance"], null_class=self.null_class, eta=a["eta"], spacing=a["spacing"],
+                self._eps, shape, a["labels"], schedule=self.schedule, null_class=self.null_class, config=a["config"],
                 seed=a["seed"], callback=callback, prediction_type=self.prediction_type)
         except ValueError as e:  # an argument out of range: sample_progressive checks before any U-Net call
             raise InvalidRequest(f"{self.name}: {e}") from None
