@@ -4,6 +4,7 @@
   trident distill guidance|steps TEACHER ...       distil the diffusion teacher into a few-step student (torch)
   trident export CHECKPOINT --out DIR ...          checkpoint -> fixed-shape ONNX graphs + metadata (torch, onnx)
   trident serve build --export DIR ... --out REPO  write a Triton model repository
+  trident serve deploy [--out deploy]              Kubernetes files for the container flavour
   trident serve [--model-repository REPO] ...      start the embedded Triton server
   trident sample --model diffusion ...             draw images from a running server (client only)
   trident demo                                     build, serve, sample all three models, write grids
@@ -24,6 +25,7 @@ COMMANDS = {
     "export": TORCH_SIDE["export"],
     "serve": "trident.serving.server.launcher:main",
     "serve build": "trident.serving.server.repository:main",
+    "serve deploy": "trident.serving.server.deploy:main",
     "sample": "trident.serving.client.cli:main",
     "demo": "trident.serving.server.demo:main",
     "evaluate": TORCH_SIDE["evaluate"],
@@ -36,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "serve" and rest[:1] == ["build"]:
-        cmd, rest = "serve build", rest[1:]
+    if cmd == "serve" and rest[:1] in (["build"], ["deploy"]):
+        cmd, rest = f"serve {rest[0]}", rest[1:]
     if cmd not in COMMANDS:
         print(f"trident: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

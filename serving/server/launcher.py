@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+HEALTH_READY = "/v2/health/ready"  # Triton's readiness endpoint: what wait_ready polls and the pods' probes ask
 CONTAINER_BACKEND_DIR = Path("/opt/tritonserver/backends")
 SHM_DIR = Path("/dev/shm")
 # Set to "bundled" to ignore a tritonserver on PATH, or to a binary path to use that one.
@@ -450,7 +451,7 @@ class TritonServer:
             raise TritonServerError("tritonserver was not started; call start() first")
         timeout = self.config.startup_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        url = f"http://{self.http_url}/v2/health/ready"
+        url = f"http://{self.http_url}{HEALTH_READY}"
         fatal_seen_at = None
         while True:
             if self._process.poll() is not None:
