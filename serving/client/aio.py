@@ -16,7 +16,6 @@ client's sample_timeout_s) passes, since an HTTP request cannot be cancelled.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Callable
 
@@ -25,30 +24,29 @@ import numpy as np
 from ..errors import ModelNotReadyError, ServerUnreachableError, TridentError
 from ..sampling import SamplingCancelled
 from ..spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
-from .backends import (ServerLoop, TritonBackend, _is_transient, _model_gone, check_inputs, infer_inputs, lost,
-                       loop_failure, rejected, requested_outputs, stream_message)
+from .backends import (DescribedServer, RetryPolicy, ServerInfo, TritonBackend, check_inputs, failure, infer_inputs,
+                       lost, loop_failure, requested_outputs, stream_message)
 from .base import ClientBase, SampleJob, SampleStats
 
 __all__ = ["AsyncTridentClient", "AsyncTritonBackend"]
 
 
-class AsyncTritonBackend:
+class AsyncTritonBackend(DescribedServer):
     """A Triton server over tritonclient.grpc.aio or tritonclient.http.aio: TritonBackend's contract with coroutines
     for run and run_loop. Made by `await AsyncTritonBackend.connect(...)` inside the event loop that will use it.
 
     The handshake (live, ready, every model's card, the sampling loop models) is TritonBackend's, run once in a worker
-    thread, so both clients learn a server the same way; every request after it is a coroutine. Retries, timeouts
-    and the typed errors follow TritonBackend's (the same helpers decide).
+    thread: both clients hold the same ServerInfo and RetryPolicy, so they learn a server and retry a request the
+    same way; every request after the handshake is a coroutine.
     """
 
     name = "triton-asyncio"
 
-    def __init__(self, handshake: TritonBackend):
-        """Use connect(); `handshake` is a closed TritonBackend whose metadata this backend takes over."""
-        for attribute in ("url", "protocol", "timeout_s", "sample_timeout_s", "retries", "backoff_s", "cards",
-                          "specs", "buckets", "max_batch", "server_loop", "server_loop_missing", "stream_loop"):
-            setattr(self, attribute, getattr(handshake, attribute))
-        self._require = handshake.require_server_loop  # reads only the metadata above
+    def __init__(self, server: ServerInfo, policy: RetryPolicy, timeout_s: float, sample_timeout_s: float):
+        """Use connect()."""
+        self.server, self.policy = server, policy
+        self.url, self.protocol = server.url, server.protocol
+        self.timeout_s, self.sample_timeout_s = float(timeout_s), float(sample_timeout_s)
         if self.protocol == "http":
             import tritonclient.http.aio as tc
 
@@ -68,7 +66,8 @@ class AsyncTritonBackend:
             backend.close()  # in the thread that made it (tritonclient.http is per thread)
             return backend
 
-        return cls(await asyncio.to_thread(handshake))
+        done = await asyncio.to_thread(handshake)
+        return cls(done.server, done.policy, done.timeout_s, done.sample_timeout_s)
 
     async def close(self) -> None:
         await self._client.close()
@@ -93,23 +92,18 @@ class AsyncTritonBackend:
             return False
 
     async def _infer(self, graph: str, spec: GraphSpec, feed: dict) -> list:
-        """One request with TritonBackend._infer's retries: transient failures and a model gone (a restarting
-        server) are retried with exponential backoff; an error the server answered is not."""
-        from tritonclient.utils import InferenceServerException
-
-        for attempt in range(self.retries + 1):
+        """One request, retried as self.policy says (TritonBackend._infer's rule, awaited)."""
+        attempt = 0
+        while True:
             try:
                 return await self._infer_once(graph, spec, feed, True, self.timeout_s)
-            except InferenceServerException as e:
-                gone = _is_transient(e) or _model_gone(e)
-                if attempt == self.retries or not gone:
-                    raise (lost(self.url, graph, e, await self._server_live()) if gone else rejected(graph, e)) \
-                        from None
-            except Exception as e:  # aiohttp's connection errors, asyncio's timeout
-                transient = _is_transient(e) or isinstance(e, asyncio.TimeoutError)
-                if attempt == self.retries or not transient:
-                    raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None
-            await asyncio.sleep(self.backoff_s * 2 ** attempt * (1 + 0.1 * random.random()))
+            except Exception as e:
+                outcome = self.policy.outcome(e, attempt)
+                if outcome != "retry":
+                    live = await self._server_live() if outcome == "lost" else None
+                    raise failure(outcome, self.url, graph, e, live) from None
+            await asyncio.sleep(self.policy.delay(attempt))
+            attempt += 1
 
     async def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph not in self.specs:
@@ -122,9 +116,6 @@ class AsyncTritonBackend:
         return {t.name: np.concatenate([o[j] for o in outs]) for j, t in enumerate(spec.outputs)}
 
     # -- the sampling loop models ---------------------------------------------------------------------------------
-    def require_server_loop(self, stream: bool = False) -> ServerLoop:
-        return self._require(stream)
-
     async def run_loop(self, feed: dict[str, np.ndarray], on_step: Callable | None = None) -> np.ndarray:
         """TritonBackend.run_loop as a coroutine. Cancelling the task cancels the request (gRPC)."""
         loop = self.require_server_loop(stream=on_step is not None)

@@ -9,6 +9,7 @@ All tensor names come from trident.serving.spec. No module here imports torch.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import random
@@ -226,6 +227,89 @@ def _detail(e: Exception) -> str:
     return e.message() if hasattr(e, "message") and callable(e.message) else f"{type(e).__name__}: {e}"
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How both Triton clients (sync and asyncio) retry a request that failed in transit: a timeout, a reset, an
+    'unavailable' answer or a model gone (a restarting server) is retried `retries` times with exponential backoff
+    and jitter; an error the server answered is not."""
+
+    retries: int = 3
+    backoff_s: float = 0.2
+
+    def delay(self, attempt: int) -> float:
+        return self.backoff_s * 2 ** attempt * (1 + 0.1 * random.random())
+
+    def outcome(self, e: Exception, attempt: int) -> str:
+        """"retry", or what to raise: "lost" (the server or the model went away), "rejected" (the server answered
+        with an error) or "unreachable" (no answer)."""
+        from tritonclient.utils import InferenceServerException
+
+        last = attempt >= self.retries
+        if isinstance(e, InferenceServerException):
+            gone = _is_transient(e) or _model_gone(e)
+            return "retry" if gone and not last else ("lost" if gone else "rejected")
+        transient = _is_transient(e) or isinstance(e, asyncio.TimeoutError)  # aiohttp's connection errors too
+        return "retry" if transient and not last else "unreachable"
+
+
+def failure(outcome: str, url: str, graph: str, e: Exception, live: bool | None) -> TridentError:
+    """The typed error for a RetryPolicy outcome; live (only read for "lost") is whether the server still answers."""
+    if outcome == "lost":
+        return lost(url, graph, e, bool(live))
+    if outcome == "rejected":
+        return rejected(graph, e)
+    return ServerUnreachableError(url, f"{type(e).__name__}: {e}")
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the handshake learnt of a Triton server, shared by the sync and asyncio clients: each served graph's card,
+    tensor spec, buckets and max batch, and the sampling loop models (or why there is none)."""
+
+    url: str
+    protocol: str
+    cards: dict
+    specs: dict
+    buckets: dict
+    max_batch: dict
+    server_loop: ServerLoop | None
+    stream_loop: ServerLoop | None
+    server_loop_missing: str
+
+    def require_server_loop(self, stream: bool = False) -> ServerLoop:
+        if self.server_loop is None:
+            raise ModelNotReadyError(f"{self.server_loop_missing}; or use loop='client'")
+        if not stream:
+            return self.server_loop
+        if self.protocol != "grpc":
+            raise InvalidArgumentError("progress and callback with loop='server' need a gRPC client (the loop streams "
+                                       "its steps, which Triton does only over gRPC): connect with protocol='grpc', "
+                                       "or use loop='client'")
+        if self.stream_loop is None:
+            raise ModelNotReadyError(f"the server at {self.url} has no ready {SAMPLING_LOOP_STREAM!r} model, so the "
+                                     "server-side loop cannot report progress; rebuild the repository with `trident "
+                                     "serve build`, or drop progress and callback, or use loop='client'")
+        return self.stream_loop
+
+
+class DescribedServer:
+    """The Backend protocol's metadata, read from the handshake's ServerInfo (self.server) and its RetryPolicy."""
+
+    server: ServerInfo
+    policy: RetryPolicy
+    cards = property(lambda self: self.server.cards)
+    specs = property(lambda self: self.server.specs)
+    buckets = property(lambda self: self.server.buckets)
+    max_batch = property(lambda self: self.server.max_batch)
+    server_loop = property(lambda self: self.server.server_loop)
+    stream_loop = property(lambda self: self.server.stream_loop)
+    retries = property(lambda self: self.policy.retries)
+    backoff_s = property(lambda self: self.policy.backoff_s)
+
+    def require_server_loop(self, stream: bool = False) -> ServerLoop:
+        return self.server.require_server_loop(stream)
+
+
 def rejected(graph: str, e: Exception) -> InferenceError:
     return InferenceError(f"{graph}: the server rejected the request: {_detail(e)}")
 
@@ -294,7 +378,7 @@ def stream_message(result, spec: GraphSpec) -> tuple[np.ndarray | None, list[tup
     return image, steps
 
 
-class TritonBackend:
+class TritonBackend(DescribedServer):
     """A Triton server at `url` ("host:port"), protocol "http" or "grpc".
 
     On connect: checks the server is live and ready, every trident model it serves is ready, and reads each model's
@@ -313,11 +397,8 @@ class TritonBackend:
             raise InvalidArgumentError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.url, self.protocol, self.timeout_s = url, protocol, float(timeout_s)
         self.sample_timeout_s = float(sample_timeout_s)
-        self.server_loop: ServerLoop | None = None  # when the server runs the sampling loop model
-        self.server_loop_missing = f"the server at {url} does not serve {SAMPLING_LOOP!r}"  # why server_loop is None
-        self.stream_loop: ServerLoop | None = None  # the streaming one (diffusion_sampler_stream), gRPC only
         self._long_client = None  # HTTP only: a client whose network timeout fits a whole sampling request
-        self.retries, self.backoff_s = int(retries), float(backoff_s)
+        self.policy = RetryPolicy(int(retries), float(backoff_s))
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -329,15 +410,16 @@ class TritonBackend:
         self._tc = tc
         # gRPC calls take a deadline per call; HTTP ones use the connection/network timeouts set above.
         self._call_kw = {"client_timeout": self.timeout_s} if protocol == "grpc" else {}
-        self.cards, self.buckets, self.specs, self.max_batch = {}, {}, {}, {}
         try:
-            self._connect(models)
+            self.server = self._connect(models)
         except BaseException:
             self.close()  # the constructor never returns: nobody else could close the connection
             raise
 
-    def _connect(self, models):
+    def _connect(self, models) -> ServerInfo:
         url, kw = self.url, self._call_kw
+        found = {"cards": {}, "specs": {}, "buckets": {}, "max_batch": {}}
+        loops = (None, None, f"the server at {url} does not serve {SAMPLING_LOOP!r}")
         try:
             live = self._client.is_server_live(**kw)
             ready = live and self._client.is_server_ready(**kw)
@@ -356,15 +438,17 @@ class TritonBackend:
                 if not self._client.is_model_ready(graph, **kw):
                     raise ModelNotReadyError(f"model {graph!r} on {url} is not ready "
                                              f"({served[graph] or 'no state'}); see the server log")
-                self._load_config(graph)
+                self._load_config(graph, found)
             if models is None or SAMPLING_LOOP in models:
-                self._find_server_loop(served, required=models is not None)
+                loops = self._find_server_loop(served, required=models is not None)
         except TridentError:
             raise
         except (ValueError, KeyError, TypeError) as e:  # includes json.JSONDecodeError and a bad card
             raise ModelNotReadyError(f"a model on {url} has an unreadable model card: {e}") from None
         except Exception as e:  # the server went away mid-handshake
             raise ServerUnreachableError(url, f"{type(e).__name__}: {e}") from None
+        return ServerInfo(url, self.protocol, **found, server_loop=loops[0], stream_loop=loops[1],
+                          server_loop_missing=loops[2])
 
     def _repository_models(self) -> dict[str, str]:
         index = self._client.get_model_repository_index(**self._call_kw)
@@ -387,16 +471,19 @@ class TritonBackend:
                                      "built by an older trident (rebuild it with `trident serve build`)")
         return params, int(max_batch), ModelCard.from_json(params[CARD_PARAMETER])
 
-    def _load_config(self, graph: str):
+    def _load_config(self, graph: str, found: dict):
         _, max_batch, card = self._config(graph)
-        self.cards[card.kind] = card
-        self.specs[graph] = graph_spec_of(graph, card)
-        self.buckets[graph] = card.buckets.get(graph, ())
-        self.max_batch[graph] = max_batch or max(self.buckets[graph] or (1,))
+        found["cards"][card.kind] = card
+        found["specs"][graph] = graph_spec_of(graph, card)
+        found["buckets"][graph] = card.buckets.get(graph, ())
+        found["max_batch"][graph] = max_batch or max(found["buckets"][graph] or (1,))
 
-    def _find_server_loop(self, served: dict, required: bool):
-        """Look for the sampling loop model. Without it (or with a broken one) the client loop still works, so only a
-        caller that asked for it by name (`models`) gets an error here; others learn why on loop='server'."""
+    def _find_server_loop(self, served: dict, required: bool) -> tuple[ServerLoop | None, ServerLoop | None, str]:
+        """(sampling loop model, streaming one, why there is none). Without it (or with a broken one) the client loop
+        still works, so only a caller that asked for it by name (`models`) gets an error here; others learn why on
+        loop='server'."""
+        server_loop = stream_loop = None
+        missing = f"the server at {self.url} does not serve {SAMPLING_LOOP!r}"
         try:
             if SAMPLING_LOOP not in served:
                 raise ModelNotReadyError(f"the server at {self.url} has no {SAMPLING_LOOP!r} model; rebuild its "
@@ -405,20 +492,20 @@ class TritonBackend:
                 raise ModelNotReadyError(f"model {SAMPLING_LOOP!r} on {self.url} is not ready "
                                          f"({served[SAMPLING_LOOP] or 'no state'}); see the server log")
             params, _, card = self._config(SAMPLING_LOOP)
-            self.server_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP, card), int(params[MAX_IMAGES_PARAMETER]))
+            server_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP, card), int(params[MAX_IMAGES_PARAMETER]))
             if SAMPLING_LOOP_STREAM in served and self._client.is_model_ready(SAMPLING_LOOP_STREAM, **self._call_kw):
                 params, _, card = self._config(SAMPLING_LOOP_STREAM)
-                self.stream_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP_STREAM, card),
-                                              int(params[MAX_IMAGES_PARAMETER]))
+                stream_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP_STREAM, card), int(params[MAX_IMAGES_PARAMETER]))
         except ModelNotReadyError as e:
             if required:
                 raise
-            self.server_loop_missing = str(e)
+            missing = str(e)
         except (ValueError, KeyError, TypeError) as e:
             detail = f"{SAMPLING_LOOP} on {self.url} has an unreadable model card: {e}"
             if required:
                 raise ModelNotReadyError(detail) from None
-            self.server_loop_missing = detail
+            missing = detail
+        return server_loop, stream_loop, missing
 
     def _infer_once(self, graph: str, spec: GraphSpec, feed: dict[str, np.ndarray], batched: bool = True,
                     client=None, timeout_s: float | None = None) -> list[np.ndarray]:
@@ -432,21 +519,6 @@ class TritonBackend:
         else:
             res = client.infer(graph, inputs, outputs=outputs, client_timeout=timeout_s)
         return [res.as_numpy(t.name) for t in spec.outputs]
-
-    def require_server_loop(self, stream: bool = False) -> ServerLoop:
-        if self.server_loop is None:
-            raise ModelNotReadyError(f"{self.server_loop_missing}; or use loop='client'")
-        if not stream:
-            return self.server_loop
-        if self.protocol != "grpc":
-            raise InvalidArgumentError("progress and callback with loop='server' need a gRPC client (the loop streams "
-                                       "its steps, which Triton does only over gRPC): connect with protocol='grpc', "
-                                       "or use loop='client'")
-        if self.stream_loop is None:
-            raise ModelNotReadyError(f"the server at {self.url} has no ready {SAMPLING_LOOP_STREAM!r} model, so the "
-                                     "server-side loop cannot report progress; rebuild the repository with `trident "
-                                     "serve build`, or drop progress and callback, or use loop='client'")
-        return self.stream_loop
 
     def run_loop(self, feed: dict[str, np.ndarray], on_step=None) -> np.ndarray:
         """One request to the sampling loop model (inputs as spec.loop_spec): the images, float32. With on_step, to
@@ -509,19 +581,18 @@ class TritonBackend:
         return lost(self.url, graph, e, self._server_live())
 
     def _infer(self, graph, spec, feed):
-        from tritonclient.utils import InferenceServerException
-
-        for attempt in range(self.retries + 1):
+        """One request, retried as self.policy says."""
+        attempt = 0
+        while True:
             try:
                 return self._infer_once(graph, spec, feed)
-            except InferenceServerException as e:
-                gone = _is_transient(e) or _model_gone(e)
-                if attempt == self.retries or not gone:
-                    raise (self._lost(graph, e) if gone else rejected(graph, e)) from None
             except Exception as e:
-                if attempt == self.retries or not _is_transient(e):
-                    raise ServerUnreachableError(self.url, f"{type(e).__name__}: {e}") from None
-            time.sleep(self.backoff_s * 2 ** attempt * (1 + 0.1 * random.random()))
+                outcome = self.policy.outcome(e, attempt)
+                if outcome != "retry":
+                    live = self._server_live() if outcome == "lost" else None
+                    raise failure(outcome, self.url, graph, e, live) from None
+            time.sleep(self.policy.delay(attempt))
+            attempt += 1
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph not in self.specs:
