@@ -12,7 +12,8 @@
 """
 from ..errors import InferenceError, InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
 from .aio import AsyncTridentClient
+from .backends import TLS
 from .sdk import MAX_IMAGES, SampleStats, TridentClient
 
-__all__ = ["TridentClient", "AsyncTridentClient", "SampleStats", "MAX_IMAGES", "TridentError", "ServerUnreachableError",
-           "ModelNotReadyError", "InvalidArgumentError", "InferenceError"]
+__all__ = ["TridentClient", "AsyncTridentClient", "TLS", "SampleStats", "MAX_IMAGES", "TridentError",
+           "ServerUnreachableError", "ModelNotReadyError", "InvalidArgumentError", "InferenceError"]

@@ -24,8 +24,8 @@ import numpy as np
 from ..errors import ModelNotReadyError, ServerUnreachableError, TridentError
 from ..sampling import SamplingCancelled
 from ..spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
-from .backends import (DescribedServer, RetryPolicy, ServerInfo, TritonBackend, check_inputs, failure, infer_inputs,
-                       lost, loop_failure, requested_outputs, stream_message)
+from .backends import (TLS, DescribedServer, RetryPolicy, ServerInfo, TritonBackend, check_inputs, client_options,
+                       failure, infer_inputs, lost, loop_failure, requested_outputs, stream_message)
 from .base import ClientBase, SampleJob, SampleStats
 
 __all__ = ["AsyncTridentClient", "AsyncTritonBackend"]
@@ -42,7 +42,8 @@ class AsyncTritonBackend(DescribedServer):
 
     name = "triton-asyncio"
 
-    def __init__(self, server: ServerInfo, policy: RetryPolicy, timeout_s: float, sample_timeout_s: float):
+    def __init__(self, server: ServerInfo, policy: RetryPolicy, timeout_s: float, sample_timeout_s: float,
+                 tls: TLS | None = None):
         """Use connect()."""
         self.server, self.policy = server, policy
         self.url, self.protocol = server.url, server.protocol
@@ -55,7 +56,7 @@ class AsyncTritonBackend(DescribedServer):
         else:
             import tritonclient.grpc.aio as tc
 
-            self._client = tc.InferenceServerClient(self.url)
+            self._client = tc.InferenceServerClient(self.url, **client_options(self.protocol, tls))
         self._tc = tc
 
     @classmethod
@@ -67,7 +68,7 @@ class AsyncTritonBackend(DescribedServer):
             return backend
 
         done = await asyncio.to_thread(handshake)
-        return cls(done.server, done.policy, done.timeout_s, done.sample_timeout_s)
+        return cls(done.server, done.policy, done.timeout_s, done.sample_timeout_s, done.tls)
 
     async def close(self) -> None:
         await self._client.close()

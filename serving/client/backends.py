@@ -33,8 +33,9 @@ from ..server.runtime.protocol import CARD as CARD_PARAMETER
 from ..server.runtime.protocol import MAX_IMAGES as MAX_IMAGES_PARAMETER
 from ..server.runtime.protocol import SHUTTING_DOWN
 
-__all__ = ["Backend", "ServerLoop", "OnnxRuntimeBackend", "TritonBackend", "check_inputs", "TridentError",
-           "ServerUnreachableError", "ModelNotReadyError", "InvalidArgumentError", "InferenceError"]
+__all__ = ["Backend", "ServerLoop", "ServerInfo", "RetryPolicy", "TLS", "OnnxRuntimeBackend", "TritonBackend",
+           "check_inputs", "TridentError", "ServerUnreachableError", "ModelNotReadyError", "InvalidArgumentError",
+           "InferenceError"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,50 @@ def _detail(e: Exception) -> str:
 
 
 @dataclass(frozen=True)
+class TLS:
+    """TLS towards a gRPC endpoint served with `trident serve --grpc-tls-cert/--grpc-tls-key`: ca, the PEM file of the
+    authority that signed the server's certificate (None: the system's roots); cert and key, this client's own
+    certificate and key where the server asks for them (mutual TLS, --grpc-tls-ca)."""
+
+    ca: str | os.PathLike | None = None
+    cert: str | os.PathLike | None = None
+    key: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        if (self.cert is None) != (self.key is None):
+            raise InvalidArgumentError("TLS: a client certificate needs its key, and a key its certificate")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise InvalidArgumentError(f"TLS: {name} file {path} does not exist")
+
+    def grpc_options(self) -> dict:
+        """tritonclient.grpc(.aio).InferenceServerClient's keyword arguments."""
+        path = lambda p: None if p is None else str(p)  # noqa: E731  (tritonclient reads the files itself)
+        return {"ssl": True, "root_certificates": path(self.ca), "private_key": path(self.key),
+                "certificate_chain": path(self.cert)}
+
+
+def client_options(protocol: str, tls: TLS | None) -> dict:
+    """The TLS keyword arguments of a tritonclient InferenceServerClient (empty without TLS). Triton's HTTP endpoint
+    has no TLS of its own, so tls is refused over HTTP: terminate TLS at a proxy and connect to it over gRPC or HTTP."""
+    if tls is None:
+        return {}
+    if not isinstance(tls, TLS):
+        raise InvalidArgumentError(f"tls must be a trident TLS(ca=..., cert=..., key=...), got {type(tls).__name__}")
+    if protocol != "grpc":
+        raise InvalidArgumentError("tls is for protocol='grpc': Triton's HTTP endpoint has no TLS (terminate it at a "
+                                   "proxy or load balancer in front of the server)")
+    return tls.grpc_options()
+
+
+def _restricted(e: Exception) -> bool:
+    """The server refused an API that `trident serve` locks behind the admin key (HTTP 403, gRPC 'restricted')."""
+    text = str(e).lower()
+    return "restricted" in text or "403" in text or "forbidden" in text
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """How both Triton clients (sync and asyncio) retry a request that failed in transit: a timeout, a reset, an
     'unavailable' answer or a model gone (a restarting server) is retried `retries` times with exponential backoff
@@ -392,13 +437,15 @@ class TritonBackend(DescribedServer):
 
     def __init__(self, url: str = "127.0.0.1:8000", protocol: str = "http", timeout_s: float = 30.0,
                  retries: int = 3, backoff_s: float = 0.2, models: tuple[str, ...] | None = None,
-                 sample_timeout_s: float = 600.0):
+                 sample_timeout_s: float = 600.0, tls: TLS | None = None):
         if protocol not in ("http", "grpc"):
             raise InvalidArgumentError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.url, self.protocol, self.timeout_s = url, protocol, float(timeout_s)
         self.sample_timeout_s = float(sample_timeout_s)
         self._long_client = None  # HTTP only: a client whose network timeout fits a whole sampling request
         self.policy = RetryPolicy(int(retries), float(backoff_s))
+        self.tls = tls
+        tls_options = client_options(protocol, tls)
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -406,7 +453,7 @@ class TritonBackend(DescribedServer):
         else:
             import tritonclient.grpc as tc
 
-            self._client = tc.InferenceServerClient(url)
+            self._client = tc.InferenceServerClient(url, **tls_options)
         self._tc = tc
         # gRPC calls take a deadline per call; HTTP ones use the connection/network timeouts set above.
         self._call_kw = {"client_timeout": self.timeout_s} if protocol == "grpc" else {}
@@ -451,7 +498,14 @@ class TritonBackend(DescribedServer):
                           server_loop_missing=loops[2])
 
     def _repository_models(self) -> dict[str, str]:
-        index = self._client.get_model_repository_index(**self._call_kw)
+        try:
+            index = self._client.get_model_repository_index(**self._call_kw)
+        except Exception as e:
+            if not _restricted(e):
+                raise
+            # the repository API is locked (`trident serve` off loopback): ask for each model trident serves by name
+            names = (*KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM)
+            return {name: "READY" for name in names if self._client.is_model_ready(name, **self._call_kw)}
         if self.protocol == "grpc":
             return {m.name: m.state for m in index.models}
         return {m["name"]: m.get("state", "") for m in index}

@@ -36,7 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import TridentError
@@ -53,6 +53,37 @@ __all__ = [
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 HEALTH_READY = "/v2/health/ready"  # Triton's readiness endpoint: what wait_ready polls and the pods' probes ask
+# Triton's APIs that can be put behind a header key (--http-restricted-api / --grpc-restricted-protocol).
+RESTRICTABLE_APIS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+                     "statistics", "trace", "logging")
+# What a non-loopback `trident serve` locks by default: what no client of trident needs. Shared memory would let a
+# caller map memory regions of the server's host into requests; model-repository loads and unloads models; trace and
+# logging change what the server writes; statistics tell request counts and timings of every model (Prometheus reads
+# the metrics port instead). Health, metadata, model-config (the SDK reads the model cards there) and inference stay open.
+ADMIN_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")
+ADMIN_KEY_HEADER = "trident-admin-key"
+ADMIN_KEY_ENV = "TRIDENT_ADMIN_KEY"
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS of the gRPC endpoint: the server's certificate and key (PEM files); ca: also require client certificates
+    signed by it (mutual TLS). Triton's HTTP endpoint has no TLS: terminate it at a proxy or load balancer."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+    def __post_init__(self):
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"gRPC TLS {name} file {path} does not exist")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only."""
+    return host in ("localhost", "::1") or host.startswith("127.")
 CONTAINER_BACKEND_DIR = Path("/opt/tritonserver/backends")
 SHM_DIR = Path("/dev/shm")
 # Set to "bundled" to ignore a tritonserver on PATH, or to a binary path to use that one.
@@ -94,6 +125,11 @@ class ServerConfig:
     backend_directory: Path | None = None  # None: the one find_tritonserver() returns
     # Python backend shared-memory prefix; must differ between servers on one machine. None: unique per start.
     shm_region_prefix: str | None = None
+    # APIs behind a header key: requests to them must carry `admin_key_header: admin_key` (RESTRICTABLE_APIS)
+    restricted_apis: tuple[str, ...] = ()
+    admin_key: str | None = field(default=None, repr=False)
+    admin_key_header: str = ADMIN_KEY_HEADER
+    grpc_tls: GrpcTls | None = None
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -107,6 +143,13 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in 0..65535 (0 picks a free port), got {port}")
         if isinstance(self.extra_args, (str, list)):
             raise TypeError("extra_args must be a tuple of separate arguments, e.g. ('--log-info', 'false')")
+        unknown = sorted(set(self.restricted_apis) - set(RESTRICTABLE_APIS))
+        if unknown:
+            raise ValueError(f"restricted_apis {unknown} are not Triton APIs; choose from {RESTRICTABLE_APIS}")
+        if self.restricted_apis and not self.admin_key:
+            raise ValueError("restricted_apis need an admin_key (the header value that opens them)")
+        if self.admin_key is not None and not re.fullmatch(r"[A-Za-z0-9_\-.~]{16,}", self.admin_key):
+            raise ValueError("admin_key must be at least 16 characters of letters, digits and -_.~")
 
     def to_args(self) -> list[str]:
         """tritonserver arguments (without the binary), in ``--key value`` pairs like pytriton's ``to_args_list``."""
@@ -128,6 +171,15 @@ class ServerConfig:
             "backend-config": None if self.shm_region_prefix is None
             else f"python,shm-region-prefix-name={self.shm_region_prefix}",
         }
+        if self.restricted_apis:
+            rule = f"{','.join(self.restricted_apis)}:{self.admin_key_header}={self.admin_key}"
+            args.update({"http-restricted-api": rule, "grpc-restricted-protocol": rule})
+        if self.grpc_tls is not None:
+            tls = self.grpc_tls
+            args.update({"grpc-use-ssl": True, "grpc-server-cert": Path(tls.cert).as_posix(),
+                         "grpc-server-key": Path(tls.key).as_posix()})
+            if tls.ca is not None:
+                args.update({"grpc-root-cert": Path(tls.ca).as_posix(), "grpc-use-ssl-mutual": True})
         out: list[str] = []
         for key, value in args.items():
             if value is None:
@@ -592,6 +644,37 @@ def _kill_group(pgid: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def admin_lock(host: str, key_file: Path | None, key_env: str | None, open_apis: bool,
+               generated: Path = Path(".trident/admin-key")) -> dict:
+    """ServerConfig's restricted_apis and admin_key for `trident serve`, and notes to print. Off loopback the admin
+    APIs are locked unless open_apis; the key comes from key_file, else the environment, else a new random one
+    written (0600) to `generated`. On loopback they are locked only when a key is given. The key never appears on
+    trident's own command line; Triton takes it on its own (Triton reads this setting nowhere else), so anyone who
+    can list this host's processes can read it there: give the server a host or container of its own."""
+    key = None
+    if key_file is not None:
+        key = Path(key_file).read_text().strip()
+    elif key_env:
+        key = key_env.strip()
+    if open_apis:
+        note = ("admin APIs open to every client" if is_loopback(host) else
+                f"WARNING: admin APIs ({', '.join(ADMIN_APIS)}) open to anyone who reaches {host}")
+        return {"restricted_apis": (), "admin_key": None, "notes": [note]}
+    if key is None and is_loopback(host):
+        return {"restricted_apis": (), "admin_key": None, "notes": []}
+    notes = []
+    if key is None:
+        key = secrets.token_urlsafe(32)
+        generated.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(generated, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        notes.append(f"admin key written to {generated} (mode 0600)")
+    notes.append(f"admin APIs ({', '.join(ADMIN_APIS)}) need the header {ADMIN_KEY_HEADER!r}; inference, health, "
+                 "metadata and model-config are open")
+    return {"restricted_apis": ADMIN_APIS, "admin_key": key, "notes": notes}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``trident serve``: run Triton over a model repository until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(prog="trident serve", description=main.__doc__)
@@ -604,12 +687,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, default=None)
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--admin-key-file", type=Path, default=None,
+                        help=f"a file holding the key (16+ characters of letters, digits and -_.~) that opens the "
+                             f"admin APIs ({', '.join(ADMIN_APIS)}) in the header {ADMIN_KEY_HEADER!r}; or set "
+                             f"${ADMIN_KEY_ENV}. On a non-loopback --host they are locked by default: with neither, "
+                             f"a random key is made and written to .trident/admin-key")
+    parser.add_argument("--open-admin-apis", action="store_true",
+                        help="serve the admin APIs to anyone who reaches the port (not recommended off loopback)")
+    parser.add_argument("--grpc-tls-cert", type=Path, default=None, help="gRPC TLS: the server certificate (PEM)")
+    parser.add_argument("--grpc-tls-key", type=Path, default=None, help="gRPC TLS: the server's private key (PEM)")
+    parser.add_argument("--grpc-tls-ca", type=Path, default=None,
+                        help="gRPC mutual TLS: accept only clients whose certificate this CA signed")
     parser.add_argument("--exit-timeout", type=int, default=3,
                         help="seconds Triton lets in-flight requests finish on Ctrl-C/SIGTERM before it exits (a "
                              "U-Net step takes milliseconds; a server-side sampling loop in flight stops at its next "
                              "step, and its client gets ServerUnreachableError)")
     args = parser.parse_args(argv)
 
+    try:
+        lock = admin_lock(args.host, args.admin_key_file, os.environ.get(ADMIN_KEY_ENV), args.open_admin_apis)
+        tls = None
+        if args.grpc_tls_cert or args.grpc_tls_key or args.grpc_tls_ca:
+            if not (args.grpc_tls_cert and args.grpc_tls_key):
+                raise ValueError("gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key")
+            tls = GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_ca)
+    except (ValueError, OSError) as error:
+        print(f"trident serve: error: {error}", file=sys.stderr)
+        return 2
+    for line in lock.pop("notes"):
+        print(line, flush=True)
     ports = (0, 0, 0) if args.free_ports else (args.http_port, args.grpc_port, args.metrics_port)
     config = ServerConfig(
         model_repository=args.model_repository,
@@ -621,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         log_verbose=args.log_verbose,
         startup_timeout_s=args.startup_timeout,
         exit_timeout_s=args.exit_timeout,
+        grpc_tls=tls,
+        **lock,
     )
 
     stop = threading.Event()
