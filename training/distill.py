@@ -122,18 +122,24 @@ def stage_of(step: int, stage_steps: int, stages: list[int]) -> int:
     return min(step // stage_steps, len(stages) - 1)
 
 
+def _noised_batch(x0, y, t, gen, alphas_cumprod, null_class: int, label_dropout: float,
+                  guidance_range: tuple[float, float]):
+    """What both stages train on: x_t = alpha_t x0 + sigma_t eps at the given t (N,), labels dropped to the null class
+    with probability label_dropout, w ~ U[guidance_range]. Returns (x_t, alpha_t, sigma_t, y, w)."""
+    n, dev = x0.shape[0], x0.device
+    eps = torch.randn(x0.shape, generator=gen, device=dev)
+    a, s = alpha_sigma(alphas_cumprod, t)
+    drop = torch.rand(n, generator=gen, device=dev) < label_dropout
+    y = torch.where(drop, torch.full_like(y, null_class), y)
+    return a * x0 + s * eps, a, s, y, sample_guidance(n, *guidance_range, gen, dev)
+
+
 def guidance_distillation_loss(student, teacher, x0, y, gen, alphas_cumprod, *, null_class: int, label_dropout: float,
                                guidance_range: tuple[float, float], prediction_type: str):
     """Stage 1: MSE between the student's one row at w and the teacher's guided pair, on x_t from the forward process
     at t ~ U[0, T), w ~ U[guidance_range], labels dropped to the null class with probability label_dropout."""
-    n, dev = x0.shape[0], x0.device
-    t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen, device=dev)
-    eps = torch.randn(x0.shape, generator=gen, device=dev)
-    a, s = alpha_sigma(alphas_cumprod, t)
-    x_t = a * x0 + s * eps
-    drop = torch.rand(n, generator=gen, device=dev) < label_dropout
-    y = torch.where(drop, torch.full_like(y, null_class), y)
-    w = sample_guidance(n, *guidance_range, gen, dev)
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen, device=x0.device)
+    x_t, _, _, y, w = _noised_batch(x0, y, t, gen, alphas_cumprod, null_class, label_dropout, guidance_range)
     target = guided_output(teacher, x_t, t.float(), y, w, null_class)
     return (student(x_t, t.float(), y, w) - target).pow(2).mean()
 
@@ -144,16 +150,10 @@ def step_distillation_loss(student, teacher, x0, y, gen, alphas_cumprod, *, null
     """Stage 2 for one halving: the student's x0 at a random step t of its N-step grid against the x0 target of the
     teacher's two steps (two_step_target), weighted by truncated SNR. Both take w (the teacher is a stage-1 or
     earlier stage-2 student)."""
-    n, dev = x0.shape[0], x0.device
-    grid = torch.from_numpy(stage_timesteps(len(alphas_cumprod), student_steps)).to(dev)
-    pick = grid[torch.randint(0, student_steps, (n,), generator=gen, device=dev)]  # (N, 3)
+    grid = torch.from_numpy(stage_timesteps(len(alphas_cumprod), student_steps)).to(x0.device)
+    pick = grid[torch.randint(0, student_steps, (x0.shape[0],), generator=gen, device=x0.device)]  # (N, 3)
     t, t_mid, t_next = pick[:, 0], pick[:, 1], pick[:, 2]
-    eps = torch.randn(x0.shape, generator=gen, device=dev)
-    a, s = alpha_sigma(alphas_cumprod, t)
-    z = a * x0 + s * eps
-    drop = torch.rand(n, generator=gen, device=dev) < label_dropout
-    y = torch.where(drop, torch.full_like(y, null_class), y)
-    w = sample_guidance(n, *guidance_range, gen, dev)
+    z, a, s, y, w = _noised_batch(x0, y, t, gen, alphas_cumprod, null_class, label_dropout, guidance_range)
     target = two_step_target(lambda zz, tt: teacher(zz, tt.float(), y, w), z, t, t_mid, t_next, alphas_cumprod,
                              prediction_type, clip)
     x0_hat, _ = x0_eps(student(z, t.float(), y, w), z, a, s, prediction_type)

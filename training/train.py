@@ -753,11 +753,15 @@ def _json_arg(text: str, flag: str) -> dict:
     return value
 
 
-def _run(prog: str, make_config) -> int:
-    """Build the TrainConfig (make_config()), train, and turn a bad argument, dataset or checkpoint into exit 2 with
-    one line naming it."""
+def _run(prog: str, parser: argparse.ArgumentParser, argv, make_config) -> int:
+    """Parse argv, build the TrainConfig (make_config(args, argv)), train, and turn a bad argument, dataset or
+    checkpoint into exit 2 with one line naming it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        path = train(make_config())
+        path = train(make_config(args, argv))
     except (ValueError, TypeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -776,12 +780,7 @@ def _run(prog: str, make_config) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    def config():
+    def config(args, argv):
         cfg = TrainConfig(kind=args.kind, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, data_dir=args.data_dir, limit=args.limit,
                           model=_json_arg(args.model, "--model"), schedule=_json_arg(args.schedule, "--schedule"),
@@ -797,7 +796,7 @@ def main(argv=None) -> int:
         CONFIGS[cfg.kind].from_dict(cfg.model)
         return cfg
 
-    return _run("trident train", config)
+    return _run("trident train", build_parser(), argv, config)
 
 
 DISTILL_HELP = """Distil the diffusion teacher into a student that draws with one network row per step, in a few steps.
@@ -845,12 +844,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
 
 
 def distill_main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_distill_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    def config():
+    def config(args, argv):
         n_stages = len(distill.halvings(args.from_steps, args.to_steps)) if args.stage == "steps" else 0
         return TrainConfig(kind="diffusion", out_dir=args.out, distill=args.stage, teacher=args.teacher,
                            steps=args.steps_per_stage * n_stages if n_stages else args.steps,
@@ -863,7 +857,7 @@ def distill_main(argv=None) -> int:
                            time_limit_min=args.time_limit, progress=not args.no_progress,
                            command="trident distill " + " ".join(shlex.quote(a) for a in argv))
 
-    return _run("trident distill", config)
+    return _run("trident distill", build_distill_parser(), argv, config)
 
 
 if __name__ == "__main__":
