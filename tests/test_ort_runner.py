@@ -99,6 +99,14 @@ def test_shard_limit_runs_larger_shards_in_chunks_of_the_smaller_buckets_with_th
         limited.close()
     with pytest.raises(ValueError, match="shard_limit must be >= 0"):
         BucketRunner(files, shard_limit=-1)
+    with pytest.raises(ValueError, match=r"unknown engines \['tensorrt'\]; expected one of"):
+        BucketRunner(files, engines={1: "tensorrt"})
+    runner = BucketRunner(files, row_shards=1)
+    try:
+        with pytest.raises(ValueError, match="run needs at least one row"):
+            runner.run(_feed(spec, 0, seed=0))
+    finally:
+        runner.close()
 
 
 def test_shard_trial_times_every_bucket_on_the_shards_and_keeps_the_smallest_within_two_percent(unet_files):

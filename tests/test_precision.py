@@ -187,6 +187,18 @@ def test_auto_without_a_gate_result_tries_only_fp32_runtimes(export_dirs):
         if runnable_here(v)}
 
 
+def test_auto_keeps_fp32_and_says_why_for_an_export_without_a_parity_batch(export_dirs, tmp_path):
+    meta = load_export_metadata(export_dirs["gan"])
+    del meta["graphs"]["gan_generator"]["parity_inputs"]  # as an export made before parity batches were saved
+    record = precision.choose(export_dirs["gan"], meta, "gan_generator", "auto", gate_file=passing_gate(tmp_path, meta),
+                              row_shards=1)
+    assert set(record["choice"].values()) == {precision.REFERENCE} and "buckets" not in record  # nothing to trial on
+    assert record["excluded"]["openvino-fp32"] == "the export has no fixed parity batch (re-export)"
+    assert all(record["excluded"][v] in ("the export has no fixed parity batch (re-export)",
+                                         f"this CPU has none of {', '.join(precision.NATIVE_FLAGS.get(v, ()))}")
+               for v in precision.CPU_VARIANTS if v != precision.REFERENCE)
+
+
 def test_serve_build_auto_records_choice_and_trial_when_built(export_dirs, tmp_path, capsys):
     from trident.serving.server.repository import MARKER, main
 

@@ -268,6 +268,21 @@ def test_shard_limit_is_measured_per_graph_and_recorded_when_built_with_defaults
                                   for b, f in json.loads(params["trident_onnx_files"]).items()}
 
 
+def test_a_measured_shard_limit_without_its_file_fails_the_load_saying_how_to_rebuild(tmp_path):
+    """trident_measured.json is per machine and git-ignored: a repository copied without it must not fail with a
+    bare FileNotFoundError."""
+    (tmp_path / "1").mkdir()
+    params = {"trident_onnx_files": '{"1": "a_b1.onnx"}', "trident_shard_limit": "measured"}
+    where = {"model_repository": str(tmp_path), "model_version": "1"}
+    with pytest.raises(RuntimeError, match=r"FileNotFoundError.*rebuild the repository here with `trident serve build`"):
+        bucket_runner_arguments(params, where)
+    (tmp_path / "1" / MEASURED_FILE).write_text('{"shard_trial": null}')
+    with pytest.raises(RuntimeError, match=r"KeyError.*--shard-limit N"):
+        bucket_runner_arguments(params, where)
+    (tmp_path / "1" / MEASURED_FILE).write_text('{"shard_limit": 4}')
+    assert bucket_runner_arguments(params, where)["shard_limit"] == 4
+
+
 def embedded_parameters(config_path: Path) -> dict[str, str]:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
