@@ -192,6 +192,45 @@ def test_cancelling_a_task_stops_its_requests(server):
 
 
 @pytest.mark.server
+def test_async_server_refusals_timeouts_and_a_stopping_callback_each_end_their_call_and_the_server_loop(server):
+    """What only the server checks (a timestep out of range: INVALID_ARG), a graph it does not serve, an HTTP
+    server-side loop past sample_timeout_s (the server stops it too: the client sent the timeout as max_seconds), and
+    a streamed loop whose callback returns False (the stream is cancelled). After each loop, the next one on the same
+    model does not wait behind a DDPM-1000 of 8 images (~2 min here)."""
+    from trident.serving.client import InferenceError, ModelNotReadyError
+    from trident.serving.sampling import SamplingCancelled
+
+    async def next_loop_s(client, streamed: bool) -> float:
+        t0 = time.monotonic()
+        await client.sample([1], steps=2, loop="server", **({"callback": lambda *s: None} if streamed else {}))
+        return time.monotonic() - t0
+
+    async def scenario():
+        waits = {}
+        async with AsyncTridentClient.connect(server.grpc_url, "grpc") as grpc, \
+                AsyncTridentClient.connect(server.http_url, "http", sample_timeout_s=2.0) as http:
+            spec = http.backend.specs[UNET]
+            feed = {t.name: np.zeros((1, *t.shape), t.np_dtype) for t in spec.inputs}
+            feed["timestep"][:] = 5000
+            with pytest.raises(InferenceError, match=re.escape("the server rejected the request: diffusion_unet: "
+                                                                 "input 'timestep' must be in [0, 1000)")):
+                await http.backend.run(UNET, feed)
+            with pytest.raises(ModelNotReadyError, match="'no_such_graph' is not served at"):
+                await grpc.backend.run("no_such_graph", {})
+            with pytest.raises(InferenceError, match=r"no answer within sample_timeout_s=2 s"):
+                await http.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server")
+            waits["http timeout"] = await next_loop_s(grpc, streamed=False)
+            with pytest.raises(SamplingCancelled):
+                await grpc.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server",
+                                  callback=lambda *step: False)
+            waits["callback False"] = await next_loop_s(grpc, streamed=True)
+        return waits
+
+    waits = asyncio.run(scenario())
+    assert all(s < 30 for s in waits.values()), f"a server-side loop kept running: {waits}"
+
+
+@pytest.mark.server
 def test_async_arguments_are_checked_before_any_request(server):
     async def scenario():
         async with AsyncTridentClient.connect(server.http_url, "http") as client:
