@@ -612,6 +612,31 @@ def test_execute_fails_only_bad_requests_when_batched_with_good_ones(unet_model,
         assert_outputs_close([t.as_numpy() for t in response.output_tensors], oracle(spec, arrays))
 
 
+def test_execute_answers_each_request_of_a_failed_run_with_the_failure_and_runs_the_next_batch(
+        unet_model, specs, metas, oracle, monkeypatch):
+    model, pb = unet_model
+    spec = specs["diffusion_unet"]
+    meta = metas["diffusion_unet"]
+    timestep = [t.name for t in spec.inputs].index(timestep_input(spec).name)
+    good = [valid_inputs(spec, meta, n, seed=30 + n) for n in (2, 1)]
+    bad_time = valid_inputs(spec, meta, 1, seed=33)
+    bad_time[timestep][0] = np.nan
+
+    def out_of_memory(feed):
+        raise RuntimeError("the session ran out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(model.runner, "run", out_of_memory)
+        responses = model.execute([as_request(pb, spec, a) for a in (good[0], bad_time, good[1])])
+    assert [str(r.error) for r in (responses[0], responses[2])] == [
+        "diffusion_unet: ONNX Runtime failed: the session ran out of memory"] * 2
+    assert responses[0].error.code is None  # not INVALID_ARG: nothing was wrong with the request
+    assert "NaN or Inf" in str(responses[1].error) and responses[1].error.code == pb.TritonError.INVALID_ARG
+    (response,) = model.execute([as_request(pb, spec, good[0])])
+    assert response.error is None
+    assert_outputs_close([t.as_numpy() for t in response.output_tensors], oracle(spec, good[0]))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Real server on the embedded repository
 # ---------------------------------------------------------------------------------------------------------------------
