@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trident.serving import sampling
+from trident.serving import precision, sampling
 from trident.serving.client import TridentClient
 from trident.serving.files import atomic_file, file_sha256
 
@@ -97,6 +97,7 @@ class Clients:
         self.checkpoints, self.work, self.url, self.protocol, self.log = checkpoints, Path(work), url, protocol, log
         self.precision = precision  # in-process: the runtime and precision every bucket runs (serving/precision.py)
         self._clients: dict[str, TridentClient] = {}
+        self.exports: dict[str, Path] = {}  # model -> the export folder its in-process client runs
 
     def get(self, model: str) -> TridentClient:
         if model not in self._clients:
@@ -106,7 +107,8 @@ class Clients:
                 from trident.export.build import ensure_export
 
                 kind = "vae" if model == "ae" else model
-                export = ensure_export(self.checkpoints[model], self.work / "exports", kind, log=self.log)
+                export = self.exports[model] = ensure_export(self.checkpoints[model], self.work / "exports", kind,
+                                                             log=self.log)
                 self._clients[model] = TridentClient.from_onnx([export], precision=self.precision)
         return self._clients[model]
 
@@ -225,8 +227,10 @@ GATE_RULE_TEXT = ("FD within 5% of fp32's (fd <= 1.05 * fd_fp32) and class agree
                   "on the same n images drawn with the same seeds at the model's default setting")
 
 
-def gate_verdict(fp32: dict, variant: dict) -> dict:
-    """Whether a reduced-precision variant draws as well as fp32 (GATE_RULE), with the figures it was judged on."""
+def gate_verdict(fp32: dict, variant: dict, int8_method: str | None = None) -> dict:
+    """Whether a reduced-precision variant draws as well as fp32 (GATE_RULE), with the figures it was judged on.
+    int8_method: for an int8 variant, how its graphs were quantized (the export's metadata.json "int8": {"method"}):
+    `auto` counts the verdict only for exports quantized the same way (serving/precision.py gate_reasons)."""
     fd_ratio = variant["fd"] / fp32["fd"]
     ok = fd_ratio <= GATE_RULE["fd_ratio_max"]
     out = {"fd": variant["fd"], "fd_fp32": fp32["fd"], "fd_ratio": round(fd_ratio, 4)}
@@ -235,33 +239,35 @@ def gate_verdict(fp32: dict, variant: dict) -> dict:
         ok = ok and drop <= GATE_RULE["agreement_drop_max"]
         out.update(agreement=variant["agreement"], agreement_fp32=fp32["agreement"], agreement_drop=round(drop, 4))
     return {**out, "pass": bool(ok), "draw_seconds": variant["draw_seconds"],
-            "draw_seconds_fp32": fp32["draw_seconds"]}
+            "draw_seconds_fp32": fp32["draw_seconds"], **({"int8_method": int8_method} if int8_method else {})}
 
 
 def precision_gate(checkpoints: dict[str, Path], work: Path, ref: RealReference, n: int, seed: int, batch: int,
                    variants: tuple[str, ...], gate_file: Path, log=print) -> dict:
     """Draw each served model's default setting at fp32 and at each reduced-precision variant (in-process, the same
     seeds), judge each against fp32, and merge the verdicts into gate_file (keyed by checkpoint sha256)."""
-    from trident.serving import precision
+    from trident.serving.spec import load_export_metadata
 
     data = json.loads(gate_file.read_text()) if gate_file.is_file() else {}
     data.update(rule=GATE_RULE_TEXT, machine=precision.cpu_info())
     entries = data.setdefault("checkpoints", {})
     for model, setting in GATE_SETTINGS.items():
-        measured = {}
+        measured, int8_method = {}, {}
         for variant in ("onnxruntime-fp32", *variants):
             clients = Clients(checkpoints, work, log=log, precision=variant)
             try:
                 measured[variant] = measure(clients, setting, ref, n, seed, batch, progress=True)
             finally:
                 clients.close()
+            if precision.precision_of(variant) == "int8":
+                int8_method[variant] = load_export_metadata(clients.exports[model]).get("int8", {}).get("method")
             log(f"{model} {variant}: " + _summary(measured[variant]))
         fp32 = measured.pop("onnxruntime-fp32")
         entries[file_sha256(checkpoints[model])] = {
             "kind": model, "checkpoint": str(checkpoints[model]), "setting": setting.label, "n": n, "seed": seed,
             "fp32": {k: fp32[k] for k in ("fd", "agreement", "precision", "recall", "brightness", "draw_seconds")
                      if k in fp32},
-            "variants": {v: gate_verdict(fp32, r) for v, r in measured.items()}}
+            "variants": {v: gate_verdict(fp32, r, int8_method.get(v)) for v, r in measured.items()}}
     gate_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(gate_file) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -314,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge each reduced precision against fp32 on --n images per served model and write "
                         "--gate-file (what `--precision auto` may offer)")
     p.add_argument("--gate-variants", default="openvino-bf16,onnxruntime-int8,openvino-int8",
-                   help="--precision-gate: the variants to judge (bf16 only on a CPU with bf16 hardware)")
-    p.add_argument("--gate-file", default="benchmarks/results/precision_gate.json")
+                   help="--precision-gate: the variants to judge (each only on a CPU that runs it natively: "
+                        "serving/precision.py NATIVE_FLAGS)")
+    p.add_argument("--gate-file", default=str(precision.DEFAULT_QUALITY_GATE),
+                   help="default: the one `trident serve build --precision auto` reads, in the package's repository")
     return p
 
 
@@ -354,8 +362,6 @@ def main(argv=None) -> int:
     net = FeatureNet(classifier)
     ref = RealReference.build(net, args.data_dir, cache_dir=Path(args.work) / "quality")
     if args.precision_gate:
-        from trident.serving import precision
-
         variants = tuple(v.strip() for v in args.gate_variants.split(",") if v.strip())
         cpu = precision.cpu_info()
         variants = tuple(v for v in variants if precision.not_native(v, cpu) is None)

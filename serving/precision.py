@@ -11,16 +11,19 @@ A *variant* is a runtime and a precision: which exported file a bucket runs, and
 
 `auto` (`trident serve build --precision auto`, `TridentClient.from_onnx(..., precision="auto")`) keeps, for each
 bucket, the fastest variant that
-  1. this CPU runs natively: bf16 needs avx512_bf16 or amx_bf16 in the CPU flags; a CPU without them never gets
-     bf16 (OpenVINO would emulate it, slower);
+  1. this CPU runs natively (NATIVE_FLAGS): bf16 needs avx512_bf16 or amx_bf16 in the CPU flags (OpenVINO would
+     emulate it, slower), openvino-int8 needs VNNI (without it OpenVINO's int8 U-Net strays from fp32);
   2. passed the quality gate for this checkpoint: a reduced precision (bf16, int8) is offered only where
      `trident evaluate --precision-gate` measured it on 1000 images against fp32 (FD within 5%, class agreement
-     within 1 point; benchmarks/results/precision_gate.json, keyed by checkpoint sha256);
+     within 1 point; DEFAULT_QUALITY_GATE, keyed by checkpoint sha256), and an int8 verdict only for the
+     quantization method it was judged on (the export's metadata.json "int8": {"method"});
   3. passes the parity gate here: max abs difference to onnxruntime-fp32 on the export's fixed batch of held-out
      real inputs within PARITY_TOLERANCE for its precision;
   4. beats onnxruntime-fp32 in each of three interleaved timed rounds at that bucket (so `auto` is never slower
      than fp32 by noise); else the bucket stays onnxruntime-fp32.
-The choice and every trial number are recorded (the repository's config parameters and trident_repository.json).
+The choice and every trial number are recorded (the repository's config parameters and trident_repository.json),
+and so is every variant not offered, with the reason (record["excluded"]; `trident serve build` prints them, one
+line per graph: `not_offered_line`).
 """
 from __future__ import annotations
 
@@ -59,13 +62,18 @@ REDUCED = ("bf16", "int8")  # precisions that need the quality gate
 JUDGED_GRAPHS = {"diffusion": (UNET,), "gan": (GENERATOR,), "vae": (DECODER,)}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products that accumulate without saturating
-# Variants that compute correctly only on some CPUs, with the flags they need (any one): OpenVINO would emulate bf16
-# (many times slower); its int8 kernels on a CPU without VNNI drew other images (an AVX2-only EPYC: 58% of a
-# guided draw agreed with its class, against 100% at fp32 and through onnxruntime-int8, whose 7-bit weights cannot
-# saturate there, export/quantize.py).
+# The CPU flags (any one) a variant needs to run natively, so auto offers it. OpenVINO would emulate bf16 (slower).
+# openvino-int8 without VNNI: on an AVX2 CPU its int8 U-Net strayed from fp32 several times further than
+# onnxruntime-int8 running the very same graph (past PARITY_TOLERANCE) and drew other classes (tests/test_precision.py),
+# while its GAN and VAE matched onnxruntime-int8; the U-Net alone multiplies two quantized activations (attention),
+# which the 7-bit weights of export/quantize.py do not keep clear of VPMADDUBSW's saturating int16 sums.
 NATIVE_FLAGS = {"openvino-bf16": BF16_FLAGS, "openvino-int8": INT8_DOT_FLAGS}
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
 ROUNDS = 3
+# The quality gate's verdicts, found beside the package in its source repository (not in the working directory), so
+# `--precision auto` reads the same file wherever it runs; an installed package without the file offers no reduced
+# precision, and says so.
+DEFAULT_QUALITY_GATE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "precision_gate.json"
 
 
 def precision_of(variant: str) -> str:
@@ -77,7 +85,7 @@ def not_native(variant: str, cpu: dict) -> str | None:
     """Why this CPU cannot run the variant as it should (None when it can)."""
     needs = NATIVE_FLAGS.get(variant)
     if needs and not any(f in cpu["flags"] for f in needs):
-        return f"this CPU has none of {needs}"
+        return f"this CPU has none of {', '.join(needs)}"
     return None
 
 
@@ -96,20 +104,58 @@ def cpu_info() -> dict:
     return {"model": model, "flags": sorted(f for f in REPORTED_FLAGS if f in flags), "cores": os.cpu_count()}
 
 
-def gate_verdicts(gate_file: str | os.PathLike | None, checkpoint_sha256: str | None) -> dict[str, dict]:
-    """The quality gate's verdict per variant for one checkpoint ({} when there is none)."""
-    if not gate_file or not checkpoint_sha256 or not Path(gate_file).is_file():
-        return {}
+def gate_reasons(gate_file: str | os.PathLike | None, checkpoint_sha256: str | None,
+                 int8_method: str | None = None) -> dict[str, str | None]:
+    """{reduced-precision CPU variant: None where the quality gate passed it for this checkpoint, else why not}.
+
+    int8_method: how the export being served quantized its int8 graphs (metadata.json "int8": {"method"}). An int8
+    verdict counts only when the gate judged graphs made by the same method: another method's graphs compute other
+    numbers (8-bit weights saturate on CPUs without VNNI, see export/quantize.py), so its verdict says nothing here.
+    """
+    variants = [v for v in CPU_VARIANTS if precision_of(v) in REDUCED]
+    if gate_file is None:
+        return dict.fromkeys(variants, "no quality gate file given")
+    path = Path(gate_file)
+    if not path.is_file():
+        return dict.fromkeys(variants, f"no quality gate file at {path} (`trident evaluate --precision-gate` writes "
+                                       "it, --quality-gate names another)")
     try:
-        data = json.loads(Path(gate_file).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data.get("checkpoints", {}).get(checkpoint_sha256, {}).get("variants", {})
+        checkpoints = json.loads(path.read_text())["checkpoints"]
+        if not isinstance(checkpoints, dict):
+            raise TypeError(f"'checkpoints' is a {type(checkpoints).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        return dict.fromkeys(variants, f"the quality gate file {path} is unreadable ({type(e).__name__}: {e})")
+    if not checkpoint_sha256:
+        return dict.fromkeys(variants, "the export records no checkpoint sha256 to look up in the quality gate")
+    entry = checkpoints.get(checkpoint_sha256)
+    if not isinstance(entry, dict):
+        return dict.fromkeys(variants, f"no quality gate verdict for this checkpoint (sha256 {checkpoint_sha256[:12]}) "
+                                       f"in {path}: run `trident evaluate --precision-gate`")
+    verdicts = entry.get("variants") if isinstance(entry.get("variants"), dict) else {}
+    out = {}
+    for variant in variants:
+        verdict = verdicts.get(variant)
+        if not isinstance(verdict, dict):
+            out[variant] = f"no quality gate verdict for {variant} on this checkpoint in {path}"
+        elif precision_of(variant) == "int8" and verdict.get("int8_method") != int8_method:
+            out[variant] = ("no quality gate verdict for this quantization method (it judged int8 graphs made by "
+                            + ("an unrecorded method" if verdict.get("int8_method") is None else "another method")
+                            + "): run `trident evaluate --precision-gate` on exports made as this one")
+        elif verdict.get("pass") is not True:
+            figures = [f"FD {verdict['fd_ratio']}x fp32's" if "fd_ratio" in verdict else "",
+                       f"class agreement {100 * verdict['agreement_drop']:.1f} points below fp32's"
+                       if "agreement_drop" in verdict else ""]
+            out[variant] = "failed the quality gate" + (f" ({', '.join(f for f in figures if f)})"
+                                                        if any(figures) else "")
+        else:
+            out[variant] = None
+    return out
 
 
-def candidates(precisions_exported: set[str], cpu: dict, verdicts: dict[str, dict],
+def candidates(precisions_exported: set[str], cpu: dict, gate: dict[str, str | None],
                judged: bool = True) -> dict[str, str | None]:
-    """{CPU variant: None if auto may try it, else why not}. judged: the quality gate draws through this graph."""
+    """{CPU variant: None if auto may try it, else why not}. gate: gate_reasons' answer; judged: the quality gate
+    draws through this graph."""
     out = {}
     for variant in CPU_VARIANTS:
         files, _ = VARIANTS[variant]
@@ -120,12 +166,21 @@ def candidates(precisions_exported: set[str], cpu: dict, verdicts: dict[str, dic
             out[variant] = not_native(variant, cpu)
         elif precision in REDUCED and not judged:
             out[variant] = "the quality gate does not draw through this graph"
-        elif precision in REDUCED and not verdicts.get(variant, {}).get("pass"):
-            out[variant] = ("failed the quality gate" if variant in verdicts
-                            else "no quality gate result for this checkpoint (`trident evaluate --precision-gate`)")
+        elif precision in REDUCED:
+            out[variant] = gate.get(variant, "no quality gate verdict")
         else:
             out[variant] = None
     return out
+
+
+def not_offered_line(graph: str, record: dict) -> str | None:
+    """One line naming the variants `auto` did not offer for a graph, grouped by why (None when all were offered)."""
+    by_why = {}
+    for variant, why in record.get("excluded", {}).items():
+        by_why.setdefault(why, []).append(variant)
+    if not by_why:
+        return None
+    return f"{graph}: auto did not offer " + "; ".join(f"{', '.join(v)}: {why}" for why, v in by_why.items())
 
 
 def _rows(parity: dict[str, np.ndarray], names: list[str], n: int) -> dict[str, np.ndarray]:
@@ -135,13 +190,28 @@ def _rows(parity: dict[str, np.ndarray], names: list[str], n: int) -> dict[str, 
     return {name: np.ascontiguousarray(parity[name][index]) for name in names}
 
 
+def judge(variant: str, max_abs_err: float, rounds_ms: list[float], reference_rounds_ms: list[float]
+          ) -> tuple[bool, str]:
+    """(ok, why) for one variant at one bucket: within its PARITY_TOLERANCE and faster than REFERENCE in every
+    interleaved round (a median win could be noise)."""
+    if variant == REFERENCE:
+        return True, "reference"
+    tolerance = PARITY_TOLERANCE[precision_of(variant)]
+    if max_abs_err > tolerance:
+        return False, f"max abs error {max_abs_err:.3g} > {tolerance}"
+    if not all(m < f for m, f in zip(rounds_ms, reference_rounds_ms, strict=True)):
+        return False, "not faster than onnxruntime-fp32 in every round"
+    return True, "passed"
+
+
 def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allowed: list[str], *, threads: int = 0,
           row_shards: int = 0, rounds: int = ROUNDS, min_seconds: float = 0.2, log=None) -> dict:
     """Time every allowed variant at every bucket, side by side, and choose.
 
     files: {"fp32" | "int8": {bucket: path}}; parity: {input name: rows} (the export's fixed batch).
     Returns {"choice": {bucket: variant}, "buckets": {bucket: {variant: {"ms", "rounds_ms", "max_abs_err", "ok",
-    "why"}}}}. REFERENCE is always measured; a variant that fails to load or run is recorded, not fatal.
+    "why"}}}, "failed": {variant: why}}. REFERENCE is always measured; a variant that fails to load is recorded in
+    "failed" (and in each bucket as not ok), not fatal.
     """
     variants = [REFERENCE] + [v for v in allowed if v != REFERENCE]
     buckets = sorted(files["fp32"])
@@ -180,12 +250,7 @@ def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allow
             ref_rounds = results[b][REFERENCE]["rounds_ms"]
             for variant, r in results[b].items():
                 r["ms"] = float(np.median(r["rounds_ms"]))
-                tolerance = PARITY_TOLERANCE[precision_of(variant)]
-                faster = all(m < f for m, f in zip(r["rounds_ms"], ref_rounds))
-                r["ok"] = variant == REFERENCE or (r["max_abs_err"] <= tolerance and faster)
-                r["why"] = ("reference" if variant == REFERENCE else
-                            f"max abs error {r['max_abs_err']:.3g} > {tolerance}" if r["max_abs_err"] > tolerance
-                            else "not faster than onnxruntime-fp32 in every round" if not faster else "passed")
+                r["ok"], r["why"] = judge(variant, r["max_abs_err"], r["rounds_ms"], ref_rounds)
             for variant, why in failed.items():
                 results[b][variant] = {"ok": False, "why": f"could not run here: {why}"}
             if log:
@@ -195,7 +260,7 @@ def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allow
             runner.close()
     choice = {b: min((v for v, r in results[b].items() if r["ok"]), key=lambda v: results[b][v]["ms"])
               for b in buckets}
-    return {"choice": choice, "buckets": results}
+    return {"choice": choice, "buckets": results, "failed": failed}
 
 
 SHARD_SLACK = 0.02  # shard_trial keeps the smallest bucket whose time per row is within this of the fastest
@@ -243,13 +308,18 @@ def shard_trial(files: dict[int, str], parity: dict[str, np.ndarray] | None, *, 
     finally:
         runner.close()
     median = {b: float(np.median(ms)) for b, ms in per_row.items()}
-    best = min(median.values())
-    limit = min(b for b, ms in median.items() if ms <= best * (1 + SHARD_SLACK))
+    limit = shard_limit_of(median)
     if log:
         log(f"row shards x{runner.row_shards}: " + ", ".join(f"b{b} {ms:.3f} ms/row" for b, ms in median.items())
             + f"; shard limit b{limit}")
     return {"limit": limit, "row_shards": runner.row_shards, "per_row_ms": {str(b): ms for b, ms in median.items()},
             "rounds_ms": {str(b): ms for b, ms in per_row.items()}}
+
+
+def shard_limit_of(per_row_ms: dict[int, float]) -> int:
+    """The smallest bucket whose time per row is within SHARD_SLACK of the fastest bucket's."""
+    best = min(per_row_ms.values())
+    return min(b for b, ms in per_row_ms.items() if ms <= best * (1 + SHARD_SLACK))
 
 
 def check_shard_limit(value) -> None:
@@ -293,19 +363,21 @@ def choose(export_dir: str | os.PathLike, meta: dict, graph: str, precision: str
                              + ("with --fp16" if files == "fp16" else "without --no-int8"))
         return {"precision": precision, "choice": {b: precision for b in buckets}}
     cpu = cpu_info()
-    verdicts = gate_verdicts(gate_file, meta.get("source_checkpoint", {}).get("sha256"))
+    gate = gate_reasons(gate_file, meta.get("source_checkpoint", {}).get("sha256"), meta.get("int8", {}).get("method"))
     kind = meta.get("card", {}).get("kind")
-    allowed = candidates(exported, cpu, verdicts, judged=graph in JUDGED_GRAPHS.get(kind, ()))
+    allowed = candidates(exported, cpu, gate, judged=graph in JUDGED_GRAPHS.get(kind, ()))
     parity = load_parity(export_dir, entry)
     if parity is None:
         allowed = {v: (why or "the export has no fixed parity batch (re-export)") if v != REFERENCE else None
                    for v, why in allowed.items()}
     files = {p: {int(b): str(Path(export_dir) / f["file"]) for b, f in entry[p].items()}
              for p in exported if p != "fp16"}
-    record = {"precision": "auto", "cpu": cpu, "excluded": {v: why for v, why in allowed.items() if why}}
+    record = {"precision": "auto", "cpu": cpu, "quality_gate": None if gate_file is None else str(gate_file),
+              "excluded": {v: why for v, why in allowed.items() if why}}
     tried = [v for v, why in allowed.items() if why is None]
     if tried == [REFERENCE]:
         record["choice"] = {b: REFERENCE for b in buckets}
         return record
     record.update(trial(files, parity, tried, threads=threads, row_shards=row_shards, log=log))
+    record["excluded"].update({v: f"could not run here: {why}" for v, why in record.pop("failed").items()})
     return record

@@ -14,7 +14,7 @@ from trident.serving.client import AsyncTridentClient, TridentClient
 from trident.serving.client.backends import InvalidArgumentError, ServerUnreachableError
 from trident.serving.server.launcher import ServerConfig, TritonServer, free_port
 from trident.serving.server.repository import build_repository
-from trident.serving.spec import UNET
+from trident.serving.spec import SAMPLING_LOOP, UNET
 
 from conftest import settled
 
@@ -23,7 +23,8 @@ from conftest import settled
 def server(export_dirs, tmp_path_factory):
     repo = tmp_path_factory.mktemp("aio_repo") / "model_repository"
     build_repository(list(export_dirs.values()), repo)
-    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+    # log_verbose 1: Triton logs when it hands a request to a model instance (started_executions)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0, log_verbose=1)) as srv:
         yield srv
 
 
@@ -38,6 +39,29 @@ def unet_counts(server) -> tuple[int, int]:
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         stats = client.get_inference_statistics(UNET, as_json=True)["model_stats"][0]
     return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("execution_count", 0))
+
+
+def sampler_executions(server) -> int:
+    """Executions of the server's non-streaming sampling loop model so far (Triton's statistics)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics(SAMPLING_LOOP, as_json=True)["model_stats"][0]
+    return int(stats.get("execution_count", 0))
+
+
+def started_executions(server, model: str) -> int:
+    """Requests Triton has handed to the model's instance so far, from its verbose log: a request counts here as soon
+    as it runs, where the statistics count it only once it is released."""
+    return server.log_path.read_text(errors="replace").count(f'"model {model}, instance {model}_0_0, executing ')
+
+
+async def until(condition, timeout_s: float = 60.0) -> None:
+    """Wait, without blocking the event loop, until condition() holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
 
 
 def mixed_jobs(protocol: str) -> list[dict]:
@@ -131,35 +155,81 @@ def test_cancelling_a_task_stops_its_requests(server):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            await asyncio.sleep(0.5)  # a request already on the wire may still finish
-            at_cancel = unet_counts(server)[0]
-            await asyncio.sleep(2.0)
-            after = unet_counts(server)[0]
+            # a request already on the wire may still finish: the count once it has stood still for a second
+            at_cancel = await asyncio.to_thread(settled, lambda: unet_counts(server)[0], quiet_s=1.0)
 
-            # server-side loops (DDPM-1000 of 8 images: ~2 min here), streamed and not
-            waits = {}
+            # server-side loops (DDPM-1000 of 8 images: ~2 min here), streamed and not, each cancelled once it runs
+            # on the server (its first streamed step; Triton handing the request to the model), so that the loop's
+            # own cancel path is what stops it, not Triton dropping a queued request
+            waits, executions0 = {}, sampler_executions(server)
             for streamed in (True, False):
                 started = asyncio.Event()
                 kw = dict(callback=lambda *step: started.set()) if streamed else {}
+                executions = started_executions(server, SAMPLING_LOOP)
                 task = asyncio.create_task(client.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server",
                                                          **kw))
                 if streamed:
                     await asyncio.wait_for(started.wait(), 60)
                 else:
-                    await asyncio.sleep(2.0)
+                    await until(lambda: started_executions(server, SAMPLING_LOOP) > executions)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
                 t0 = time.monotonic()
                 await client.sample([1], steps=2, loop="server", **({"callback": lambda *s: None} if streamed else {}))
                 waits[streamed] = time.monotonic() - t0
-            return at_cancel, after, waits
+            # the non-streaming loop model ran the cancelled request (and the next one), not Triton's queue
+            executed = await asyncio.to_thread(settled, lambda: sampler_executions(server),
+                                               lambda now: now - executions0 >= 2)
+            return at_cancel, unet_counts(server)[0], waits, executed - executions0
 
     requests0 = unet_counts(server)[0]
-    at_cancel, after, waits = asyncio.run(scenario())
+    at_cancel, after, waits, executed = asyncio.run(scenario())
     assert after == at_cancel, "requests reached the U-Net after the task was cancelled"
     assert 4 <= at_cancel - requests0 < 1000
     assert waits[True] < 30 and waits[False] < 30, f"a cancelled server-side loop kept running: {waits}"
+    assert executed == 2, "the cancelled server-side loop never ran: its cancel path was not tried"
+
+
+@pytest.mark.server
+def test_async_server_refusals_timeouts_and_a_stopping_callback_each_end_their_call_and_the_server_loop(server):
+    """What only the server checks (a timestep out of range: INVALID_ARG), a graph it does not serve, an HTTP
+    server-side loop past sample_timeout_s (the server stops it too: the client sent the timeout as max_seconds), and
+    a streamed loop whose callback returns False (the stream is cancelled). After each loop, the next one on the same
+    model does not wait behind a DDPM-1000 of 8 images (~2 min here)."""
+    from trident.serving.client import InferenceError, ModelNotReadyError
+    from trident.serving.sampling import SamplingCancelled
+
+    async def next_loop_s(client, streamed: bool) -> float:
+        t0 = time.monotonic()
+        await client.sample([1], steps=2, loop="server", **({"callback": lambda *s: None} if streamed else {}))
+        return time.monotonic() - t0
+
+    async def scenario():
+        waits = {}
+        async with AsyncTridentClient.connect(server.grpc_url, "grpc") as grpc, \
+                AsyncTridentClient.connect(server.http_url, "http", sample_timeout_s=2.0) as http:
+            spec = http.backend.specs[UNET]
+            feed = {t.name: np.zeros((1, *t.shape), t.np_dtype) for t in spec.inputs}
+            feed["timestep"][:] = 5000
+            with pytest.raises(InferenceError, match=re.escape("the server rejected the request: diffusion_unet: "
+                                                                 "input 'timestep' must be in [0, 1000)")):
+                await http.backend.run(UNET, feed)
+            with pytest.raises(ModelNotReadyError, match="'no_such_graph' is not served at"):
+                await grpc.backend.run("no_such_graph", {})
+            # whichever timer fires first: the client's, or the server's max_seconds (the same 2 s, sent by the client)
+            with pytest.raises(InferenceError, match=r"no answer within sample_timeout_s=2 s|the loop ran longer "
+                                                     r"than max_seconds=2"):
+                await http.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server")
+            waits["http timeout"] = await next_loop_s(grpc, streamed=False)
+            with pytest.raises(SamplingCancelled):
+                await grpc.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server",
+                                  callback=lambda *step: False)
+            waits["callback False"] = await next_loop_s(grpc, streamed=True)
+        return waits
+
+    waits = asyncio.run(scenario())
+    assert all(s < 30 for s in waits.values()), f"a server-side loop kept running: {waits}"
 
 
 @pytest.mark.server

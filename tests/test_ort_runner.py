@@ -99,6 +99,14 @@ def test_shard_limit_runs_larger_shards_in_chunks_of_the_smaller_buckets_with_th
         limited.close()
     with pytest.raises(ValueError, match="shard_limit must be >= 0"):
         BucketRunner(files, shard_limit=-1)
+    with pytest.raises(ValueError, match=r"unknown engines \['tensorrt'\]; expected one of"):
+        BucketRunner(files, engines={1: "tensorrt"})
+    runner = BucketRunner(files, row_shards=1)
+    try:
+        with pytest.raises(ValueError, match="run needs at least one row"):
+            runner.run(_feed(spec, 0, seed=0))
+    finally:
+        runner.close()
 
 
 def test_shard_trial_times_every_bucket_on_the_shards_and_keeps_the_smallest_within_two_percent(unet_files):
@@ -109,7 +117,7 @@ def test_shard_trial_times_every_bucket_on_the_shards_and_keeps_the_smallest_wit
     per_row = {int(b): ms for b, ms in trial["per_row_ms"].items()}
     assert sorted(per_row) == sorted(files) and trial["row_shards"] == 2
     assert all(len(trial["rounds_ms"][str(b)]) == precision.ROUNDS and ms > 0 for b, ms in per_row.items())
-    assert trial["limit"] == min(b for b, ms in per_row.items() if ms <= 1.02 * min(per_row.values()))
+    assert trial["limit"] == precision.shard_limit_of(per_row)  # the rule itself: test_precision.py, on numbers
     # nothing to choose: one shard, or one bucket
     assert precision.shard_trial(files, None, threads=2, row_shards=1) is None
     assert precision.shard_trial({1: files[1]}, None, threads=2, row_shards=2) is None

@@ -181,7 +181,9 @@ def test_evaluate_cli_measures_the_gan_through_the_sdk(tmp_path, capsys):
     assert main(["--model", "gan", "--n", "40", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["model"] == "gan" and r["n"] == 40 and len(r["per_class_agreement"]) == 10
-    assert 0 <= r["agreement"] <= 1 and r["fd"] > 0 and r["fd_floor"] > 0
+    # the shipped GAN, seed 0: 36 of 40 images classified as asked (0.92 on 1000) and FD 1.12x the real images' own at
+    # n=40; bounds with a margin of 4 images and of 0.18x
+    assert r["agreement"] >= 0.8 and 0 < r["fd_floor"] < r["fd"] <= 1.3 * r["fd_floor"], r
     assert r["classifier_test_accuracy"] == pytest.approx(0.9133)
     assert main(["--model", "gan", "--variant", "fitted"]) == 2
     assert "does not apply" in capsys.readouterr().err

@@ -117,8 +117,9 @@ class OnnxRuntimeBackend(InProcess):
 
     precision: "fp32" (onnxruntime-fp32), "fp16" (the fp16 graphs, for the CUDA provider), a variant of
     serving/precision.py for every bucket, or "auto": per graph and bucket the fastest variant measured here that
-    this CPU runs natively and that passed the quality gate (quality_gate: its verdicts file) and the parity gate;
-    what was chosen and measured is in .precision[graph]. threads: intra-op threads of a whole call (None or 0:
+    this CPU runs natively and that passed the quality gate (quality_gate: its verdicts file, by default the one in
+    the package's repository; None: no gate) and the parity gate; what was chosen and measured, and why a variant
+    was not offered, is in .precision[graph]. threads: intra-op threads of a whole call (None or 0:
     ONNX Runtime's default); row_shards: concurrent row shards on the CPU (0: one per core; 1: off); shard_limit: the
     largest bucket a row shard runs (0, the default: every bucket; "auto": per graph the smallest bucket within 2% of
     the fastest time per row, measured here as `trident serve build` does, recorded in .precision[graph]).
@@ -127,7 +128,8 @@ class OnnxRuntimeBackend(InProcess):
     name = "onnxruntime"
 
     def __init__(self, export_dirs, threads: int | None = None, providers: list[str] | None = None,
-                 precision: str = "fp32", row_shards: int = 0, quality_gate=None, shard_limit: int | str = 0):
+                 precision: str = "fp32", row_shards: int = 0, quality_gate=precisions.DEFAULT_QUALITY_GATE,
+                 shard_limit: int | str = 0):
         if isinstance(export_dirs, (str, os.PathLike)):
             export_dirs = [export_dirs]
         precision = {"fp32": precisions.REFERENCE, "fp16": "onnxruntime-fp16"}.get(precision, precision)

@@ -78,7 +78,7 @@ DEFAULT_LOOP_MAX_IMAGES = 1024  # images per request of the sampling loop model
 VERSION = "1"  # the one model version directory written
 MARKER = "trident_repository.json"  # written at the root; Triton only looks at sub-directories
 DEFAULT_MAX_QUEUE_DELAY_US = 500
-DEFAULT_QUALITY_GATE = Path("benchmarks/results/precision_gate.json")
+DEFAULT_QUALITY_GATE = precision.DEFAULT_QUALITY_GATE  # beside the package, wherever the build runs
 
 
 class RepositoryError(TridentError):
@@ -448,14 +448,16 @@ def _load_meta(directory: Path) -> dict:
 def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: bool = False, fp16: bool = False,
                     max_batch_size: int | None = None, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                     intra_op_threads: int = 0, row_shards: int = 0, server_loop: bool = True,
-                    precision_choice: str = "fp32", quality_gate: Path | None = None, log=None,
+                    precision_choice: str = "fp32", quality_gate: Path | None = DEFAULT_QUALITY_GATE, log=None,
                     records: dict | None = None, bucket_backend: str = "onnxruntime", shard_limit: int | str = "auto"
                     ) -> list[tuple[dict, dict[str, tuple[Path, str]]]]:
     """[(config, {file name in the version dir: (source path, sha256), or the bytes of a file the build writes})] for
     every model; writes nothing.
 
     precision_choice: "fp32" (onnxruntime-fp32, today's default), a variant of serving/precision.py for every bucket,
-    or "auto": measured here per graph and bucket (the record of each graph's trial goes into `records`).
+    or "auto": measured here per graph and bucket (the record of each graph's trial goes into `records`, and log gets
+    one line per graph naming the variants not offered and why). quality_gate: the gate's verdicts file (None: no
+    gate, so auto offers no reduced precision).
     shard_limit: embedded, CPU: the largest bucket a row shard runs; "auto" measures it here per graph
     (precision.shard_trial; the limit and the trial go into each model's version directory as P.MEASURED_FILE),
     0 lets shards run every bucket."""
@@ -508,6 +510,9 @@ def plan_repository(export_dirs: list[Path], flavour: str = "embedded", *, gpu: 
                     raise RepositoryError(str(e)) from None
                 if records is not None:
                     records[graph] = record
+                line = precision.not_offered_line(graph, record) if precision_choice == "auto" else None
+                if line and log:
+                    log(line)
                 choice = record["choice"]
                 files = _model_files(directory, entry, _choice(graph, entry, choice, fp16))
                 limit = shard_limit
@@ -607,7 +612,7 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
                      fp16: bool = False, max_batch_size: int | None = None,
                      max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads: int = 0,
                      row_shards: int = 0, server_loop: bool = True, precision_choice: str = "fp32",
-                     quality_gate: Path | None = None, log=None, bucket_backend: str = "onnxruntime",
+                     quality_gate: Path | None = DEFAULT_QUALITY_GATE, log=None, bucket_backend: str = "onnxruntime",
                      shard_limit: int | str = "auto") -> list[str]:
     """Write a Triton model repository for these export directories into `out` (replaced atomically).
 

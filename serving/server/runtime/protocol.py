@@ -54,8 +54,14 @@ def bucket_runner_arguments(params: dict, args: dict) -> dict:
     directory = os.path.join(args["model_repository"], args["model_version"])
     shard_limit = params.get(SHARD_LIMIT, "0")
     if shard_limit == "measured":
-        with open(os.path.join(directory, MEASURED_FILE)) as f:
-            shard_limit = json.load(f)["shard_limit"]
+        path = os.path.join(directory, MEASURED_FILE)
+        try:
+            with open(path) as f:
+                shard_limit = json.load(f)["shard_limit"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # the file is per machine and git-ignored
+            raise RuntimeError(f"{path}: the model's shard limit is 'measured' but this file cannot be read "
+                                 f"({type(e).__name__}: {e}); rebuild the repository here with `trident serve build` "
+                                 "(it measures the limit and writes the file) or build it with --shard-limit N") from None
     return {"files": {int(bucket): os.path.join(directory, file) for bucket, file in json.loads(params[FILES]).items()},
             "threads": int(params.get(THREADS, "0")), "row_shards": int(params.get(SHARDS, "0")),
             "engines": json.loads(params.get(ENGINES, "{}")), "shard_limit": int(shard_limit)}
