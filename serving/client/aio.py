@@ -25,7 +25,8 @@ from ..errors import ModelNotReadyError, ServerUnreachableError, TridentError
 from ..sampling import SamplingCancelled
 from ..spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
 from .backends import (TLS, DescribedServer, RetryPolicy, ServerInfo, TritonBackend, check_inputs, client_options,
-                       failure, infer_inputs, lost, loop_failure, requested_outputs, stream_message)
+                       endpoints, failure, grpc_channel, infer_inputs, lost, loop_failure, requested_outputs,
+                       stream_message)
 from .base import ClientBase, SampleJob, SampleStats
 
 __all__ = ["AsyncTridentClient", "AsyncTritonBackend"]
@@ -47,16 +48,20 @@ class AsyncTritonBackend(DescribedServer):
         """Use connect()."""
         self.server, self.policy = server, policy
         self.url, self.protocol = server.url, server.protocol
+        self.urls = endpoints(self.url)
+        self._turn = 0  # HTTP: the replica the next request goes to
         self.timeout_s, self.sample_timeout_s = float(timeout_s), float(sample_timeout_s)
         if self.protocol == "http":
             import tritonclient.http.aio as tc
 
             # no session-wide timeout (aiohttp's would cut a long sampling request): each call gets its own below
-            self._client = tc.InferenceServerClient(self.url, conn_timeout=None)
+            self._clients = [tc.InferenceServerClient(u, conn_timeout=None) for u in self.urls]
         else:
             import tritonclient.grpc.aio as tc
 
-            self._client = tc.InferenceServerClient(self.url, **client_options(self.protocol, tls))
+            target, channel_args = grpc_channel(self.urls)
+            self._clients = [tc.InferenceServerClient(target, channel_args=channel_args,
+                                                      **client_options(self.protocol, tls))]
         self._tc = tc
 
     @classmethod
@@ -71,7 +76,13 @@ class AsyncTritonBackend(DescribedServer):
         return cls(done.server, done.policy, done.timeout_s, done.sample_timeout_s, done.tls)
 
     async def close(self) -> None:
-        await self._client.close()
+        for client in self._clients:
+            await client.close()
+
+    @property
+    def _client(self):
+        """The client of the replica whose turn it is (gRPC: the one balanced channel)."""
+        return self._clients[self._turn % len(self._clients)]
 
     # -- one request ----------------------------------------------------------------------------------------------
     async def _infer_once(self, graph: str, spec: GraphSpec, feed: dict, batched: bool, timeout_s: float) -> list:
@@ -96,6 +107,7 @@ class AsyncTritonBackend(DescribedServer):
         """One request, retried as self.policy says (TritonBackend._infer's rule, awaited)."""
         attempt = 0
         while True:
+            self._turn += 1
             try:
                 return await self._infer_once(graph, spec, feed, True, self.timeout_s)
             except Exception as e:

@@ -268,6 +268,44 @@ def client_options(protocol: str, tls: TLS | None) -> dict:
     return tls.grpc_options()
 
 
+def endpoints(url) -> list[str]:
+    """The replicas a client spreads over: "host:port", "h1:p1,h2:p2", a list of those, or one "dns:///name:port"
+    (gRPC: every address the name resolves to, as a Kubernetes headless Service gives)."""
+    items = [url] if isinstance(url, str) else list(url)
+    out = [u.strip() for item in items for u in str(item).split(",") if u.strip()]
+    if not out:
+        raise InvalidArgumentError(f"no server address in {url!r}")
+    return out
+
+
+def grpc_channel(urls: list[str]) -> tuple[str, list | None]:
+    """(target, channel arguments) of one gRPC channel over the replicas: gRPC's own client-side balancing, the
+    round_robin policy over every address (several "ip:port", or the addresses of one "dns:///name:port"), retrying
+    a dead replica's connection every second or so. One plain address: tritonclient's defaults."""
+    if len(urls) == 1 and not urls[0].startswith("dns:"):
+        return urls[0], None
+    if len(urls) > 1:
+        if any(u.startswith("dns:") for u in urls):
+            raise InvalidArgumentError("a dns:///name:port address stands alone (its name gives the replicas)")
+        hosts = [u.rsplit(":", 1)[0] for u in urls]
+        if all(h.count(".") == 3 and h.replace(".", "").isdigit() for h in hosts):
+            target = "ipv4:" + ",".join(urls)
+        elif all(h.startswith("[") for h in hosts):
+            target = "ipv6:" + ",".join(urls)
+        else:
+            raise InvalidArgumentError(f"several gRPC replicas must be IP:port addresses (or one dns:///name:port): "
+                                       f"{urls}")
+    else:
+        target = urls[0]
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+
+    return target, [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                    ("grpc.lb_policy_name", "round_robin"),
+                    ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                    ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 def _restricted(e: Exception) -> bool:
     """The server refused an API that `trident serve` locks behind the admin key (HTTP 403, gRPC 'restricted')."""
     text = str(e).lower()
@@ -426,7 +464,9 @@ def stream_message(result, spec: GraphSpec) -> tuple[np.ndarray | None, list[tup
 
 
 class TritonBackend(DescribedServer):
-    """A Triton server at `url` ("host:port"), protocol "http" or "grpc".
+    """A Triton server at `url` ("host:port"), protocol "http" or "grpc"; or several replicas of one (endpoints()):
+    over gRPC one channel balances the requests round robin (grpc_channel), over HTTP each request goes to the next
+    replica; either way a retry goes to another replica than the one that failed.
 
     On connect: checks the server is live and ready, every trident model it serves is ready, and reads each model's
     model card from its configuration parameters. Requests larger than a model's max_batch_size are split.
@@ -442,29 +482,44 @@ class TritonBackend(DescribedServer):
                  sample_timeout_s: float = 600.0, tls: TLS | None = None):
         if protocol not in ("http", "grpc"):
             raise InvalidArgumentError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
-        self.url, self.protocol, self.timeout_s = url, protocol, float(timeout_s)
+        self.urls = endpoints(url)
+        self.url, self.protocol, self.timeout_s = ",".join(self.urls), protocol, float(timeout_s)
         self.sample_timeout_s = float(sample_timeout_s)
-        self._long_client = None  # HTTP only: a client whose network timeout fits a whole sampling request
+        self._long_clients = {}  # HTTP only: per replica, a client whose network timeout fits a whole sampling request
         self.policy = RetryPolicy(int(retries), float(backoff_s))
         self.tls = tls
         tls_options = client_options(protocol, tls)
+        self._turn = 0  # HTTP: the replica the next request goes to
         if protocol == "http":
             import tritonclient.http as tc
 
-            self._client = tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+            self._clients = [tc.InferenceServerClient(u, connection_timeout=timeout_s, network_timeout=timeout_s)
+                             for u in self.urls]
         else:
             import tritonclient.grpc as tc
 
-            self._client = tc.InferenceServerClient(url, **tls_options)
+            target, channel_args = grpc_channel(self.urls)
+            self._clients = [tc.InferenceServerClient(target, channel_args=channel_args, **tls_options)]
         self._tc = tc
         # gRPC calls take a deadline per call; HTTP ones use the connection/network timeouts set above.
         self._call_kw = {"client_timeout": self.timeout_s} if protocol == "grpc" else {}
         try:
-            self.server = self._connect(models)
+            for tried in range(len(self._clients)):  # the handshake with the first replica that answers
+                try:
+                    self.server = self._connect(models)
+                    break
+                except ServerUnreachableError:
+                    if tried == len(self._clients) - 1:
+                        raise
+                    self._turn += 1
         except BaseException:
             self.close()  # the constructor never returns: nobody else could close the connection
             raise
 
+    @property
+    def _client(self):
+        """The client of the replica whose turn it is (gRPC: the one balanced channel)."""
+        return self._clients[self._turn % len(self._clients)]
     def _connect(self, models) -> ServerInfo:
         url, kw = self.url, self._call_kw
         found = {"cards": {}, "specs": {}, "buckets": {}, "max_batch": {}}
@@ -587,10 +642,12 @@ class TritonBackend(DescribedServer):
                 return self._stream_loop(loop.spec, feed, on_step)
             client = self._client
             if self.protocol == "http":  # the HTTP client's network timeout is fixed per connection
-                if self._long_client is None:
-                    self._long_client = self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
-                                                                       network_timeout=self.sample_timeout_s)
-                client = self._long_client
+                self._turn += 1
+                url = self.urls[self._turn % len(self.urls)]
+                if url not in self._long_clients:
+                    self._long_clients[url] = self._tc.InferenceServerClient(url, connection_timeout=self.timeout_s,
+                                                                             network_timeout=self.sample_timeout_s)
+                client = self._long_clients[url]
             return self._infer_once(loop.spec.name, loop.spec, feed, batched=False, client=client,
                                     timeout_s=self.sample_timeout_s)[0]
         except (SamplingCancelled, TridentError):
@@ -637,9 +694,10 @@ class TritonBackend(DescribedServer):
         return lost(self.url, graph, e, self._server_live())
 
     def _infer(self, graph, spec, feed):
-        """One request, retried as self.policy says."""
+        """One request, retried as self.policy says; over HTTP each attempt goes to the next replica."""
         attempt = 0
         while True:
+            self._turn += 1
             try:
                 return self._infer_once(graph, spec, feed)
             except Exception as e:
@@ -660,7 +718,7 @@ class TritonBackend(DescribedServer):
         return {t.name: np.concatenate([o[j] for o in outs]) for j, t in enumerate(spec.outputs)}
 
     def close(self):
-        for client in (self._client, self._long_client):
+        for client in (*getattr(self, "_clients", ()), *self._long_clients.values()):
             try:
                 if client is not None:
                     client.close()

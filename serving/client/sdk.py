@@ -31,8 +31,10 @@ class TridentClient(ClientBase):
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def connect(cls, url: str = "127.0.0.1:8000", protocol: str = "http", **kw) -> "TridentClient":
-        """A client over a Triton server. Raises ServerUnreachableError / ModelNotReadyError."""
+    def connect(cls, url="127.0.0.1:8000", protocol: str = "http", **kw) -> "TridentClient":
+        """A client over a Triton server ("host:port"), or over several replicas of one (a list or "h1:p1,h2:p2";
+        gRPC also "dns:///name:port"), its requests spread over them. kw: timeout_s, retries, backoff_s, models,
+        sample_timeout_s, tls. Raises ServerUnreachableError / ModelNotReadyError."""
         return cls(TritonBackend(url, protocol, **kw))
 
     @classmethod
