@@ -18,7 +18,7 @@ def ensure_export(checkpoint: Path, exports_root: Path, kind: str, buckets=None,
     """The export directory of a checkpoint, exporting it only when no export of these exact bytes is cached.
 
     Cached as <exports_root>/<kind>-<sha256[:12]>[-b<buckets>][-fp16]/. A cached export that this trident cannot
-    read (an older export format) is exported again.
+    read (an older export format), or whose int8 graphs another quantization method made, is exported again.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -37,8 +37,13 @@ def ensure_export(checkpoint: Path, exports_root: Path, kind: str, buckets=None,
         except ExportMetadataError as e:
             log(f"re-exporting: {e}")
         else:
-            if meta.get("source_checkpoint", {}).get("sha256") == digest:
+            from trident.export.quantize import METHOD as INT8_METHOD
+
+            same_int8 = meta.get("int8", {}).get("method", INT8_METHOD) == INT8_METHOD
+            if meta.get("source_checkpoint", {}).get("sha256") == digest and same_int8:
                 return directory
+            if not same_int8:
+                log(f"re-exporting {directory.name}: its int8 graphs were made by another quantization method")
     from trident.export.onnx_export import export_checkpoint  # torch: only when there is something to export
 
     log(f"exporting {checkpoint} -> {directory}")

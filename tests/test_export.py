@@ -195,3 +195,22 @@ def test_failed_parity_leaves_previous_export_untouched(checkpoints, tmp_path, m
         ex.export_checkpoint(checkpoints["vae"], out, buckets="1,4", log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left behind
+
+
+def test_cached_export_is_made_again_when_its_int8_graphs_came_from_another_quantization_method(checkpoints,
+                                                                                                 tmp_path):
+    from trident.export.build import ensure_export
+    from trident.export.quantize import METHOD
+
+    logs = []
+    directory = ensure_export(checkpoints["gan"], tmp_path, "gan", buckets=(1,), log=logs.append)
+    assert any(line.startswith("exporting") for line in logs)
+    logs.clear()
+    assert ensure_export(checkpoints["gan"], tmp_path, "gan", buckets=(1,), log=logs.append) == directory
+    assert not logs  # cached: nothing exported
+    meta = json.loads((directory / "metadata.json").read_text())
+    meta["int8"]["method"] = "8-bit int8 weights (an older trident)"  # graphs that would saturate on AVX2 CPUs
+    (directory / "metadata.json").write_text(json.dumps(meta))
+    assert ensure_export(checkpoints["gan"], tmp_path, "gan", buckets=(1,), log=logs.append) == directory
+    assert any("another quantization method" in line for line in logs), logs
+    assert load_export_metadata(directory)["int8"]["method"] == METHOD
