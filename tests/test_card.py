@@ -83,3 +83,10 @@ def test_every_backend_parses_the_same_card(export_dirs, checkpoints):
             exported = export_card(load_export_metadata(directory))
             assert ort.card(kind) == exported
             assert replace(torch_client.card(kind), buckets={}) == replace(exported, buckets={})
+
+
+def test_card_and_sampler_agree_on_the_prediction_types():
+    # card.py and sampling.py are both copied into Triton model folders on their own, so neither imports the other:
+    # the two lists must stay one
+    from trident.serving import card, sampling
+    assert card.PREDICTION_TYPES == sampling.PREDICTION_TYPES
