@@ -4,7 +4,6 @@ TLS with certificates made here by openssl."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import subprocess

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from trident.serving import precision
-from trident.serving.files import file_sha256
 from trident.serving.ort_runner import BucketRunner
 from trident.serving.spec import GRAPHS_OF_KIND, UNET, load_export_metadata
 
@@ -293,7 +292,7 @@ def test_serve_build_auto_prints_which_runtime_could_not_load_and_offers_the_res
 
 def test_serve_build_auto_finds_the_committed_gate_from_any_working_directory(export_dirs, tmp_path, capsys,
                                                                             monkeypatch):
-    from trident.serving.server.repository import DEFAULT_QUALITY_GATE, MARKER, build_parser
+    from trident.serving.server.repository import DEFAULT_QUALITY_GATE, build_parser
 
     assert DEFAULT_QUALITY_GATE == precision.DEFAULT_QUALITY_GATE == COMMITTED_GATE and COMMITTED_GATE.is_file()
     monkeypatch.chdir(tmp_path)  # no benchmarks/ here
