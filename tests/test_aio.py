@@ -217,9 +217,9 @@ def test_async_server_refusals_timeouts_and_a_stopping_callback_each_end_their_c
                 await http.backend.run(UNET, feed)
             with pytest.raises(ModelNotReadyError, match="'no_such_graph' is not served at"):
                 await grpc.backend.run("no_such_graph", {})
-            # whichever timer fires first: the client's, or the server's max_seconds (the same 2 s, sent by the client)
-            with pytest.raises(InferenceError, match=r"no answer within sample_timeout_s=2 s|the loop ran longer "
-                                                     r"than max_seconds=2"):
+            # whichever timer fires first, the client's or the server's max_seconds (the same 2 s, sent by the
+            # client), the caller sees its own timeout
+            with pytest.raises(InferenceError, match=r"no answer within sample_timeout_s=2 s"):
                 await http.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server")
             waits["http timeout"] = await next_loop_s(grpc, streamed=False)
             with pytest.raises(SamplingCancelled):

@@ -182,6 +182,23 @@ def test_server_loop_stops_when_the_client_stops_waiting(server, protocol):
         assert time.monotonic() - t0 < 30, "the abandoned loop kept the sampler busy"
 
 
+def test_a_loop_the_server_stopped_at_the_clients_max_seconds_reads_as_the_clients_timeout():
+    """The client sends its sample_timeout_s as max_seconds, so the server's stop and the client's deadline race; the
+    caller sees one error either way (a clean-clone CI run once saw the server's answer win over gRPC's deadline)."""
+    from tritonclient.utils import InferenceServerException
+
+    from trident.serving.client.backends import loop_failure
+    from trident.serving.server.runtime.protocol import OUT_OF_TIME
+
+    server_stop = InferenceServerException(f"diffusion_sampler: stopped after step 23 of 1000: {OUT_OF_TIME}=1")
+    deadline = InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")
+    for e in (server_stop, deadline):
+        error = loop_failure(e, "localhost:8001", "diffusion_sampler", 1.0)
+        assert isinstance(error, InferenceError) and "no answer within sample_timeout_s=1 s" in str(error), error
+    refused = loop_failure(InferenceServerException("diffusion_sampler: steps must be >= 1"), "h", "diffusion_sampler", 1)
+    assert "no answer within" not in str(refused)  # the server's other refusals stay refusals
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The streamed server-side loop (diffusion_sampler_stream, gRPC): progress, previews and cancel with loop="server"
 # ---------------------------------------------------------------------------------------------------------------

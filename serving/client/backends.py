@@ -31,7 +31,7 @@ from ..spec import (KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, GraphSpe
                     load_export_metadata)
 from ..server.runtime.protocol import CARD as CARD_PARAMETER
 from ..server.runtime.protocol import MAX_IMAGES as MAX_IMAGES_PARAMETER
-from ..server.runtime.protocol import SHUTTING_DOWN
+from ..server.runtime.protocol import OUT_OF_TIME, SHUTTING_DOWN
 
 __all__ = ["Backend", "ServerLoop", "ServerInfo", "RetryPolicy", "TLS", "OnnxRuntimeBackend", "TritonBackend",
            "check_inputs", "TridentError", "ServerUnreachableError", "ModelNotReadyError", "InvalidArgumentError",
@@ -415,7 +415,8 @@ def loop_failure(e: Exception, url: str, graph: str, sample_timeout_s: float) ->
     text = _detail(e)
     if SHUTTING_DOWN in text:  # the loop stopped at the launcher's stop file (runtime/protocol.py)
         return ServerUnreachableError(url, text)
-    if _is_timeout(text) or isinstance(e, (TimeoutError, socket.timeout)):
+    # the client's deadline, or the server's own stop at the max_seconds the client sent: whichever came first
+    if _is_timeout(text) or OUT_OF_TIME in text or isinstance(e, (TimeoutError, socket.timeout)):
         return InferenceError(f"{graph}: no answer within sample_timeout_s={sample_timeout_s:g} s ({text}); ask for "
                               "fewer images or steps, or raise the timeout")
     if isinstance(e, InferenceServerException):  # the server's own errors, and gRPC's status codes

@@ -124,8 +124,8 @@ class TritonPythonModel:
 
         def callback(i, t, x, x0):
             if deadline is not None and time.monotonic() > deadline:
-                raise InvalidRequest(f"{self.name}: stopped after step {i + 1} of {a['config'].steps}: the loop ran "
-                                     f"longer than max_seconds={a['max_seconds']:g}")
+                raise InvalidRequest(f"{self.name}: stopped after step {i + 1} of {a['config'].steps}: "
+                                     f"{P.OUT_OF_TIME}={a['max_seconds']:g}")
             if P.shutting_down() or cancelled():
                 return False  # SamplingCancelled; _answer tells the two apart
             if on_step is not None:

@@ -30,6 +30,9 @@ ORT_BACKEND_THREADS = "intra_op_thread_count"  # the native onnxruntime backend'
 # the loop models look for it before every step and answer SHUTTING_DOWN (the client's ServerUnreachableError).
 STOP_FILE_ENV = "TRIDENT_STOP_FILE"
 SHUTTING_DOWN = "the server is shutting down"
+# a loop that ran past the max_seconds its client sent (the client's own timeout): the client reports it as its timeout,
+# whichever of the two arrives first
+OUT_OF_TIME = "the loop ran longer than max_seconds"
 
 
 def shutting_down() -> bool:
