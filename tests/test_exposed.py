@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import settled
 
 from trident.serving.client import TLS, TridentClient
 from trident.serving.errors import InvalidArgumentError, ServerUnreachableError
-from trident.serving.server.launcher import (ADMIN_APIS, ADMIN_KEY_HEADER, GrpcTls, ServerConfig, TritonServer,
-                                              admin_lock)
+from trident.serving.server.launcher import (ADMIN_APIS, ADMIN_KEY_HEADER, MAX_INPUT_OPTION, GrpcTls, ServerConfig,
+                                              TritonServer, admin_lock, find_tritonserver, repository_request_limit,
+                                              tritonserver_options)
+from trident.serving.server.request_limits import HEADER_BYTES, JSON_BYTES_PER_ELEMENT
 
 KEY = "test-admin-key-0123456789"
 GRPC_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # Triton's gRPC prefix for a restricted-protocol key
@@ -93,7 +96,8 @@ def exposed(export_dirs, tmp_path_factory):
     build_repository([export_dirs["gan"]], repository, shard_limit=0)
     config = ServerConfig(repository, host="0.0.0.0", http_port=0, grpc_port=0, metrics_port=0,
                           restricted_apis=ADMIN_APIS, admin_key=KEY,
-                          grpc_tls=GrpcTls(certs["server"], certs["server_key"]))
+                          grpc_tls=GrpcTls(certs["server"], certs["server_key"]),
+                          max_input_bytes=repository_request_limit(repository))
     with TritonServer(config) as server:
         yield server, certs
 
@@ -185,3 +189,119 @@ def test_tls_server_serves_a_client_that_trusts_its_ca_and_refuses_one_that_does
         TridentClient.connect(server.http_url, "http", tls=TLS(ca=certs["ca"]))
     with pytest.raises(InvalidArgumentError, match="needs its key"):
         TLS(ca=certs["ca"], cert=certs["server"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bounded requests: the largest valid request, and what Triton answers to requests it refuses
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_the_recorded_request_limit_is_the_biggest_batch_of_the_biggest_graph(export_dirs, tmp_path):
+    from trident.serving.server.repository import build_repository
+
+    build_repository([export_dirs["gan"], export_dirs["vae"]], tmp_path / "repo", shard_limit=0, server_loop=False)
+    record = json.loads((tmp_path / "repo" / "trident_repository.json").read_text())["largest_request"]
+    meta = json.loads((export_dirs["gan"] / "metadata.json").read_text())
+    rows = max(meta["card"]["buckets"]["gan_generator"])
+    latent = meta["card"]["latent_dim"]
+    # the generator (latent + label per row) outweighs the decoder (latent) and the encoder (an image: 784 floats per
+    # row, but JSON counts elements: 784 > 65, so the encoder is the largest as JSON text)
+    encoder_elements = rows * 28 * 28
+    assert record["model"] == "vae_encoder" and record["rows"] == rows
+    assert record["binary_bytes"] == rows * 28 * 28 * 4 + HEADER_BYTES
+    assert record["json_bytes"] == encoder_elements * JSON_BYTES_PER_ELEMENT + HEADER_BYTES
+    assert record["limit_bytes"] >= record["json_bytes"] and record["limit_bytes"] % (1 << 20) == 0
+    assert latent + 1 < 28 * 28
+    assert repository_request_limit(tmp_path / "repo") == record["limit_bytes"]
+    assert repository_request_limit(tmp_path / "nowhere") is None
+    config = ServerConfig(tmp_path / "repo", max_input_bytes=record["limit_bytes"])
+    assert config.to_args()[config.to_args().index(MAX_INPUT_OPTION) + 1] == str(record["limit_bytes"])
+    with pytest.raises(ValueError, match="max_input_bytes must be >= 1"):
+        ServerConfig(tmp_path / "repo", max_input_bytes=0)
+
+
+@pytest.mark.server
+def test_a_tritonserver_without_the_size_option_still_starts_and_says_it_reads_bodies_whole(exposed):
+    server, _ = exposed
+    binary, _, env = find_tritonserver()
+    supported = MAX_INPUT_OPTION in tritonserver_options(binary, tuple(sorted(env.items())))
+    assert "--http-restricted-api" in tritonserver_options(binary, tuple(sorted(env.items())))  # the help was read
+    assert server.requested_config.max_input_bytes is not None
+    assert (server.config.max_input_bytes is not None) == supported
+    assert any(MAX_INPUT_OPTION in note for note in server.notes) == (not supported)
+
+
+# What Triton 2.51 answers (README "Exposing the server" lists the same): a batch over the largest bucket and a
+# missing input are refused with 400 by Triton before any model runs, and what the models check (NaN, a class out of
+# range) with 400 by the model before it computes anything; what Triton's own JSON parser cannot read answers 500,
+# and no option or model configuration of 2.51 changes that.
+HTTP_REFUSALS = {
+    "more rows than the largest batch": (400, "batch-size must be <="),
+    "a missing input": (400, "expected 2 inputs but got 1"),
+    "not JSON": (500, "failed to parse the request JSON"),
+    "a shape that disagrees with the data": (500, "Shape does not match"),
+    "a datatype that disagrees with the data": (500, "Unable to parse 'data'"),
+    "NaN": (400, "holds NaN or Inf"),  # from here on the model's own checks
+    "a class out of range": (400, "must be in [0, 10)"),
+}
+
+
+def _gan_request(rows: int, **change) -> bytes:
+    inputs = [{"name": "latent", "shape": [rows, 64], "datatype": "FP32", "data": [[0.0] * 64] * rows},
+              {"name": "class_label", "shape": [rows, 1], "datatype": "INT64", "data": [[1]] * rows}]
+    for name, fields in change.items():
+        if fields is None:
+            inputs = [t for t in inputs if t["name"] != name]
+        else:
+            next(t for t in inputs if t["name"] == name).update(fields)
+    return json.dumps({"inputs": inputs}).encode()
+
+
+@pytest.mark.server
+def test_refused_requests_get_the_documented_status_before_any_model_runs_and_the_server_serves_on(exposed):
+    import tritonclient.grpc as grpcclient
+
+    server, certs = exposed
+    rows = json.loads((server.config.model_repository / "trident_repository.json").read_text())[
+        "largest_request"]["rows"]
+    bodies = {
+        "more rows than the largest batch": _gan_request(100 * rows),
+        "a missing input": _gan_request(1, class_label=None),
+        "not JSON": b"this is not JSON",
+        "a shape that disagrees with the data": _gan_request(2, latent={"shape": [3, 64]}),
+        "a datatype that disagrees with the data": _gan_request(1, latent={"datatype": "INT8"}),
+        "NaN": _gan_request(1).replace(b"0.0", b"NaN", 1),
+        "a class out of range": _gan_request(1, class_label={"data": [[99]]}),
+    }
+    client = grpcclient.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(certs["ca"]))
+
+    def executions() -> int:
+        stats = client.get_inference_statistics("gan_generator", headers={GRPC_KEY_HEADER: KEY}, as_json=True)
+        return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+    before = executions()
+    answers, reached = {}, {}
+    for name, body in bodies.items():
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/gan_generator/infer", data=body,
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                answers[name] = (answer.status, "")
+        except urllib.error.HTTPError as e:
+            answers[name] = (e.code, e.read().decode())
+        reached[name] = settled(executions, timeout_s=2.0) - before
+    got = {name: (status, expected in text) for (name, (status, text)), (_, expected)
+           in zip(answers.items(), HTTP_REFUSALS.values())}
+    assert got == {name: (status, True) for name, (status, _) in HTTP_REFUSALS.items()}, answers
+    # gRPC: the same oversized batch is INVALID_ARGUMENT
+    latent = grpcclient.InferInput("latent", [100 * rows, 64], "FP32")
+    latent.set_data_from_numpy(np.zeros((100 * rows, 64), np.float32))
+    label = grpcclient.InferInput("class_label", [100 * rows, 1], "INT64")
+    label.set_data_from_numpy(np.ones((100 * rows, 1), np.int64))
+    with pytest.raises(Exception, match="INVALID_ARGUMENT.*batch-size must be <="):
+        client.infer("gan_generator", [latent, label])
+    model_checks = ("NaN", "a class out of range")
+    assert reached == {name: 2 if name == "a class out of range" else 1 if name == "NaN" else 0 for name in bodies}, \
+        f"requests that reached the model (cumulative): {reached}; only {model_checks} should"
+    assert settled(executions, timeout_s=2.0) - before == 2, "the oversized gRPC batch reached the model"
+    with TridentClient.connect(server.http_url, "http") as http:  # and the server serves on
+        assert http.generate([1, 2], seed=0).shape == (2, 28, 28, 1)

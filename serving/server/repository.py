@@ -48,6 +48,7 @@ from trident.serving.card import ModelCard
 from trident.serving.errors import ExportMetadataError, TridentError
 from trident.serving.files import atomic_directory
 from trident.serving.server.runtime import MODEL_FILES, RUNTIME_FILES
+from trident.serving.server.request_limits import largest_request
 from trident.serving.server.runtime import protocol as P
 from trident.serving.spec import (GRAPHS_OF_KIND, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET, GraphSpec, TensorSpec,
                                   export_card, graph_spec_of, load_export_metadata, loop_spec)
@@ -648,7 +649,8 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
         container = {"bucket_backend": bucket_backend} if flavour == "container" else {}
         (tmp / MARKER).write_text(json.dumps({
             "flavour": flavour, "models": names, "gpu": gpu, "fp16": fp16, **container,
-            "exports": sorted(Path(d).name for d in export_dirs), "precision": records}, indent=2) + "\n")
+            "exports": sorted(Path(d).name for d in export_dirs), "precision": records,
+            "largest_request": largest_request(config for config, _ in plan)}, indent=2) + "\n")
     return names
 
 
