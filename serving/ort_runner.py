@@ -182,7 +182,8 @@ def session_options(threads: int, shared_arena: bool = True):
 # engines compile it for the CPU at an inference precision: f32, or bf16 (AVX512-BF16 / AMX hardware; OpenVINO keeps
 # float32 I/O). An int8 QDQ graph runs int8 kernels on either runtime. serving/precision.py maps user-facing
 # precisions ("openvino-bf16", "onnxruntime-int8", ...) to (file, engine) and chooses among them by measurement.
-ENGINES = ("onnxruntime", "openvino-f32", "openvino-bf16")
+OPENVINO_PRECISION = {"openvino-f32": "f32", "openvino-bf16": "bf16"}  # engine -> OpenVINO's inference precision
+ENGINES = ("onnxruntime", *OPENVINO_PRECISION)
 _NP_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -295,7 +296,7 @@ class BucketRunner:
         budget = int(threads) or available_cores()
         files = {int(b): str(path) for b, path in files.items()}
         self.buckets = sorted(files)
-        self.engines = {b: (engines or {}).get(b, (engines or {}).get(str(b), "onnxruntime")) for b in self.buckets}
+        self.engines = {b: (engines or {}).get(b, "onnxruntime") for b in self.buckets}
         unknown = sorted({e for e in self.engines.values() if e not in ENGINES})
         if unknown:
             raise ValueError(f"unknown engines {unknown}; expected one of {ENGINES}")
@@ -304,7 +305,8 @@ class BucketRunner:
         whole = session_options(threads, shared_arena=cpu_only)
         self.sessions = _Sessions(lambda b: _OrtSession(files[b], whole, providers)
                                   if self.engines[b] == "onnxruntime"
-                                  else _OpenVinoSession(files[b], self.engines[b].split("-")[1], threads), self.buckets)
+                                  else _OpenVinoSession(files[b], OPENVINO_PRECISION[self.engines[b]], threads),
+                                  self.buckets)
         self.output_names = self.sessions[self.buckets[0]].output_names()  # also checks the first file loads
         ort_buckets = [b for b in self.buckets if self.engines[b] == "onnxruntime"]
         self.row_shards = (int(row_shards) or (budget if cpu_only else 1)) if ort_buckets else 1
