@@ -11,9 +11,9 @@ last chunk is zero-padded (zero is a valid timestep, class label and latent, and
 independently, so padding never changes a real row) and the padding is dropped from the outputs.
 
 Row shards (CPU): on a few cores, one single-threaded run per core on its own rows beats one run whose intra-op
-threads share each operator: small convolutions split poorly across threads. Measured on the shipped U-Net, 2 cores:
-two 1-thread runs of half the rows were 1.06x-1.3x faster than one 2-thread run at 2-32 rows, while a single row ran
-1.4x faster with both threads (benchmarks/results/optimizations.md). So a call with two or more rows is split into
+threads share each operator: small convolutions split poorly across threads, while a single row has nothing to
+split and runs faster with every thread (the measurements: benchmarks/results/optimizations.md, item 4). So a call
+with two or more rows is split into
 up to `row_shards` contiguous parts run concurrently on a second set of sessions with fewer threads each (one
 session per bucket, run by several worker threads at once: ONNX Runtime sessions are thread-safe and release the
 GIL), and a single row, or a split that would pad more rows than the whole call, runs on the whole-call sessions.
@@ -155,8 +155,8 @@ _SHARED_ARENA = []  # the process-wide CPU arena, registered once (onnxruntime r
 
 def _shared_cpu_arena() -> None:
     """Register one CPU memory arena for the whole process. Each session otherwise keeps an arena of its own at the
-    peak of its bucket's activations, for good: the U-Net's sessions held 404 MB after one call of every size up to
-    64 rows on their own arenas, 266 MB on the shared one, at the same speed (9 interleaved rounds, 1-32 rows)."""
+    peak of its bucket's activations, for good; one shared arena holds the peak of one call at a time, at the same
+    speed (benchmarks/results/optimizations.md, "Figures behind the code's comments")."""
     import onnxruntime as ort
 
     if not _SHARED_ARENA:

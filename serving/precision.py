@@ -64,8 +64,9 @@ VARIANTS = {v.name: v for v in (
 CPU_VARIANTS = tuple(v for v in VARIANTS if v != "onnxruntime-fp16")
 CHOICES = ("auto", *VARIANTS)  # what --precision takes
 # Max abs difference to onnxruntime-fp32 on the fixed batch (network outputs: eps of rms ~1, images in [-1, 1]).
-# fp32: two runtimes' float32 kernels; bf16: 8 mantissa bits (0.015-0.021 measured on the U-Net); int8: the
-# quantized graph (0.05-0.09 measured on the U-Net, see export/quantize.py). A variant outside its bound is broken,
+# fp32: two runtimes' float32 kernels; bf16: 8 mantissa bits; int8: the quantized graph (export/quantize.py); each
+# bound sits well above what the shipped U-Net measured (benchmarks/results/optimizations.md, "Figures behind the
+# code's comments"). A variant outside its bound is broken,
 # not merely imprecise: the bounds are guards; the quality gate judges the images.
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 0.1, "int8": 0.5}
 REDUCED = ("bf16", "int8")  # precisions that need the quality gate
@@ -293,7 +294,7 @@ def shard_trial(files: dict[int, str], parity: dict[str, np.ndarray] | None, *, 
     files: {bucket: path} of the buckets that run on onnxruntime. For each bucket b, a call of row_shards x b rows
     (every shard runs one chunk of b rows, the shards at once, as served) is timed in interleaved rounds; the limit is
     the smallest b whose median time per row is within SHARD_SLACK of the fastest. Buckets above it buy no speed on
-    this machine and would cost their sessions and activations (the U-Net's shard sessions for 16 rows hold ~30 MB).
+    this machine and would cost their sessions and activations (tens of MB for the U-Net's larger buckets).
     Returns {"limit", "per_row_ms": {bucket: ms}, "rounds_ms": {bucket: [ms per row]}, "row_shards"}; None where calls
     are not sharded (one shard, or fewer than two buckets)."""
     if len(files) < 2:

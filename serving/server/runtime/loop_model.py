@@ -42,8 +42,8 @@ from protocol import InvalidRequest, error_response  # noqa: E402
 
 PROGRESS_INTERVAL_S = 0.05  # the streaming model's progress responses: at most 20 a second (see _stream)
 # Asking Triton whether a request was cancelled is a round trip to the server process, which a loop of few-ms steps
-# notices when it asks at every step (benchmarks/results/report.md, "cost of a cancellation check"). So a loop asks
-# at most this often, and a cancelled loop stops within this time plus one step.
+# notices when it asks at every step (benchmarks/results/optimizations.md, "Figures behind the code's comments"). So
+# a loop asks at most this often, and a cancelled loop stops within this time plus one step.
 CANCEL_CHECK_INTERVAL_S = 0.05
 
 
@@ -81,8 +81,8 @@ class TritonPythonModel:
             self.runner.warm()
         # The streaming model is not warmed: its sessions are made on its first request (BucketRunner makes each on
         # first use; only the smallest bucket's at load, which checks the files and providers), so a server whose
-        # clients never stream holds no second set of U-Net sessions (benchmarks/results/report.md has the memory
-        # each set holds).
+        # clients never stream holds no second set of U-Net sessions (benchmarks/results/optimizations.md has the
+        # memory each set holds).
 
     def _eps(self, x, t, y):
         return self.runner.run(self.unet.feed({NOISY_SAMPLE: x, TIMESTEP: t, CLASS_LABEL: y}))[self.eps_name]
@@ -162,7 +162,7 @@ class TritonPythonModel:
         A progress response lists the steps done since the previous one (step, timestep: one entry each) and goes
         out at most every PROGRESS_INTERVAL_S, or at once for a step that carries a preview (its x_0 estimate, the
         response's last step): a response per step costs CPU time that a loop of few-ms steps notices
-        (benchmarks/results/report.md)."""
+        (benchmarks/results/optimizations.md)."""
         sender = request.get_response_sender()
         pending, last_sent = [], [time.monotonic()]  # (index, timestep) not yet reported
 
