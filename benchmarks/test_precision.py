@@ -12,6 +12,7 @@ import pytest
 
 from trident.benchmarks.common import class_labels, require, rounds, step_inputs
 from trident.serving import precision
+from trident.serving.manifest import load_export
 from trident.serving.spec import UNET, load_export_metadata
 
 # backend -> (variant, engine note) of the step rows; "ort-session" is ONNX Runtime fp32 in one session (no row
@@ -29,18 +30,18 @@ def _runner(settings, exports, backend, records):
     from trident.serving.ort_runner import BucketRunner
 
     directory = exports["diffusion"]
-    meta = load_export_metadata(directory)
-    entry = meta["graphs"][UNET]
+    export = load_export(directory)
+    entry = export.graphs[UNET]
     if backend == "auto":
-        record = records.setdefault("auto", precision.choose(directory, meta, UNET, "auto",
-                                                             gate_file=_gate(settings), threads=settings.threads))
+        record = records.setdefault("auto", precision.choose(export, UNET, "auto", gate_file=_gate(settings),
+                                                             threads=settings.threads))
         choice = {int(b): v for b, v in record["choice"].items()}
     else:
         variant = precision.REFERENCE if backend == "ort-session" else backend
-        choice = {int(b): variant for b in entry["buckets"]}
-    files = {b: directory / entry[precision.VARIANTS[v][0]][str(b)]["file"] for b, v in choice.items()}
+        choice = dict.fromkeys(entry.buckets, variant)
+    files = {b: directory / entry.file(v, b).file for b, v in choice.items()}
     runner = BucketRunner(files, threads=settings.threads, row_shards=1 if backend == "ort-session" else 0,
-                          engines={b: precision.VARIANTS[v][1] for b, v in choice.items()})
+                          engines={b: precision.VARIANTS[v].engine for b, v in choice.items()})
     return runner, choice
 
 
@@ -62,7 +63,7 @@ def test_precision_step(benchmark, request, settings, exports, checkpoints, unet
         pytest.skip(f"bucket {bucket} is not exported")
     # the export's held-out real inputs at this bucket: what the output check runs (the timed noise rows are not
     # what the model sees in use: int8's calibrated ranges clip them)
-    parity = precision.load_parity(exports["diffusion"], entry)
+    parity = precision.load_parity(load_export(exports["diffusion"]), UNET)
     real = {name: rows[np.arange(bucket) % len(rows)] for name, rows in parity.items()}
     variant = "torch" if backend == "torch-compile" else (precision.REFERENCE if backend == "ort-session" else None)
     if backend == "torch-compile":

@@ -11,9 +11,9 @@ last chunk is zero-padded (zero is a valid timestep, class label and latent, and
 independently, so padding never changes a real row) and the padding is dropped from the outputs.
 
 Row shards (CPU): on a few cores, one single-threaded run per core on its own rows beats one run whose intra-op
-threads share each operator: small convolutions split poorly across threads. Measured on the shipped U-Net, 2 cores:
-two 1-thread runs of half the rows were 1.06x-1.3x faster than one 2-thread run at 2-32 rows, while a single row ran
-1.4x faster with both threads (benchmarks/results/optimizations.md). So a call with two or more rows is split into
+threads share each operator: small convolutions split poorly across threads, while a single row has nothing to
+split and runs faster with every thread (the measurements: benchmarks/results/optimizations.md, item 4). So a call
+with two or more rows is split into
 up to `row_shards` contiguous parts run concurrently on a second set of sessions with fewer threads each (one
 session per bucket, run by several worker threads at once: ONNX Runtime sessions are thread-safe and release the
 GIL), and a single row, or a split that would pad more rows than the whole call, runs on the whole-call sessions.
@@ -155,8 +155,8 @@ _SHARED_ARENA = []  # the process-wide CPU arena, registered once (onnxruntime r
 
 def _shared_cpu_arena() -> None:
     """Register one CPU memory arena for the whole process. Each session otherwise keeps an arena of its own at the
-    peak of its bucket's activations, for good: the U-Net's sessions held 404 MB after one call of every size up to
-    64 rows on their own arenas, 266 MB on the shared one, at the same speed (9 interleaved rounds, 1-32 rows)."""
+    peak of its bucket's activations, for good; one shared arena holds the peak of one call at a time, at the same
+    speed (benchmarks/results/optimizations.md, "Figures behind the code's comments")."""
     import onnxruntime as ort
 
     if not _SHARED_ARENA:
@@ -182,7 +182,8 @@ def session_options(threads: int, shared_arena: bool = True):
 # engines compile it for the CPU at an inference precision: f32, or bf16 (AVX512-BF16 / AMX hardware; OpenVINO keeps
 # float32 I/O). An int8 QDQ graph runs int8 kernels on either runtime. serving/precision.py maps user-facing
 # precisions ("openvino-bf16", "onnxruntime-int8", ...) to (file, engine) and chooses among them by measurement.
-ENGINES = ("onnxruntime", "openvino-f32", "openvino-bf16")
+OPENVINO_PRECISION = {"openvino-f32": "f32", "openvino-bf16": "bf16"}  # engine -> OpenVINO's inference precision
+ENGINES = ("onnxruntime", *OPENVINO_PRECISION)
 _NP_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -295,7 +296,7 @@ class BucketRunner:
         budget = int(threads) or available_cores()
         files = {int(b): str(path) for b, path in files.items()}
         self.buckets = sorted(files)
-        self.engines = {b: (engines or {}).get(b, (engines or {}).get(str(b), "onnxruntime")) for b in self.buckets}
+        self.engines = {b: (engines or {}).get(b, "onnxruntime") for b in self.buckets}
         unknown = sorted({e for e in self.engines.values() if e not in ENGINES})
         if unknown:
             raise ValueError(f"unknown engines {unknown}; expected one of {ENGINES}")
@@ -304,7 +305,8 @@ class BucketRunner:
         whole = session_options(threads, shared_arena=cpu_only)
         self.sessions = _Sessions(lambda b: _OrtSession(files[b], whole, providers)
                                   if self.engines[b] == "onnxruntime"
-                                  else _OpenVinoSession(files[b], self.engines[b].split("-")[1], threads), self.buckets)
+                                  else _OpenVinoSession(files[b], OPENVINO_PRECISION[self.engines[b]], threads),
+                                  self.buckets)
         self.output_names = self.sessions[self.buckets[0]].output_names()  # also checks the first file loads
         ort_buckets = [b for b in self.buckets if self.engines[b] == "onnxruntime"]
         self.row_shards = (int(row_shards) or (budget if cpu_only else 1)) if ort_buckets else 1

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +40,33 @@ from .ort_runner import BucketRunner
 from .spec import DECODER, GENERATOR, UNET
 
 REFERENCE = "onnxruntime-fp32"
-# variant -> (the export's graph files, the BucketRunner engine)
-VARIANTS = {
-    "onnxruntime-fp32": ("fp32", "onnxruntime"),
-    "onnxruntime-fp16": ("fp16", "onnxruntime"),
-    "onnxruntime-int8": ("int8", "onnxruntime"),
-    "openvino-fp32": ("fp32", "openvino-f32"),
-    "openvino-bf16": ("fp32", "openvino-bf16"),
-    "openvino-int8": ("int8", "openvino-f32"),
-}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A runtime at a precision: which of the export's graph files a bucket runs ("fp32", "fp16", "int8"), on which
+    ort_runner engine, computing in which numeric precision."""
+
+    name: str
+    files: str
+    engine: str
+    precision: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("onnxruntime-fp32", "fp32", "onnxruntime", "fp32"),
+    Variant("onnxruntime-fp16", "fp16", "onnxruntime", "fp16"),
+    Variant("onnxruntime-int8", "int8", "onnxruntime", "int8"),
+    Variant("openvino-fp32", "fp32", "openvino-f32", "fp32"),
+    Variant("openvino-bf16", "fp32", "openvino-bf16", "bf16"),
+    Variant("openvino-int8", "int8", "openvino-f32", "int8"),
+)}
 CPU_VARIANTS = tuple(v for v in VARIANTS if v != "onnxruntime-fp16")
 CHOICES = ("auto", *VARIANTS)  # what --precision takes
 # Max abs difference to onnxruntime-fp32 on the fixed batch (network outputs: eps of rms ~1, images in [-1, 1]).
-# fp32: two runtimes' float32 kernels; bf16: 8 mantissa bits (0.015-0.021 measured on the U-Net); int8: the
-# quantized graph (0.05-0.09 measured on the U-Net, see export/quantize.py). A variant outside its bound is broken,
+# fp32: two runtimes' float32 kernels; bf16: 8 mantissa bits; int8: the quantized graph (export/quantize.py); each
+# bound sits well above what the shipped U-Net measured (benchmarks/results/optimizations.md, "Figures behind the
+# code's comments"). A variant outside its bound is broken,
 # not merely imprecise: the bounds are guards; the quality gate judges the images.
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 0.1, "int8": 0.5}
 REDUCED = ("bf16", "int8")  # precisions that need the quality gate
@@ -78,7 +92,14 @@ DEFAULT_QUALITY_GATE = Path(__file__).resolve().parents[1] / "benchmarks" / "res
 
 def precision_of(variant: str) -> str:
     """"bf16" for openvino-bf16: the numeric precision the variant computes in."""
-    return variant.rsplit("-", 1)[1]
+    return VARIANTS[variant].precision
+
+
+def missing_files(graph: str, variant: str) -> str:
+    """Why a graph cannot run a variant whose files the export lacks, and how to export them."""
+    files = VARIANTS[variant].files
+    return (f"{graph}: the export has no {files} graphs for {variant}; re-export "
+            + ("with --fp16" if files == "fp16" else "without --no-int8"))
 
 
 def not_native(variant: str, cpu: dict) -> str | None:
@@ -158,7 +179,7 @@ def candidates(precisions_exported: set[str], cpu: dict, gate: dict[str, str | N
     draws through this graph."""
     out = {}
     for variant in CPU_VARIANTS:
-        files, _ = VARIANTS[variant]
+        files = VARIANTS[variant].files
         precision = precision_of(variant)
         if files not in precisions_exported:
             out[variant] = f"the export has no {files} graphs"
@@ -217,10 +238,10 @@ def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allow
     buckets = sorted(files["fp32"])
     runners, failed = {}, {}
     for variant in variants:
-        precision_files, engine = VARIANTS[variant]
+        files_of, engine = files[VARIANTS[variant].files], VARIANTS[variant].engine
         try:
-            runner = BucketRunner(files[precision_files], threads=threads, row_shards=row_shards,
-                                  engines={b: engine for b in files[precision_files]})
+            runner = BucketRunner(files_of, threads=threads, row_shards=row_shards,
+                                  engines=dict.fromkeys(files_of, engine))
             runner.warm()
             runners[variant] = runner
         except Exception as e:  # a runtime that cannot load here (missing package, unsupported op) is not chosen
@@ -273,7 +294,7 @@ def shard_trial(files: dict[int, str], parity: dict[str, np.ndarray] | None, *, 
     files: {bucket: path} of the buckets that run on onnxruntime. For each bucket b, a call of row_shards x b rows
     (every shard runs one chunk of b rows, the shards at once, as served) is timed in interleaved rounds; the limit is
     the smallest b whose median time per row is within SHARD_SLACK of the fastest. Buckets above it buy no speed on
-    this machine and would cost their sessions and activations (the U-Net's shard sessions for 16 rows hold ~30 MB).
+    this machine and would cost their sessions and activations (tens of MB for the U-Net's larger buckets).
     Returns {"limit", "per_row_ms": {bucket: ms}, "rounds_ms": {bucket: [ms per row]}, "row_shards"}; None where calls
     are not sharded (one shard, or fewer than two buckets)."""
     if len(files) < 2:
@@ -328,55 +349,54 @@ def check_shard_limit(value) -> None:
         raise ValueError(f"shard_limit must be 'auto' or a bucket size >= 0 (0: every bucket), got {value!r}")
 
 
-def measure_shard_limit(export_dir: str | os.PathLike, entry: dict, choice: dict, *, threads: int = 0,
-                        row_shards: int = 0, log=None) -> dict | None:
-    """shard_trial over the buckets of one graph's entry that choice ({bucket: variant}) runs on onnxruntime, on the
-    export's fixed batch: what `trident serve build` and the in-process backend run for shard_limit="auto"."""
-    files = {int(b): str(Path(export_dir) / entry[VARIANTS[v][0]][str(b)]["file"])
-             for b, v in choice.items() if VARIANTS[v][1] == "onnxruntime"}
-    return shard_trial(files, load_parity(export_dir, entry), threads=threads, row_shards=row_shards, log=log)
+def measure_shard_limit(export, graph: str, choice: dict, *, threads: int = 0, row_shards: int = 0,
+                        log=None) -> dict | None:
+    """shard_trial over the buckets of one graph of an export (serving/manifest.py Export) that choice ({bucket:
+    variant}) runs on onnxruntime, on the export's fixed batch: what manifest.measure runs for shard_limit="auto"."""
+    entry = export.graphs[graph]
+    files = {b: str(export.directory / entry.file(v, b).file) for b, v in choice.items()
+             if VARIANTS[v].engine == "onnxruntime"}
+    return shard_trial(files, load_parity(export, graph), threads=threads, row_shards=row_shards, log=log)
 
 
-def load_parity(export_dir: str | os.PathLike, entry: dict) -> dict[str, np.ndarray] | None:
+def load_parity(export, graph: str) -> dict[str, np.ndarray] | None:
     """The export's fixed batch of held-out real inputs for a graph (None for an export without one)."""
-    if "parity_inputs" not in entry:
+    entry = export.graphs[graph]
+    if entry.parity_inputs is None:
         return None
-    with np.load(Path(export_dir) / entry["parity_inputs"]) as data:
+    with np.load(export.directory / entry.parity_inputs) as data:
         return {name: data[name] for name in data.files}
 
 
-def choose(export_dir: str | os.PathLike, meta: dict, graph: str, precision: str, *, gate_file=None,
-           threads: int = 0, row_shards: int = 0, log=None) -> dict:
-    """What one graph of an export runs per bucket: {"choice": {bucket: variant}, ...record}.
+def choose(export, graph: str, precision: str, *, gate_file=None, threads: int = 0, row_shards: int = 0,
+           log=None) -> dict:
+    """What one graph of an export (serving/manifest.py Export) runs per bucket: {"choice": {bucket: variant}, ...}.
 
     precision: a variant (every bucket runs it; it must be exported) or "auto" (measured here, see the module
     docstring). The record says what was tried and why, for the repository's trident_repository.json."""
-    entry = meta["graphs"][graph]
-    buckets = sorted(int(b) for b in entry["buckets"])
-    exported = {p for p in ("fp32", "fp16", "int8") if entry.get(p)}
+    entry = export.graphs[graph]
+    buckets = list(entry.buckets)
+    exported = set(entry.files)
     if precision != "auto":
         if precision not in VARIANTS:
             raise ValueError(f"precision must be one of {CHOICES}, got {precision!r}")
-        files = VARIANTS[precision][0]
-        if files not in exported:
-            raise ValueError(f"{graph}: the export has no {files} graphs for {precision}; re-export "
-                             + ("with --fp16" if files == "fp16" else "without --no-int8"))
-        return {"precision": precision, "choice": {b: precision for b in buckets}}
+        if VARIANTS[precision].files not in exported:
+            raise ValueError(missing_files(graph, precision))
+        return {"precision": precision, "choice": dict.fromkeys(buckets, precision)}
     cpu = cpu_info()
-    gate = gate_reasons(gate_file, meta.get("source_checkpoint", {}).get("sha256"), meta.get("int8", {}).get("method"))
-    kind = meta.get("card", {}).get("kind")
-    allowed = candidates(exported, cpu, gate, judged=graph in JUDGED_GRAPHS.get(kind, ()))
-    parity = load_parity(export_dir, entry)
+    gate = gate_reasons(gate_file, export.checkpoint_sha256, export.int8_method)
+    allowed = candidates(exported, cpu, gate, judged=graph in JUDGED_GRAPHS.get(export.card.kind, ()))
+    parity = load_parity(export, graph)
     if parity is None:
         allowed = {v: (why or "the export has no fixed parity batch (re-export)") if v != REFERENCE else None
                    for v, why in allowed.items()}
-    files = {p: {int(b): str(Path(export_dir) / f["file"]) for b, f in entry[p].items()}
+    files = {p: {b: str(export.directory / f.file) for b, f in entry.files[p].items()}
              for p in exported if p != "fp16"}
     record = {"precision": "auto", "cpu": cpu, "quality_gate": None if gate_file is None else str(gate_file),
               "excluded": {v: why for v, why in allowed.items() if why}}
     tried = [v for v, why in allowed.items() if why is None]
     if tried == [REFERENCE]:
-        record["choice"] = {b: REFERENCE for b in buckets}
+        record["choice"] = dict.fromkeys(buckets, REFERENCE)
         return record
     record.update(trial(files, parity, tried, threads=threads, row_shards=row_shards, log=log))
     record["excluded"].update({v: f"could not run here: {why}" for v, why in record.pop("failed").items()})

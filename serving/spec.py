@@ -14,6 +14,7 @@ import numpy as np
 
 from .card import ModelCard
 from .errors import ExportMetadataError
+from .graph_runtime import CLASS_LABEL, IMAGE, feed_by_role, LATENT, LOGVAR, MEAN, NOISY_SAMPLE, PREDICTION, TIMESTEP
 from .sampling import LOOP_REQUEST, LOOP_STREAM_REQUEST
 
 # Triton model names, one per exported graph family.
@@ -46,6 +47,7 @@ class TensorSpec:
     dtype: str            # numpy dtype name: "float32", "int64", ...
     shape: tuple[int, ...]
     optional: bool = False  # a request may leave it out (only inputs of the sampling loop model)
+    role: str = ""  # what a graph's tensor is (graph_runtime.ROLES): models and clients bind graph tensors by role
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -78,6 +80,14 @@ class GraphSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
+    def role(self, role: str) -> TensorSpec:
+        """The input or output of this role (graph_runtime.ROLES)."""
+        return next(t for t in (*self.inputs, *self.outputs) if t.role == role)
+
+    def feed(self, values: dict) -> dict:
+        """The graph's inputs from {role: array}, each in its dtype (graph_runtime.feed_by_role)."""
+        return feed_by_role(self.name, self.inputs, values)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs]}
@@ -88,22 +98,23 @@ def graph_spec(graph: str, image_shape: tuple[int, int, int], latent_dim: int | 
     img = tuple(int(s) for s in image_shape)
     if graph == UNET:
         return GraphSpec(UNET,
-                         inputs=(TensorSpec("sample", "float32", img),        # x_t
-                                 TensorSpec("timestep", "float32", ()),       # t (fractional allowed)
-                                 TensorSpec("class_label", "int64", ())),     # y in [0, num_classes], num_classes = null
-                         outputs=(TensorSpec("noise_pred", "float32", img),))  # eps_theta(x_t, t, y)
+                         inputs=(TensorSpec("sample", "float32", img, role=NOISY_SAMPLE),      # x_t
+                                 TensorSpec("timestep", "float32", (), role=TIMESTEP),        # t (fractional allowed)
+                                 TensorSpec("class_label", "int64", (), role=CLASS_LABEL)),   # y in [0, null]
+                         outputs=(TensorSpec("noise_pred", "float32", img, role=PREDICTION),))  # eps (or v)
     if latent_dim is None:
         raise ValueError(f"{graph} needs latent_dim")
-    z = TensorSpec("latent", "float32", (int(latent_dim),))
+    z = TensorSpec("latent", "float32", (int(latent_dim),), role=LATENT)
+    image = TensorSpec("image", "float32", img, role=IMAGE)
     if graph == GENERATOR:
-        return GraphSpec(GENERATOR, inputs=(z, TensorSpec("class_label", "int64", ())),
-                         outputs=(TensorSpec("image", "float32", img),))
+        return GraphSpec(GENERATOR, inputs=(z, TensorSpec("class_label", "int64", (), role=CLASS_LABEL)),
+                         outputs=(image,))
     if graph == DECODER:
-        return GraphSpec(DECODER, inputs=(z,), outputs=(TensorSpec("image", "float32", img),))
+        return GraphSpec(DECODER, inputs=(z,), outputs=(image,))
     if graph == ENCODER:
-        return GraphSpec(ENCODER, inputs=(TensorSpec("image", "float32", img),),
-                         outputs=(TensorSpec("mean", "float32", (int(latent_dim),)),
-                                  TensorSpec("logvar", "float32", (int(latent_dim),))))
+        return GraphSpec(ENCODER, inputs=(image,),
+                         outputs=(TensorSpec("mean", "float32", (int(latent_dim),), role=MEAN),
+                                  TensorSpec("logvar", "float32", (int(latent_dim),), role=LOGVAR)))
     raise ValueError(f"unknown graph {graph!r}; expected one of {sorted(KIND_OF_GRAPH)}")
 
 

@@ -127,3 +127,51 @@ def test_every_error_the_package_defines_is_a_trident_error():
             continue
         module = __import__(module_name(path), fromlist=[name])
         assert issubclass(getattr(module, name), TridentError), f"{path.relative_to(ROOT)}: {name}"
+
+
+# The contracts between files are types (ARCHITECTURE.md: one tensor spec, one runtime manifest per graph).
+
+SERVING = python_files("serving")
+
+
+def string_constants(path: Path) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)}
+
+
+def test_model_configuration_parameter_keys_are_named_only_in_protocol_when_parsed():
+    """A model's configuration carries trident_card, trident_runtime and trident_max_images, named once."""
+    from trident.serving.server.runtime import protocol
+
+    keys = {protocol.CARD, protocol.RUNTIME, protocol.MAX_IMAGES}
+    for path in SERVING:
+        if path.name != "protocol.py":
+            assert not keys & string_constants(path), f"{path.relative_to(ROOT)} spells a parameter key"
+    # the keys of the configuration before the manifest, retired: nothing writes or reads them any more
+    retired = {"trident_onnx_files", "trident_engines", "trident_precision", "trident_input_ranges",
+               "trident_bucket_models", "trident_unet_io", "trident_shard_limit", "intra_op_num_threads"}
+    assert not any(retired & string_constants(path) for path in SERVING)
+
+
+def test_only_the_spec_builds_tensor_specs_and_nothing_binds_graph_tensors_by_position_when_parsed():
+    """Tensor names live in spec.py; everything else binds a graph's tensors by role (GraphSpec.feed,
+    GraphRuntime.feed), so a graph that gains an input is a change to spec.py alone."""
+    for path in SERVING:
+        tree = ast.parse(path.read_text())
+        built = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and getattr(node.func, "id", getattr(node.func, "attr", None)) == "TensorSpec"]
+        assert path.name == "spec.py" or not built, f"{path.relative_to(ROOT)} builds a TensorSpec"
+        positional = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+                      and isinstance(node.value, ast.Attribute) and node.value.attr in ("inputs", "outputs")
+                      and isinstance(node.slice, ast.Constant)]
+        assert not positional, f"{path.relative_to(ROOT)} binds tensors by position: {positional}"
+
+
+def test_graph_runtime_is_copied_into_triton_and_read_by_every_model_that_runs_a_graph():
+    from trident.serving.server.runtime import protocol
+
+    assert RUNTIME_FILES["graph_runtime.py"].name == "graph_runtime.py"
+    for kind, source in MODEL_FILES.items():
+        text = source.read_text()
+        assert "GraphRuntime.from_json(" in text and "P.RUNTIME" in text, kind
+    assert protocol.RUNTIME == "trident_runtime"

@@ -4,6 +4,7 @@ and the fast version of the quality gate (a short sampling run judged by the cla
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from trident.serving import precision
 from trident.serving.ort_runner import BucketRunner
+from trident.serving.manifest import load_export
 from trident.serving.spec import GRAPHS_OF_KIND, UNET, load_export_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,14 +61,14 @@ def test_variant_matches_onnxruntime_fp32_within_its_tolerance_when_run_on_the_p
 
     if not runnable_here(variant):
         pytest.skip(f"{variant}: {precision.not_native(variant, CPU)} (flags {CPU['flags']})")
-    files, engine = precision.VARIANTS[variant]
+    files, engine = precision.VARIANTS[variant].files, precision.VARIANTS[variant].engine
     kind_of_precision = precision.precision_of(variant)
     for kind, directory in export_dirs.items():
         meta = load_export_metadata(directory)
         for graph in GRAPHS_OF_KIND[kind]:
             entry = meta["graphs"][graph]
             tolerance = TOLERANCE.get(kind_of_precision, {}).get(graph, precision.PARITY_TOLERANCE[kind_of_precision])
-            parity = precision.load_parity(directory, entry)
+            parity = precision.load_parity(load_export(directory), graph)
             have = len(next(iter(parity.values())))
             reference = BucketRunner(files_of(directory, entry, "fp32"), row_shards=1).run(parity)  # bucket 4
             runner = BucketRunner(files_of(directory, entry, files), engines={b: engine for b in entry["buckets"]},
@@ -148,8 +150,8 @@ def test_shard_limit_is_the_smallest_bucket_within_two_percent_of_the_fastest_pe
 
 def test_auto_measures_every_offered_variant_and_chooses_per_bucket_the_fastest_that_passed(export_dirs, tmp_path):
     meta = load_export_metadata(export_dirs["diffusion"])
-    record = precision.choose(export_dirs["diffusion"], meta, UNET, "auto", gate_file=passing_gate(tmp_path, meta),
-                              row_shards=1)
+    record = precision.choose(load_export(export_dirs["diffusion"]), UNET, "auto",
+                              gate_file=passing_gate(tmp_path, meta), row_shards=1)
     assert record["cpu"]["model"] and sorted(record["choice"]) == sorted(meta["graphs"][UNET]["buckets"])
     tried = {v for v in precision.CPU_VARIANTS if runnable_here(v)}  # a judged graph whose gate passed everything
     # nothing offered silently went missing (the gate, the graph's judgement, a runtime that did not load)
@@ -169,7 +171,7 @@ def test_auto_keeps_fp32_when_every_variant_breaks_the_parity_gate(export_dirs, 
     monkeypatch.setitem(precision.PARITY_TOLERANCE, "fp32", 0.0)  # a real failed check, made certain
     monkeypatch.setitem(precision.PARITY_TOLERANCE, "bf16", 0.0)
     monkeypatch.setitem(precision.PARITY_TOLERANCE, "int8", 0.0)
-    record = precision.choose(export_dirs["gan"], meta, "gan_generator", "auto",
+    record = precision.choose(load_export(export_dirs["gan"]), "gan_generator", "auto",
                               gate_file=passing_gate(tmp_path, meta), row_shards=1)
     assert set(record["choice"].values()) == {precision.REFERENCE}
     for results in record["buckets"].values():
@@ -178,7 +180,7 @@ def test_auto_keeps_fp32_when_every_variant_breaks_the_parity_gate(export_dirs, 
 
 def test_auto_without_a_gate_result_tries_only_fp32_runtimes(export_dirs):
     meta = load_export_metadata(export_dirs["vae"])
-    record = precision.choose(export_dirs["vae"], meta, "vae_decoder", "auto", gate_file=None, row_shards=1)
+    record = precision.choose(load_export(export_dirs["vae"]), "vae_decoder", "auto", gate_file=None, row_shards=1)
     assert set(record["choice"].values()) <= {"onnxruntime-fp32", "openvino-fp32"}
     assert set(record["buckets"][1]) == {"onnxruntime-fp32", "openvino-fp32"}
     assert {v: why for v, why in record["excluded"].items() if why == "no quality gate file given"} == {
@@ -188,9 +190,10 @@ def test_auto_without_a_gate_result_tries_only_fp32_runtimes(export_dirs):
 
 def test_auto_keeps_fp32_and_says_why_for_an_export_without_a_parity_batch(export_dirs, tmp_path):
     meta = load_export_metadata(export_dirs["gan"])
-    del meta["graphs"]["gan_generator"]["parity_inputs"]  # as an export made before parity batches were saved
-    record = precision.choose(export_dirs["gan"], meta, "gan_generator", "auto", gate_file=passing_gate(tmp_path, meta),
-                              row_shards=1)
+    export = load_export(export_dirs["gan"])
+    export.graphs["gan_generator"] = replace(export.graphs["gan_generator"], parity_inputs=None)  # as an export made
+    # before parity batches were saved
+    record = precision.choose(export, "gan_generator", "auto", gate_file=passing_gate(tmp_path, meta), row_shards=1)
     assert set(record["choice"].values()) == {precision.REFERENCE} and "buckets" not in record  # nothing to trial on
     assert record["excluded"]["openvino-fp32"] == "the export has no fixed parity batch (re-export)"
     assert all(record["excluded"][v] in ("the export has no fixed parity batch (re-export)",
@@ -211,10 +214,14 @@ def test_serve_build_auto_records_choice_and_trial_when_built(export_dirs, tmp_p
     tried = {v for v in precision.CPU_VARIANTS if runnable_here(v)}
     assert set(record["excluded"]) == set(precision.CPU_VARIANTS) - tried
     assert all(set(results) == tried for results in record["buckets"].values())
-    config = (out / "gan_generator" / "config.pbtxt").read_text()
-    chosen = json.loads(json.loads('"' + config.split('key: "trident_precision"')[1].split('string_value: "')[1]
-                                   .split('"\n')[0] + '"'))
-    assert chosen == record["choice"]
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from trident.serving.graph_runtime import GraphRuntime
+
+    config = text_format.Parse((out / "gan_generator" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    runtime = GraphRuntime.from_json(config.parameters["trident_runtime"].string_value)
+    assert runtime.variants == {int(b): v for b, v in record["choice"].items()}
     assert "gan_generator b1:" in capsys.readouterr().out  # the trial's numbers are printed as it runs
 
 
@@ -298,7 +305,7 @@ def test_serve_build_auto_finds_the_committed_gate_from_any_working_directory(ex
     monkeypatch.chdir(tmp_path)  # no benchmarks/ here
     assert build_parser().parse_args(["--precision", "auto"]).quality_gate == COMMITTED_GATE
     meta = load_export_metadata(export_dirs["gan"])
-    record = precision.choose(export_dirs["gan"], meta, "gan_generator", "auto", gate_file=DEFAULT_QUALITY_GATE,
+    record = precision.choose(load_export(export_dirs["gan"]), "gan_generator", "auto", gate_file=DEFAULT_QUALITY_GATE,
                               row_shards=1)
     assert record["quality_gate"] == str(COMMITTED_GATE)
     assert not any(why.startswith("no quality gate file") for why in record["excluded"].values()), record["excluded"]

@@ -23,22 +23,23 @@ import pytest
 from trident.export.build import default_build
 from trident.serving import precision
 from trident.serving.card import ModelCard
+from trident.serving.graph_runtime import MEASURED, MEASURED_FILE, GraphRuntime, Measured
+from trident.serving.manifest import graph_runtime, load_export
 from trident.serving.server.repository import (
     MARKER,
     RepositoryError,
+    bucket_config,
+    build_options,
     build_repository,
-    container_config,
-    container_loop_config,
-    embedded_config,
-    front_config,
+    graph_config,
+    loop_config,
     main,
     stand_in_config,
     to_pbtxt,
 )
 from trident.serving.server.runtime import ALLOWED_IMPORTS, MODEL_FILES, RUNTIME_FILES
-from trident.serving.server.runtime.protocol import BUCKET_MODELS as BUCKET_MODELS_KEY
 from trident.serving.server.runtime.protocol import CARD as CARD_KEY
-from trident.serving.server.runtime.protocol import MEASURED_FILE, bucket_runner_arguments
+from trident.serving.server.runtime.protocol import RUNTIME as RUNTIME_KEY
 from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET,
                                   GraphSpec, TensorSpec, export_card, graph_spec_of)
 
@@ -156,28 +157,49 @@ def repository(export_dirs, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def all_configs(metas) -> list[dict]:
+@pytest.fixture(scope="module")
+def exports(export_dirs) -> dict:
+    """graph -> its parsed export (manifest.Export)."""
+    return {graph: load_export(export_dirs[kind]) for graph, kind in KIND_OF_GRAPH.items()}
+
+
+def embedded_config(graph: str, export, **options) -> dict:
+    """The embedded flavour's model of a graph, planned as the builder plans it (fixed precision: no trial)."""
+    checked = build_options(shard_limit=0, **options)
+    return graph_config(export, graph_runtime(export, graph, checked.runtime), checked)
+
+
+def runtime_of(config: dict) -> GraphRuntime:
+    return GraphRuntime.from_json(config["parameters"][RUNTIME_KEY]["string_value"])
+
+
+def all_configs(exports) -> list[dict]:
     configs = []
-    for graph, meta in metas.items():
-        configs.append(embedded_config(graph, meta))
-        configs.append(embedded_config(graph, meta, gpu=True, fp16=True, max_batch_size=16, max_queue_delay_us=100,
+    for graph, export in exports.items():
+        configs.append(embedded_config(graph, export))
+        configs.append(embedded_config(graph, export, gpu=True, fp16=True, max_batch_size=16, max_queue_delay_us=100,
                                        intra_op_threads=2))
-        bucket_models = {n: f"{graph}_b{n}" for n in meta["graphs"][graph]["buckets"]}
+        container = build_options("container", gpu=True, fp16=True, max_batch_size=64, max_queue_delay_us=100,
+                                  intra_op_threads=1)
+        bucket_models = {n: f"{graph}_b{n}" for n in export.graphs[graph].buckets}
         for n in bucket_models:
-            configs.append(container_config(graph, meta, n))
-            configs.append(container_config(graph, meta, n, gpu=True, fp16=True))
-            configs.append(stand_in_config(graph, meta, n, gpu=True, fp16=True, intra_op_threads=1))
-        configs.append(front_config(graph, meta, bucket_models, max_batch_size=64, max_queue_delay_us=100))
+            configs.append(bucket_config(export, graph, n, build_options("container")))
+            configs.append(bucket_config(export, graph, n, container))
+            one = graph_runtime(export, graph, container.runtime, {n: container.runtime.precision})
+            configs.append(stand_in_config(export, one, container))
+        front = graph_runtime(export, graph, container.runtime, models=bucket_models)
+        configs.append(graph_config(export, front, container))
         if graph == UNET:
-            configs.append(container_loop_config(meta, bucket_models))
+            configs.append(loop_config(export, front, container))
+            configs.append(loop_config(export, graph_runtime(export, graph, container.runtime), container, stream=True))
     return configs
 
 
-def test_to_pbtxt_round_trips_every_field_when_parsed_by_model_config_pb2(metas):
+def test_to_pbtxt_round_trips_every_field_when_parsed_by_model_config_pb2(exports):
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
-    for config in all_configs(metas):
+    for config in all_configs(exports):
         parsed = text_format.Parse(to_pbtxt(config), model_config_pb2.ModelConfig())
         # ParseDict rejects any key that is not a ModelConfig field, so equality means every field we set is a real
         # one and survived the text form.
@@ -188,12 +210,12 @@ def test_to_pbtxt_round_trips_every_field_when_parsed_by_model_config_pb2(metas)
             k: v["string_value"] for k, v in config["parameters"].items()}
 
 
-def test_embedded_config_declares_scalars_as_dims_1_reshaped_to_empty_when_per_item_scalar(metas, specs):
+def test_embedded_config_declares_scalars_as_dims_1_reshaped_to_empty_when_per_item_scalar(exports, specs):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     spec = specs["diffusion_unet"]
-    parsed = text_format.Parse(to_pbtxt(embedded_config("diffusion_unet", metas["diffusion_unet"])),
+    parsed = text_format.Parse(to_pbtxt(embedded_config("diffusion_unet", exports["diffusion_unet"])),
                                model_config_pb2.ModelConfig())
     by_name = {i.name: i for i in parsed.input}
     for tensor in spec.inputs:
@@ -206,16 +228,16 @@ def test_embedded_config_declares_scalars_as_dims_1_reshaped_to_empty_when_per_i
             assert entry.HasField("reshape") and list(entry.reshape.shape) == []
 
 
-def test_embedded_config_batches_up_to_largest_bucket_with_warmup_per_bucket_when_defaults(metas, specs):
+def test_embedded_config_batches_up_to_largest_bucket_with_warmup_per_bucket_when_defaults(exports, metas, specs):
     for graph, meta in metas.items():
-        config = embedded_config(graph, meta)
+        config = embedded_config(graph, exports[graph])
         buckets = meta["graphs"][graph]["buckets"]
         assert config["backend"] == "python"
         assert config["max_batch_size"] == max(buckets)
         assert config["dynamic_batching"] == {"preferred_batch_size": buckets, "max_queue_delay_microseconds": 500}
         assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
-        assert config["parameters"]["intra_op_num_threads"] == {"string_value": "0"}
-        assert config["parameters"]["execution_provider"] == {"string_value": "cpu"}
+        runtime = runtime_of(config)
+        assert (runtime.threads, runtime.provider, runtime.sizes) == (0, "cpu", tuple(buckets))
         assert [w["batch_size"] for w in config["model_warmup"]] == buckets
         for warmup in config["model_warmup"]:
             assert set(warmup["inputs"]) == {t.name for t in specs[graph].inputs}
@@ -223,28 +245,44 @@ def test_embedded_config_batches_up_to_largest_bucket_with_warmup_per_bucket_whe
             assert all(entry["zero_data"] is True for entry in warmup["inputs"].values())
 
 
-def test_card_parameter_carries_the_export_card_with_this_graphs_buckets_when_read_back(metas, specs):
+def test_card_parameter_carries_the_export_card_with_this_graphs_buckets_when_read_back(exports, metas, specs):
     for graph, meta in metas.items():
-        params = {k: v["string_value"] for k, v in embedded_config(graph, meta)["parameters"].items()}
+        params = {k: v["string_value"] for k, v in embedded_config(graph, exports[graph])["parameters"].items()}
         carried = ModelCard.from_json(params[CARD_KEY])
         exported = export_card(meta)
         # The export's card, cut to this graph's buckets: one parser reads both.
         assert carried == exported.with_buckets({graph: meta["graphs"][graph]["buckets"]}), graph
         assert carried.buckets == {graph: tuple(meta["graphs"][graph]["buckets"])}
         assert graph_spec_of(graph, carried) == specs[graph]
-        # Every other parameter is one the model's own model.py reads, or the precision chosen per bucket (the
-        # build's record for operators): no unread copies of card fields.
-        assert set(params) == {CARD_KEY, "trident_onnx_files", "trident_engines", "trident_precision",
-                               "trident_input_ranges", "intra_op_num_threads", "row_shards", "trident_shard_limit",
-                               "execution_provider"}, graph
-        assert json.loads(params["trident_precision"]) == {str(b): "onnxruntime-fp32"
-                                                           for b in meta["graphs"][graph]["buckets"]}
+        # The only other parameter is the one model.py reads: the graph's runtime manifest, whose tensors are the
+        # spec's (names, dtypes, per-item shapes and roles) and whose buckets run the fp32 files the export lists.
+        assert set(params) == {CARD_KEY, RUNTIME_KEY}, graph
+        runtime = GraphRuntime.from_json(params[RUNTIME_KEY])
+        assert [(t.name, t.dtype, t.shape, t.role) for t in (*runtime.inputs, *runtime.outputs)] == [
+            (t.name, t.dtype, t.shape, t.role) for t in (*specs[graph].inputs, *specs[graph].outputs)], graph
+        assert {b.size: (b.variant, b.file, b.engine) for b in runtime.buckets} == {
+            int(b): ("onnxruntime-fp32", f["file"], "onnxruntime") for b, f in meta["graphs"][graph]["fp32"].items()}
+        assert GraphRuntime.from_json(runtime.to_json()) == runtime
+
+
+def test_runtime_manifest_names_every_problem_at_once_when_read_back(exports):
+    data = json.loads(graph_runtime(exports[UNET], UNET, build_options(shard_limit=0).runtime).to_json())
+    data["colour"] = "red"
+    data["buckets"][0]["weight"] = 1
+    del data["inputs"][0]["role"]
+    with pytest.raises(ValueError, match=r"unknown fields \['colour'\].*missing fields \['role'\].*unknown fields "
+                                         r"\['weight'\]"):
+        GraphRuntime.from_dict(data)
+    data = json.loads(graph_runtime(exports[UNET], UNET, build_options(shard_limit=0).runtime).to_json())
+    data["shard_limit"], data["provider"] = -1, "tpu"
+    with pytest.raises(ValueError, match=r"shard_limit must be.*provider must be one of"):
+        GraphRuntime.from_dict(data)
 
 
 def test_shard_limit_is_measured_per_graph_and_recorded_when_built_with_defaults(export_dirs, tmp_path):
     """The default build times each graph's buckets on row shards here (precision.shard_trial). Every model that runs
-    the graph says "measured" in its config and finds the limit, with the trial's numbers, in its version directory
-    (so config.pbtxt and the marker do not depend on the machine); the served model runs with that limit."""
+    the graph says MEASURED in its runtime manifest and finds the limit, with the trial's numbers, in its version
+    directory (so config.pbtxt and the marker do not depend on the machine); the served model runs with that limit."""
     out = tmp_path / "repo"
     build_repository(list(export_dirs.values()), out, row_shards=2)
     assert "shard_trial" not in (out / MARKER).read_text()
@@ -260,27 +298,29 @@ def test_shard_limit_is_measured_per_graph_and_recorded_when_built_with_defaults
         # the smallest bucket within 2% of the fastest time per row (the rule: test_precision.py, on numbers)
         assert measured[0]["shard_limit"] == trial["limit"] == precision.shard_limit_of(per_row), graph
         for model in models:
-            assert embedded_parameters(out / model / "config.pbtxt")["trident_shard_limit"] == "measured", model
-    params = embedded_parameters(out / UNET / "config.pbtxt")
-    arguments = bucket_runner_arguments(params, {"model_repository": str(out / UNET), "model_version": "1"})
+            assert served_runtime(out / model).shard_limit == MEASURED, model
+    runtime = served_runtime(out / UNET)
+    arguments = runtime.runner_arguments(str(out / UNET / "1"))
     assert arguments["shard_limit"] == json.loads((out / UNET / "1" / MEASURED_FILE).read_text())["shard_limit"]
-    assert arguments["files"] == {int(b): str(out / UNET / "1" / f)
-                                  for b, f in json.loads(params["trident_onnx_files"]).items()}
+    assert arguments["files"] == {b.size: str(out / UNET / "1" / b.file) for b in runtime.buckets}
 
 
-def test_a_measured_shard_limit_without_its_file_fails_the_load_saying_how_to_rebuild(tmp_path):
+def test_a_measured_shard_limit_without_its_file_fails_the_load_saying_how_to_rebuild(exports, tmp_path):
     """trident_measured.json is per machine and git-ignored: a repository copied without it must not fail with a
     bare FileNotFoundError."""
-    (tmp_path / "1").mkdir()
-    params = {"trident_onnx_files": '{"1": "a_b1.onnx"}', "trident_shard_limit": "measured"}
-    where = {"model_repository": str(tmp_path), "model_version": "1"}
+    runtime = graph_runtime(exports[UNET], UNET, build_options().runtime)
+    assert runtime.shard_limit == MEASURED
     with pytest.raises(RuntimeError, match=r"FileNotFoundError.*rebuild the repository here with `trident serve build`"):
-        bucket_runner_arguments(params, where)
-    (tmp_path / "1" / MEASURED_FILE).write_text('{"shard_trial": null}')
+        runtime.runner_arguments(str(tmp_path))
+    (tmp_path / MEASURED_FILE).write_text('{"shard_trial": null}')
     with pytest.raises(RuntimeError, match=r"KeyError.*--shard-limit N"):
-        bucket_runner_arguments(params, where)
-    (tmp_path / "1" / MEASURED_FILE).write_text('{"shard_limit": 4}')
-    assert bucket_runner_arguments(params, where)["shard_limit"] == 4
+        runtime.runner_arguments(str(tmp_path))
+    (tmp_path / MEASURED_FILE).write_text(Measured(4).to_json())
+    assert runtime.runner_arguments(str(tmp_path))["shard_limit"] == 4
+
+
+def served_runtime(model_dir: Path) -> GraphRuntime:
+    return GraphRuntime.from_json(embedded_parameters(model_dir / "config.pbtxt")[RUNTIME_KEY])
 
 
 def embedded_parameters(config_path: Path) -> dict[str, str]:
@@ -295,7 +335,7 @@ def test_shard_limit_given_is_written_as_is_and_bad_values_are_refused(export_di
 
     out = tmp_path / "repo"
     assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--shard-limit", "1"]) == 0
-    assert embedded_parameters(out / "gan_generator" / "config.pbtxt")["trident_shard_limit"] == "1"
+    assert served_runtime(out / "gan_generator").shard_limit == 1
     assert not (out / "gan_generator" / "1" / MEASURED_FILE).exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["--export", str(export_dirs["gan"]), "--out", str(tmp_path / "other"), "--shard-limit", "-2"])
@@ -306,17 +346,15 @@ def test_shard_limit_given_is_written_as_is_and_bad_values_are_refused(export_di
     assert not (tmp_path / "other").exists() and not (tmp_path / "third").exists()
 
 
-def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_when_built(metas, specs):
-    unet = json.loads(embedded_config("diffusion_unet", metas["diffusion_unet"])["parameters"]
-                      ["trident_input_ranges"]["string_value"])
-    gan = json.loads(embedded_config("gan_generator", metas["gan_generator"])["parameters"]
-                     ["trident_input_ranges"]["string_value"])
+def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_when_built(exports, metas, specs):
+    unet = runtime_of(embedded_config("diffusion_unet", exports["diffusion_unet"])).ranges
+    gan = runtime_of(embedded_config("gan_generator", exports["gan_generator"])).ranges
     label, timestep = label_input(specs["diffusion_unet"]).name, timestep_input(specs["diffusion_unet"]).name
-    assert (unet[label]["low"], unet[label]["high"]) == (0, metas["diffusion_unet"]["card"]["null_class"] + 1)
-    assert (unet[timestep]["low"], unet[timestep]["high"]) == (
+    assert (unet[label].low, unet[label].high) == (0, metas["diffusion_unet"]["card"]["null_class"] + 1)
+    assert (unet[timestep].low, unet[timestep].high) == (
         0, metas["diffusion_unet"]["card"]["schedule"]["num_train_timesteps"])
     gan_label = label_input(specs["gan_generator"]).name
-    assert (gan[gan_label]["low"], gan[gan_label]["high"]) == (0, len(metas["gan_generator"]["card"]["class_names"]))
+    assert (gan[gan_label].low, gan[gan_label].high) == (0, len(metas["gan_generator"]["card"]["class_names"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,7 +362,7 @@ def test_input_ranges_follow_null_class_for_diffusion_and_class_count_for_gan_wh
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export_dirs, metas, tmp_path):
+def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export_dirs, exports, metas, tmp_path):
     """The official container's layout, parsed back with Triton's own protobuf definition: per graph a native
     onnxruntime model per bucket (checked against the ONNX file it serves) and a front model under the graph's name
     that batches across clients and names those per-bucket models; the sampling loop model calls them too."""
@@ -369,42 +407,42 @@ def test_container_repository_matches_onnx_graphs_when_built_for_gpu_fp16(export
         assert list(front.dynamic_batching.preferred_batch_size) == buckets
         assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in front.instance_group] == ["KIND_CPU"]
         assert not front.model_warmup  # BLS is not available while the per-bucket models may still be loading
-        assert json.loads(front.parameters[BUCKET_MODELS_KEY].string_value) == {str(n): f"{graph}_b{n}"
-                                                                                 for n in buckets}
+        assert GraphRuntime.from_json(front.parameters[RUNTIME_KEY].string_value).bucket_models == {
+            n: f"{graph}_b{n}" for n in buckets}
         carried = ModelCard.from_json(front.parameters[CARD_KEY].string_value)
         assert carried.buckets == {graph: tuple(buckets)}
         # what the front model takes is what the embedded flavour's model of that graph takes
         assert text_format.MessageToString(front.input[0]) == text_format.MessageToString(
-            text_format.Parse(to_pbtxt(embedded_config(graph, meta)), model_config_pb2.ModelConfig()).input[0])
+            text_format.Parse(to_pbtxt(embedded_config(graph, exports[graph])), model_config_pb2.ModelConfig()).input[0])
         assert sorted(p.name for p in (out / graph / "1").iterdir()) == sorted(("model.py", *RUNTIME_FILES))
         assert (out / graph / "1" / "model.py").read_bytes() == MODEL_FILES["router"].read_bytes()
     for name in LOOPS:  # both sampling loop models call the per-bucket models, the streaming one decoupled
         loop = parsed(name)
         assert (out / name / "1" / "model.py").read_bytes() == MODEL_FILES["loop"].read_bytes()
-        assert json.loads(loop.parameters[BUCKET_MODELS_KEY].string_value) == {
-            str(n): f"{UNET}_b{n}" for n in metas[UNET]["graphs"][UNET]["buckets"]}
-        assert "trident_onnx_files" not in loop.parameters and not list((out / name / "1").glob("*.onnx"))
+        assert GraphRuntime.from_json(loop.parameters[RUNTIME_KEY].string_value).bucket_models == {
+            n: f"{UNET}_b{n}" for n in metas[UNET]["graphs"][UNET]["buckets"]}
+        assert not list((out / name / "1").glob("*.onnx"))
         assert loop.model_transaction_policy.decoupled == (name == SAMPLING_LOOP_STREAM)
     assert json.loads((out / MARKER).read_text())["bucket_backend"] == "onnxruntime"
 
 
-def test_front_config_refuses_per_bucket_models_that_do_not_cover_the_buckets_or_a_batch_below_one(metas):
-    meta = metas["vae_decoder"]
-    with pytest.raises(RepositoryError, match=r"per-bucket models \[1\] do not match the buckets \[1, 4\]"):
-        front_config("vae_decoder", meta, {1: "vae_decoder_b1"})
+def test_front_runtime_refuses_per_bucket_models_that_do_not_cover_the_buckets_or_a_batch_below_one(exports):
+    export, options = exports["vae_decoder"], build_options("container")
+    with pytest.raises(ValueError, match=r"per-bucket models \[1\] do not match the buckets \[1, 4\]"):
+        graph_runtime(export, "vae_decoder", options.runtime, models={1: "vae_decoder_b1"})
     with pytest.raises(RepositoryError, match="max_batch_size must be >= 1"):
-        front_config("vae_decoder", meta, {1: "a", 4: "b"}, max_batch_size=0)
+        build_options("container", max_batch_size=0)
     with pytest.raises(RepositoryError, match="bucket_backend must be one of"):
         build_repository([], Path("unused"), flavour="container", bucket_backend="tensorrt")
 
 
-def test_container_config_runs_on_cpu_without_accelerator_when_no_gpu(metas):
-    config = container_config("gan_generator", metas["gan_generator"], 1)
+def test_bucket_config_runs_on_cpu_without_accelerator_when_no_gpu(exports):
+    config = bucket_config(exports["gan_generator"], "gan_generator", 1, build_options("container"))
     assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
     assert "optimization" not in config
     assert config["parameters"]["intra_op_thread_count"] == {"string_value": "0"}
     with pytest.raises(RepositoryError, match="--gpu"):
-        container_config("gan_generator", metas["gan_generator"], 1, fp16=True)
+        build_options("container", fp16=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -418,7 +456,8 @@ def test_build_repository_writes_self_contained_models_when_embedded(repository,
     # ctypes: ort_runner loads a GPU provider's library itself to name what it is missing
     # inspect: sampling.py reads each sampler's options from its constructor's signature
     allowed = {"json", "os", "sys", "concurrent", "threading", "numpy", "onnxruntime", "openvino",
-               "triton_python_backend_utils", "ort_runner", "sampling", "card", "protocol", "batching", "bls",
+               "triton_python_backend_utils", "ort_runner", "sampling", "card", "graph_runtime", "protocol", "batching",
+               "bls",
                "__future__", "math", "time", "dataclasses", "functools", "typing", "tqdm", "ctypes", "inspect"}
     assert ALLOWED_IMPORTS == allowed  # the rule the runtime folder states is the one checked here
     # every Python-backend model gets model.py and the one declared list of runtime files
@@ -710,7 +749,7 @@ def test_served_model_refuses_to_load_naming_the_missing_library_when_cuda_is_as
     repo = tmp_path / "model_repository"
     build_repository([export_dirs["vae"]], repo, gpu=True, intra_op_threads=1)
     for config in repo.glob("*/config.pbtxt"):
-        assert 'string_value: "cuda"' in config.read_text()
+        assert served_runtime(config.parent).provider == "cuda"
         config.write_text(config.read_text().replace("KIND_GPU", "KIND_CPU"))
     with pytest.raises(TritonServerError) as failure:
         with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)):

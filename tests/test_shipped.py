@@ -10,7 +10,7 @@ import pytest
 from trident.export.build import default_build
 from trident.serving.server.repository import MARKER
 from trident.serving.server.runtime import RUNTIME_FILES
-from trident.serving.server.runtime.protocol import MEASURED_FILE
+from trident.serving.graph_runtime import MEASURED_FILE
 from trident.training.checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]

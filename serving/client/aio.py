@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ModelNotReadyError, ServerUnreachableError, TridentError
+from ..graph_runtime import IMAGE, MEAN, PREDICTION
 from ..sampling import SamplingCancelled
 from ..spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
 from .backends import (TLS, DescribedServer, RetryPolicy, ServerInfo, TritonBackend, check_inputs, client_options,
@@ -237,7 +238,7 @@ class AsyncTridentClient(ClientBase):
         return self._finish(x, job.card, raw)
 
     async def _run_loop_here(self, job: SampleJob, stats: SampleStats) -> np.ndarray:
-        loop, out_name = job.loop, self.backend.specs[UNET].outputs[0].name
+        loop, out_name = job.loop, self.backend.specs[UNET].role(PREDICTION).name
         try:
             while not loop.done:
                 step = loop.advance((await self._timed_run(UNET, self._unet_feed(*loop.model_input()), stats))[out_name])
@@ -274,7 +275,7 @@ class AsyncTridentClient(ClientBase):
     async def encode(self, images: np.ndarray) -> np.ndarray:
         feed = self._encode_request(images)
         self.last_stats = stats = SampleStats()
-        return (await self._timed_run(ENCODER, feed, stats))[self.backend.specs[ENCODER].outputs[0].name]
+        return (await self._timed_run(ENCODER, feed, stats))[self.backend.specs[ENCODER].role(MEAN).name]
 
     async def interpolate(self, start, end, steps: int = 8, *, spherical: bool = True, raw: bool = False) -> np.ndarray:
         """TridentClient.interpolate as a coroutine."""
@@ -288,6 +289,6 @@ class AsyncTridentClient(ClientBase):
     async def _images(self, graph, inputs, card, raw):
         self.last_stats = stats = SampleStats()
         t0 = time.perf_counter()
-        out = (await self._timed_run(graph, inputs, stats))[self.backend.specs[graph].outputs[0].name]
+        out = (await self._timed_run(graph, inputs, stats))[self.backend.specs[graph].role(IMAGE).name]
         stats.wall_s = time.perf_counter() - t0
         return self._finish(out, card, raw)

@@ -24,11 +24,11 @@ import numpy as np
 from ..card import ModelCard
 from ..errors import InferenceError, InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
 from .. import precision as precisions
+from ..manifest import RuntimeOptions, graph_runtime, load_export, measure
 from ..ort_runner import CPU as CPU_PROVIDER
 from ..ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
 from ..sampling import SamplingCancelled
-from ..spec import (KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, GraphSpec, export_card, graph_spec_of,
-                    load_export_metadata)
+from ..spec import KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, GraphSpec, graph_spec_of
 from ..server.runtime.protocol import CARD as CARD_PARAMETER
 from ..server.runtime.protocol import MAX_IMAGES as MAX_IMAGES_PARAMETER
 from ..server.runtime.protocol import OUT_OF_TIME, SHUTTING_DOWN
@@ -132,51 +132,29 @@ class OnnxRuntimeBackend(InProcess):
                  shard_limit: int | str = 0):
         if isinstance(export_dirs, (str, os.PathLike)):
             export_dirs = [export_dirs]
-        precision = {"fp32": precisions.REFERENCE, "fp16": "onnxruntime-fp16"}.get(precision, precision)
-        if precision not in precisions.CHOICES:
-            raise InvalidArgumentError(f"precision must be fp32, fp16 or one of {precisions.CHOICES}, "
-                                       f"got {precision!r}")
-        try:
-            precisions.check_shard_limit(shard_limit)
+        gpu = any((p if isinstance(p, str) else p[0]) != CPU_PROVIDER for p in providers or ())
+        try:  # the options `trident serve build` takes too, checked by the same class
+            options = RuntimeOptions(precision, threads or 0, row_shards, shard_limit, gpu, quality_gate)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
-        if (threads or 0) < 0 or row_shards < 0:
-            raise InvalidArgumentError(f"threads and row_shards must be >= 0 (0: automatic), got {threads}, {row_shards}")
         self.cards, self.buckets, self.specs, self.runners, self.precision = {}, {}, {}, {}, {}
         try:
             for d in export_dirs:
-                info = load_export_metadata(d)
-                card = export_card(info, d)
-                self.cards[card.kind] = card
-                for graph, entry in info["graphs"].items():
-                    try:
-                        record = precisions.choose(d, info, graph, precision, gate_file=quality_gate,
-                                                   threads=threads or 0, row_shards=row_shards)
-                    except ValueError as e:
+                export = load_export(d)
+                self.cards[export.card.kind] = export.card
+                for graph, entry in export.graphs.items():
+                    try:  # the one GraphRuntime the repository builder makes too, run here on the export's files
+                        measured = measure(export, graph, options)
+                        runtime = graph_runtime(export, graph, options, measured.choice)
+                        runner = BucketRunner(**runtime.runner_arguments(str(d), measured.measured),
+                                              providers=providers)
+                    except ValueError as e:  # a precision the export lacks, a GPU provider that does not load
                         raise InvalidArgumentError(f"{d}: {e}") from None
-                    variant_of = {int(b): v for b, v in record["choice"].items()}
-                    files = {b: Path(d) / entry[precisions.VARIANTS[v][0]][str(b)]["file"]
-                             for b, v in variant_of.items()}
-                    engines = {b: precisions.VARIANTS[v][1] for b, v in variant_of.items()}
-                    limit = shard_limit
-                    if limit == "auto" and providers and any(
-                            (p if isinstance(p, str) else p[0]) != CPU_PROVIDER for p in providers):
-                        limit = 0  # a GPU runs one call at a time: no row shards to limit
-                    if limit == "auto":
-                        trial = precisions.measure_shard_limit(d, entry, variant_of, threads=threads or 0,
-                                                               row_shards=row_shards)
-                        record = {**record, "shard_trial": trial}
-                        limit = trial["limit"] if trial else 0
-                    self.precision[graph] = record
-                    self.specs[graph] = graph_spec_of(graph, card)
-                    self.runners[graph] = BucketRunner(files, threads=threads or 0, row_shards=row_shards,
-                                                       providers=providers, engines=engines, shard_limit=limit)
-                    self.buckets[graph] = tuple(self.runners[graph].buckets)
-        except ValueError as e:  # BucketRunner's plain ValueError, e.g. a GPU provider asked for that does not load
-            self.close()
-            if isinstance(e, TridentError):
-                raise
-            raise InvalidArgumentError(str(e)) from None
+                    trial = {"shard_trial": measured.measured.shard_trial} if measured.measured else {}
+                    self.precision[graph] = {**measured.record, **trial}
+                    self.specs[graph] = entry.spec
+                    self.runners[graph] = runner
+                    self.buckets[graph] = tuple(runner.buckets)
         except BaseException:
             self.close()
             raise

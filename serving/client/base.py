@@ -17,6 +17,7 @@ import numpy as np
 from .. import sampling
 from ..card import ModelCard
 from ..errors import InvalidArgumentError, ModelNotReadyError
+from ..graph_runtime import CLASS_LABEL, IMAGE, LATENT, NOISY_SAMPLE, TIMESTEP
 from ..images import labelled_grid, make_grid, save_png, to_uint8
 from ..spec import DECODER, ENCODER, GENERATOR, UNET
 
@@ -166,8 +167,7 @@ class ClientBase:
         return SampleJob(card, count, feed=feed, on_step=on_step)
 
     def _unet_feed(self, x, t, y) -> dict[str, np.ndarray]:
-        x_name, t_name, y_name = (s.name for s in self.backend.specs[UNET].inputs)
-        return {x_name: x, t_name: t, y_name: y}
+        return self.backend.specs[UNET].feed({NOISY_SAMPLE: x, TIMESTEP: t, CLASS_LABEL: y})
 
     # -- GAN ----------------------------------------------------------------------------------------------------
     def _generate_request(self, classes, n, seed, truncation) -> tuple[dict, ModelCard]:
@@ -181,8 +181,7 @@ class ClientBase:
             if not truncation > 0:
                 raise InvalidArgumentError(f"truncation must be > 0, got {truncation!r}")
             z = np.clip(z, -truncation, truncation)
-        spec = self.backend.specs[GENERATOR]
-        return {spec.inputs[0].name: z, spec.inputs[1].name: labels}, card
+        return self.backend.specs[GENERATOR].feed({LATENT: z, CLASS_LABEL: labels}), card
 
     # -- VAE ----------------------------------------------------------------------------------------------------
     def _decode_request(self, z) -> tuple[dict, ModelCard]:
@@ -191,7 +190,7 @@ class ClientBase:
         if z.ndim != 2 or z.shape[1] != card.latent_dim:
             raise InvalidArgumentError(f"z must have shape (N, {card.latent_dim}), got {z.shape}")
         self._check_count(len(z), None, None)
-        return {self.backend.specs[DECODER].inputs[0].name: z}, card
+        return self.backend.specs[DECODER].feed({LATENT: z}), card
 
     def _vae_latents(self, n, seed, temperature) -> np.ndarray:
         card = self.card("vae")
@@ -210,7 +209,7 @@ class ClientBase:
         if x.dtype == np.uint8:
             lo, hi = card.image.value_range
             x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 * (hi - lo) + lo
-        return {self.backend.specs[ENCODER].inputs[0].name: x.astype(np.float32)}
+        return self.backend.specs[ENCODER].feed({IMAGE: x})
 
     def _check_interpolation(self, steps) -> ModelCard:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= MAX_IMAGES:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import sampling, toolchain
 from ..errors import InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
+from ..graph_runtime import IMAGE, MEAN, PREDICTION
 from ..spec import DECODER, ENCODER, GENERATOR, UNET
 from .backends import OnnxRuntimeBackend, TritonBackend
 from .base import LOOPS, MAX_IMAGES, ClientBase, SampleJob, SampleStats  # noqa: F401  (LOOPS: part of the API)
@@ -64,7 +65,7 @@ class TridentClient(ClientBase):
 
     def eps_model(self) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
         """The U-Net as the sampler's callable eps(x, t, y) (one backend call per sampler call)."""
-        out_name = self.backend.specs[UNET].outputs[0].name
+        out_name = self.backend.specs[UNET].role(PREDICTION).name
         return lambda x, t, y: self._timed_run(UNET, self._unet_feed(x, t, y))[out_name]
 
     # -- diffusion ----------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class TridentClient(ClientBase):
         """Posterior means of images, uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1] -> (N, latent_dim)."""
         feed = self._encode_request(images)
         self.last_stats = SampleStats()
-        return self._timed_run(ENCODER, feed)[self.backend.specs[ENCODER].outputs[0].name]
+        return self._timed_run(ENCODER, feed)[self.backend.specs[ENCODER].role(MEAN).name]
 
     def interpolate(self, start, end, steps: int = 8, *, spherical: bool = True, raw: bool = False) -> np.ndarray:
         """Decode a path through the VAE latent space between two endpoints: class ids/names (the class's mean
@@ -145,6 +146,6 @@ class TridentClient(ClientBase):
     def _images(self, graph, inputs, card, raw):
         self.last_stats = SampleStats()
         t0 = time.perf_counter()
-        out = self._timed_run(graph, inputs)[self.backend.specs[graph].outputs[0].name]
+        out = self._timed_run(graph, inputs)[self.backend.specs[graph].role(IMAGE).name]
         self.last_stats.wall_s = time.perf_counter() - t0
         return self._finish(out, card, raw)

@@ -12,6 +12,8 @@ file in RUNTIME_FILES and fails on any other import.
     batching.py      a batched model's execute(): each request checked on its own, one run, each its own rows
     bls.py           the per-bucket models of a graph called through BLS, chunked and padded like BucketRunner
     protocol.py      the model configuration's parameter keys (shared with the repository builder) and error answers
+and, copied from the core: graph_runtime.py (GraphRuntime, the one parameter a model reads to run its graph),
+card.py, ort_runner.py, sampling.py.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ RUNTIME_FILES = {
     "bls.py": _HERE / "bls.py",
     "ort_runner.py": _CORE / "ort_runner.py",   # static-batch ONNX Runtime sessions, shared with the in-process SDK
     "card.py": _CORE / "card.py",               # the model card parser
+    "graph_runtime.py": _CORE / "graph_runtime.py",  # the runtime manifest: how the model runs its graph
     "sampling.py": _CORE / "sampling.py",       # the sampler math (loop model only, copied to every model for one list)
 }
 # What a runtime file may import (top-level module names).

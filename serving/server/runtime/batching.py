@@ -5,31 +5,23 @@ flavour's front model: the rows run on per-bucket models through BLS). Copied in
 `trident serve build` (RUNTIME_FILES), so standard library, numpy and triton_python_backend_utils only.
 """
 
-import json
-
 import numpy as np
 
 from protocol import InvalidRequest, error_response
 
 
 class BatchedInputs:
-    """What a request must hold, read from the model's configuration (built from spec.py): input names and dtypes,
-    per-item shapes as the model sees them (after Triton's reshape: a per-item scalar declared [1] is (); with
-    max_batch_size 0 the dims' first axis is the batch), the output names and dtypes, and the valid ranges of label
-    and timestep inputs. item_shapes, when given, replaces the configuration's (graph_model.py reads the graphs')."""
+    """What a request must hold, from the model's GraphRuntime (serving/graph_runtime.py, built from spec.py): input
+    names, dtypes and per-item shapes (as the model sees them: after Triton's reshape a per-item scalar declared [1]
+    is (), and a per-bucket model's static first axis is the batch), the output names and dtypes, and the valid
+    ranges of label and timestep inputs."""
 
-    def __init__(self, config: dict, ranges_json: str = "{}", item_shapes: dict | None = None):
-        import triton_python_backend_utils as pb_utils
-
-        self.name = config["name"]
-        self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
-        self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
-        # dims are int64 in the configuration, so its JSON form writes them as strings; an empty reshape is {}
-        skip = 0 if int(config.get("max_batch_size", 0)) > 0 else 1
-        self.item_shapes = item_shapes or {
-            t["name"]: tuple(int(d) for d in (t["reshape"].get("shape", []) if "reshape" in t else t["dims"][skip:]))
-            for t in config["input"]}
-        self.ranges = json.loads(ranges_json)
+    def __init__(self, name: str, runtime):
+        self.name = name
+        self.inputs = [(t.name, np.dtype(t.dtype)) for t in runtime.inputs]
+        self.outputs = [(t.name, np.dtype(t.dtype)) for t in runtime.outputs]
+        self.item_shapes = {t.name: tuple(t.shape) for t in runtime.inputs}
+        self.ranges = runtime.ranges
 
     def read(self, request):
         """The request's inputs as arrays of shape (rows, *item shape), or InvalidRequest saying what is wrong."""
@@ -57,12 +49,12 @@ class BatchedInputs:
                                      "send finite values")
             valid = self.ranges.get(name)
             if valid is not None:
-                outside = (array < valid["low"]) | (array >= valid["high"])
+                outside = (array < valid.low) | (array >= valid.high)
                 if np.any(outside):
                     row = int(np.argwhere(outside)[0][0])
                     raise InvalidRequest(
-                        f"{self.name}: input '{name}' must be in [{valid['low']}, {valid['high']}) "
-                        f"({valid['hint']}); got {array[outside][0].item()} at row {row}"
+                        f"{self.name}: input '{name}' must be in [{valid.low}, {valid.high}) "
+                        f"({valid.hint}); got {array[outside][0].item()} at row {row}"
                     )
             arrays[name] = array
         return arrays, rows

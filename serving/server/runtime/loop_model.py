@@ -35,14 +35,15 @@ import protocol as P  # noqa: E402  (siblings copied in by `trident serve build`
 import sampling  # noqa: E402
 from bls import BucketModels  # noqa: E402
 from card import ModelCard  # noqa: E402
+from graph_runtime import CLASS_LABEL, NOISY_SAMPLE, PREDICTION, TIMESTEP, GraphRuntime  # noqa: E402
 from ort_runner import BucketRunner, execution_providers  # noqa: E402
 from protocol import InvalidRequest, error_response  # noqa: E402
 
 
 PROGRESS_INTERVAL_S = 0.05  # the streaming model's progress responses: at most 20 a second (see _stream)
-# Asking Triton whether a request was cancelled is a round trip to the server process: ~0.5 ms of CPU per step on
-# this 2-core machine, +3% to +4% on a DPM-Solver++-20 loop of one image (measured interleaved). So a loop asks at
-# most this often, and a cancelled loop stops within this time plus one step.
+# Asking Triton whether a request was cancelled is a round trip to the server process, which a loop of few-ms steps
+# notices when it asks at every step (benchmarks/results/optimizations.md, "Figures behind the code's comments"). So
+# a loop asks at most this often, and a cancelled loop stops within this time plus one step.
 CANCEL_CHECK_INTERVAL_S = 0.05
 
 
@@ -57,7 +58,8 @@ class TritonPythonModel:
         self.prediction_type = card.prediction_type
         self.image_shape = card.image.shape
         self.max_images = int(params[P.MAX_IMAGES])
-        self.sample_name, self.timestep_name, self.label_name, self.eps_name = json.loads(params[P.UNET_IO])
+        self.unet = GraphRuntime.from_json(params[P.RUNTIME])  # the U-Net's tensors, bound by role
+        self.eps_name = self.unet.tensor(PREDICTION).name
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         # The request's tensors by name, from the one table (sampling.LOOP_REQUEST) that spec.loop_spec wrote the
         # configuration from; a configuration that lacks one was built by another trident.
@@ -69,24 +71,21 @@ class TritonPythonModel:
         self.output_name, *progress = [t["name"] for t in config["output"]]
         if self.decoupled:
             self.step_out, self.timestep_out, self.preview_out = progress
-        if P.BUCKET_MODELS in params:  # container flavour: the U-Net's per-bucket models, through BLS
-            self.runner = BucketModels(json.loads(params[P.BUCKET_MODELS]), [self.eps_name])
+        if self.unet.bucket_models is not None:  # container flavour: the U-Net's per-bucket models, through BLS
+            self.runner = BucketModels(self.unet.bucket_models, [self.eps_name])
         else:  # no CPU fallback: a GPU provider that is missing or does not load fails the load, naming the library
-            providers = execution_providers(params.get(P.PROVIDER, "cpu"),
-                                            int(args.get("model_instance_device_id", "0")))
-            self.runner = BucketRunner(**P.bucket_runner_arguments(params, args), providers=providers)
+            providers = execution_providers(self.unet.provider, int(args.get("model_instance_device_id", "0")))
+            directory = os.path.join(args["model_repository"], args["model_version"])
+            self.runner = BucketRunner(**self.unet.runner_arguments(directory), providers=providers)
         if not self.decoupled:  # not batched by Triton, so no model_warmup in the config: warm the bucket sizes here
             self.runner.warm()
         # The streaming model is not warmed: its sessions are made on its first request (BucketRunner makes each on
         # first use; only the smallest bucket's at load, which checks the files and providers), so a server whose
-        # clients never stream holds no second set of U-Net sessions (measured: 82 MiB before the first request,
-        # 157 MiB after one of 8 images, against diffusion_sampler's 199 MiB).
+        # clients never stream holds no second set of U-Net sessions (benchmarks/results/optimizations.md has the
+        # memory each set holds).
 
     def _eps(self, x, t, y):
-        feed = {self.sample_name: np.ascontiguousarray(x, dtype=np.float32),
-                self.timestep_name: np.ascontiguousarray(t, dtype=np.float32),
-                self.label_name: np.ascontiguousarray(y, dtype=np.int64)}
-        return self.runner.run(feed)[self.eps_name]
+        return self.runner.run(self.unet.feed({NOISY_SAMPLE: x, TIMESTEP: t, CLASS_LABEL: y}))[self.eps_name]
 
     # -- one request ----------------------------------------------------------------------------------------------
 
@@ -162,9 +161,8 @@ class TritonPythonModel:
 
         A progress response lists the steps done since the previous one (step, timestep: one entry each) and goes
         out at most every PROGRESS_INTERVAL_S, or at once for a step that carries a preview (its x_0 estimate, the
-        response's last step). A response per step cost ~0.45 ms of CPU each on this 2-core machine (with the
-        cancellation check of every step: +6-8% on a DPM-Solver++-20 loop of one image, measured interleaved),
-        which a loop of ~6 ms steps notices."""
+        response's last step): a response per step costs CPU time that a loop of few-ms steps notices
+        (benchmarks/results/optimizations.md)."""
         sender = request.get_response_sender()
         pending, last_sent = [], [time.monotonic()]  # (index, timestep) not yet reported
 

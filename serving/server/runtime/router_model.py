@@ -11,8 +11,8 @@ requests of every client into one execute(). Then, as graph_model.py does in the
   3. each request gets its own rows back.
 
 `trident serve build --flavour container` copies this file to ``<graph>/1/model.py`` with the runtime files; it
-needs numpy, not onnxruntime. Its configuration carries the model card (trident_card: what clients read), the valid
-input ranges, and trident_bucket_models ({bucket: model name}: what this file reads).
+needs numpy, not onnxruntime. Its configuration carries the model card (trident_card: what clients read) and the
+graph's GraphRuntime (trident_runtime: the tensors, the valid input ranges and the per-bucket models this file calls).
 """
 
 import json
@@ -23,14 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol as P  # noqa: E402  (siblings copied in by `trident serve build`)
 from batching import BatchedInputs  # noqa: E402
 from bls import BucketModels  # noqa: E402
+from graph_runtime import GraphRuntime  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = P.parameters(config)
-        self.batch = BatchedInputs(config, params.get(P.RANGES, "{}"))
-        self.graphs = BucketModels(json.loads(params[P.BUCKET_MODELS]), [name for name, _ in self.batch.outputs])
+        runtime = GraphRuntime.from_json(P.parameters(config)[P.RUNTIME])
+        self.batch = BatchedInputs(config["name"], runtime)
+        self.graphs = BucketModels(runtime.bucket_models, [t.name for t in runtime.outputs])
 
     def execute(self, requests):
         return self.batch.execute(requests, self.graphs.run, "the per-bucket model")
