@@ -284,6 +284,25 @@ def test_a_measured_shard_limit_without_its_file_fails_the_load_saying_how_to_re
     assert bucket_runner_arguments(params, where)["shard_limit"] == 4
 
 
+@pytest.mark.server
+def test_a_served_model_whose_measured_shard_limit_file_is_missing_fails_to_load_saying_how_to_rebuild(
+        export_dirs, tmp_path):
+    """The same on a real server: a repository copied to another machine without its trident_measured.json (it is
+    git-ignored) fails the model's load with the message above, which the launcher's error carries."""
+    from trident.serving.server.launcher import ServerConfig, TritonServer, TritonServerError
+
+    repo = tmp_path / "model_repository"
+    build_repository([export_dirs["vae"]], repo, row_shards=1, intra_op_threads=1)  # shard_limit "auto": measured
+    missing = repo / "vae_decoder" / "1" / MEASURED_FILE
+    missing.unlink()
+    with pytest.raises(TritonServerError) as failure:
+        with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)):
+            pass
+    message = str(failure.value)
+    assert f"{missing}: the model's shard limit is 'measured' but this file cannot be read (FileNotFoundError" in \
+        message and "rebuild the repository here with `trident serve build`" in message, message
+
+
 def embedded_parameters(config_path: Path) -> dict[str, str]:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
