@@ -21,9 +21,11 @@ COMMITTED_GATE = ROOT / "benchmarks" / "results" / "precision_gate.json"
 # measured on an AVX2 EPYC (no VNNI), with a margin. int8: 1.5x the largest of buckets 1 and 4 (U-Net 0.091, GAN
 # 0.324, VAE decoder 0.108, encoder 0.128): 7-bit weights make the integer math the same on every CPU, only the float
 # dequantization's rounding differs. fp32: 10x the largest measured (4.8e-6, the encoder), as kernels sum in another
-# order on each ISA. bf16 cannot run here: the product's bound (precision.PARITY_TOLERANCE) stands.
+# order on each ISA. bf16 cannot run on that EPYC: measured 0.015-0.021 on a 2-core Xeon with AMX (issue 23), so 2x
+# the largest, as bf16 kernels differ between AMX and AVX-512 BF16 CPUs and only AMX was measured.
 TOLERANCE = {"fp32": dict.fromkeys(("diffusion_unet", "gan_generator", "vae_decoder", "vae_encoder"), 5e-5),
-             "int8": {"diffusion_unet": 0.14, "gan_generator": 0.49, "vae_decoder": 0.17, "vae_encoder": 0.2}}
+             "int8": {"diffusion_unet": 0.14, "gan_generator": 0.49, "vae_decoder": 0.17, "vae_encoder": 0.2},
+             "bf16": dict.fromkeys(("diffusion_unet", "gan_generator", "vae_decoder", "vae_encoder"), 0.042)}
 
 
 def runnable_here(variant: str) -> bool:
