@@ -232,6 +232,71 @@ def test_async_server_refusals_timeouts_and_a_stopping_callback_each_end_their_c
     assert all(s < 30 for s in waits.values()), f"a server-side loop kept running: {waits}"
 
 
+class StreamCuttingProxy:
+    """A gRPC proxy in front of the real server that relays every call as it is, except that it ends each
+    ModelStreamInfer stream cleanly (status OK) after relaying its first answer, and cancels the stream upstream: what
+    a proxy or load balancer between client and Triton can do (an idle or drain timeout), and Triton itself never
+    does to a stream whose client side is still open. Bytes pass through unparsed."""
+
+    def __init__(self, upstream: str):
+        import grpc
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.channel = grpc.insecure_channel(upstream)
+        self.cut = 0  # streams ended early so far
+        proxy = self
+
+        class Relay(grpc.GenericRpcHandler):
+            def service(self, details):
+                if details.method.endswith("/ModelStreamInfer"):
+                    return grpc.stream_stream_rpc_method_handler(proxy._cut_stream)
+                call = proxy.channel.unary_unary(details.method)
+                return grpc.unary_unary_rpc_method_handler(lambda request, context: call(request))
+
+        self.server = grpc.server(ThreadPoolExecutor(4), handlers=[Relay()])
+        self.url = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _cut_stream(self, requests, context):
+        first = next(requests)
+        upstream = self.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(
+            iter([first]))
+        answer = next(upstream)
+        upstream.cancel()  # the loop on the server stops at its next step
+        self.cut += 1
+        yield answer
+
+    def close(self):
+        self.server.stop(grace=None)
+        self.channel.close()
+
+
+@pytest.mark.server
+def test_async_stream_that_ends_before_the_images_raises_server_unreachable_naming_it(server):
+    """A streamed server-side loop whose stream ends (status OK) after a progress answer and before the images: the
+    callback saw the steps that came, and the call ends in ServerUnreachableError saying the stream ended before the
+    images (not a hang until sample_timeout_s, not images)."""
+    proxy = StreamCuttingProxy(server.grpc_url)
+    steps = []
+
+    async def scenario():
+        async with AsyncTridentClient.connect(proxy.url, "grpc", sample_timeout_s=120.0) as client:
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnreachableError) as ended:
+                await client.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server",
+                                    callback=lambda i, t, x, x0: steps.append(i))
+            return ended.value, time.monotonic() - t0
+
+    try:
+        error, took = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    assert proxy.cut == 1
+    assert "diffusion_sampler_stream: the stream ended before the images" in str(error) and proxy.url in str(error)
+    assert steps and steps == list(range(len(steps))) and len(steps) < 1000, steps
+    assert took < 60, f"the call waited {took:.0f} s after its stream ended"
+
+
 @pytest.mark.server
 def test_async_arguments_are_checked_before_any_request(server):
     async def scenario():

@@ -9,6 +9,7 @@ the graphs in tests/test_repository.py). Everything else is what the official co
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from trident.serving.client import TridentClient
 from trident.serving.server.launcher import ServerConfig, TritonServer
-from trident.serving.server.repository import MARKER, build_repository
+from trident.serving.server.repository import MARKER, build_repository, stand_in_config, to_pbtxt
 from trident.serving.spec import (DECODER, ENCODER, GENERATOR, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET, export_card,
                                   graph_spec_of)
 
@@ -163,3 +164,60 @@ def test_front_model_refuses_a_bad_request_naming_the_input_and_keeps_serving(se
     with pytest.raises(InferenceServerException, match="'latent' holds NaN or Inf"):
         infer("grpc", server.grpc_url, spec, bad)
     assert_outputs_close(infer("grpc", server.grpc_url, spec, arrays), oracle(spec, arrays))
+
+
+# A per-bucket model that fails the way a native one can (an error answer; an answer without the output asked for),
+# behind the real front model: what bls.BucketModels does with it is what reaches the client. Written here because
+# no model the build makes answers that way on purpose.
+FAILING_BUCKET_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.bucket = args["model_name"].rsplit("_b", 1)[1]
+
+    def execute(self, requests):
+        if self.bucket == "4":
+            error = pb_utils.TritonError("the device ran out of memory")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        return [pb_utils.InferenceResponse(output_tensors=[]) for _ in requests]
+"""
+
+
+@pytest.fixture(scope="module")
+def failing_buckets_server(container_repository, export_dirs, tmp_path_factory):
+    """The container flavour's gan_generator front model, as built, over per-bucket models that fail: bucket 4
+    answers an error, bucket 1 answers without the 'image' output."""
+    repo = tmp_path_factory.mktemp("failing_buckets") / "model_repository"
+    shutil.copytree(container_repository / GENERATOR, repo / GENERATOR)
+    meta = read_meta(export_dirs["gan"])
+    for bucket in (1, 4):
+        config = stand_in_config(GENERATOR, meta, bucket)
+        del config["model_warmup"]  # an answer that fails its warm-up would fail the load
+        (repo / config["name"] / "1").mkdir(parents=True)
+        (repo / config["name"] / "config.pbtxt").write_text(to_pbtxt(config))
+        (repo / config["name"] / "1" / "model.py").write_text(FAILING_BUCKET_MODEL)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as srv:
+        yield srv
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_front_model_answers_a_per_bucket_error_or_missing_output_as_its_own_failure_and_keeps_serving(
+        failing_buckets_server, export_dirs, protocol):
+    """bls.py: a per-bucket model's error answer, or an answer without the output asked for, fails the request with
+    the per-bucket model's name and what went wrong (an internal error, not the client's INVALID_ARG); the front model
+    answers the next request the same way (it is not wedged)."""
+    from tritonclient.utils import InferenceServerException
+
+    meta = read_meta(export_dirs["gan"])
+    spec = graph_spec_of(GENERATOR, export_card(meta))
+    url = failing_buckets_server.http_url if protocol == "http" else failing_buckets_server.grpc_url
+    expected = {3: "gan_generator: the per-bucket model failed: gan_generator_b4: the device ran out of memory",
+                1: "gan_generator: the per-bucket model failed: gan_generator_b1 answered without output 'image'"}
+    for rows in (3, 1, 3):
+        with pytest.raises(InferenceServerException) as failed:
+            infer(protocol, url, spec, valid_inputs(spec, meta, rows, seed=rows))
+        assert failed.value.message() == expected[rows]
+        assert failed.value.status() in ("500", "StatusCode.INTERNAL"), failed.value.status()
