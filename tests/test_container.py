@@ -18,7 +18,8 @@ import pytest
 
 from trident.serving.client import TridentClient
 from trident.serving.server.launcher import ServerConfig, TritonServer
-from trident.serving.server.repository import MARKER, build_repository, stand_in_config, to_pbtxt
+from trident.serving.manifest import load_export
+from trident.serving.server.repository import MARKER, bucket_config, build_options, build_repository, to_pbtxt
 from trident.serving.spec import (DECODER, ENCODER, GENERATOR, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET, export_card,
                                   graph_spec_of)
 
@@ -191,9 +192,9 @@ def failing_buckets_server(container_repository, export_dirs, tmp_path_factory):
     answers an error, bucket 1 answers without the 'image' output."""
     repo = tmp_path_factory.mktemp("failing_buckets") / "model_repository"
     shutil.copytree(container_repository / GENERATOR, repo / GENERATOR)
-    meta = read_meta(export_dirs["gan"])
-    for bucket in (1, 4):
-        config = stand_in_config(GENERATOR, meta, bucket)
+    export, options = load_export(export_dirs["gan"]), build_options("container", bucket_backend="python")
+    for bucket in (1, 4):  # the per-bucket models' names and tensors, on the Python backend, running the model above
+        config = {**bucket_config(export, GENERATOR, bucket, options), "backend": "python", "parameters": {}}
         del config["model_warmup"]  # an answer that fails its warm-up would fail the load
         (repo / config["name"] / "1").mkdir(parents=True)
         (repo / config["name"] / "config.pbtxt").write_text(to_pbtxt(config))
