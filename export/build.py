@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trident.serving.errors import ExportMetadataError
 from trident.serving.files import file_sha256
-from trident.serving.server.repository import RepositoryError, build_repository
+from trident.serving.server.repository import RepositoryError, build_repository, default_precision
 from trident.serving.spec import load_export_metadata
 
 
@@ -57,9 +57,11 @@ def default_build(checkpoints_root: Path = Path("checkpoints"), out: Path = Path
     """Export <checkpoints_root>/<kind>/model.safetensors for each kind (cached under <work>/exports) and build `out`.
 
     build_options go to build_repository (flavour, gpu, fp16, max_batch_size, max_queue_delay_us, intra_op_threads,
-    row_shards, server_loop).
+    row_shards, server_loop, precision_choice: default "auto" where it chooses, see default_precision).
     """
     fp16 = bool(build_options.get("fp16", False))
+    build_options.setdefault("precision_choice", default_precision(build_options.get("flavour", "embedded"),
+                                                                   bool(build_options.get("gpu", False))))
     dirs = [ensure_export(Path(checkpoints_root) / kind / "model.safetensors", Path(work) / "exports", kind,
                           buckets=buckets, fp16=fp16, log=log) for kind in kinds]
     names = build_repository(dirs, out, log=log, **build_options)

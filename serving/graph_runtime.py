@@ -8,9 +8,10 @@ there is one list of fields (bucket variants, files, engines, threads, row shard
 ranges), one JSON form and one parser; the tensors carry their role, so a model binds its inputs by role and name,
 never by position.
 
-What the build measures on its own machine (the row shards' bucket limit and the trial behind it) is not in the
-configuration, so a committed config.pbtxt is the same wherever it is rebuilt: it goes into MEASURED_FILE beside the
-graph files (Measured), and a GraphRuntime whose shard_limit is MEASURED reads it from there.
+What the build measures on its own machine (the row shards' bucket limit, and under `--precision auto` the variant
+of each bucket, with the trials behind them) is not in the configuration, so a committed config.pbtxt is the same
+wherever it is rebuilt: it goes into MEASURED_FILE beside the graph files (Measured), and a GraphRuntime whose
+shard_limit, or a bucket whose variant, is MEASURED reads it from there.
 
 Standard library and numpy only; a bad manifest is a plain ValueError naming every problem (callers in the package wrap it).
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 MEASURED_FILE = "trident_measured.json"  # generated beside a model's graph files, per machine; never in config.pbtxt
-MEASURED = "measured"  # GraphRuntime.shard_limit: the build measured it, and MEASURED_FILE holds it
+MEASURED = "measured"  # GraphRuntime.shard_limit, Bucket.variant: the build measured it, and MEASURED_FILE holds it
 PROVIDERS = ("cpu", "cuda")  # where a model's ONNX Runtime sessions run (ort_runner.execution_providers)
 
 # What each tensor of a graph is, whatever it is named (spec.py gives every tensor one): models and clients bind a
@@ -93,8 +94,9 @@ class InputRange:
 @dataclass(frozen=True)
 class Bucket:
     """One static batch size and where its rows run: a graph file (path relative to the model's folder) on an
-    ort_runner engine, as the precision variant chosen for it says (serving/precision.py); or, in the container
-    flavour, a per-bucket Triton model called through BLS (model)."""
+    ort_runner engine, as the precision variant chosen for it says (serving/precision.py); variant MEASURED alone:
+    the variant `auto` measured on the serving machine (Measured.buckets); or, in the container flavour, a per-bucket
+    Triton model called through BLS (model)."""
 
     size: int
     variant: str = ""
@@ -129,8 +131,10 @@ class GraphRuntime:
             problems.append(f"bucket sizes must be increasing positive integers, got {sizes}")
         for b in self.buckets:
             local, remote = all((b.variant, b.file, b.engine)), bool(b.model)
-            if local == remote or (remote and (b.variant or b.file or b.engine)):
-                problems.append(f"bucket {b.size} needs either variant, file and engine, or a model, got {b.to_dict()}")
+            measured = b.variant == MEASURED and not (b.file or b.engine or b.model)
+            if not measured and (local == remote or (remote and (b.variant or b.file or b.engine))):
+                problems.append(f"bucket {b.size} needs either variant, file and engine, a model, or variant "
+                                f"{MEASURED!r} alone, got {b.to_dict()}")
         if len({bool(b.model) for b in self.buckets}) > 1:
             problems.append("every bucket runs on per-bucket models, or none does")
         for t in (*self.inputs, *self.outputs):
@@ -175,16 +179,43 @@ class GraphRuntime:
         """The graph's inputs from {role: array} (feed_by_role)."""
         return feed_by_role(self.graph, self.inputs, values)
 
-    def runner_arguments(self, directory: str, measured: "Measured | None" = None) -> dict:
-        """ort_runner.BucketRunner's arguments (all but providers) with the graph files under `directory` (the
-        model's version folder, or the export folder): a MEASURED shard limit from `measured`, else from
-        MEASURED_FILE there."""
+    @property
+    def measured(self) -> bool:
+        """Part of how it runs was measured on the serving machine (MEASURED_FILE holds it)."""
+        return self.shard_limit == MEASURED or any(b.variant == MEASURED for b in self.buckets)
+
+    def resolved(self, directory: str, measured: "Measured | None" = None) -> "GraphRuntime":
+        """This manifest with what was measured filled in: from `measured`, else from MEASURED_FILE in `directory`
+        (the model's version folder)."""
+        if not self.measured:
+            return self
+        measured = measured or Measured.read(directory)
         limit = self.shard_limit
         if limit == MEASURED:
-            limit = (measured or Measured.read(directory)).shard_limit
-        return {"files": {b.size: os.path.join(directory, b.file) for b in self.buckets},
-                "engines": {b.size: b.engine for b in self.buckets}, "threads": self.threads,
-                "row_shards": self.row_shards, "shard_limit": limit}
+            if measured.shard_limit is None:
+                raise RuntimeError(f"{os.path.join(directory, MEASURED_FILE)} holds no shard limit for {self.graph}; "
+                                   "rebuild the repository here with `trident serve build`")
+            limit = measured.shard_limit
+        chosen = {b.size: b for b in measured.buckets}
+        buckets = []
+        for b in self.buckets:
+            if b.variant != MEASURED:
+                buckets.append(b)
+            elif b.size in chosen:
+                buckets.append(chosen[b.size])
+            else:
+                raise RuntimeError(f"{os.path.join(directory, MEASURED_FILE)} holds no variant for bucket {b.size} "
+                                   f"of {self.graph}; rebuild the repository here with `trident serve build`")
+        return GraphRuntime(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "buckets": tuple(buckets),
+                               "shard_limit": limit})
+
+    def runner_arguments(self, directory: str, measured: "Measured | None" = None) -> dict:
+        """ort_runner.BucketRunner's arguments (all but providers) with the graph files under `directory` (the
+        model's version folder, or the export folder), what was measured filled in (resolved)."""
+        runtime = self.resolved(directory, measured)
+        return {"files": {b.size: os.path.join(directory, b.file) for b in runtime.buckets},
+                "engines": {b.size: b.engine for b in runtime.buckets}, "threads": runtime.threads,
+                "row_shards": runtime.row_shards, "shard_limit": runtime.shard_limit}
 
     # -- JSON --------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -230,13 +261,19 @@ class GraphRuntime:
 @dataclass(frozen=True)
 class Measured:
     """What the build measured for one graph on the machine that serves it (MEASURED_FILE): the row shards' bucket
-    limit, and the trial that chose it (serving/precision.py shard_trial; None where calls are not sharded)."""
+    limit and the trial that chose it (serving/precision.py shard_trial; None where calls are not sharded, or the
+    limit was not measured), and under `--precision auto` each bucket's variant and file (buckets) with the record of
+    the choice (precision.choose: every trial number, every variant not offered and why)."""
 
-    shard_limit: int
+    shard_limit: int | None = None
     shard_trial: dict | None = None
+    buckets: tuple[Bucket, ...] = ()
+    precision: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"shard_limit": self.shard_limit, "shard_trial": self.shard_trial}, indent=2) + "\n"
+        return json.dumps({"shard_limit": self.shard_limit, "shard_trial": self.shard_trial,
+                           "buckets": [b.to_dict() for b in self.buckets], "precision": self.precision},
+                          indent=2) + "\n"
 
     @classmethod
     def read(cls, directory: str) -> "Measured":
@@ -244,8 +281,11 @@ class Measured:
         try:
             with open(path) as f:
                 data = json.load(f)
-            return cls(int(data["shard_limit"]), data.get("shard_trial"))
+            limit = data.get("shard_limit")
+            return cls(None if limit is None else int(limit), data.get("shard_trial"),
+                       tuple(Bucket(**b) for b in data.get("buckets", ())), data.get("precision"))
         except (OSError, ValueError, KeyError, TypeError) as e:  # the file is per machine and git-ignored
-            raise RuntimeError(f"{path}: the model's shard limit is measured but this file cannot be read "
-                               f"({type(e).__name__}: {e}); rebuild the repository here with `trident serve build` "
-                               "(it measures the limit and writes the file) or build it with --shard-limit N") from None
+            raise RuntimeError(f"{path}: how the model runs was measured on the machine that built it (shard limit, "
+                               f"auto precision) but this file cannot be read ({type(e).__name__}: {e}); rebuild the "
+                               "repository here with `trident serve build` (it measures and writes the file), or "
+                               "build it with --shard-limit N and a fixed --precision") from None

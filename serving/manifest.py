@@ -148,6 +148,13 @@ def measure(export: Export, graph: str, options: RuntimeOptions, log=None) -> Me
         trial = precisions.measure_shard_limit(export, graph, record["choice"], threads=options.threads,
                                               row_shards=options.row_shards, log=log)
         measured = Measured(trial["limit"] if trial else 0, trial)
+    if options.precision == "auto":  # the choice, with every trial number: what the generated file records
+        choice = {int(b): v for b, v in record["choice"].items()}
+        entry = export.graphs[graph]
+        buckets = tuple(Bucket(n, variant=v, file=entry.file(v, n).file, engine=precisions.VARIANTS[v].engine)
+                        for n, v in sorted(choice.items()))
+        measured = Measured(measured.shard_limit if measured else None, measured.shard_trial if measured else None,
+                            buckets, record)
     return Measurement(record, measured)
 
 
@@ -170,11 +177,13 @@ def input_ranges(spec: GraphSpec, card: ModelCard) -> dict[str, InputRange]:
 
 
 def graph_runtime(export: Export, graph: str, options: RuntimeOptions, choice: dict[int, str] | None = None, *,
-                  models: dict[int, str] | None = None) -> GraphRuntime:
+                  models: dict[int, str] | None = None, as_measured: bool = False) -> GraphRuntime:
     """How a graph of an export runs: pure, the same for `trident serve build` and the in-process backend.
 
     choice: {bucket: variant} (measure()'s; default options.precision at every bucket, which must not be "auto");
-    models: {bucket: per-bucket Triton model} instead, where the rows run through BLS (container flavour)."""
+    models: {bucket: per-bucket Triton model} instead, where the rows run through BLS (container flavour);
+    as_measured: under "auto", every bucket's variant is MEASURED (the build's config.pbtxt: the choice goes into the
+    generated MEASURED_FILE, so the configuration is the same on every machine)."""
     entry = export.graphs[graph]
     if models is not None:
         if sorted(models) != list(entry.buckets):
@@ -194,6 +203,8 @@ def graph_runtime(export: Export, graph: str, options: RuntimeOptions, choice: d
                 raise ValueError(precisions.missing_files(graph, variant))
         buckets = tuple(Bucket(n, variant=v, file=entry.file(v, n).file, engine=precisions.VARIANTS[v].engine)
                         for n, v in sorted(choice.items()))
+        if as_measured and options.precision == "auto":
+            buckets = tuple(Bucket(b.size, variant=MEASURED) for b in buckets)
     shard_limit = MEASURED if options.measures_shard_limit else (0 if options.shard_limit == "auto"
                                                                  else options.shard_limit)
     tensors = lambda ts: tuple(Tensor(t.name, t.dtype, t.shape, t.role) for t in ts)  # noqa: E731

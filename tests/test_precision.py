@@ -456,3 +456,53 @@ def test_reduced_precisions_draw_like_fp32_when_sampled_briefly(export_dirs):
         # the same seeds: trajectories drift apart a little through int8 (mean |diff| 0.064 measured), not away
         assert float(np.mean(np.abs(x - fp32))) < 0.1, variant
         assert abs(float(x.mean()) - float(fp32.mean())) < 0.02, variant  # no drift in brightness
+
+
+@pytest.mark.server
+def test_serve_build_defaults_to_auto_and_keeps_the_choice_out_of_config_pbtxt(export_dirs, tmp_path, capsys):
+    """`trident serve build` without --precision is auto (embedded, CPU); what auto chose on this machine goes into
+    each model's generated trident_measured.json, so config.pbtxt is the same whatever a machine chooses, and the
+    served model runs what that file says."""
+    from trident.serving.client import TridentClient
+    from trident.serving.graph_runtime import MEASURED, GraphRuntime, Measured
+    from trident.serving.manifest import RuntimeOptions, graph_runtime
+    from trident.serving.server.launcher import ServerConfig, TritonServer
+    from trident.serving.server.repository import MARKER, main
+
+    repo = tmp_path / "auto"
+    assert main(["--export", str(export_dirs["gan"]), "--out", str(repo)]) == 0
+    assert "gan_generator: auto did not offer" in capsys.readouterr().out  # it ran auto (and says what it left out)
+    assert json.loads((repo / MARKER).read_text())["precision"] == {"gan_generator": "auto"}
+    config = (repo / "gan_generator" / "config.pbtxt").read_text()
+    runtime = GraphRuntime.from_json(json.loads('"' + config.split('key: "trident_runtime"')[1].split(
+        'string_value: "')[1].split('"\n')[0] + '"'))
+    assert [b.to_dict() for b in runtime.buckets] == [{"size": 1, "variant": MEASURED}, {"size": 4, "variant": MEASURED}]
+    version = repo / "gan_generator" / "1"
+    measured = Measured.read(str(version))
+    assert [b.size for b in measured.buckets] == [1, 4]
+    assert {int(k): v for k, v in measured.precision["choice"].items()} == {b.size: b.variant for b in measured.buckets}
+    # another machine's choice, the same configuration
+    export, options = load_export(export_dirs["gan"]), RuntimeOptions("auto", shard_limit="auto")
+    one = graph_runtime(export, "gan_generator", options, {1: "onnxruntime-fp32", 4: "openvino-fp32"}, as_measured=True)
+    two = graph_runtime(export, "gan_generator", options, {1: "openvino-fp32", 4: "onnxruntime-fp32"}, as_measured=True)
+    assert one.to_json() == two.to_json() == runtime.to_json()
+    # the served model runs what the generated file says: onnxruntime-int8 (visibly other numbers than fp32) written
+    # in by hand, with its graph files
+    int8 = graph_runtime(export, "gan_generator", RuntimeOptions("onnxruntime-int8"))
+    for bucket in int8.buckets:
+        (version / bucket.file).parent.mkdir(parents=True, exist_ok=True)
+        (version / bucket.file).write_bytes((export_dirs["gan"] / bucket.file).read_bytes())
+    (version / "trident_measured.json").write_text(Measured(measured.shard_limit, measured.shard_trial,
+                                                            int8.buckets, measured.precision).to_json())
+    labels = np.arange(5) % 10
+    with TridentClient.from_onnx([export_dirs["gan"]], precision="onnxruntime-int8") as local:
+        want = local.generate(labels, seed=3, raw=True)
+    with TridentClient.from_onnx([export_dirs["gan"]]) as local:
+        fp32 = local.generate(labels, seed=3, raw=True)
+    assert np.abs(want - fp32).max() > 1e-3
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        with TridentClient.connect(server.grpc_url, "grpc") as served:
+            np.testing.assert_allclose(served.generate(labels, seed=3, raw=True), want, rtol=0, atol=1e-5)
+    # where auto does not choose, the default is fp32: the container flavour runs Triton's own backends
+    assert main(["--export", str(export_dirs["gan"]), "--out", str(tmp_path / "container"), "--flavour",
+                 "container"]) == 0

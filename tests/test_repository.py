@@ -339,7 +339,8 @@ def test_a_served_model_whose_measured_shard_limit_file_is_missing_fails_to_load
         with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)):
             pass
     message = str(failure.value)
-    assert f"{missing}: the model's shard limit is measured but this file cannot be read (FileNotFoundError" in \
+    assert f"{missing}: how the model runs was measured on the machine that built it (shard limit, auto " \
+        "precision) but this file cannot be read (FileNotFoundError" in \
         message and "rebuild the repository here with `trident serve build`" in message, message
 
 

@@ -62,3 +62,6 @@ def test_demo_runs_end_to_end_and_writes_its_images(shipped_work, tmp_path):
     for name in ("diffusion.png", "diffusion_guidance.png", "gan.png", "vae.png", "vae_interpolation.png"):
         assert (out / name).stat().st_size > 1000, name
     assert "Triton server up" in r.stdout and "demo done" in r.stdout
+    # the demo serves `auto` (issue 21): every graph's precision measured here, in the generated files
+    import json
+    assert set(json.loads((tmp_path / "repo" / MARKER).read_text())["precision"].values()) == {"auto"}

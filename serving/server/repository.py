@@ -89,6 +89,14 @@ DEFAULT_MAX_QUEUE_DELAY_US = 500
 DEFAULT_QUALITY_GATE = precision.DEFAULT_QUALITY_GATE  # beside the package, wherever the build runs
 
 
+def default_precision(flavour: str = "embedded", gpu: bool = False) -> str:
+    """What `trident serve build` and `trident demo` run when no --precision is given: "auto" where it chooses (the
+    embedded flavour on the CPU; where it finds nothing faster that passed its gates, every bucket is simply
+    onnxruntime-fp32), else "fp32" (the container flavour runs Triton's native backends; a GPU build takes fp32 or
+    --fp16)."""
+    return "auto" if flavour == "embedded" and not gpu else "fp32"
+
+
 class RepositoryError(TridentError):
     """The repository cannot be built from these exports; nothing was written to the output directory."""
 
@@ -371,11 +379,12 @@ def _graph_files(export: Export, runtime: GraphRuntime) -> dict[str, tuple[Path,
 
 def _plan_embedded(export: Export, graph: str, options: BuildOptions, measurement: Measurement) -> list[ModelPlan]:
     """One graph in the embedded flavour: its model, and (U-Net) the two sampling loop models over the same files."""
-    runtime = manifest.graph_runtime(export, graph, options.runtime, measurement.choice)
-    files = _graph_files(export, runtime)
+    chosen = manifest.graph_runtime(export, graph, options.runtime, measurement.choice)
+    runtime = manifest.graph_runtime(export, graph, options.runtime, measurement.choice, as_measured=True)
+    files = _graph_files(export, chosen)
     # per machine: beside the graph files, not in config.pbtxt (a committed repository stays the same wherever it is
-    # rebuilt)
-    written = {MEASURED_FILE: measurement.measured.to_json()} if runtime.shard_limit == MEASURED else {}
+    # rebuilt): the measured shard limit, and the variant `auto` chose for each bucket
+    written = {MEASURED_FILE: measurement.measured.to_json()} if runtime.measured else {}
     models = [ModelPlan(graph_config(export, runtime, options), files, written, "graph")]
     if graph == UNET and options.server_loop:
         models += [ModelPlan(loop_config(export, runtime, options, stream), files, written, "loop")
@@ -479,7 +488,9 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
         (tmp / MARKER).write_text(json.dumps({
             "flavour": checked.flavour, "models": names, "gpu": checked.gpu, "fp16": checked.fp16, **container,
             "exports": sorted(Path(d).name for d in export_dirs),
-            "precision": {graph: m.record for graph, m in measurements.items()},
+            # under auto the choice and its trials are per machine: they are in each model's MEASURED_FILE
+            "precision": {graph: "auto" if checked.runtime.precision == "auto" else m.record
+                          for graph, m in measurements.items()},
             "largest_request": largest_request(model.config for model in models)}, indent=2) + "\n")
     return names
 
@@ -501,10 +512,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--flavour", choices=FLAVOURS, default="embedded")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances (CUDA ONNX Runtime / TensorRT)")
     p.add_argument("--fp16", action="store_true", help="with --gpu: fp16 graphs (embedded) or TensorRT FP16 (container)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", *precision.CHOICES),
-                   help="embedded, CPU: the runtime and precision of every bucket (fp32 = onnxruntime-fp32, today's "
-                        "default), or auto: per bucket the fastest variant that this CPU runs natively, that passed "
-                        "the quality gate and the parity gate, measured here (serving/precision.py)")
+    p.add_argument("--precision", default=None, choices=("fp32", *precision.CHOICES),
+                   help="embedded, CPU: auto (the default): per bucket the fastest variant that this CPU runs "
+                        "natively, that passed the quality gate and the parity gate, measured here "
+                        "(serving/precision.py; recorded in each model's trident_measured.json, so config.pbtxt is "
+                        "the same on every machine); or one runtime and precision for every bucket (fp32 = "
+                        "onnxruntime-fp32). --gpu builds take fp32 (or --fp16) whatever this says")
     p.add_argument("--quality-gate", type=Path, default=DEFAULT_QUALITY_GATE,
                    help="with --precision auto: the quality gate's verdicts (`trident evaluate --precision-gate`); "
                         f"default {DEFAULT_QUALITY_GATE}")
@@ -547,7 +560,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     options = dict(flavour=args.flavour, gpu=args.gpu, fp16=args.fp16, max_batch_size=args.max_batch_size,
                    max_queue_delay_us=args.max_queue_delay_us, intra_op_threads=args.intra_op_threads,
-                   row_shards=args.row_shards, server_loop=args.server_loop, precision_choice=args.precision,
+                   row_shards=args.row_shards, server_loop=args.server_loop,
+                   precision_choice=args.precision or default_precision(args.flavour, args.gpu),
                    quality_gate=args.quality_gate, log=print, bucket_backend=args.bucket_backend,
                    shard_limit=args.shard_limit)
     try:
