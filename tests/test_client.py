@@ -853,3 +853,27 @@ def test_malformed_grpc_request_gets_invalid_argument_naming_the_input_and_the_s
     y.set_data_from_numpy(np.ones((1, 1), np.int64))
     assert client.infer("gan_generator", [z, y]).as_numpy("image").shape == (1, 1, 28, 28)
     client.close()
+
+
+@pytest.mark.server
+def test_sync_stream_that_ends_before_the_images_raises_server_unreachable_naming_it(server):
+    """The sync client's side of test_aio's test of the same name: a stream that ends cleanly (a proxy's idle or
+    drain timeout) before the images ends the call at once, not after sample_timeout_s."""
+    from test_aio import StreamCuttingProxy
+
+    proxy = StreamCuttingProxy(server.grpc_url)
+    steps = []
+    try:
+        with TridentClient.connect(proxy.url, "grpc", sample_timeout_s=120.0) as client:
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnreachableError) as ended:
+                client.sample(list(range(8)), sampler="ddpm", steps=1000, loop="server",
+                              callback=lambda i, t, x, x0: steps.append(i))
+            took = time.monotonic() - t0
+    finally:
+        proxy.close()
+    assert proxy.cut == 1
+    assert "diffusion_sampler_stream: the stream ended before the images" in str(ended.value)
+    assert proxy.url in str(ended.value)
+    assert steps and steps == list(range(len(steps))) and len(steps) < 1000, steps
+    assert took < 60, f"the call waited {took:.0f} s after its stream ended"

@@ -91,6 +91,9 @@ class InProcess:
         self.require_server_loop()
 
 
+STREAM_POLL_S = 0.25  # how often a streamed loop that has no new answer checks that its stream is still open
+
+
 def check_inputs(spec: GraphSpec, inputs: dict[str, np.ndarray]) -> int:
     """Names, per-item shapes and a common batch size; returns N."""
     missing = [t.name for t in spec.inputs if t.name not in inputs]
@@ -646,11 +649,18 @@ class TritonBackend(DescribedServer):
         finished = False  # the server sent its last answer (images or error): nothing left to cancel
         try:
             self._client.async_stream_infer(spec.name, infer_inputs(self._tc, "grpc", spec, feed, batched=False))
+            deadline = time.monotonic() + self.sample_timeout_s + self.timeout_s
             while True:
                 try:
-                    result, error = answers.get(timeout=self.sample_timeout_s + self.timeout_s)
-                except queue.Empty:  # the stream's own deadline should have answered first
-                    raise TimeoutError("the stream went silent") from None
+                    result, error = answers.get(timeout=STREAM_POLL_S)
+                except queue.Empty:
+                    if self._stream_ended() and answers.empty():  # ended cleanly (status OK) before the images
+                        finished = True
+                        raise ServerUnreachableError(self.url, f"{spec.name}: the stream ended before the images"
+                                                     ) from None
+                    if time.monotonic() > deadline:  # the stream's own deadline should have answered first
+                        raise TimeoutError("the stream went silent") from None
+                    continue
                 if error is not None:
                     finished = True
                     raise error
@@ -662,6 +672,12 @@ class TritonBackend(DescribedServer):
                     return images
         finally:
             self._client.stop_stream(cancel_requests=not finished)
+
+    def _stream_ended(self) -> bool:
+        """The gRPC stream's reader has stopped: tritonclient calls back on every answer and on an error, but a stream
+        that the other end closes cleanly just ends its reader thread (tritonclient.grpc._infer_stream)."""
+        handler = getattr(getattr(self._client, "_stream", None), "_handler", None)
+        return handler is not None and not handler.is_alive()
 
     def _server_live(self) -> bool:
         try:
