@@ -194,7 +194,8 @@ class GraphRuntime:
         if limit == MEASURED:
             if measured.shard_limit is None:
                 raise RuntimeError(f"{os.path.join(directory, MEASURED_FILE)} holds no shard limit for {self.graph}; "
-                                   "rebuild the repository here with `trident serve build`")
+                                   "rebuild the repository here with `trident serve build` (it measures the limit), "
+                                   "or build it with --shard-limit N")
             limit = measured.shard_limit
         chosen = {b.size: b for b in measured.buckets}
         buckets = []

@@ -314,7 +314,7 @@ def test_a_measured_shard_limit_without_its_file_fails_the_load_saying_how_to_re
     with pytest.raises(RuntimeError, match=r"FileNotFoundError.*rebuild the repository here with `trident serve build`"):
         runtime.runner_arguments(str(tmp_path))
     (tmp_path / MEASURED_FILE).write_text('{"shard_trial": null}')
-    with pytest.raises(RuntimeError, match=r"KeyError.*--shard-limit N"):
+    with pytest.raises(RuntimeError, match=r"holds no shard limit for diffusion_unet; rebuild .*--shard-limit N"):
         runtime.runner_arguments(str(tmp_path))
     (tmp_path / MEASURED_FILE).write_text(Measured(4).to_json())
     assert runtime.runner_arguments(str(tmp_path))["shard_limit"] == 4
@@ -355,9 +355,10 @@ def embedded_parameters(config_path: Path) -> dict[str, str]:
 def test_shard_limit_given_is_written_as_is_and_bad_values_are_refused(export_dirs, tmp_path, capsys):
 
     out = tmp_path / "repo"
-    assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--shard-limit", "1"]) == 0
+    assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--shard-limit", "1", "--precision",
+                 "fp32"]) == 0
     assert served_runtime(out / "gan_generator").shard_limit == 1
-    assert not (out / "gan_generator" / "1" / MEASURED_FILE).exists()
+    assert not (out / "gan_generator" / "1" / MEASURED_FILE).exists()  # nothing measured: a fixed precision
     with pytest.raises(SystemExit) as exit_info:
         main(["--export", str(export_dirs["gan"]), "--out", str(tmp_path / "other"), "--shard-limit", "-2"])
     assert exit_info.value.code == 2
