@@ -210,8 +210,8 @@ def test_serve_build_auto_records_choice_and_trial_when_built(export_dirs, tmp_p
     out = tmp_path / "repo"
     assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--precision", "auto",
                  "--quality-gate", str(passing_gate(tmp_path, meta)), "--row-shards", "1"]) == 0
-    marker = json.loads((out / MARKER).read_text())
-    record = marker["precision"]["gan_generator"]
+    assert json.loads((out / MARKER).read_text())["precision"] == {"gan_generator": "auto"}
+    record = auto_record(out, "gan_generator")  # per machine: in the model's generated file
     assert record["precision"] == "auto" and record["quality_gate"] == str(tmp_path / "gate.json")
     tried = {v for v in precision.CPU_VARIANTS if runnable_here(v)}
     assert set(record["excluded"]) == set(precision.CPU_VARIANTS) - tried
@@ -223,8 +223,18 @@ def test_serve_build_auto_records_choice_and_trial_when_built(export_dirs, tmp_p
 
     config = text_format.Parse((out / "gan_generator" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     runtime = GraphRuntime.from_json(config.parameters["trident_runtime"].string_value)
-    assert runtime.variants == {int(b): v for b, v in record["choice"].items()}
+    assert set(runtime.variants.values()) == {"measured"}  # the same configuration whatever this machine chose
+    served = runtime.resolved(str(out / "gan_generator" / "1"))
+    assert served.variants == {int(b): v for b, v in record["choice"].items()}
     assert "gan_generator b1:" in capsys.readouterr().out  # the trial's numbers are printed as it runs
+
+
+def auto_record(repository: Path, model: str) -> dict:
+    """What `--precision auto` recorded for a model: its choice, trials and exclusions, in the model's generated
+    trident_measured.json (per machine; config.pbtxt and trident_repository.json say only "auto")."""
+    from trident.serving.graph_runtime import Measured
+
+    return Measured.read(str(repository / model / "1")).precision
 
 
 def assert_line_names(line: str, graph: str, excluded: dict[str, str]) -> None:
@@ -268,7 +278,7 @@ def test_serve_build_auto_prints_and_records_why_a_variant_was_not_offered(expor
                  str(gate_file), "--row-shards", "1", "--shard-limit", "0"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "auto did not offer" in line]
     assert len(lines) == 1, lines
-    excluded = json.loads((out / MARKER).read_text())["precision"]["gan_generator"]["excluded"]
+    excluded = auto_record(out, "gan_generator")["excluded"]
     assert_line_names(lines[0], "gan_generator", excluded)  # the line says what the record keeps
     for variant in precision.CPU_VARIANTS:
         if not runnable_here(variant):
@@ -296,7 +306,7 @@ def test_serve_build_auto_prints_the_instructions_a_cpu_lacks_and_offers_every_v
         assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--precision", "auto", "--quality-gate",
                      str(gate), "--row-shards", "1", "--shard-limit", "0"]) == 0
         lines[name] = [line for line in capsys.readouterr().out.splitlines() if "auto did not offer" in line]
-        excluded[name] = json.loads((out / MARKER).read_text())["precision"]["gan_generator"]["excluded"]
+        excluded[name] = auto_record(out, "gan_generator")["excluded"]
     assert excluded["plain"] == {"openvino-bf16": "this CPU has none of avx512_bf16, amx_bf16",
                                  "openvino-int8": "this CPU has none of avx512_vnni, avx_vnni, amx_int8"}
     assert len(lines["plain"]) == 1
@@ -316,7 +326,7 @@ def test_serve_build_auto_prints_which_runtime_could_not_load_and_offers_the_res
     assert main(["--export", str(export_dirs["gan"]), "--out", str(out), "--precision", "auto", "--quality-gate",
                  str(passing_gate(tmp_path, meta)), "--row-shards", "1", "--shard-limit", "0"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "auto did not offer" in line)
-    record = json.loads((out / MARKER).read_text())["precision"]["gan_generator"]
+    record = auto_record(out, "gan_generator")
     openvino = [v for v in ("openvino-fp32", "openvino-int8") if runnable_here(v)]
     assert_line_names(line, "gan_generator", record["excluded"])
     assert all(record["excluded"][v].startswith("could not run here: ModuleNotFoundError") for v in openvino)
