@@ -197,9 +197,9 @@ def test_server_loop_refused_by_a_replica_is_redone_on_a_live_one(replicas, in_p
 def test_16_clients_ride_over_a_replica_killed_mid_loop_and_use_it_again_when_it_is_back(replicas, in_process):
     """16 clients (sync and asyncio, HTTP and gRPC) draw without pause: diffusion client loops, server-side loops
     (gRPC clients also streamed ones) and the GAN. Once every replica has served every model, replica 0 is SIGKILLed
-    while it runs a server-side loop and a streamed one; every client draws twice more, replica 0 restarts on the
-    same ports and must serve every model again. Every call of every client must return its in-process images (a
-    streamed loop reporting each step once): nothing lost, nothing different."""
+    while it runs a server-side loop and a streamed one that has reported steps; every client draws twice more,
+    replica 0 restarts on the same ports and must serve every model again. Every call of every client must return its
+    in-process images (a streamed loop reporting each step once): nothing lost, nothing different."""
     urls = _urls(replicas)
     works = ("client loop", "server loop", "gan", "streamed loop")
     plan = []  # (kind, protocol, work, sample() or generate() arguments)
@@ -210,10 +210,17 @@ def test_16_clients_ride_over_a_replica_killed_mid_loop_and_use_it_again_when_it
             work = "server loop"  # Triton streams over gRPC only
         if work == "gan":
             plan.append((kind, protocol, work, dict(classes=[k % 10, (k + 5) % 10, 3], seed=k, raw=True)))
-        else:
-            plan.append((kind, protocol, work, dict(classes=[k % 10, (k + 3) % 10], steps=3, seed=100 + k, raw=True)))
+        else:  # a streamed loop long enough to be killed after it has reported steps
+            steps = 6 if work == "streamed loop" else 3
+            plan.append((kind, protocol, work, dict(classes=[k % 10, (k + 3) % 10], steps=steps, seed=100 + k,
+                                                    raw=True)))
     want = [in_process.generate(**kw) if work == "gan" else in_process.sample(**kw) for _, _, work, kw in plan]
     done, errors, stop = [0] * len(plan), [], threading.Event()
+    reported = {k: [] for k, p in enumerate(plan) if p[2] == "streamed loop"}  # each streamed draw's steps so far
+
+    def streams_mid_way() -> bool:
+        """Every streamed client is in a draw that has reported steps and not all of them."""
+        return all(0 < len(steps) < plan[k][3]["steps"] for k, steps in reported.items())
 
     def check(k: int, got: np.ndarray, steps: list[int]) -> None:
         np.testing.assert_allclose(got, want[k], rtol=0, atol=1e-4, err_msg=f"client {k} {plan[k][:3]}")
@@ -225,8 +232,9 @@ def test_16_clients_ride_over_a_replica_killed_mid_loop_and_use_it_again_when_it
         _, _, work, kw = plan[k]
         if work == "gan":
             return client.generate(**kw)
-        if work == "streamed loop":
-            return client.sample(**kw, loop="server", callback=lambda i, t, x, x0: steps.append(i))
+        if work == "streamed loop":  # a preview every step: each step is reported at once
+            reported[k] = steps
+            return client.sample(**kw, loop="server", preview_every=1, callback=lambda i, t, x, x0: steps.append(i))
         return client.sample(**kw, loop="server" if work == "server loop" else "client")
 
     def sync_client(k: int) -> None:
@@ -261,8 +269,11 @@ def test_16_clients_ride_over_a_replica_killed_mid_loop_and_use_it_again_when_it
         _until(lambda: all(_served(s, m) for s in replicas for m in SERVED) and min(done) >= 1 or errors,
                "every replica has served every model")
         assert not errors, errors
-        _until(lambda: _running(a, SAMPLING_LOOP) and _running(a, SAMPLING_LOOP_STREAM) or errors,
-               "replica 0 runs a server-side loop and a streamed one", timeout_s=60, every_s=0.02)
+        # both streamed clients reported steps of their current draw, so the one replica 0 runs has: its redo
+        # must not report them again
+        _until(lambda: streams_mid_way() and _running(a, SAMPLING_LOOP) and _running(a, SAMPLING_LOOP_STREAM)
+               or errors, "replica 0 runs a server-side loop and a streamed one past its first step", timeout_s=60,
+               every_s=0.01)
         os.kill(a.pid, signal.SIGKILL)  # the replica dies with no warning, two loops in flight
         at_kill = list(done)
         a.stop(timeout=10)  # reaps it and the stubs it left
