@@ -690,7 +690,7 @@ class TritonBackend(DescribedServer):
             except (SamplingCancelled, TridentError):
                 raise
             except Exception as e:  # gRPC deadlines, the server's errors, HTTP socket timeouts, a server gone
-                first = first or e
+                first = e if first is None else first
                 if not self.policy.redo_loop(e, attempt):
                     e = self.policy.loop_gave_up(first, e)
                     error = loop_failure(e, self.url, loop.spec.name, self.sample_timeout_s)
