@@ -16,6 +16,7 @@ client's sample_timeout_s) passes, since an HTTP request cannot be cancelled.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Callable
 
@@ -49,7 +50,7 @@ class AsyncTritonBackend(DescribedServer):
         self.server, self.policy = server, policy
         self.url, self.protocol = server.url, server.protocol
         self.urls = endpoints(self.url)
-        self._turn = 0  # HTTP: the replica the next request goes to
+        self._turn = random.randrange(len(self.urls))  # HTTP: the replica the next request goes to (as TritonBackend)
         self.timeout_s, self.sample_timeout_s = float(timeout_s), float(sample_timeout_s)
         if self.protocol == "http":
             import tritonclient.http.aio as tc

@@ -532,7 +532,9 @@ class TritonBackend(DescribedServer):
         self.policy = RetryPolicy(int(retries), float(backoff_s))
         self.tls = tls
         tls_options = client_options(protocol, tls)
-        self._turn = 0  # HTTP: the replica the next request goes to
+        # HTTP: the replica the next request goes to; a random start (as gRPC's round_robin picks one), so clients
+        # started together do not all send their first request to the first replica, and the next to the second
+        self._turn = random.randrange(len(self.urls))
         if protocol == "http":
             import tritonclient.http as tc
 
