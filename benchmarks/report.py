@@ -3,8 +3,8 @@ with PASS/FAIL) and bar charts (PNG, drawn with Pillow).
 
     python -m trident.benchmarks.report benchmarks/results/latest.json [--out DIR]
 
-Every benchmark carries extra_info["item"] (peak, step, cfg, e2e, loop, stream, peer, concurrency, oneshot) and the
-fields that identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
+Every benchmark carries extra_info["item"] (peak, step, cfg, e2e, loop, stream, peer, concurrency, oneshot,
+scaling) and the fields that identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
 ratios are taken between medians measured in the same run.
 """
 from __future__ import annotations
@@ -53,6 +53,8 @@ TARGETS = {
     "auto_served": Target(1.8),              # served DPM-Solver++-20 at B=8, auto repository vs fp32 repository
     "auto_peer": Target(3.0),                # the same vs the diffusers loop peer
     "memory_mb": Target(200, False),         # resident memory of each U-Net host (diffusion_unet, diffusion_sampler)
+    # issue "Beyond one machine"
+    "replica_scaling": Target(1.7),          # images/s of 2 replicas on 2 cores over 1 replica on 1 core
 }
 PRECISION_LABELS = {"ort-session": "ORT fp32, one session", "onnxruntime-fp32": "ORT fp32 (row shards)",
                     "onnxruntime-int8": "ORT int8", "openvino-fp32": "OpenVINO fp32", "openvino-bf16": "OpenVINO bf16",
@@ -347,6 +349,49 @@ def analyse_concurrency(data):
     return lines, {"plot": plot}
 
 
+def analyse_scaling(data):
+    """Section 8: images/s from 1 and 2 pinned replicas per loop, the ratio, and where the cores' time went."""
+    bs = items(data, "scaling")
+    rows, ratios = [], {}
+    for loop in ("client", "server"):
+        one = find(bs, loop=loop, replicas=1)
+        for b in sorted((b for b in bs if b["extra_info"]["loop"] == loop), key=lambda b: b["extra_info"]["replicas"]):
+            e = b["extra_info"]
+            r = ratio(e["images_per_s"], (one or {}).get("extra_info", {}).get("images_per_s"))
+            if e["replicas"] == 2:
+                ratios[loop] = r
+            share = e["share"]
+            rows.append([f"{loop} loop", e["replicas"], ",".join(map(str, e["cores"])), e["clients"],
+                         num(e["images_per_s"]), times(r),
+                         " / ".join(pct(v) for v in e["core_busy"].values()),
+                         " / ".join(pct(v) for v in e["replica_cpu"]),
+                         pct(share["replicas"]), pct(share["clients"]), pct(share["other"]), pct(share["idle"]),
+                         " / ".join(str(n) for n in e["requests_per_replica"])])
+    if not rows:
+        return [], {"ratios": ratios}
+    e = bs[0]["extra_info"]
+    lines = [f"{run_label(e['sampler'], e['steps'])} at B={e['batch']}, guidance in one batched call, {e['protocol']}; "
+             f"{e['clients']} concurrent clients (one SDK client per thread over the replicas' addresses), "
+             f"{e['draws_per_client']} draw(s) each per round. Replica i runs pinned to core i (its tritonserver and "
+             "model stubs); the client process is pinned to the same cores, so each core is a machine with its "
+             "replica and its share of the clients. Shares are of the measured cores' time (wall x cores) over the "
+             "rounds: the replicas' processes, the client process, other processes on the machine, idle. "
+             "Requests: U-Net requests (client loop) or loop requests (server loop) each replica answered.", ""]
+    lines += table(["loop", "replicas", "cores", "clients", "images/s", "vs 1 replica", "core busy",
+                    "replica CPU (cores)", "replicas' share", "clients' share", "other", "idle",
+                    "requests per replica"], rows)
+    for loop, r in ratios.items():
+        b = find(bs, loop=loop, replicas=2)
+        if r is None or b is None:
+            continue
+        share = b["extra_info"]["share"]
+        limits = sorted(((share[k], k) for k in ("clients", "other", "idle")), reverse=True)
+        lines += [f"{loop} loop: 2 replicas draw **{r:.2f}x** the images/s of one; of the two cores' time the replicas "
+                  f"used {pct(share['replicas'])}, the rest went to " + ", ".join(f"{k} {pct(v)}" for v, k in limits)
+                  + " (what is not the replicas' is what keeps the ratio under 2x).", ""]
+    return lines, {"ratios": ratios}
+
+
 def analyse_oneshot(data, e2e_triton: dict) -> list[str]:
     """GAN/VAE per-image latency, and how many one-shot images each diffusion run's image costs (Triton both)."""
     bs = items(data, "oneshot")
@@ -475,7 +520,8 @@ def precision_targets(prec: dict, peer_images_per_s: float | None, auto_images_p
 # Targets
 # ----------------------------------------------------------------------------------------------------------------
 
-def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: int, peer_steps: int) -> list[str]:
+def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: int, peer_steps: int,
+            scaling: dict | None = None) -> list[str]:
     rows = []
     sp = {n: v for n, v in step["speedups"].items()}
     ok = None if not sp or any(v is None for v in sp.values()) else all(v > 1 for v in sp.values())
@@ -506,6 +552,10 @@ def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: i
     rows.append([f">= {TARGETS['peer_ratio'].bound}x the images/s of the diffusers loop peer at equal steps",
                  "-" if pr is None else f"{pr:.2f}x (DPM-Solver++-{peer_steps}, B={sample_batch})",
                  verdict(TARGETS["peer_ratio"].check(pr))])
+    for loop, r in (scaling or {}).get("ratios", {}).items():
+        rows.append([f"2 replicas on separate cores >= {TARGETS['replica_scaling'].bound}x the images/s of 1 replica "
+                     f"on one core ({loop} loop, DPM-Solver++-{ISSUE_E2E[1]}, B={ISSUE_E2E[2]})",
+                     times(r), verdict(TARGETS["replica_scaling"].check(r))])
     lines = table(["target (from the issue)", "measured", "result"], rows, left=3)
     if smoke:
         lines += ["**Smoke run**: sizes were shrunk (few steps, small batches, one round) to check that the suite "
@@ -551,6 +601,12 @@ def _machine(data) -> list[str]:
         f"- Checkpoints (sha256[:12]): {ckpts}",
         "- Cells read 'median (mean)'; ratios are between medians of the same run.",
     ]
+    for m in data.get("merged", []):
+        loads = " / ".join(", ".join(f"{x:.2f}" for x in la) if la else "-" for la in m.get("load_average", []))
+        lines.append(f"- Merged in later (`python -m trident.benchmarks.run --merge -- {m.get('selection', '')}`): "
+                     f"{len(m.get('benchmarks', []))} benchmarks measured {m.get('datetime', '?')}, commit "
+                     f"{str(m.get('commit') or '?')[:12]}, load average at start / end {loads}; the rest of the "
+                     "report is the run described above.")
     if s.get("device") == "cuda":
         lines.append("- GPU path: ORT in-process and Triton run the fp16 graphs on the CUDA execution provider (inputs "
                      "and outputs cross PCIe every call, as a client's do); PyTorch eager runs fp32; the diffusers "
@@ -578,6 +634,7 @@ def render(data: dict, out_dir: Path) -> str:
                   for r in e2e["runs"]}
     oneshot_lines = analyse_oneshot(data, {r: t for r, t in e2e_triton.items() if t})
     prec_lines, prec = analyse_precision(data)
+    scaling_lines, scaling = analyse_scaling(data)
 
     conc_names, conc_series = conc["plot"]
     plots = {
@@ -601,7 +658,7 @@ def render(data: dict, out_dir: Path) -> str:
 
     lines = ["# trident latency benchmarks", ""] + _machine(data)
     lines += ["## Targets", ""] + targets(step, peak["peak_gflops"], peak["dtype"], cfg, e2e, peer, smoke, sample_batch,
-                                          peer_steps)
+                                          peer_steps, scaling)
     lines += ["## 1. One U-Net step per bucket", "",
               "Same inputs (N rows, numpy in and out) through each backend. Speedup = torch median / ORT median; "
               "Triton rows = Triton median / ORT median - 1 (the price of the server hop). 'ORT in-process' and the "
@@ -644,6 +701,8 @@ def render(data: dict, out_dir: Path) -> str:
                        precision_targets(prec, ratio(sample_batch, med(peer_b)), ratio(sample_batch, med(auto_b))),
                        left=3)
         lines += prec_lines
+    if scaling_lines:
+        lines += ["## 8. Scaling over replicas: 1 and 2 replicas, each pinned to its own core", ""] + scaling_lines
     return "\n".join(lines).rstrip() + "\n"
 
 

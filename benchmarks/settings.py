@@ -63,6 +63,8 @@ class BenchSettings:
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
     concurrency_steps: int = 4       # DPM-Solver++ steps of each single-image request
     concurrency_images: int = 8      # images each client asks for, one after another
+    scaling_clients: int = 8         # concurrent clients of the replica-scaling item (1 and 2 replicas alike)
+    scaling_draws: int = 2           # sample() calls of B=sample_batch images per client per round
     oneshot_batches: tuple[int, ...] = (1, 8)
     peak_sizes: tuple[int, ...] = (1024, 2048)
     peak_repeats: int = 5
@@ -85,6 +87,7 @@ class BenchSettings:
                 "peer_steps": self.peer_steps, "loop_batches": list(self.loop_batches),
                 "concurrency": list(self.concurrency),
                 "concurrency_steps": self.concurrency_steps, "concurrency_images": self.concurrency_images,
+                "scaling_clients": self.scaling_clients, "scaling_draws": self.scaling_draws,
                 "oneshot_batches": list(self.oneshot_batches)}
 
 
@@ -116,4 +119,5 @@ def from_env(env=None, *, smoke: bool | None = None) -> BenchSettings:
     return BenchSettings(**base, cfg_batches=(1, 2), sampler_runs=SMOKE_SAMPLER_RUNS, sample_batch=2, sample_rounds=1,
                          loop_batches=(1,),
                          peer_steps=2, concurrency=(1, 2), concurrency_steps=2, concurrency_images=1,
+                         scaling_clients=2, scaling_draws=1,
                          oneshot_batches=(1,), peak_sizes=(256,), peak_repeats=2)

@@ -12,7 +12,7 @@ import pytest
 from trident.benchmarks import metrics, report
 
 ITEMS = ("peak", "step", "cfg", "e2e", "loop", "stream", "peer", "concurrency", "oneshot", "precision",
-         "precision-e2e", "memory")
+         "precision-e2e", "memory") + (("scaling",) if len(os.sched_getaffinity(0)) >= 2 else ())  # 1 core: skipped
 
 PROMETHEUS = """\
 # HELP nv_inference_count Number of inferences performed
@@ -65,7 +65,8 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
     assert measured == set(ITEMS), f"missing items: {set(ITEMS) - measured}"
     text = (out / "report.md").read_text()
     for heading in ("## Targets", "## 1. One U-Net step", "## 2. Batched CFG", "## 3. End-to-end", "### 3b. Where",
-                    "### 3c. Streaming", "## 4. Peer", "## 5. Concurrent", "## 6. GAN", "## 7. Precision"):
+                    "### 3c. Streaming", "## 4. Peer", "## 5. Concurrent", "## 6. GAN", "## 7. Precision",
+                    *(["## 8. Scaling over replicas"] if "scaling" in ITEMS else [])):
         assert heading in text
     assert "**Smoke run**" in text and text.count("| n/a |") == 0
     assert "ORT, row shards off ms" in text and "row shards on vs off" in text  # the before/after of row shards
@@ -138,6 +139,50 @@ def test_report_streaming_cost_is_the_streamed_median_over_the_one_response_medi
     rows = [line for line in section.splitlines() if line.startswith("| DPM")]
     assert len(rows) == 2 and "| +5.0% |" in rows[0] and "| -1.0% |" in rows[1], rows  # B=1: 210/200, B=8: 792/800
     assert "| 200 (213) | 210 (210) |" in rows[0], rows[0]  # one response: median (mean) of its own timings
+
+
+def _scaling(loop: str, replicas: int, images_per_s: float) -> dict:
+    return _bench("scaling", 10.0, loop=loop, replicas=replicas, cores=list(range(replicas)), clients=8,
+                  draws_per_client=2, images=128, batch=8, sampler="dpmpp-2m", steps=20, protocol="http",
+                  images_per_s=images_per_s, core_busy={str(c): 0.98 for c in range(replicas)},
+                  replica_cpu=[0.9] * replicas, share={"replicas": 0.9, "clients": 0.05, "other": 0.03, "idle": 0.02},
+                  requests_per_replica=[100] * replicas)
+
+
+def test_report_replica_scaling_is_the_images_per_s_of_two_replicas_over_one(tmp_path):
+    runs = [_scaling("client", 1, 10.0), _scaling("client", 2, 18.0), _scaling("server", 1, 12.0),
+            _scaling("server", 2, 19.2)]
+    text = report.render({"benchmarks": runs, "machine_info": {}}, tmp_path)
+    targets = text.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in targets.splitlines() if "2 replicas on separate cores" in line]
+    assert len(rows) == 2 and "(client loop" in rows[0] and "(server loop" in rows[1], rows
+    assert rows[0].endswith("| 1.80x | **PASS** |") and rows[1].endswith("| 1.60x | **FAIL** |"), rows  # 1.7x bound
+    section = text.split("## 8. Scaling over replicas", 1)[1]
+    assert "| client loop | 2 | 0,1 | 8 | 18 | 1.80x | 98.0% / 98.0% |" in section
+    assert "2 replicas draw **1.60x** the images/s of one" in section
+
+
+def test_run_merge_replaces_the_benchmarks_of_the_same_name_and_keeps_the_rest(tmp_path):
+    from trident.benchmarks.run import merge
+
+    def run(smoke: bool, *benchmarks) -> dict:
+        return {"machine_info": {"trident": {"settings": {"smoke": smoke}}}, "datetime": "2026-12-05T02:00:00",
+                "commit_info": {"id": "0123456789abcdef"},
+                "benchmarks": [dict(_bench(item, median), fullname=name) for name, item, median in benchmarks]}
+
+    full, part = tmp_path / "full.json", tmp_path / "part.json"
+    full.write_text(json.dumps(run(False, ("a", "e2e", 1.0), ("b", "scaling", 1.0))))
+    part.write_text(json.dumps(run(False, ("b", "scaling", 2.0), ("c", "scaling", 3.0))))
+    merge(full, part, tmp_path / "merged.json", ["-k", "scaling"])
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert sorted((b["fullname"], b["stats"]["median"]) for b in merged["benchmarks"]) == [("a", 1.0), ("b", 2.0),
+                                                                                        ("c", 3.0)]
+    assert merged["merged"][0]["selection"] == "-k scaling" and merged["merged"][0]["benchmarks"] == ["b", "c"]
+    assert "Merged in later (`python -m trident.benchmarks.run --merge -- -k scaling`): 2 benchmarks" in "".join(
+        report._machine(merged))  # the report's header says what was measured when
+    part.write_text(json.dumps(run(True, ("b", "scaling", 2.0))))
+    with pytest.raises(ValueError, match="merge like into like"):  # a smoke run's sizes into a full report: refused
+        merge(full, part, tmp_path / "merged.json", [])
 
 
 @pytest.mark.slow

@@ -547,3 +547,30 @@ def test_serve_exits_within_5_s_of_sigterm_with_sampling_loops_in_flight(export_
         assert isinstance(errors.get(protocol), ServerUnreachableError), errors
         stopped = re.search(rf"{model}: the server is shutting down; stopped after step (\d+)", str(errors[protocol]))
         assert stopped and int(stopped.group(1)) >= 1, errors[protocol]  # it was running, and stopped mid-loop
+
+
+@pytest.mark.server
+def test_server_ends_when_the_process_that_started_it_is_killed(model_repository, tmp_path):
+    """SIGKILL leaves no atexit hook to run: the server still ends, by the parent-death signal the launcher sets in
+    the child it forks from the main thread."""
+    import signal as sig
+
+    script = (f"import sys, time\nfrom trident.serving.server.launcher import ServerConfig, TritonServer\n"
+              f"s = TritonServer(ServerConfig({str(model_repository)!r}, http_port=0, grpc_port=0, metrics_port=0))\n"
+              f"s.start(); s.wait_ready(); print(s.pid, flush=True); time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        pid = int(child.stdout.readline())
+        assert Path(f"/proc/{pid}/exe").resolve().name == "tritonserver"
+        child.send_signal(sig.SIGKILL)
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert not alive, f"tritonserver {pid} outlived the process that started it"
+    finally:
+        child.kill()
+        if pid is not None and Path(f"/proc/{pid}").exists():
+            os.killpg(pid, sig.SIGKILL)  # its own process group (start_new_session), stubs included

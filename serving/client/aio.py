@@ -16,6 +16,7 @@ client's sample_timeout_s) passes, since an HTTP request cannot be cancelled.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Callable
 
@@ -26,8 +27,8 @@ from ..graph_runtime import IMAGE, MEAN, PREDICTION
 from ..sampling import SamplingCancelled
 from ..spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
 from .backends import (TLS, DescribedServer, RetryPolicy, ServerInfo, TritonBackend, check_inputs, client_options,
-                       endpoints, failure, grpc_channel, infer_inputs, lost, loop_failure, requested_outputs,
-                       stream_message)
+                       each_step_once, endpoints, failure, grpc_channel, infer_inputs, lost, loop_failure,
+                       requested_outputs, stream_message)
 from .base import ClientBase, SampleJob, SampleStats
 
 __all__ = ["AsyncTridentClient", "AsyncTritonBackend"]
@@ -50,7 +51,7 @@ class AsyncTritonBackend(DescribedServer):
         self.server, self.policy = server, policy
         self.url, self.protocol = server.url, server.protocol
         self.urls = endpoints(self.url)
-        self._turn = 0  # HTTP: the replica the next request goes to
+        self._turn = random.randrange(len(self.urls))  # HTTP: the replica the next request goes to (as TritonBackend)
         self.timeout_s, self.sample_timeout_s = float(timeout_s), float(sample_timeout_s)
         if self.protocol == "http":
             import tritonclient.http.aio as tc
@@ -131,17 +132,27 @@ class AsyncTritonBackend(DescribedServer):
 
     # -- the sampling loop models ---------------------------------------------------------------------------------
     async def run_loop(self, feed: dict[str, np.ndarray], on_step: Callable | None = None) -> np.ndarray:
-        """TritonBackend.run_loop as a coroutine. Cancelling the task cancels the request (gRPC)."""
+        """TritonBackend.run_loop as a coroutine (redone on another replica the same way). Cancelling the task cancels
+        the request (gRPC)."""
         loop = self.require_server_loop(stream=on_step is not None)
-        try:
-            if on_step is not None:
-                return await self._stream_loop(loop.spec, feed, on_step)
-            return (await self._infer_once(loop.spec.name, loop.spec, feed, False, self.sample_timeout_s))[0]
-        except (SamplingCancelled, TridentError):
-            raise
-        except Exception as e:
-            error = loop_failure(e, self.url, loop.spec.name, self.sample_timeout_s)
-            raise (error or lost(self.url, loop.spec.name, e, await self._server_live())) from None
+        on_step = None if on_step is None else each_step_once(on_step)
+        attempt, first = 0, None
+        while True:  # redone on another replica as TritonBackend.run_loop is
+            self._turn += 1
+            try:
+                if on_step is not None:
+                    return await self._stream_loop(loop.spec, feed, on_step)
+                return (await self._infer_once(loop.spec.name, loop.spec, feed, False, self.sample_timeout_s))[0]
+            except (SamplingCancelled, TridentError):
+                raise
+            except Exception as e:
+                first = e if first is None else first
+                if not self.policy.redo_loop(e, attempt):
+                    e = self.policy.loop_gave_up(first, e)
+                    error = loop_failure(e, self.url, loop.spec.name, self.sample_timeout_s)
+                    raise (error or lost(self.url, loop.spec.name, e, await self._server_live())) from None
+            await asyncio.sleep(self.policy.delay(attempt))
+            attempt += 1
 
     async def _stream_loop(self, spec: GraphSpec, feed: dict, on_step: Callable) -> np.ndarray:
         inputs = infer_inputs(self._tc, "grpc", spec, feed, batched=False)

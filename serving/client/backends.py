@@ -317,6 +317,48 @@ class RetryPolicy:
         transient = _is_transient(e) or isinstance(e, asyncio.TimeoutError)  # aiohttp's connection errors too
         return "retry" if transient and not last else "unreachable"
 
+    def redo_loop(self, e: Exception, attempt: int) -> bool:
+        """Whether a failed request to a sampling loop model is sent again (`retries` times), to another replica: when
+        the replica refused it, went away or is shutting down (loop_redoable)."""
+        return attempt < self.retries and loop_redoable(e)
+
+    def loop_gave_up(self, first: Exception, last: Exception) -> Exception:
+        """The failure to report when a loop request is not redone: after redos that found no replica either, the
+        one that started them (it says why the loop was lost); else the last (a timeout, the server's answer)."""
+        return first if loop_redoable(last) else last
+
+
+def loop_redoable(e: Exception) -> bool:
+    """A failed sampling loop request worth redoing on another replica: the replica refused it, went away or is shutting
+    down. The request carries its seed, so the redo draws the same images; it costs the steps the lost replica had
+    done. Never after a timeout (the client's sample_timeout_s or the server's stop at it) nor after the server's own
+    answer (a bad request)."""
+    from tritonclient.utils import InferenceServerException
+
+    text = _detail(e)
+    if SHUTTING_DOWN in text:  # the replica stopped the loop at the launcher's stop file
+        return True
+    if _is_timeout(text) or OUT_OF_TIME in text or isinstance(e, (TimeoutError, socket.timeout)):
+        return False
+    if isinstance(e, InferenceServerException):
+        return _is_transient(e) or _model_gone(e)
+    return _is_transient(e)  # a refused or reset connection (the HTTP clients raise these as they are)
+
+
+def each_step_once(on_step):
+    """on_step for a streamed loop that may be redone on another replica: the redo reports the steps of the first
+    attempt again (same seed, same loop, same previews), so only the steps not yet reported are passed on: the
+    progress bar pauses while the redo catches up, and the callback sees each step once, in order."""
+    reported = -1
+
+    def forward(index: int, t: int, preview) -> None:
+        nonlocal reported
+        if index > reported:
+            reported = index
+            on_step(index, t, preview)
+
+    return forward
+
 
 def failure(outcome: str, url: str, graph: str, e: Exception, live: bool | None) -> TridentError:
     """The typed error for a RetryPolicy outcome; live (only read for "lost") is whether the server still answers."""
@@ -471,7 +513,9 @@ class TritonBackend(DescribedServer):
         self.policy = RetryPolicy(int(retries), float(backoff_s))
         self.tls = tls
         tls_options = client_options(protocol, tls)
-        self._turn = 0  # HTTP: the replica the next request goes to
+        # HTTP: the replica the next request goes to; a random start (as gRPC's round_robin picks one), so clients
+        # started together do not all send their first request to the first replica, and the next to the second
+        self._turn = random.randrange(len(self.urls))
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -617,26 +661,39 @@ class TritonBackend(DescribedServer):
         """One request to the sampling loop model (inputs as spec.loop_spec): the images, float32. With on_step, to
         the streaming one (see the Backend protocol).
 
-        Not retried (a retry would redo the whole loop); waits up to sample_timeout_s."""
+        Each attempt waits up to sample_timeout_s. A replica that refuses the request, dies or shuts down during it
+        costs a redo on another replica (RetryPolicy.redo_loop; the same images, the seed travels with the request);
+        a streamed redo reports only the steps not reported yet (each_step_once)."""
         loop = self.require_server_loop(stream=on_step is not None)
-        try:
-            if on_step is not None:
-                return self._stream_loop(loop.spec, feed, on_step)
-            client = self._client
-            if self.protocol == "http":  # the HTTP client's network timeout is fixed per connection
-                self._turn += 1
-                url = self.urls[self._turn % len(self.urls)]
-                if url not in self._long_clients:
-                    self._long_clients[url] = self._tc.InferenceServerClient(url, connection_timeout=self.timeout_s,
-                                                                             network_timeout=self.sample_timeout_s)
-                client = self._long_clients[url]
-            return self._infer_once(loop.spec.name, loop.spec, feed, batched=False, client=client,
-                                    timeout_s=self.sample_timeout_s)[0]
-        except (SamplingCancelled, TridentError):
-            raise
-        except Exception as e:  # gRPC deadlines, the server's errors, HTTP socket timeouts, a server gone
-            error = loop_failure(e, self.url, loop.spec.name, self.sample_timeout_s)
-            raise (error or self._lost(loop.spec.name, e)) from None
+        on_step = None if on_step is None else each_step_once(on_step)
+        attempt, first = 0, None
+        while True:
+            try:
+                return self._loop_once(loop, feed, on_step)
+            except (SamplingCancelled, TridentError):
+                raise
+            except Exception as e:  # gRPC deadlines, the server's errors, HTTP socket timeouts, a server gone
+                first = e if first is None else first
+                if not self.policy.redo_loop(e, attempt):
+                    e = self.policy.loop_gave_up(first, e)
+                    error = loop_failure(e, self.url, loop.spec.name, self.sample_timeout_s)
+                    raise (error or self._lost(loop.spec.name, e)) from None
+            time.sleep(self.policy.delay(attempt))
+            attempt += 1
+
+    def _loop_once(self, loop: ServerLoop, feed: dict[str, np.ndarray], on_step) -> np.ndarray:
+        if on_step is not None:
+            return self._stream_loop(loop.spec, feed, on_step)
+        client = self._client
+        if self.protocol == "http":  # the HTTP client's network timeout is fixed per connection
+            self._turn += 1
+            url = self.urls[self._turn % len(self.urls)]
+            if url not in self._long_clients:
+                self._long_clients[url] = self._tc.InferenceServerClient(url, connection_timeout=self.timeout_s,
+                                                                         network_timeout=self.sample_timeout_s)
+            client = self._long_clients[url]
+        return self._infer_once(loop.spec.name, loop.spec, feed, batched=False, client=client,
+                                timeout_s=self.sample_timeout_s)[0]
 
     def _stream_loop(self, spec: GraphSpec, feed: dict[str, np.ndarray], on_step) -> np.ndarray:
         """gRPC bidirectional stream: one request, a response per step, the images last. Left early (a callback that
