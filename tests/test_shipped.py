@@ -65,3 +65,17 @@ def test_demo_runs_end_to_end_and_writes_its_images(shipped_work, tmp_path):
     # the demo serves `auto` (issue 21): every graph's precision measured here, in the generated files
     import json
     assert set(json.loads((tmp_path / "repo" / MARKER).read_text())["precision"].values()) == {"auto"}
+
+
+def test_only_the_configs_of_the_model_repository_are_committed():
+    """What `trident serve build` generates beside the configs (graphs, model.py, the runtime files, the measured
+    choices) is per machine or a copy of the package: git-ignored, never committed (a copy would go stale)."""
+    listed = subprocess.run(["git", "ls-files", "model_repository"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    committed = listed.stdout.split()
+    assert committed and all(Path(p).name in ("README.md", MARKER, "config.pbtxt") for p in committed), committed
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *(f"model_repository/m/1/{name}" for name in
+                              ("model.py", "x.onnx", *RUNTIME_FILES, MEASURED_FILE))], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert len(ignored) == 3 + len(RUNTIME_FILES), f"not git-ignored: {ignored}"
