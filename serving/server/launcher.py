@@ -678,9 +678,10 @@ def _kill_group(pgid: int) -> None:
 def repository_request_limit(repository: Path) -> int | None:
     """The bound on request bodies that `trident serve build` recorded for the repository (request_limits.py), or
     None for a repository without one (written by hand, or by an older build)."""
+    from .repository import MARKER  # the builder's record, named where it is written
+
     try:
-        return int(json.loads((Path(repository) / "trident_repository.json").read_text())["largest_request"]
-                   ["limit_bytes"])
+        return int(json.loads((Path(repository) / MARKER).read_text())["largest_request"]["limit_bytes"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

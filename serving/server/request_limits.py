@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-import numpy as np
-
 from trident.serving.server.runtime.protocol import MAX_IMAGES as MAX_IMAGES_KEY  # the loop model's images per request
 
 JSON_BYTES_PER_ELEMENT = 24  # "-1.2345678901234567e-05, ": a float64 repr with its separator
@@ -66,6 +64,6 @@ def largest_request(configs: Iterable[dict]) -> dict:
     if best is None:
         raise ValueError("no model configurations")
     mib = 1 << 20
-    limit = int(np.ceil(max(best["json_bytes"], best["binary_bytes"]) / mib)) * mib
+    limit = math.ceil(max(best["json_bytes"], best["binary_bytes"]) / mib) * mib
     return {"model": best["model"], "rows": best["rows"], "binary_bytes": best["binary_bytes"],
             "json_bytes": best["json_bytes"], "limit_bytes": limit}
