@@ -201,14 +201,22 @@ class _OpenVinoSession:
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = ov.Core().compile_model(path, "CPU", config)
+        core = ov.Core()
+        model = core.read_model(path)
+        # The graph's own tensor names, read before compiling: the compiled model merges a tensor's names with those
+        # of an op it removes (a timestep input feeding a float-to-float Cast is also "/Cast_output_0" under bf16),
+        # and its get_any_name() may then answer the other one. Ports keep their order.
+        input_names = [port.get_any_name() for port in model.inputs]
+        output_names = [port.get_any_name() for port in model.outputs]
+        self.compiled = core.compile_model(model, "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
-        self._outputs = {port.get_any_name(): port for port in self.compiled.outputs}
+        self._inputs = dict(zip(input_names, self.compiled.inputs))
+        self._outputs = dict(zip(output_names, self.compiled.outputs))
 
     def inputs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-        return [(port.get_any_name(), tuple(port.get_shape()), np.dtype(port.get_element_type().to_dtype()))
-                for port in self.compiled.inputs]
+        return [(name, tuple(port.get_shape()), np.dtype(port.get_element_type().to_dtype()))
+                for name, port in self._inputs.items()]
 
     def output_names(self) -> list[str]:
         return list(self._outputs)

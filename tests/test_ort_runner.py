@@ -206,3 +206,22 @@ def test_in_process_backend_raises_invalid_argument_when_asked_for_a_gpu_it_does
     with pytest.raises(InvalidArgumentError, match="libonnxruntime_providers_cuda.so"):
         TridentClient.from_onnx([export_dirs["vae"]], threads=1,
                                 providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_openvino_bucket_is_fed_by_the_graph_input_names_when_compiling_merges_them_with_a_removed_cast(tmp_path):
+    # The shipped U-Net's timestep input feeds a float-to-float Cast; OpenVINO's compiled model gives that input the
+    # Cast's output name too and answers it from get_any_name(), which made the bf16 U-Net fail to load.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["timestep"], ["/Cast_output_0"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["/Cast_output_0", "w"], ["out"])], "g",
+        [helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array([2.0, 3.0], np.float32), "w")])
+    path = tmp_path / "g_b2.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    runner = BucketRunner({2: path}, engines={2: "openvino-f32"})
+    assert runner.input_shapes() == {"timestep": ()} and runner.output_names == ["out"]
+    np.testing.assert_array_equal(runner.run({"timestep": np.array([1.0, 2.0], np.float32)})["out"], [2.0, 6.0])
