@@ -103,12 +103,12 @@ def execution_providers(device: str, device_id: int = 0) -> list:
     missing, and BucketRunner checks that the provider really loaded (ONNX Runtime itself only logs "Failed to create
     CUDAExecutionProvider" and runs on the CPU).
     """
-    import onnxruntime as ort
-
-    if device == "cpu":
+    if device == "cpu":  # without importing onnxruntime: a model whose buckets all run on OpenVINO never loads it
         return [CPU]
     if device != "cuda":
         raise ValueError(f"execution provider must be 'cpu' or 'cuda', got {device!r}")
+    import onnxruntime as ort
+
     if CUDA not in ort.get_available_providers():
         raise ValueError(provider_missing(CUDA, f"this onnxruntime {ort.__version__} is built without it (it has "
                                                 f"{ort.get_available_providers()})"))
@@ -310,13 +310,15 @@ class BucketRunner:
             raise ValueError(f"unknown engines {unknown}; expected one of {ENGINES}")
         if not cpu_only and any(e != "onnxruntime" for e in self.engines.values()):
             raise ValueError("the OpenVINO engines run on the CPU; use onnxruntime with a GPU execution provider")
-        whole = session_options(threads, shared_arena=cpu_only)
+        # Each engine's library is loaded only where a bucket runs on it: a host whose buckets all run on OpenVINO
+        # holds no onnxruntime (its import and arena), and one all on onnxruntime no openvino.
+        ort_buckets = [b for b in self.buckets if self.engines[b] == "onnxruntime"]
+        whole = session_options(threads, shared_arena=cpu_only) if ort_buckets else None
         self.sessions = _Sessions(lambda b: _OrtSession(files[b], whole, providers)
                                   if self.engines[b] == "onnxruntime"
                                   else _OpenVinoSession(files[b], OPENVINO_PRECISION[self.engines[b]], threads),
                                   self.buckets)
         self.output_names = self.sessions[self.buckets[0]].output_names()  # also checks the first file loads
-        ort_buckets = [b for b in self.buckets if self.engines[b] == "onnxruntime"]
         self.row_shards = (int(row_shards) or (budget if cpu_only else 1)) if ort_buckets else 1
         self.shard_limit = int(shard_limit)
         self.shard_sessions, self._pool = None, None

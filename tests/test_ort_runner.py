@@ -208,9 +208,8 @@ def test_in_process_backend_raises_invalid_argument_when_asked_for_a_gpu_it_does
                                 providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
-def test_openvino_bucket_is_fed_by_the_graph_input_names_when_compiling_merges_them_with_a_removed_cast(tmp_path):
-    # The shipped U-Net's timestep input feeds a float-to-float Cast; OpenVINO's compiled model gives that input the
-    # Cast's output name too and answers it from get_any_name(), which made the bf16 U-Net fail to load.
+def cast_then_scale_graph(path) -> str:
+    """A graph of 2 rows whose input "timestep" feeds a float-to-float Cast, as the shipped U-Net's does: out = t * [2, 3]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -220,8 +219,30 @@ def test_openvino_bucket_is_fed_by_the_graph_input_names_when_compiling_merges_t
         [helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
         [numpy_helper.from_array(np.array([2.0, 3.0], np.float32), "w")])
-    path = tmp_path / "g_b2.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    runner = BucketRunner({2: path}, engines={2: "openvino-f32"})
+    return str(path)
+
+
+def test_openvino_bucket_is_fed_by_the_graph_input_names_when_compiling_merges_them_with_a_removed_cast(tmp_path):
+    # OpenVINO's compiled model gives the input the Cast's output name too and answered it from get_any_name(), which
+    # made the bf16 U-Net fail to load
+    runner = BucketRunner({2: cast_then_scale_graph(tmp_path / "g_b2.onnx")}, engines={2: "openvino-f32"})
     assert runner.input_shapes() == {"timestep": ()} and runner.output_names == ["out"]
     np.testing.assert_array_equal(runner.run({"timestep": np.array([1.0, 2.0], np.float32)})["out"], [2.0, 6.0])
+
+
+@pytest.mark.parametrize("engine, absent", [("openvino-f32", "onnxruntime"), ("onnxruntime", "openvino")])
+def test_runner_loads_only_the_engine_library_its_buckets_run_when_one_engine_is_chosen(tmp_path, engine, absent):
+    # What a Triton model does at load (graph_model.py, loop_model.py), in a fresh process: a host whose buckets all
+    # run on one engine must not hold the other's library (onnxruntime's import alone is ~20 MB resident)
+    import subprocess
+    import sys
+
+    path = cast_then_scale_graph(tmp_path / "g_b2.onnx")
+    script = (f"import sys, numpy as np\n"
+              f"from trident.serving.ort_runner import BucketRunner, execution_providers\n"
+              f"runner = BucketRunner({{2: {path!r}}}, engines={{2: {engine!r}}}, providers=execution_providers('cpu'))\n"
+              f"runner.warm()\n"
+              f"print(runner.run({{'timestep': np.ones(2, np.float32)}})['out'].tolist(), {absent!r} in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[2.0,", "3.0]", "False"], out
