@@ -216,7 +216,8 @@ def stub_memory_mb(server_pid: int) -> dict[str, float]:
 def test_served_memory(benchmark, request, settings, exports, state):
     """What each served model holds: a fresh server on the suite's fp32 repository, read once its models are ready
     (after Triton's warm-up requests); and the suite's two servers, read after the benchmarks above (the fp32 one
-    after the CFG, concurrency, peer and GAN/VAE items too: larger calls grow the memory they keep)."""
+    after the CFG, concurrency, peer and GAN/VAE items too: larger calls grow the memory they keep; the auto one after
+    one request to each of its loop models too, so that every U-Net host has run)."""
     from trident.serving.server.launcher import ServerConfig, TritonServer
 
     require(exports, "diffusion")
@@ -229,6 +230,14 @@ def test_served_memory(benchmark, request, settings, exports, state):
         with TritonServer(fresh) as srv:
             memory = benchmark.pedantic(stub_memory_mb, args=(srv.pid,), rounds=1, iterations=1)
     else:
+        if repo == "auto":  # the auto server's traffic above is the client loop: run its two loop models once too
+            from trident.serving.client import TridentClient
+
+            with TridentClient.connect(server.grpc_url, "grpc") as client:
+                for stream in (False, True):  # a callback streams (diffusion_sampler_stream)
+                    client.sample(classes=class_labels(settings.sample_batch), sampler="dpmpp-2m", steps=2,
+                                  guidance=settings.guidance, seed=0, raw=True, loop="server",
+                                  callback=(lambda *a: True) if stream else None)
         memory = benchmark.pedantic(stub_memory_mb, args=(server.pid,), rounds=1, iterations=1)
     assert memory, "no Python-backend stub found under the server process"
     benchmark.extra_info.update(item="memory", repo=state, resident_mb={k: round(v, 1) for k, v in memory.items()})

@@ -226,3 +226,19 @@ def test_benchmark_run_keeps_what_finished_when_interrupted(checkpoints, export_
     # pytest-benchmark also writes the rounds the interrupted benchmark had done (seen: the VAE's, cut short)
     assert [b["extra_info"]["kind"] for b in data["benchmarks"][1:]] in ([], ["vae"])
     assert "## 6. GAN" in (out / "report.md").read_text()
+
+
+def test_report_memory_targets_cover_every_unet_host_of_the_auto_repository_after_traffic():
+    memory = {"fp32 after warm-up": {"diffusion_unet": 150.0, "diffusion_sampler": 140.0, "gan_generator": 90.0},
+              "fp32 after traffic": {"diffusion_unet": 250.0},  # no bound stated: no row
+              "auto after traffic": {"diffusion_unet": 199.0, "diffusion_sampler": 201.0,
+                                     "diffusion_sampler_stream": 150.0, "vae_decoder": 300.0}}
+    rows = report.precision_targets({"speed": {}, "served": {}, "choice": {}, "cpu": None, "memory": memory}, None,
+                                    None)
+    got = {r[0].split(" resident")[0] + " / " + r[0].split("(")[1].split(",")[0]: (r[1], r[2])
+           for r in rows if "resident memory" in r[0]}
+    assert got == {"diffusion_unet / fp32 after warm-up": ("150 MB", "**PASS**"),
+                   "diffusion_sampler / fp32 after warm-up": ("140 MB", "**PASS**"),
+                   "diffusion_unet / auto after traffic": ("199 MB", "**PASS**"),
+                   "diffusion_sampler / auto after traffic": ("201 MB", "**FAIL**"),
+                   "diffusion_sampler_stream / auto after traffic": ("150 MB", "**PASS**")}

@@ -234,7 +234,7 @@ def test_openvino_bucket_is_fed_by_the_graph_input_names_when_compiling_merges_t
 @pytest.mark.parametrize("engine, absent", [("openvino-f32", "onnxruntime"), ("onnxruntime", "openvino")])
 def test_runner_loads_only_the_engine_library_its_buckets_run_when_one_engine_is_chosen(tmp_path, engine, absent):
     # What a Triton model does at load (graph_model.py, loop_model.py), in a fresh process: a host whose buckets all
-    # run on one engine must not hold the other's library (onnxruntime's import alone is ~20 MB resident)
+    # run on one engine must not hold the other's library (benchmarks/results/optimizations.md, item 7)
     import subprocess
     import sys
 
