@@ -60,7 +60,11 @@ def calibration_inputs(graph: str, spec: GraphSpec, module: torch.nn.Module, car
                             schedule=sampling.NoiseSchedule.from_dict(card.schedule), null_class=card.null_class,
                             seed=seed, prediction_type=card.prediction_type, guidance_range=card.guidance_range,
                             distilled_steps=card.distilled_steps, **how)
-        return [np.concatenate([r[k] for r in rows]) for k in range(len(spec.inputs))]
+        columns = [np.concatenate([r[k] for r in rows]) for k in range(len(spec.inputs))]
+        if card.guidance_range is not None:  # mixed, so that any first rows (the export's parity batch) span the scales
+            order = rng.permutation(len(columns[0]))
+            columns = [c[order] for c in columns]
+        return columns
     if graph == GENERATOR:
         z = rng.standard_normal((CALIBRATION_ROWS, card.latent_dim)).astype(np.float32)
         return [z, (np.arange(CALIBRATION_ROWS) % len(card.class_names)).astype(np.int64)]

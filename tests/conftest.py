@@ -94,8 +94,8 @@ STUDENT_GUIDANCE = (1.0, 5.0)
 @pytest.fixture(scope="session")
 def student_checkpoint(tmp_path_factory) -> Path:
     """A tiny step-distilled student's model.safetensors, as `trident distill steps` writes it (its header and card
-    from training/train.py), built rather than trained: a U-Net with the guidance input whose guidance embedding has
-    seeded random weights (a fresh student's last layer is zero, so w would change nothing), v-prediction."""
+    from training/train.py), built rather than trained: a U-Net with the guidance input and seeded random weights
+    everywhere (a fresh U-Net's zero-initialised layers would leave w, and the class, changing nothing), v-prediction."""
     import torch
 
     from trident.training import checkpoint as ckpt
@@ -106,9 +106,10 @@ def student_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = UNetConfig.from_dict({**json.loads(TINY_MODELS["diffusion"]), "guidance_input": True})
     model = build_model("diffusion", config)
-    with torch.no_grad():
-        for p in (*model.guidance_mlp[-1].parameters(), *model.out[-1].parameters()):
-            p.normal_(0.0, 0.05)
+    with torch.no_grad():  # the zero-initialised layers (residual branches, output, guidance embedding) get weights
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.05)
     run = TrainConfig(kind="diffusion", out_dir=str(out.parent), distill="steps", teacher="teacher.safetensors",
                       distill_from_steps=2 * STUDENT_STEPS, distill_to_steps=STUDENT_STEPS,
                       guidance_min=STUDENT_GUIDANCE[0], guidance_max=STUDENT_GUIDANCE[1],
