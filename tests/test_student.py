@@ -269,3 +269,37 @@ def test_container_flavour_serves_the_student_with_every_loop_and_refuses_out_of
             refused.value.message(), refused.value
     with TridentClient.connect(server.http_url, "http") as client:  # still serving
         np.testing.assert_allclose(client.sample(**kw), want, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.server
+def test_cli_draws_the_student_at_its_distilled_steps_with_one_call_per_step(embedded, tmp_path, capsys):
+    from trident.serving.client.cli import main
+
+    _, server = embedded
+    out = tmp_path / "student.png"
+    assert main(["--model", STUDENT, "--class", "bag", "--n", "2", "--url", server.http_url, "--out", str(out)]) == 0
+    assert f"{STUDENT_STEPS} model calls ({STUDENT_STEPS} steps)" in capsys.readouterr().out and out.is_file()
+    assert main(["--model", STUDENT, "--guidance", "9", "--url", server.http_url, "--out", str(out)]) == 2
+    assert "guidance must be in [1, 5]" in capsys.readouterr().err
+
+
+@pytest.mark.server
+def test_evaluate_draws_the_student_at_each_step_count_with_one_row_per_image_per_step(embedded, student_checkpoint,
+                                                                                       tmp_path):
+    """`trident evaluate`'s code path for a student (the figures themselves come from the harness on a real one)."""
+    from trident.benchmarks.evaluate import Clients, Setting, default_sampling, draw, sweep_settings
+
+    _, server = embedded
+    assert default_sampling(STUDENT, student_checkpoint) == {"sampler": "ddim", "steps": STUDENT_STEPS,
+                                                            "spacing": "trailing"}
+    student = [s for s in sweep_settings(include_ddpm_1000=False, student=True) if s.model == STUDENT]
+    assert sorted({s.steps for s in student}) == [1, 2, 4, 8] and {s.guidance for s in student} == {1.5, 3.0}
+    assert [s.nfe for s in student[:4]] == [1, 2, 4, 8] and student[0].label == "student ddim-1 g1.5"
+    clients = Clients({}, tmp_path, url=server.http_url)
+    try:
+        for steps in (1, 2, 4, 8):
+            images, labels = draw(clients, Setting(STUDENT, "ddim", steps, 3.0), n=4, batch=4)
+            assert images.shape == (4, 1, 28, 28) and np.isfinite(images).all() and labels.tolist() == [0, 1, 2, 3]
+            assert clients.get(STUDENT).last_stats.rows == 4 * steps
+    finally:
+        clients.close()

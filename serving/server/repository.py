@@ -444,7 +444,9 @@ def _plan_container(export: Export, graph: str, options: BuildOptions) -> list[M
                               warmup=warmup_data(config, warmup_values(export, graph)))
         else:
             alone = replace(options.runtime, row_shards=1, shard_limit=0)
-            runtime = manifest.graph_runtime(export, graph, alone, {n: options.runtime.precision})
+            # no input ranges, as the native model it stands in for: the front model checked every request's rows,
+            # and the rows that pad a chunk to the bucket are zeros (outside a student's guidance range)
+            runtime = replace(manifest.graph_runtime(export, graph, alone, {n: options.runtime.precision}), ranges={})
             config = stand_in_config(export, runtime, options)
             model = ModelPlan(config, _graph_files(export, runtime), runs="graph",
                               warmup=warmup_data(config, warmup_values(export, graph)))
