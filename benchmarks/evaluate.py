@@ -3,6 +3,7 @@
   trident evaluate                                   # diffusion, DPM-Solver++(2M) 20 steps, guidance 3, n=1000
   trident evaluate --model gan|vae|ae                # the GAN, the VAE (z ~ N(0, I)), the plain autoencoder
   trident evaluate --sampler ddim --steps 50 --guidance 1.5
+  trident evaluate --model diffusion_student --steps 4  # a distilled student (<checkpoints>/diffusion_student/)
   trident evaluate --url 127.0.0.1:8001 --protocol grpc   # draw through a Triton server instead of in-process
   trident evaluate --sweep                           # every setting; writes benchmarks/results/quality.{md,json,png}
 
@@ -29,7 +30,9 @@ from trident.serving.files import atomic_file, file_sha256
 
 from trident.training.quality import FeatureNet, RealReference, evaluate_images
 
-MODELS = ("diffusion", "gan", "vae", "ae")
+MODELS = ("diffusion", "diffusion_student", "gan", "vae", "ae")
+DIFFUSION = ("diffusion", "diffusion_student")  # drawn by client.sample (the student: model="diffusion_student")
+STUDENT_STEPS = (1, 2, 4, 8)  # a student's steps in the sweep (issue 19: 4 the target, 1, 2 and 8 reported)
 # The targets of a GAN worth serving (issue "Image quality, measured"), judged by check_gan_targets.
 GAN_TARGETS = {"agreement": 0.95, "diversity": 0.70, "fd_vs_unguided_diffusion": 3.0}
 
@@ -53,24 +56,33 @@ class Setting:
 
     @property
     def label(self) -> str:
-        if self.model == "diffusion":
+        if self.model in DIFFUSION:
             extra = " (diffusers DDIM)" if self.variant == "diffusers" else ""
-            return f"{self.sampler}-{self.steps} g{self.guidance:g}{extra}"
+            student = "student " if self.model == "diffusion_student" else ""
+            return f"{student}{self.sampler}-{self.steps} g{self.guidance:g}{extra}"
         if self.truncation:
             return f"{self.model} truncation {self.truncation:g}"
         return self.model if not self.variant else f"{self.model} {self.variant}"
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per image (rows through the network; guidance doubles them, in one call a step)."""
-        if self.model != "diffusion":
+        """Network evaluations per image (rows through the network; the teacher's guidance doubles them, in one call a
+        step; a student takes the guidance scale as an input: one row per step)."""
+        if self.model not in DIFFUSION:
             return 1
-        return self.steps * (1 if self.guidance == 1 else 2)
+        return self.steps * (1 if self.guidance == 1 or self.model == "diffusion_student" else 2)
 
 
-def sweep_settings(include_ddpm_1000: bool = True) -> list[Setting]:
+def student_settings(sampler: str = "ddim") -> list[Setting]:
+    """A distilled student's settings: its sampler (a step-distilled student's: DDIM on its trailing grid) at
+    STUDENT_STEPS steps, at guidance 1.5 and 3 (where issue 19 compares it with the teacher)."""
+    return [Setting("diffusion_student", sampler, s, g) for g in (1.5, 3.0) for s in STUDENT_STEPS]
+
+
+def sweep_settings(include_ddpm_1000: bool = True, student: bool = False) -> list[Setting]:
     """The report's settings: each sampler over steps at guidance 3, each over guidance at 20 steps, DDIM as diffusers
-    runs it, DDPM-1000 as the reference, the GAN, and the VAE next to the plain autoencoder."""
+    runs it, DDPM-1000 as the reference, the GAN, and the VAE next to the plain autoencoder; with student (a
+    diffusion_student checkpoint is there), its student_settings."""
     out: list[Setting] = []
     for sampler in sampling.SAMPLERS:
         out += [Setting("diffusion", sampler, s, 3.0) for s in (5, 10, 20, 50)]
@@ -81,7 +93,7 @@ def sweep_settings(include_ddpm_1000: bool = True) -> list[Setting]:
     out += [Setting("gan"), Setting("gan", truncation=1.5), Setting("gan", truncation=1.0),
             Setting("vae", variant="prior"), Setting("ae", variant="prior"), Setting("ae", variant="fitted"),
             Setting("vae", variant="midpoints"), Setting("ae", variant="midpoints")]
-    return out
+    return out + (student_settings() if student else [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,7 +147,7 @@ def draw(clients: Clients, setting: Setting, n: int, seed: int = 0, batch: int =
     client = clients.get(setting.model)
     kind = "vae" if setting.model == "ae" else setting.model
     k = len(client.class_names(kind))
-    labels = np.arange(n) % k if setting.model in ("diffusion", "gan") else None
+    labels = np.arange(n) % k if setting.model in (*DIFFUSION, "gan") else None
     bar = _bar(n, setting.label, progress)
     chunks = []
     try:
@@ -146,7 +158,7 @@ def draw(clients: Clients, setting: Setting, n: int, seed: int = 0, batch: int =
         else:
             for i in range(0, n, batch):
                 m = min(batch, n - i)
-                if setting.model == "diffusion":
+                if setting.model in DIFFUSION:
                     x = _sample(client, setting, labels[i:i + m], seed + i)
                 elif setting.model == "gan":
                     x = client.generate(labels[i:i + m], seed=seed + i, truncation=setting.truncation or None,
@@ -166,7 +178,7 @@ def _sample(client: TridentClient, s: Setting, labels, seed) -> np.ndarray:
     # the "diffusers" variant: DDIM as diffusers' DDIMScheduler runs it by default (use_clipped_model_output=False)
     options = {"use_clipped_model_output": False} if s.variant == "diffusers" else None
     return client.sample(labels, sampler="ddim" if options else s.sampler, steps=s.steps, guidance=s.guidance,
-                         seed=seed, raw=True, sampler_options=options)
+                         seed=seed, raw=True, sampler_options=options, model=s.model)
 
 
 def _draw_latent(client: TridentClient, variant: str, n: int, seed: int, ref: RealReference) -> np.ndarray:
@@ -290,9 +302,12 @@ def check_gan_targets(gan: dict, unguided: dict) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trident evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="diffusion")
-    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="dpmpp-2m")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", choices=MODELS, default="diffusion",
+                   help="diffusion_student: a distilled student, <checkpoints>/diffusion_student/model.safetensors")
+    p.add_argument("--sampler", choices=sampling.SAMPLERS, default=None,
+                   help="default: dpmpp-2m; a step-distilled student: ddim (its trailing grid)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: 20; a step-distilled student: the steps it was distilled for")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--truncation", type=float, default=0.0, help="gan: clip z to [-T, T] (0 = none)")
     p.add_argument("--variant", default="", help="vae/ae: prior (default), fitted, midpoints; diffusion: diffusers "
@@ -354,7 +369,9 @@ def main(argv=None) -> int:
     root = Path(args.checkpoints)
     checkpoints = {m: root / m / "model.safetensors" for m in MODELS}
     classifier = Path(args.classifier) if args.classifier else root / "classifier" / "model.safetensors"
-    for path in [classifier] + ([checkpoints[args.model]] if not args.sweep else list(checkpoints.values())):
+    needed = [checkpoints[args.model]] if not args.sweep else [p for m, p in checkpoints.items()
+                                                                 if m != "diffusion_student"]  # a student: if there
+    for path in [classifier] + needed:
         if not path.is_file():
             print(f"trident evaluate: error: {path} not found", file=sys.stderr)
             return 2
@@ -374,7 +391,8 @@ def main(argv=None) -> int:
         if args.sweep:
             from trident.benchmarks.quality_report import write_report
 
-            settings = sweep_settings(include_ddpm_1000=not args.no_ddpm_1000)
+            settings = sweep_settings(include_ddpm_1000=not args.no_ddpm_1000,
+                                      student=checkpoints["diffusion_student"].is_file())
             results = []
             for i, s in enumerate(settings):
                 cache = _cache_path(Path(args.work), s, args, checkpoints, net)
@@ -397,9 +415,11 @@ def main(argv=None) -> int:
             print("\n".join(str(p) for p in paths))
             result = report
         else:
-            s = Setting(args.model, args.sampler if args.model == "diffusion" else "",
-                        args.steps if args.model == "diffusion" else 0,
-                        args.guidance if args.model == "diffusion" else 0.0,
+            diffusion = args.model in DIFFUSION
+            default = default_sampling(args.model, checkpoints[args.model]) if diffusion else {}
+            s = Setting(args.model, args.sampler or default.get("sampler", "") if diffusion else "",
+                        args.steps or default.get("steps", 0) if diffusion else 0,
+                        args.guidance if diffusion else 0.0,
                         args.variant or ("prior" if args.model in ("vae", "ae") else ""),
                         args.truncation if args.model == "gan" else 0.0)
             result = measure(clients, s, ref, args.n, args.seed, args.batch, progress=True)
@@ -413,6 +433,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def default_sampling(model: str, checkpoint: Path) -> dict:
+    """The sampler and steps a diffusion model draws with by default (sampling.default_settings): a step-distilled
+    student's card names its steps."""
+    if model != "diffusion_student":
+        return sampling.default_settings()
+    from trident.training.checkpoint import card_of, read_meta
+
+    return sampling.default_settings(card_of(read_meta(checkpoint), checkpoint).distilled_steps)
+
+
 def _cache_path(work: Path, s: Setting, args, checkpoints: dict[str, Path], net: FeatureNet) -> Path:
     """Where a sweep keeps one setting's result: keyed by everything that decides it (the setting, n, seed, batch,
     backend, the model's and the classifier's bytes, and the sampler code for diffusion), so a re-run after a new
@@ -420,7 +450,7 @@ def _cache_path(work: Path, s: Setting, args, checkpoints: dict[str, Path], net:
     setting = {k: v for k, v in asdict(s).items() if not (k == "truncation" and not v)}  # keys made before it
     key = {"setting": setting, "n": args.n, "seed": args.seed, "batch": args.batch, "url": args.url,
            "model": file_sha256(checkpoints[s.model]), "classifier": net.digest,
-           "code": file_sha256(Path(sampling.__file__)) if s.model == "diffusion" else None}
+           "code": file_sha256(Path(sampling.__file__)) if s.model in DIFFUSION else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return work / "quality" / f"result-{s.model}-{digest}.json"
 

@@ -28,6 +28,7 @@ import torch
 from trident.serving.files import atomic_directory, file_sha256
 from trident.serving.card import ModelCard
 from trident.serving.errors import TridentError
+from trident.serving.graph_runtime import GUIDANCE
 from trident.serving.spec import (DEFAULT_BUCKETS, ENCODER, EXPORT_FORMAT, EXPORT_VERSION, GRAPHS_OF_KIND, GraphSpec,
                                   graph_spec_of)
 from trident.training import checkpoint as ckpt
@@ -77,7 +78,8 @@ def graph_module(graph: str, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def example_inputs(spec: GraphSpec, n: int, card: ModelCard, seed: int = 0) -> list[np.ndarray]:
-    """Random but valid inputs for a graph at batch n (timesteps across [0, T), labels across [0, null])."""
+    """Random but valid inputs for a graph at batch n (timesteps across [0, T), labels across [0, null], a student's
+    guidance across its guidance_range)."""
     rng = np.random.default_rng(seed)
     out = []
     for t in spec.inputs:
@@ -87,6 +89,8 @@ def example_inputs(spec: GraphSpec, n: int, card: ModelCard, seed: int = 0) -> l
         elif t.name == "class_label":
             hi = card.null_class if card.null_class is not None else len(card.class_names) - 1
             out.append(rng.integers(0, hi + 1, size=n).astype(np.int64))
+        elif t.role == GUIDANCE:  # a student's guidance scale, across the range it was distilled on
+            out.append(rng.uniform(*card.guidance_range, size=n).astype(np.float32))
         else:
             out.append(rng.standard_normal(t.batched(n)).astype(np.float32))
     return out
@@ -307,7 +311,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="trident export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a model.safetensors written by `trident train` (diffusion, gan or vae)")
+    p.add_argument("checkpoint", help="a model.safetensors written by `trident train` (diffusion, gan or vae) or "
+                                      "`trident distill` (a diffusion student: diffusion_student_unet)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--buckets", default=None,
                    help="comma-separated static batch sizes, e.g. 2,8,32 (default per graph: "

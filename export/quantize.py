@@ -11,7 +11,8 @@ the shipped U-Net (the timestep embedding's Sin/Cos/Mul, the norms, the attentio
 
 Calibration data come from the model's real inputs:
   U-Net      the (x_t, t, y) of real DPM-Solver++ 20-step trajectories at guidance 3 (conditional rows and the null
-             class), one image per class, run by the fp32 model: every timestep a sampler visits, every class
+             class), one image per class, run by the fp32 model: every timestep a sampler visits, every class; a
+             distilled student's (x_t, t, y, w) of its own trajectories across its guidance range and step counts
   generator  z ~ N(0, I) with every class label
   decoder    z ~ N(0, I)
   encoder    real Fashion-MNIST test images
@@ -28,7 +29,7 @@ import torch
 
 from trident.serving import sampling
 from trident.serving.card import ModelCard
-from trident.serving.spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
+from trident.serving.spec import DECODER, ENCODER, GENERATOR, STUDENT_UNET, UNET, GraphSpec
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 CALIBRATION_ROWS = 256  # per graph, except the U-Net, whose rows are its trajectories' (20 steps x 20 rows)
@@ -45,20 +46,25 @@ def calibration_inputs(graph: str, spec: GraphSpec, module: torch.nn.Module, car
                        seed: int = 0) -> list[np.ndarray]:
     """Rows of real inputs for a graph, in the spec's input order, float32/int64 as the graph takes them."""
     rng = np.random.default_rng(seed)
-    if graph == UNET:
+    if graph in (UNET, STUDENT_UNET):
         rows = []
 
         @torch.inference_mode()
-        def eps(x, t, y):  # the fp32 model as the sampler's callable, recording what it is called with
-            rows.append((x.astype(np.float32), t.astype(np.float32), y.astype(np.int64)))
-            return module(torch.from_numpy(rows[-1][0]), torch.from_numpy(rows[-1][1]),
-                          torch.from_numpy(rows[-1][2])).numpy()
+        def eps(*args):  # the fp32 model as the sampler's callable, recording what it is called with
+            rows.append(tuple(np.ascontiguousarray(a, dtype=t.dtype) for a, t in zip(args, spec.inputs)))
+            return module(*[torch.from_numpy(a) for a in rows[-1]]).numpy()
 
         labels = np.arange(len(card.class_names))
-        sampling.sample(eps, (len(labels), *card.image.shape), labels,
-                        schedule=sampling.NoiseSchedule.from_dict(card.schedule), sampler="dpmpp-2m", steps=20,
-                        guidance=3.0, null_class=card.null_class, seed=seed, prediction_type=card.prediction_type)
-        return [np.concatenate([r[k] for r in rows]) for k in range(3)]
+        for how in _unet_trajectories(card):
+            sampling.sample(eps, (len(labels), *card.image.shape), labels,
+                            schedule=sampling.NoiseSchedule.from_dict(card.schedule), null_class=card.null_class,
+                            seed=seed, prediction_type=card.prediction_type, guidance_range=card.guidance_range,
+                            distilled_steps=card.distilled_steps, **how)
+        columns = [np.concatenate([r[k] for r in rows]) for k in range(len(spec.inputs))]
+        if card.guidance_range is not None:  # mixed, so that any first rows (the export's parity batch) span the scales
+            order = rng.permutation(len(columns[0]))
+            columns = [c[order] for c in columns]
+        return columns
     if graph == GENERATOR:
         z = rng.standard_normal((CALIBRATION_ROWS, card.latent_dim)).astype(np.float32)
         return [z, (np.arange(CALIBRATION_ROWS) % len(card.class_names)).astype(np.int64)]
@@ -72,6 +78,20 @@ def calibration_inputs(graph: str, spec: GraphSpec, module: torch.nn.Module, car
         lo, hi = card.image.value_range
         return [(images[:, None] / 255.0 * (hi - lo) + lo).astype(np.float32)]
     raise ValueError(f"no calibration data for graph {graph!r}")
+
+
+def _unet_trajectories(card: ModelCard) -> list[dict]:
+    """The sampling runs whose U-Net inputs calibrate it. The teacher: DPM-Solver++ 20 steps at guidance 3 (rows of
+    [cond; null]). A student, whose guidance is an input: its default sampler at the low end, the middle and the high
+    end of its guidance range, and a step-distilled one at each step count the SDK offers (1, 2, 4, 8), so every
+    timestep and scale it serves is seen."""
+    if card.guidance_range is None:
+        return [{"sampler": "dpmpp-2m", "steps": 20, "guidance": 3.0}]
+    low, high = card.guidance_range
+    scales = sorted({low, (low + high) / 2, high})
+    default = sampling.default_settings(card.distilled_steps)
+    steps = [default["steps"]] if card.distilled_steps is None else sorted({1, 2, 4, 8, card.distilled_steps})
+    return [{**default, "steps": n, "guidance": w} for w in scales for n in steps]
 
 
 class _Batches:

@@ -11,9 +11,14 @@ ValueError naming the field (callers inside the package turn it into their own T
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 
-KINDS = ("diffusion", "gan", "vae", "classifier")
+KINDS = ("diffusion", "diffusion_student", "gan", "vae", "classifier")
+# Diffusion models: the teacher (a class-conditional U-Net, guided by the [cond; null] pair) and the student distilled
+# from it (training/distill.py), whose U-Net takes the guidance scale as an input (one row per image per step) and is
+# served beside the teacher under its own names (spec.DIFFUSION_MODELS).
+DIFFUSION_KINDS = ("diffusion", "diffusion_student")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a diffusion U-Net predicts (diffusers' names)
 
 
@@ -42,7 +47,7 @@ class ModelCard:
     Frozen; not hashable (schedule and buckets are dicts).
     """
 
-    kind: str                                   # "diffusion", "gan", "vae" (or "classifier": not served)
+    kind: str                                   # KINDS: "diffusion", "diffusion_student", "gan", "vae", ...
     class_names: tuple[str, ...]
     image: ImageFormat
     conditional: bool                           # takes class labels (diffusion, GAN)
@@ -52,6 +57,12 @@ class ModelCard:
     latent_dim: int | None = None               # GAN, VAE: size of z
     class_centroids: tuple[tuple[float, ...], ...] | None = None  # VAE: mean latent of each class's training images
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # {graph: static batch sizes}, set at export
+    # diffusion_student only: the guidance scales w it was distilled on, (min, max) inclusive: its U-Net takes w as an
+    # input, and a w outside is refused (it never saw one)
+    guidance_range: tuple[float, float] | None = None
+    # diffusion_student only: the DDIM step count ("trailing" spacing) it was step-distilled for, its default; None for
+    # a student distilled for guidance alone (it samples as its teacher does)
+    distilled_steps: int | None = None
 
     def __post_init__(self):
         problems = []
@@ -64,7 +75,7 @@ class ModelCard:
         lo, hi = self.image.value_range
         if not lo < hi:
             problems.append(f"image value_range must be (low, high) with low < high, got {self.image.value_range}")
-        if self.kind == "diffusion":
+        if self.kind in DIFFUSION_KINDS:
             if not isinstance(self.schedule, dict) or "num_train_timesteps" not in self.schedule:
                 problems.append("a diffusion card needs a schedule with num_train_timesteps")
             if self.prediction_type not in PREDICTION_TYPES:
@@ -72,6 +83,24 @@ class ModelCard:
             if self.null_class != len(self.class_names):
                 problems.append(f"null_class must be {len(self.class_names)} (one past the last class), "
                                 f"got {self.null_class!r}")
+        student = self.kind == "diffusion_student"
+        if student != (self.guidance_range is not None):
+            problems.append("guidance_range (min, max) belongs to a diffusion_student card (its U-Net takes the "
+                            f"guidance scale), and every such card needs one; got {self.guidance_range!r} for kind "
+                            f"{self.kind!r}")
+        elif student:
+            g = self.guidance_range
+            if (isinstance(g, (tuple, list)) and len(g) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in g)
+                    and 0 <= g[0] <= g[1]):
+                object.__setattr__(self, "guidance_range", (float(g[0]), float(g[1])))
+            else:
+                problems.append(f"guidance_range must be (min, max) finite numbers with 0 <= min <= max, got {g!r}")
+        if self.distilled_steps is not None and not (
+                student and isinstance(self.distilled_steps, int) and not isinstance(self.distilled_steps, bool)
+                and self.distilled_steps >= 1):
+            problems.append(f"distilled_steps must be None or, for a diffusion_student, an integer >= 1; got "
+                            f"{self.distilled_steps!r} for kind {self.kind!r}")
         if self.kind in ("gan", "vae") and not (isinstance(self.latent_dim, int) and self.latent_dim > 0):
             problems.append(f"a {self.kind} card needs latent_dim > 0, got {self.latent_dim!r}")
         if self.class_centroids is not None and (
@@ -83,6 +112,11 @@ class ModelCard:
                 problems.append(f"buckets[{graph!r}] must be increasing positive integers, got {list(sizes)}")
         if problems:
             raise ValueError("invalid model card: " + "; ".join(problems))
+
+    @property
+    def diffusion(self) -> bool:
+        """A diffusion model (teacher or student): it has a schedule and is sampled by serving/sampling.py."""
+        return self.kind in DIFFUSION_KINDS
 
     @property
     def num_train_timesteps(self) -> int:
@@ -103,6 +137,10 @@ class ModelCard:
             out["class_centroids"] = [list(c) for c in self.class_centroids]
         if self.buckets:
             out["buckets"] = {g: list(sizes) for g, sizes in self.buckets.items()}
+        if self.guidance_range is not None:
+            out["guidance_range"] = list(self.guidance_range)
+        if self.distilled_steps is not None:
+            out["distilled_steps"] = self.distilled_steps
         return out
 
     def to_json(self) -> str:
@@ -123,6 +161,9 @@ class ModelCard:
             image = ImageFormat(int(im["channels"]), int(im["height"]), int(im["width"]),
                                 tuple(float(v) for v in im.get("value_range", (-1.0, 1.0))))
             centroids = data.get("class_centroids")
+            guidance_range = data.get("guidance_range")
+            if guidance_range is not None:  # numbers stay as JSON gave them: __post_init__ names a bad one
+                guidance_range = tuple(guidance_range)
             return cls(
                 kind=data["kind"], class_names=tuple(data["class_names"]), image=image,
                 conditional=bool(data["conditional"]), schedule=data.get("schedule"),
@@ -130,7 +171,8 @@ class ModelCard:
                 null_class=None if data.get("null_class") is None else int(data["null_class"]),
                 latent_dim=None if data.get("latent_dim") is None else int(data["latent_dim"]),
                 class_centroids=None if centroids is None else tuple(tuple(float(v) for v in c) for c in centroids),
-                buckets={g: tuple(int(b) for b in sizes) for g, sizes in data.get("buckets", {}).items()})
+                buckets={g: tuple(int(b) for b in sizes) for g, sizes in data.get("buckets", {}).items()},
+                guidance_range=guidance_range, distilled_steps=data.get("distilled_steps"))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"invalid model card: {type(e).__name__}: {e}") from None
 

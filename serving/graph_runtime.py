@@ -32,11 +32,12 @@ PROVIDERS = ("cpu", "cuda")  # where a model's ONNX Runtime sessions run (ort_ru
 NOISY_SAMPLE = "noisy_sample"  # U-Net: x_t
 TIMESTEP = "timestep"          # U-Net: t, fractions allowed
 CLASS_LABEL = "class_label"    # U-Net, generator: a class id (the U-Net also takes its null class)
+GUIDANCE = "guidance"          # a distilled student's U-Net: the guidance scale w of each row
 PREDICTION = "prediction"      # U-Net: what it predicts (card.prediction_type)
 LATENT = "latent"              # generator, decoder: z
 IMAGE = "image"                # generator, decoder output; encoder input
 MEAN, LOGVAR = "mean", "logvar"  # encoder: the posterior's parameters
-ROLES = (NOISY_SAMPLE, TIMESTEP, CLASS_LABEL, PREDICTION, LATENT, IMAGE, MEAN, LOGVAR)
+ROLES = (NOISY_SAMPLE, TIMESTEP, CLASS_LABEL, GUIDANCE, PREDICTION, LATENT, IMAGE, MEAN, LOGVAR)
 
 
 def feed_by_role(graph: str, inputs, values: dict) -> dict:
@@ -81,14 +82,32 @@ class Tensor:
 
 @dataclass(frozen=True)
 class InputRange:
-    """The valid values of a label or timestep input: low <= x < high; hint says what they mean."""
+    """The valid values of a label, timestep or guidance input: low <= x < high, or low <= x <= high where closed
+    (a student's guidance range); hint says what they mean."""
 
-    low: int
-    high: int
+    low: int | float
+    high: int | float
     hint: str
+    closed: bool = False
 
     def to_dict(self) -> dict:
-        return {"low": self.low, "high": self.high, "hint": self.hint}
+        out = {"low": self.low, "high": self.high, "hint": self.hint}
+        return {**out, "closed": True} if self.closed else out
+
+    def outside(self, array: np.ndarray) -> np.ndarray:
+        """bool, True where a value is not valid."""
+        return (array < self.low) | ((array > self.high) if self.closed else (array >= self.high))
+
+    def refusal(self, model: str, name: str, array) -> str | None:
+        """The message that refuses an input holding a value outside the range (None when every value is valid):
+        the one wording of the Triton models (batching.py) and the in-process backend."""
+        array = np.asarray(array)
+        outside = self.outside(array)
+        if not np.any(outside):
+            return None
+        row = int(np.argwhere(outside)[0][0]) if array.ndim else 0
+        return (f"{model}: input '{name}' must be in [{self.low}, {self.high}{']' if self.closed else ')'} "
+                f"({self.hint}); got {array[outside].reshape(-1)[0].item()} at row {row}")
 
 
 @dataclass(frozen=True)

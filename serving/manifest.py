@@ -17,7 +17,7 @@ from pathlib import Path
 from . import precision as precisions
 from .card import ModelCard
 from .errors import ExportMetadataError
-from .graph_runtime import CLASS_LABEL, MEASURED, TIMESTEP, Bucket, GraphRuntime, InputRange, Measured, Tensor
+from .graph_runtime import CLASS_LABEL, GUIDANCE, MEASURED, TIMESTEP, Bucket, GraphRuntime, InputRange, Measured, Tensor
 from .spec import GraphSpec, export_card, graph_spec_of, load_export_metadata
 
 __all__ = ["Export", "ExportGraph", "GraphFile", "Measurement", "RuntimeOptions", "graph_runtime", "input_ranges",
@@ -159,7 +159,8 @@ def measure(export: Export, graph: str, options: RuntimeOptions, log=None) -> Me
 
 
 def input_ranges(spec: GraphSpec, card: ModelCard) -> dict[str, InputRange]:
-    """Valid values of a graph's class label and timestep inputs (by role), valid is low <= x < high."""
+    """Valid values of a graph's class label, timestep and guidance inputs (by role): low <= x < high, or
+    low <= x <= high for the guidance scale (closed)."""
     ranges = {}
     for tensor in spec.inputs:
         if tensor.role == CLASS_LABEL:
@@ -173,6 +174,10 @@ def input_ranges(spec: GraphSpec, card: ModelCard) -> dict[str, InputRange]:
             steps = card.num_train_timesteps
             ranges[tensor.name] = InputRange(0, steps, f"a diffusion timestep of the {steps}-step training schedule, "
                                                        "fractions allowed")
+        elif tensor.role == GUIDANCE:  # a student never saw a w outside the range it was distilled on
+            low, high = card.guidance_range
+            ranges[tensor.name] = InputRange(low, high, "the guidance scales this student was distilled for",
+                                             closed=True)
     return ranges
 
 

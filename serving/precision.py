@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .ort_runner import BucketRunner
-from .spec import DECODER, GENERATOR, UNET
+from .spec import DECODER, GENERATOR, STUDENT_UNET, UNET
 
 REFERENCE = "onnxruntime-fp32"
 
@@ -73,7 +73,7 @@ REDUCED = ("bf16", "int8")  # precisions that need the quality gate
 # The graph each model's gate setting draws through (`trident evaluate --precision-gate`: DPM-Solver++-20 at guidance
 # 3, the GAN untruncated, the VAE from its prior). A verdict covers only that graph: the VAE's encoder is not judged
 # by drawing, so it keeps fp32 runtimes under auto.
-JUDGED_GRAPHS = {"diffusion": (UNET,), "gan": (GENERATOR,), "vae": (DECODER,)}
+JUDGED_GRAPHS = {"diffusion": (UNET,), "diffusion_student": (STUDENT_UNET,), "gan": (GENERATOR,), "vae": (DECODER,)}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products that accumulate without saturating
 # The CPU flags (any one) a variant needs to run natively, so auto offers it. OpenVINO would emulate bf16 (slower).

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import inspect
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from typing import Callable, Iterator
 
@@ -26,8 +26,10 @@ SPACINGS = ("leading", "trailing", "linspace")
 SCHEDULE_KINDS = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the model callable returns (card.PREDICTION_TYPES)
 
-# model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W]
+# model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W]; a guidance-distilled
+# student's also takes w float32 [N], its guidance scale per row: model(x, t, y, w) (see GuidedModel below)
 EpsModel = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+GuidedModel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,9 +459,35 @@ def cfg_eps(model: EpsModel, x, t: int, labels, guidance: float, null_class: int
     return cfg_combine(model(xs, ts, ys), xs, labels, guidance)
 
 
+def guidance_input(x, t: int, labels, guidance: float, null_class: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The one model call a step of a guidance-distilled student needs (Meng et al. 2023, stage one: the network
+    learnt uncond + w * (cond - uncond) with w as an input): (x float32 [B, C, H, W], t float32 [B], y int64 [B],
+    w float32 [B]). One row per image at any guidance, no [cond; null] pair; labels None: y = null_class (the
+    student then gives the unconditional output whatever w is)."""
+    x = np.asarray(x, dtype=np.float64)
+    b = x.shape[0]
+    y = np.full((b,), null_class, np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(b)
+    return x.astype(np.float32), np.full((b,), t, np.float32), y, np.full((b,), guidance, np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling loop
 # ----------------------------------------------------------------------------------------------------------------
+
+# How a step-distilled student draws by default: DDIM on the "trailing" grid at the steps it was distilled for, the
+# grid whose 2N-step layout holds its N-step one (training/distill.py stage_timesteps), so 1, 2, 4, ... steps all walk
+# timesteps it learnt. Other diffusion models default to DPM-Solver++(2M), 20 steps.
+STUDENT_SPACING = "trailing"
+
+
+def default_settings(distilled_steps: int | None = None) -> dict:
+    """The sampler, steps (and spacing) a diffusion model draws with when the caller names none: the card's
+    distilled_steps (a step-distilled student) or None (a teacher, a guidance-only student)."""
+    if distilled_steps is None:
+        return {"sampler": "dpmpp-2m", "steps": 20}
+    return {"sampler": "ddim", "steps": int(distilled_steps), "spacing": STUDENT_SPACING}
+
 
 # Bounds on the loop's numeric arguments, checked before any model call (the SDK, the CLI and the server-side loop
 # all pass through sample_progressive). Guidance past ~10 only saturates the images (quality.md: FD rises from
@@ -685,13 +713,17 @@ class SamplingLoop:
 
         loop = sampling_loop(shape, labels, schedule=..., null_class=...)   # every argument checked here
         while not loop.done:
-            x, t, y = loop.model_input()            # one call per step ([cond; null] stacked under guidance)
-            step = loop.advance(model(x, t, y))     # the SamplingStep; the callback may raise SamplingCancelled
+            args = loop.model_input()               # one call per step ([cond; null] stacked under guidance)
+            step = loop.advance(model(*args))       # the SamplingStep; the callback may raise SamplingCancelled
+
+    guidance_input (a guidance-distilled student): model_input() is (x, t, y, w), one row per image, and the answer
+    is the guided output itself.
     """
 
     def __init__(self, shape, labels, solver, guidance: float, null_class: int, callback=None, progress=False,
-                 prediction_type: str = "epsilon", config: SamplingConfig | None = None):
+                 prediction_type: str = "epsilon", config: SamplingConfig | None = None, guidance_input: bool = False):
         self.labels, self.solver, self.guidance, self.null_class = labels, solver, guidance, null_class
+        self.guidance_input = guidance_input
         self.prediction_type = prediction_type
         self.config = config  # the settings this run was made from (sampling_loop)
         self.callback, self.progress = callback, progress
@@ -710,21 +742,26 @@ class SamplingLoop:
         """The timestep of the next step."""
         return int(self.solver.timesteps[self.index])
 
-    def model_input(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x float32 [N, C, H, W], t float32 [N], y int64 [N]) of the next step's one model call."""
+    def model_input(self) -> tuple[np.ndarray, ...]:
+        """(x float32 [N, C, H, W], t float32 [N], y int64 [N]) of the next step's one model call; with
+        guidance_input, (x, t, y, w float32 [N]) with N = B (guidance_input())."""
         if self.done:
             raise ValueError(f"all {self.num_steps} steps are done")
         if self.progress and self._bar is None and self.index == 0:
             self._bar = _progress_bar(self.num_steps, self.solver.name)
-        x, t, y = cfg_model_input(self.x, self.t, self.labels, self.guidance, self.null_class)
-        self._asked = x
-        return x, t, y
+        if self.guidance_input:
+            args = guidance_input(self.x, self.t, self.labels, self.guidance, self.null_class)
+        else:
+            args = cfg_model_input(self.x, self.t, self.labels, self.guidance, self.null_class)
+        self._asked = args[0]
+        return args
 
     def advance(self, model_output) -> SamplingStep:
         """Take the answer to model_input()'s call and make the step."""
         if self._asked is None:
             raise ValueError("call model_input() before advance(): each step answers the call it asked for")
-        guided = cfg_combine(model_output, self._asked, self.labels, self.guidance)
+        # a student's one row is the guided output already: cfg_combine with guidance 1 checks the shape alone
+        guided = cfg_combine(model_output, self._asked, self.labels, 1.0 if self.guidance_input else self.guidance)
         self._asked = None
         i, t = self.index, self.t
         eps = eps_from_prediction(guided, self.x, t, self.solver.schedule, self.prediction_type)
@@ -748,19 +785,31 @@ class SamplingLoop:
 
 def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, null_class: int, config: SamplingConfig | None = None,
                   seed: int | None = None, rng: np.random.Generator | None = None, callback: Callable | None = None,
-                  progress: bool = False, prediction_type: str = "epsilon", **settings) -> SamplingLoop:
+                  progress: bool = False, prediction_type: str = "epsilon",
+                  guidance_range: tuple[float, float] | None = None, distilled_steps: int | None = None,
+                  **settings) -> SamplingLoop:
     """A SamplingLoop for one run, every argument checked here (ValueError naming it) before any model call.
 
     config: a SamplingConfig, or its fields as keyword arguments (sampler="ddim", steps=10, guidance=2.0, eta,
     spacing, clip_sample, options or sampler_options, preview_every). labels: int [B] in [0, null_class], or None
     (unconditional). seed (or rng) fixes the initial and step noise. prediction_type: what the model returns (the
     card's): "epsilon" or "v_prediction". callback(i, t, x, x0) returning False raises SamplingCancelled.
+    guidance_range (a guidance-distilled student's card): the model takes the guidance scale as its input, one row
+    per image (SamplingLoop.guidance_input), and a guidance outside [min, max] is refused. distilled_steps (a
+    step-distilled student's card): spacing None means STUDENT_SPACING, the grid it was distilled on.
     """
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if "steps" in settings:  # the range with this schedule's T, before the config's own check says ">= 1"
         _check_int("steps", settings["steps"], 1, schedule.num_train_timesteps)
     config = sampling_config(config, **settings)
+    if distilled_steps is not None and config.spacing is None:
+        config = replace(config, spacing=STUDENT_SPACING)
+    if guidance_range is not None:
+        low, high = guidance_range
+        if not low <= config.guidance <= high:
+            raise ValueError(f"guidance must be in [{low:g}, {high:g}] for this student (it takes the guidance scale "
+                             f"as an input and was distilled on that range), got {config.guidance:g}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if not (isinstance(shape, (tuple, list)) and len(shape) == 4
@@ -785,7 +834,7 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, null_class: in
         raise ValueError("callback must be callable as callback(i, t, x, x0)")
     solver = config.solver(schedule, np.random.default_rng(seed) if rng is None else rng)
     return SamplingLoop(shape, labels, solver, config.guidance, null_class, callback, progress, prediction_type,
-                        config)
+                        config, guidance_input=guidance_range is not None)
 
 
 def sample_progressive(model: EpsModel, shape, labels=None, **arguments) -> Iterator[SamplingStep]:
@@ -826,7 +875,8 @@ def sample(model: EpsModel, shape, labels=None, **arguments) -> np.ndarray:
     """Draw images from x_T ~ N(0, I): float32 [B, C, H, W], the x_0 estimate, roughly in [-1, 1].
 
     model(x float32 [N, C, H, W], t float32 [N], y int64 [N]) -> eps float32 [N, C, H, W] (v with
-    prediction_type="v_prediction"); with guidance it is called once per step on 2B rows. The arguments are
+    prediction_type="v_prediction"); with guidance it is called once per step on 2B rows. With guidance_range (a
+    guidance-distilled student) it is model(x, t, y, w), called once per step on B rows. The arguments are
     sampling_loop's: schedule, null_class, the SamplingConfig (or its fields: sampler, steps, guidance, eta, spacing,
     clip_sample, options), seed or rng, callback, progress, prediction_type. The same seed gives the same images.
     """

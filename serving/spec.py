@@ -14,7 +14,8 @@ import numpy as np
 
 from .card import ModelCard
 from .errors import ExportMetadataError
-from .graph_runtime import CLASS_LABEL, IMAGE, feed_by_role, LATENT, LOGVAR, MEAN, NOISY_SAMPLE, PREDICTION, TIMESTEP
+from .graph_runtime import (CLASS_LABEL, GUIDANCE, IMAGE, feed_by_role, LATENT, LOGVAR, MEAN, NOISY_SAMPLE, PREDICTION,
+                            TIMESTEP)
 from .sampling import LOOP_REQUEST, LOOP_STREAM_REQUEST
 
 # Triton model names, one per exported graph family.
@@ -22,7 +23,6 @@ UNET = "diffusion_unet"
 GENERATOR = "gan_generator"
 DECODER = "vae_decoder"
 ENCODER = "vae_encoder"
-GRAPHS_OF_KIND = {"diffusion": (UNET,), "gan": (GENERATOR,), "vae": (DECODER, ENCODER)}
 # The sampling loop model: a served model (not an exported graph) that runs the whole diffusion loop next to the U-Net
 # graphs, one request per batch of images (serving/server/runtime/loop_model.py). Its Triton name predates the word
 # "sampling loop" and stays for compatibility with deployed repositories and clients.
@@ -31,9 +31,34 @@ SAMPLING_LOOP = "diffusion_sampler"
 # preview) and then the images. Triton's HTTP /infer refuses decoupled models, so SAMPLING_LOOP keeps the
 # one-response request that any HTTP client can send; this one loads its U-Net sessions on its first request.
 SAMPLING_LOOP_STREAM = "diffusion_sampler_stream"
-KIND_OF_GRAPH = {g: k for k, gs in GRAPHS_OF_KIND.items() for g in gs}
+# The distilled student (card kind "diffusion_student"), served beside the teacher as a family of its own: its U-Net
+# takes a fourth input, the guidance scale of each row, and its loop models pass it instead of a [cond; null] pair.
+STUDENT_UNET = "diffusion_student_unet"
+STUDENT_SAMPLING_LOOP = "diffusion_student_sampler"
+STUDENT_SAMPLING_LOOP_STREAM = "diffusion_student_sampler_stream"
 
-DEFAULT_BUCKETS = {UNET: (1, 2, 4, 8, 16, 32), GENERATOR: (1, 8, 32), DECODER: (1, 8, 32), ENCODER: (1, 8, 32)}
+
+@dataclass(frozen=True)
+class DiffusionModels:
+    """The served names of one diffusion model family: its U-Net graph and its two sampling loop models."""
+
+    unet: str
+    loop: str
+    stream: str
+
+
+# card kind -> its served names (card.DIFFUSION_KINDS); the teacher's are the names deployed clients know
+DIFFUSION_MODELS = {"diffusion": DiffusionModels(UNET, SAMPLING_LOOP, SAMPLING_LOOP_STREAM),
+                    "diffusion_student": DiffusionModels(STUDENT_UNET, STUDENT_SAMPLING_LOOP,
+                                                         STUDENT_SAMPLING_LOOP_STREAM)}
+GRAPHS_OF_KIND = {"diffusion": (UNET,), "diffusion_student": (STUDENT_UNET,), "gan": (GENERATOR,),
+                  "vae": (DECODER, ENCODER)}
+KIND_OF_GRAPH = {g: k for k, gs in GRAPHS_OF_KIND.items() for g in gs}
+UNETS = tuple(m.unet for m in DIFFUSION_MODELS.values())
+# loop model name -> (card kind, streams)
+LOOP_MODELS = {name: (kind, name == m.stream) for kind, m in DIFFUSION_MODELS.items() for name in (m.loop, m.stream)}
+
+DEFAULT_BUCKETS = {UNET: (1, 2, 4, 8, 16, 32), STUDENT_UNET: (1, 2, 4, 8, 16, 32), GENERATOR: (1, 8, 32), DECODER: (1, 8, 32), ENCODER: (1, 8, 32)}
 
 _TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
                   "uint8": "UINT8", "bytes": "BYTES"}
@@ -96,11 +121,13 @@ class GraphSpec:
 def graph_spec(graph: str, image_shape: tuple[int, int, int], latent_dim: int | None = None) -> GraphSpec:
     """The I/O of a graph family. image_shape is (C, H, W)."""
     img = tuple(int(s) for s in image_shape)
-    if graph == UNET:
-        return GraphSpec(UNET,
-                         inputs=(TensorSpec("sample", "float32", img, role=NOISY_SAMPLE),      # x_t
-                                 TensorSpec("timestep", "float32", (), role=TIMESTEP),        # t (fractional allowed)
-                                 TensorSpec("class_label", "int64", (), role=CLASS_LABEL)),   # y in [0, null]
+    if graph in UNETS:
+        inputs = (TensorSpec("sample", "float32", img, role=NOISY_SAMPLE),      # x_t
+                  TensorSpec("timestep", "float32", (), role=TIMESTEP),        # t (fractional allowed)
+                  TensorSpec("class_label", "int64", (), role=CLASS_LABEL))    # y in [0, null]
+        if graph == STUDENT_UNET:  # w in the card's guidance_range: the guided output in one row
+            inputs += (TensorSpec("guidance", "float32", (), role=GUIDANCE),)
+        return GraphSpec(graph, inputs=inputs,
                          outputs=(TensorSpec("noise_pred", "float32", img, role=PREDICTION),))  # eps (or v)
     if latent_dim is None:
         raise ValueError(f"{graph} needs latent_dim")
@@ -118,19 +145,21 @@ def graph_spec(graph: str, image_shape: tuple[int, int, int], latent_dim: int | 
     raise ValueError(f"unknown graph {graph!r}; expected one of {sorted(KIND_OF_GRAPH)}")
 
 
-def loop_spec(image_shape: tuple[int, int, int], stream: bool = False) -> GraphSpec:
+def loop_spec(image_shape: tuple[int, int, int], stream: bool = False, kind: str = "diffusion") -> GraphSpec:
     """I/O of the server-side sampling loop. Triton does not batch it (max_batch_size 0), so shapes are whole
     tensors, -1 = any length. One request draws N images with the client's sampler arguments; class labels all equal
     to the null class mean unconditional. stream: the decoupled model (SAMPLING_LOOP_STREAM), whose progress
     responses carry the steps done since the previous one (step, timestep) and, every preview_every steps, the
-    preview; its last response carries the image (and the steps not yet reported)."""
+    preview; its last response carries the image (and the steps not yet reported). kind: the diffusion model family
+    (DIFFUSION_MODELS) whose loop it is: the same tensors under the family's names."""
+    names = DIFFUSION_MODELS[kind]
     img = tuple(int(s) for s in image_shape)
     inputs = tuple(TensorSpec(name, dtype, shape, optional)  # sampling.LOOP_REQUEST: the one table of the request
                    for name, (dtype, shape, optional) in (LOOP_STREAM_REQUEST if stream else LOOP_REQUEST).items())
     outputs = (TensorSpec("image", "float32", (-1, *img)),)  # x_0 estimate, float in value_range
     if not stream:
-        return GraphSpec(SAMPLING_LOOP, inputs, outputs)
-    return GraphSpec(SAMPLING_LOOP_STREAM, inputs,
+        return GraphSpec(names.loop, inputs, outputs)
+    return GraphSpec(names.stream, inputs,
                      outputs=(*outputs,
                               TensorSpec("step", "int64", (-1,)),             # 0-based indices of the steps done
                               TensorSpec("timestep", "int64", (-1,)),         # the timesteps they ran the U-Net at
@@ -139,8 +168,9 @@ def loop_spec(image_shape: tuple[int, int, int], stream: bool = False) -> GraphS
 
 def graph_spec_of(graph: str, card: ModelCard) -> GraphSpec:
     """The spec of a graph (or of the sampling loop model) of the model a card describes."""
-    if graph in (SAMPLING_LOOP, SAMPLING_LOOP_STREAM):
-        return loop_spec(card.image.shape, stream=graph == SAMPLING_LOOP_STREAM)
+    if graph in LOOP_MODELS:
+        kind, stream = LOOP_MODELS[graph]
+        return loop_spec(card.image.shape, stream=stream, kind=kind)
     return graph_spec(graph, card.image.shape, card.latent_dim)
 
 

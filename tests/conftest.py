@@ -2,9 +2,11 @@
 
 `checkpoints` prefers the shipped checkpoints/<kind>/model.safetensors and otherwise trains a tiny model for a few
 steps on Fashion-MNIST; `export_dirs` exports each with buckets TEST_BUCKETS into the session's tmp dir.
+`student_checkpoint` / `student_export` are a tiny distilled diffusion student (no student is committed).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +85,46 @@ def export_dirs(checkpoints, tmp_path_factory) -> dict[str, Path]:
     _run_together({kind: [sys.executable, "-m", "trident.export.onnx_export", str(path), "--out", str(root / kind),
                           "--buckets", buckets, "--fp16"] for kind, path in checkpoints.items()})
     return {kind: root / kind for kind in checkpoints}
+
+
+STUDENT_STEPS = 4  # the tiny student's card says it was step-distilled for 4 DDIM steps
+STUDENT_GUIDANCE = (1.0, 5.0)
+
+
+@pytest.fixture(scope="session")
+def student_checkpoint(tmp_path_factory) -> Path:
+    """A tiny step-distilled student's model.safetensors, as `trident distill steps` writes it (its header and card
+    from training/train.py), built rather than trained: a U-Net with the guidance input and seeded random weights
+    everywhere (a fresh U-Net's zero-initialised layers would leave w, and the class, changing nothing), v-prediction."""
+    import torch
+
+    from trident.training import checkpoint as ckpt
+    from trident.training.models import UNetConfig, build_model
+    from trident.training.train import TrainConfig, model_card
+
+    out = tmp_path_factory.mktemp("student") / "model.safetensors"
+    torch.manual_seed(0)
+    config = UNetConfig.from_dict({**json.loads(TINY_MODELS["diffusion"]), "guidance_input": True})
+    model = build_model("diffusion", config)
+    with torch.no_grad():  # the zero-initialised layers (residual branches, output, guidance embedding) get weights
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.05)
+    run = TrainConfig(kind="diffusion", out_dir=str(out.parent), distill="steps", teacher="teacher.safetensors",
+                      distill_from_steps=2 * STUDENT_STEPS, distill_to_steps=STUDENT_STEPS,
+                      guidance_min=STUDENT_GUIDANCE[0], guidance_max=STUDENT_GUIDANCE[1],
+                      prediction_type="v_prediction")
+    meta = {"kind": "diffusion", "config": config.to_dict(), "card": model_card(run, config).to_dict(),
+            "distill": {"stage": "steps", "teacher": "teacher.safetensors", "teacher_sha256": "0" * 64,
+                        "guidance_range": list(STUDENT_GUIDANCE), "stages": [STUDENT_STEPS], "spacing": "trailing"}}
+    ckpt.save_checkpoint(out, ckpt.with_prefix(model.state_dict(), "model"), meta)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_export(student_checkpoint, tmp_path_factory) -> Path:
+    """`trident export` of the tiny student with buckets TEST_BUCKETS (fp32 and int8)."""
+    out = tmp_path_factory.mktemp("student_export") / "diffusion_student"
+    _run_together({"student": [sys.executable, "-m", "trident.export.onnx_export", str(student_checkpoint), "--out",
+                               str(out), "--buckets", ",".join(map(str, TEST_BUCKETS))]})
+    return out

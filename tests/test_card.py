@@ -90,3 +90,34 @@ def test_card_and_sampler_agree_on_the_prediction_types():
     # the two lists must stay one
     from trident.serving import card, sampling
     assert card.PREDICTION_TYPES == sampling.PREDICTION_TYPES
+
+
+def student_card(**changes) -> ModelCard:
+    return diffusion_card(**{"kind": "diffusion_student", "prediction_type": "v_prediction",
+                             "guidance_range": (1.0, 5.0), "distilled_steps": 4,
+                             "buckets": {"diffusion_student_unet": (1, 8)}, **changes})
+
+
+def test_student_card_round_trips_its_guidance_range_and_distilled_steps():
+    for card in (student_card(), student_card(distilled_steps=None)):
+        assert ModelCard.from_json(card.to_json()) == card
+    data = student_card().to_dict()
+    assert (data["guidance_range"], data["distilled_steps"]) == ([1.0, 5.0], 4)
+    assert student_card(guidance_range=[0, 3]).guidance_range == (0.0, 3.0)  # as JSON gives it
+    assert "guidance_range" not in diffusion_card().to_dict() and "distilled_steps" not in diffusion_card().to_dict()
+
+
+@pytest.mark.parametrize("data,message", [
+    ({**diffusion_card().to_dict(), "guidance_range": [1, 5]}, "guidance_range (min, max) belongs to a "
+                                                               "diffusion_student card"),
+    ({k: v for k, v in student_card().to_dict().items() if k != "guidance_range"}, "every such card needs one"),
+    ({**student_card().to_dict(), "guidance_range": [5, 1]}, "0 <= min <= max, got (5, 1)"),
+    ({**student_card().to_dict(), "guidance_range": [1, "x"]}, "finite numbers"),
+    ({**student_card().to_dict(), "distilled_steps": 0}, "distilled_steps must be None or"),
+    ({**diffusion_card().to_dict(), "distilled_steps": 4}, "for a diffusion_student, an integer >= 1; got 4 for "
+                                                           "kind 'diffusion'"),
+    ({**student_card().to_dict(), "prediction_type": None}, "prediction_type must be one of"),
+])
+def test_student_card_is_refused_naming_the_field_when_invalid(data, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelCard.from_dict(data)

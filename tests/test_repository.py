@@ -44,9 +44,10 @@ from trident.serving.server.runtime.protocol import RUNTIME as RUNTIME_KEY
 from trident.serving.spec import (GRAPHS_OF_KIND, KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, UNET,
                                   GraphSpec, TensorSpec, export_card, graph_spec_of)
 
-from conftest import settled
+from conftest import KINDS, settled
 
-GRAPHS = tuple(KIND_OF_GRAPH)
+# the graphs of the session's exports (conftest.KINDS; the student has tests/test_student.py)
+GRAPHS = tuple(graph for graph, kind in KIND_OF_GRAPH.items() if kind in KINDS)
 LOOPS = (SAMPLING_LOOP, SAMPLING_LOOP_STREAM)  # the sampling loop models: one response, and streaming
 # The served repository lets one execute() hold two largest buckets, so requests above the largest bucket (and
 # dynamic batches of several requests) go through the chunking path.
@@ -129,7 +130,7 @@ def assert_outputs_close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
 @pytest.fixture(scope="module")
 def metas(export_dirs) -> dict[str, dict]:
     """graph -> export metadata."""
-    return {graph: read_meta(export_dirs[kind]) for graph, kind in KIND_OF_GRAPH.items()}
+    return {graph: read_meta(export_dirs[KIND_OF_GRAPH[graph]]) for graph in GRAPHS}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def repository(export_dirs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exports(export_dirs) -> dict:
     """graph -> its parsed export (manifest.Export)."""
-    return {graph: load_export(export_dirs[kind]) for graph, kind in KIND_OF_GRAPH.items()}
+    return {graph: load_export(export_dirs[KIND_OF_GRAPH[graph]]) for graph in GRAPHS}
 
 
 def embedded_config(graph: str, export, **options) -> dict:

@@ -467,6 +467,8 @@ def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tin
                lr=1e-12, warmup_steps=0))
     student, meta = ckpt.load_model(out / "model.safetensors", "diffusion")
     assert student.config.guidance_input and meta["distill"]["stage"] == "guidance"
+    card = ckpt.card_of(meta)  # what serving reads: a student, its guidance range, no step count after stage one
+    assert (card.kind, card.guidance_range, card.distilled_steps) == ("diffusion_student", (1.0, 5.0), None)
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10.0, 800.0]), torch.tensor([3, 10])
     with torch.no_grad():
         for w in (1.0, 4.0):
@@ -493,6 +495,7 @@ def test_step_distillation_resumes_across_a_stage_boundary_exactly(tmp_path, tin
     ta, ma = ckpt.load_checkpoint(a / "last.safetensors")
     tb, mb = ckpt.load_checkpoint(b / "last.safetensors")
     assert ma["train"]["step"] == mb["train"]["step"] == 6 and ma["distill"]["stages"] == [4, 2]
+    assert ckpt.card_of(ma).distilled_steps == 2 and ckpt.card_of(ma).kind == "diffusion_student"
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trident.serving.sampling import spaced_timesteps
+from trident.serving.sampling import STUDENT_SPACING, spaced_timesteps
 
 STAGES = ("guidance", "steps")
-STUDENT_SPACING = "trailing"  # the grid whose 2N-step layout contains its N-step one (see stage_timesteps)
+# STUDENT_SPACING ("trailing", serving/sampling.py): the grid whose 2N-step layout contains its N-step one (see
+# stage_timesteps), so the serving side samples a student on the grid it learnt
 
 
 # ----------------------------------------------------------------------------------------------------------------

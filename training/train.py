@@ -393,8 +393,8 @@ STEPS = {"diffusion": _diffusion_step, "gan": _gan_step, "vae": _vae_step, "clas
 def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, seed: int = 0,
             student_steps: int | None = None) -> np.ndarray | None:
     """A uint8 grid drawn from the model: one row per class for conditional models, (H, W, 3). Diffusion: guidance 3,
-    DPM-Solver++ 20 steps; a distilled student takes 3 as its guidance input, one row per step, and a step-distilled
-    one draws with DDIM at its student_steps."""
+    DPM-Solver++ 20 steps; a distilled student takes 3 (or the nearest scale of its range) as its guidance input, one
+    row per step, and a step-distilled one draws with DDIM at its student_steps."""
     module.eval()
     names = meta["card"]["class_names"]
     k = len(names)
@@ -405,19 +405,17 @@ def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, 
         device = next(module.parameters()).device
         schedule = NoiseSchedule.from_dict(meta["card"]["schedule"])
 
-        w = 3.0
-
-        def net(x, t, y):  # the torch module as the sampler's callable
-            args = [torch.from_numpy(a).to(device) for a in (x, t, y)]
-            if c.guidance_input:
-                args.append(torch.full((len(x),), w, device=device))
-            return module(*args).cpu().numpy()
+        def net(*args):  # the torch module as the sampler's callable: (x, t, y), or a student's (x, t, y, w)
+            return module(*[torch.from_numpy(a).to(device) for a in args]).cpu().numpy()
 
         how = ({"sampler": "dpmpp-2m", "steps": 20, "spacing": None} if student_steps is None
                else {"sampler": "ddim", "steps": student_steps, "spacing": distill.STUDENT_SPACING})
+        guidance_range = meta["card"].get("guidance_range") if c.guidance_input else None
+        w = 3.0 if guidance_range is None else min(max(3.0, guidance_range[0]), guidance_range[1])
         imgs = sample(net, (len(labels), c.in_channels, c.image_size, c.image_size), labels,
-                      schedule=schedule, guidance=1.0 if c.guidance_input else w, null_class=c.null_class,
-                      seed=seed, prediction_type=meta["card"]["prediction_type"], **how)
+                      schedule=schedule, guidance=w, null_class=c.null_class, seed=seed,
+                      prediction_type=meta["card"]["prediction_type"],
+                      guidance_range=None if guidance_range is None else tuple(guidance_range), **how)
     elif kind == "gan":
         device = next(module.parameters()).device
         z = torch.randn(len(labels), module.config.latent_dim, generator=g).to(device)
@@ -437,16 +435,21 @@ def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, 
 # ----------------------------------------------------------------------------------------------------------------
 
 def model_card(cfg: TrainConfig, model_cfg) -> ModelCard:
-    """The card of the model this run trains (the VAE's class centroids are added when it is saved)."""
+    """The card of the model this run trains (the VAE's class centroids are added when it is saved). A distilled
+    student's says so: kind "diffusion_student" (served beside its teacher under its own names), the guidance range
+    it learnt, and the DDIM steps it was step-distilled for (None after the guidance stage alone)."""
     diffusion = cfg.kind == "diffusion"
+    student = diffusion and bool(getattr(model_cfg, "guidance_input", False))
     return ModelCard(
-        kind=cfg.kind, class_names=tuple(CLASS_NAMES),
+        kind="diffusion_student" if student else cfg.kind, class_names=tuple(CLASS_NAMES),
         image=ImageFormat(model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size, (-1.0, 1.0)),
         conditional=cfg.kind in ("diffusion", "gan"),
         schedule=NoiseSchedule(**cfg.schedule).to_dict() if diffusion else None,
         prediction_type=cfg.prediction_type if diffusion else None,
         null_class=model_cfg.null_class if diffusion else None,
-        latent_dim=getattr(model_cfg, "latent_dim", None) if cfg.kind in ("gan", "vae") else None)
+        latent_dim=getattr(model_cfg, "latent_dim", None) if cfg.kind in ("gan", "vae") else None,
+        guidance_range=(cfg.guidance_min, cfg.guidance_max) if student else None,
+        distilled_steps=cfg.distill_to_steps if student and cfg.distill == "steps" else None)
 
 
 def _meta(cfg: TrainConfig, model_cfg) -> dict:

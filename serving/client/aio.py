@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ModelNotReadyError, ServerUnreachableError, TridentError
 from ..graph_runtime import IMAGE, MEAN, PREDICTION
 from ..sampling import SamplingCancelled
-from ..spec import DECODER, ENCODER, GENERATOR, UNET, GraphSpec
+from ..spec import DECODER, ENCODER, GENERATOR, GraphSpec
 from .backends import (TLS, DescribedServer, RetryPolicy, ServerInfo, TritonBackend, check_inputs, client_options,
                        each_step_once, endpoints, failure, grpc_channel, infer_inputs, lost, loop_failure,
                        requested_outputs, stream_message)
@@ -131,10 +131,11 @@ class AsyncTritonBackend(DescribedServer):
         return {t.name: np.concatenate([o[j] for o in outs]) for j, t in enumerate(spec.outputs)}
 
     # -- the sampling loop models ---------------------------------------------------------------------------------
-    async def run_loop(self, feed: dict[str, np.ndarray], on_step: Callable | None = None) -> np.ndarray:
+    async def run_loop(self, feed: dict[str, np.ndarray], on_step: Callable | None = None,
+                       model: str = "diffusion") -> np.ndarray:
         """TritonBackend.run_loop as a coroutine (redone on another replica the same way). Cancelling the task cancels
         the request (gRPC)."""
-        loop = self.require_server_loop(stream=on_step is not None)
+        loop = self.require_server_loop(stream=on_step is not None, model=model)
         on_step = None if on_step is None else each_step_once(on_step)
         attempt, first = 0, None
         while True:  # redone on another replica as TritonBackend.run_loop is
@@ -234,14 +235,16 @@ class AsyncTridentClient(ClientBase):
         return out
 
     # -- diffusion ----------------------------------------------------------------------------------------------
-    async def sample(self, classes=None, n: int | None = None, *, sampler: str = "dpmpp-2m", steps: int = 20,
-                     guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0, spacing: str | None = None,
-                     progress: bool = False, callback: Callable | None = None, raw: bool = False,
-                     loop: str = "client", preview_every: int = 0, sampler_options: dict | None = None) -> np.ndarray:
-        """TridentClient.sample as a coroutine: the same arguments, the same images for the same seed."""
+    async def sample(self, classes=None, n: int | None = None, *, sampler: str | None = None,
+                     steps: int | None = None, guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0,
+                     spacing: str | None = None, progress: bool = False, callback: Callable | None = None,
+                     raw: bool = False, loop: str = "client", preview_every: int = 0,
+                     sampler_options: dict | None = None, model: str = "diffusion") -> np.ndarray:
+        """TridentClient.sample as a coroutine: the same arguments (model="diffusion_student" for the student), the
+        same images for the same seed."""
         job = self._sample_job(classes, n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                                spacing=spacing, progress=progress, callback=callback, loop=loop,
-                               preview_every=preview_every, sampler_options=sampler_options)
+                               preview_every=preview_every, sampler_options=sampler_options, model=model)
         self.last_stats = stats = SampleStats()
         t0 = time.perf_counter()
         x = await (self._run_loop_on_server(job, stats) if job.loop is None else self._run_loop_here(job, stats))
@@ -249,10 +252,12 @@ class AsyncTridentClient(ClientBase):
         return self._finish(x, job.card, raw)
 
     async def _run_loop_here(self, job: SampleJob, stats: SampleStats) -> np.ndarray:
-        loop, out_name = job.loop, self.backend.specs[UNET].role(PREDICTION).name
+        loop, graph = job.loop, self._unet_of(job)
+        out_name = self.backend.specs[graph].role(PREDICTION).name
         try:
             while not loop.done:
-                step = loop.advance((await self._timed_run(UNET, self._unet_feed(*loop.model_input()), stats))[out_name])
+                feed = self._unet_feed(*loop.model_input(), graph=graph)
+                step = loop.advance((await self._timed_run(graph, feed, stats))[out_name])
         finally:
             loop.close()
         return np.asarray(step.pred_original_sample, dtype=np.float32)  # as sampling.last_estimate
@@ -260,7 +265,7 @@ class AsyncTridentClient(ClientBase):
     async def _run_loop_on_server(self, job: SampleJob, stats: SampleStats) -> np.ndarray:
         t0 = time.perf_counter()
         try:
-            x = await self.backend.run_loop(job.feed, on_step=job.on_step)
+            x = await self.backend.run_loop(job.feed, on_step=job.on_step, model=job.model)
         finally:
             if job.on_step is not None:
                 job.on_step.close()

@@ -28,7 +28,7 @@ from ..manifest import RuntimeOptions, graph_runtime, load_export, measure
 from ..ort_runner import CPU as CPU_PROVIDER
 from ..ort_runner import BucketRunner, plan_chunks  # noqa: F401  (plan_chunks: part of this module's API)
 from ..sampling import SamplingCancelled
-from ..spec import KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM, GraphSpec, graph_spec_of
+from ..spec import DIFFUSION_MODELS, KIND_OF_GRAPH, LOOP_MODELS, GraphSpec, graph_spec_of
 from ..server.runtime.protocol import CARD as CARD_PARAMETER
 from ..server.runtime.protocol import MAX_IMAGES as MAX_IMAGES_PARAMETER
 from ..server.runtime.protocol import OUT_OF_TIME, SHUTTING_DOWN
@@ -40,7 +40,8 @@ __all__ = ["Backend", "ServerLoop", "ServerInfo", "RetryPolicy", "TLS", "OnnxRun
 
 @dataclass(frozen=True)
 class ServerLoop:
-    """The sampling loop model a server runs (Triton name `diffusion_sampler`): its tensors and its request limit."""
+    """A sampling loop model a server runs (Triton name `diffusion_sampler`, or the student's
+    `diffusion_student_sampler`; and their streaming twins): its tensors and its request limit."""
 
     spec: GraphSpec
     max_images: int
@@ -54,10 +55,11 @@ class Backend(Protocol):
     specs[graph], buckets[graph]  the tensor spec of each graph, and its static batch sizes (() if any size runs)
     run(graph, inputs)          {tensor name: array (N, ...)} -> {tensor name: array (N, ...)} for any N >= 1
     close()
-    server_loop                 the sampling loop model the backend can call (a ServerLoop), or None
-    require_server_loop(stream) server_loop (stream: the streaming one), or the typed error that says why there is none
-    run_loop(feed, on_step)     one request to that loop (inputs as spec.loop_spec): the images; with on_step, the
-                                streaming loop, calling on_step(index, timestep, preview or None) at each step (an
+    server_loop                 the teacher's sampling loop model the backend can call (a ServerLoop), or None
+    require_server_loop(stream, model)  the sampling loop of a diffusion model ("diffusion", "diffusion_student";
+                                stream: the streaming one), or the typed error that says why there is none
+    run_loop(feed, on_step, model)  one request to that loop (inputs as spec.loop_spec): the images; with on_step,
+                                the streaming loop, calling on_step(index, timestep, preview or None) at each step (an
                                 exception from it, e.g. SamplingCancelled, cancels the request and propagates)
     """
 
@@ -69,9 +71,9 @@ class Backend(Protocol):
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def require_server_loop(self, stream: bool = False) -> ServerLoop: ...
+    def require_server_loop(self, stream: bool = False, model: str = "diffusion") -> ServerLoop: ...
 
-    def run_loop(self, feed: dict[str, np.ndarray], on_step=None) -> np.ndarray: ...
+    def run_loop(self, feed: dict[str, np.ndarray], on_step=None, model: str = "diffusion") -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -83,11 +85,11 @@ class InProcess:
     name = "in-process"
     server_loop: ServerLoop | None = None
 
-    def require_server_loop(self, stream: bool = False) -> ServerLoop:
+    def require_server_loop(self, stream: bool = False, model: str = "diffusion") -> ServerLoop:
         raise InvalidArgumentError(f"loop='server' needs a Triton server; this client runs {self.name} in-process "
                                    "(use loop='client')")
 
-    def run_loop(self, feed, on_step=None):
+    def run_loop(self, feed, on_step=None, model: str = "diffusion"):
         self.require_server_loop()
 
 
@@ -141,6 +143,7 @@ class OnnxRuntimeBackend(InProcess):
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
         self.cards, self.buckets, self.specs, self.runners, self.precision = {}, {}, {}, {}, {}
+        self.ranges = {}  # graph -> {input: InputRange}: checked before a run, as the Triton models check them
         try:
             for d in export_dirs:
                 export = load_export(d)
@@ -156,6 +159,7 @@ class OnnxRuntimeBackend(InProcess):
                     trial = {"shard_trial": measured.measured.shard_trial} if measured.measured else {}
                     self.precision[graph] = {**measured.record, **trial}
                     self.specs[graph] = entry.spec
+                    self.ranges[graph] = runtime.ranges
                     self.runners[graph] = runner
                     self.buckets[graph] = tuple(runner.buckets)
         except BaseException:
@@ -168,6 +172,10 @@ class OnnxRuntimeBackend(InProcess):
         spec = self.specs[graph]
         check_inputs(spec, inputs)
         feed = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype) for t in spec.inputs}
+        for name, valid in self.ranges[graph].items():  # a student's guidance outside its range, a label past null
+            refusal = valid.refusal(graph, name, feed[name])
+            if refusal is not None:
+                raise InvalidArgumentError(refusal)
         out = self.runners[graph].run(feed)
         return {t.name: out[t.name] for t in spec.outputs}
 
@@ -370,6 +378,16 @@ def failure(outcome: str, url: str, graph: str, e: Exception, live: bool | None)
 
 
 @dataclass(frozen=True)
+class LoopModels:
+    """One diffusion model's sampling loop models on a server: the one-response loop and the streaming one (each None
+    where not served or not ready), and why there is no loop (missing) where server_loop is None."""
+
+    server_loop: ServerLoop | None = None
+    stream_loop: ServerLoop | None = None
+    missing: str = ""
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     """What the handshake learnt of a Triton server, shared by the sync and asyncio clients: each served graph's card,
     tensor spec, buckets and max batch, and the sampling loop models (or why there is none)."""
@@ -380,24 +398,35 @@ class ServerInfo:
     specs: dict
     buckets: dict
     max_batch: dict
-    server_loop: ServerLoop | None
-    stream_loop: ServerLoop | None
-    server_loop_missing: str
+    loops: dict  # diffusion kind -> LoopModels (the teacher's under "diffusion", the student's under its kind)
 
-    def require_server_loop(self, stream: bool = False) -> ServerLoop:
-        if self.server_loop is None:
-            raise ModelNotReadyError(f"{self.server_loop_missing}; or use loop='client'")
+    @property
+    def server_loop(self) -> ServerLoop | None:
+        """The teacher's sampling loop model (diffusion_sampler), or None."""
+        return self.loops["diffusion"].server_loop if "diffusion" in self.loops else None
+
+    @property
+    def stream_loop(self) -> ServerLoop | None:
+        return self.loops["diffusion"].stream_loop if "diffusion" in self.loops else None
+
+    def require_server_loop(self, stream: bool = False, model: str = "diffusion") -> ServerLoop:
+        names = DIFFUSION_MODELS.get(model)
+        if names is None:
+            raise InvalidArgumentError(f"model must be one of {tuple(DIFFUSION_MODELS)}, got {model!r}")
+        found = self.loops.get(model) or LoopModels(missing=f"the server at {self.url} does not serve {names.loop!r}")
+        if found.server_loop is None:
+            raise ModelNotReadyError(f"{found.missing}; or use loop='client'")
         if not stream:
-            return self.server_loop
+            return found.server_loop
         if self.protocol != "grpc":
             raise InvalidArgumentError("progress and callback with loop='server' need a gRPC client (the loop streams "
                                        "its steps, which Triton does only over gRPC): connect with protocol='grpc', "
                                        "or use loop='client'")
-        if self.stream_loop is None:
-            raise ModelNotReadyError(f"the server at {self.url} has no ready {SAMPLING_LOOP_STREAM!r} model, so the "
+        if found.stream_loop is None:
+            raise ModelNotReadyError(f"the server at {self.url} has no ready {names.stream!r} model, so the "
                                      "server-side loop cannot report progress; rebuild the repository with `trident "
                                      "serve build`, or drop progress and callback, or use loop='client'")
-        return self.stream_loop
+        return found.stream_loop
 
 
 class DescribedServer:
@@ -414,8 +443,8 @@ class DescribedServer:
     retries = property(lambda self: self.policy.retries)
     backoff_s = property(lambda self: self.policy.backoff_s)
 
-    def require_server_loop(self, stream: bool = False) -> ServerLoop:
-        return self.server.require_server_loop(stream)
+    def require_server_loop(self, stream: bool = False, model: str = "diffusion") -> ServerLoop:
+        return self.server.require_server_loop(stream, model)
 
 
 def rejected(graph: str, e: Exception) -> InferenceError:
@@ -549,7 +578,7 @@ class TritonBackend(DescribedServer):
     def _connect(self, models) -> ServerInfo:
         url, kw = self.url, self._call_kw
         found = {"cards": {}, "specs": {}, "buckets": {}, "max_batch": {}}
-        loops = (None, None, f"the server at {url} does not serve {SAMPLING_LOOP!r}")
+        loops = {}
         try:
             live = self._client.is_server_live(**kw)
             ready = live and self._client.is_server_ready(**kw)
@@ -559,7 +588,7 @@ class TritonBackend(DescribedServer):
             raise ServerUnreachableError(url, "the server answered but is not ready")
         try:
             served = self._repository_models()
-            for graph in [m for m in models or KIND_OF_GRAPH if m != SAMPLING_LOOP]:
+            for graph in [m for m in models or KIND_OF_GRAPH if m not in LOOP_MODELS]:
                 if graph not in served:
                     if models:
                         raise ModelNotReadyError(f"model {graph!r} is not in the server's repository at {url} "
@@ -569,16 +598,16 @@ class TritonBackend(DescribedServer):
                     raise ModelNotReadyError(f"model {graph!r} on {url} is not ready "
                                              f"({served[graph] or 'no state'}); see the server log")
                 self._load_config(graph, found)
-            if models is None or SAMPLING_LOOP in models:
-                loops = self._find_server_loop(served, required=models is not None)
+            for kind, names in DIFFUSION_MODELS.items():
+                if models is None or names.loop in models:
+                    loops[kind] = self._find_server_loop(served, kind, required=models is not None)
         except TridentError:
             raise
         except (ValueError, KeyError, TypeError) as e:  # includes json.JSONDecodeError and a bad card
             raise ModelNotReadyError(f"a model on {url} has an unreadable model card: {e}") from None
         except Exception as e:  # the server went away mid-handshake
             raise ServerUnreachableError(url, f"{type(e).__name__}: {e}") from None
-        return ServerInfo(url, self.protocol, **found, server_loop=loops[0], stream_loop=loops[1],
-                          server_loop_missing=loops[2])
+        return ServerInfo(url, self.protocol, **found, loops=loops)
 
     def _repository_models(self) -> dict[str, str]:
         try:
@@ -587,7 +616,7 @@ class TritonBackend(DescribedServer):
             if not _restricted(e):
                 raise
             # the repository API is locked (`trident serve` off loopback): ask for each model trident serves by name
-            names = (*KIND_OF_GRAPH, SAMPLING_LOOP, SAMPLING_LOOP_STREAM)
+            names = (*KIND_OF_GRAPH, *LOOP_MODELS)
             return {name: "READY" for name in names if self._client.is_model_ready(name, **self._call_kw)}
         if self.protocol == "grpc":
             return {m.name: m.state for m in index.models}
@@ -615,34 +644,35 @@ class TritonBackend(DescribedServer):
         found["buckets"][graph] = card.buckets.get(graph, ())
         found["max_batch"][graph] = max_batch or max(found["buckets"][graph] or (1,))
 
-    def _find_server_loop(self, served: dict, required: bool) -> tuple[ServerLoop | None, ServerLoop | None, str]:
-        """(sampling loop model, streaming one, why there is none). Without it (or with a broken one) the client loop
-        still works, so only a caller that asked for it by name (`models`) gets an error here; others learn why on
-        loop='server'."""
+    def _find_server_loop(self, served: dict, kind: str, required: bool) -> LoopModels:
+        """The sampling loop models of one diffusion model (kind: "diffusion", "diffusion_student"), or why there is
+        none. Without them (or with a broken one) the client loop still works, so only a caller that asked for them by
+        name (`models`) gets an error here; others learn why on loop='server'."""
+        names = DIFFUSION_MODELS[kind]
         server_loop = stream_loop = None
-        missing = f"the server at {self.url} does not serve {SAMPLING_LOOP!r}"
+        missing = f"the server at {self.url} does not serve {names.loop!r}"
         try:
-            if SAMPLING_LOOP not in served:
-                raise ModelNotReadyError(f"the server at {self.url} has no {SAMPLING_LOOP!r} model; rebuild its "
+            if names.loop not in served:
+                raise ModelNotReadyError(f"the server at {self.url} has no {names.loop!r} model; rebuild its "
                                          "repository with `trident serve build` (without --no-server-loop)")
-            if not self._client.is_model_ready(SAMPLING_LOOP, **self._call_kw):
-                raise ModelNotReadyError(f"model {SAMPLING_LOOP!r} on {self.url} is not ready "
-                                         f"({served[SAMPLING_LOOP] or 'no state'}); see the server log")
-            params, _, card = self._config(SAMPLING_LOOP)
-            server_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP, card), int(params[MAX_IMAGES_PARAMETER]))
-            if SAMPLING_LOOP_STREAM in served and self._client.is_model_ready(SAMPLING_LOOP_STREAM, **self._call_kw):
-                params, _, card = self._config(SAMPLING_LOOP_STREAM)
-                stream_loop = ServerLoop(graph_spec_of(SAMPLING_LOOP_STREAM, card), int(params[MAX_IMAGES_PARAMETER]))
+            if not self._client.is_model_ready(names.loop, **self._call_kw):
+                raise ModelNotReadyError(f"model {names.loop!r} on {self.url} is not ready "
+                                         f"({served[names.loop] or 'no state'}); see the server log")
+            params, _, card = self._config(names.loop)
+            server_loop = ServerLoop(graph_spec_of(names.loop, card), int(params[MAX_IMAGES_PARAMETER]))
+            if names.stream in served and self._client.is_model_ready(names.stream, **self._call_kw):
+                params, _, card = self._config(names.stream)
+                stream_loop = ServerLoop(graph_spec_of(names.stream, card), int(params[MAX_IMAGES_PARAMETER]))
         except ModelNotReadyError as e:
             if required:
                 raise
             missing = str(e)
         except (ValueError, KeyError, TypeError) as e:
-            detail = f"{SAMPLING_LOOP} on {self.url} has an unreadable model card: {e}"
+            detail = f"{names.loop} on {self.url} has an unreadable model card: {e}"
             if required:
                 raise ModelNotReadyError(detail) from None
             missing = detail
-        return server_loop, stream_loop, missing
+        return LoopModels(server_loop, stream_loop, missing)
 
     def _infer_once(self, graph: str, spec: GraphSpec, feed: dict[str, np.ndarray], batched: bool = True,
                     client=None, timeout_s: float | None = None) -> list[np.ndarray]:
@@ -657,14 +687,14 @@ class TritonBackend(DescribedServer):
             res = client.infer(graph, inputs, outputs=outputs, client_timeout=timeout_s)
         return [res.as_numpy(t.name) for t in spec.outputs]
 
-    def run_loop(self, feed: dict[str, np.ndarray], on_step=None) -> np.ndarray:
+    def run_loop(self, feed: dict[str, np.ndarray], on_step=None, model: str = "diffusion") -> np.ndarray:
         """One request to the sampling loop model (inputs as spec.loop_spec): the images, float32. With on_step, to
         the streaming one (see the Backend protocol).
 
         Each attempt waits up to sample_timeout_s. A replica that refuses the request, dies or shuts down during it
         costs a redo on another replica (RetryPolicy.redo_loop; the same images, the seed travels with the request);
         a streamed redo reports only the steps not reported yet (each_step_once)."""
-        loop = self.require_server_loop(stream=on_step is not None)
+        loop = self.require_server_loop(stream=on_step is not None, model=model)
         on_step = None if on_step is None else each_step_once(on_step)
         attempt, first = 0, None
         while True:

@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import sampling
-from ..card import ModelCard
+from ..card import DIFFUSION_KINDS, ModelCard
 from ..errors import InvalidArgumentError, ModelNotReadyError
-from ..graph_runtime import CLASS_LABEL, IMAGE, LATENT, NOISY_SAMPLE, TIMESTEP
+from ..graph_runtime import CLASS_LABEL, GUIDANCE, IMAGE, LATENT, NOISY_SAMPLE, TIMESTEP
 from ..images import labelled_grid, make_grid, save_png, to_uint8
-from ..spec import DECODER, ENCODER, GENERATOR, UNET
+from ..spec import DECODER, DIFFUSION_MODELS, ENCODER, GENERATOR, UNET
 
 MAX_IMAGES = 4096  # per call; larger jobs belong in a loop of calls
 LOOPS = ("client", "server")  # where the diffusion sampling loop runs
@@ -52,6 +52,8 @@ class SampleJob:
     card: ModelCard
     count: int
     loop: sampling.SamplingLoop | None = None  # loop "client"
+    model: str = "diffusion"                   # the diffusion model family (spec.DIFFUSION_MODELS): the teacher or
+                                               # the student
     feed: dict | None = None                   # loop "server": the sampling loop model's inputs
     on_step: Callable | None = None            # loop "server" with progress or callback: fed each streamed step
 
@@ -125,11 +127,19 @@ class ClientBase:
         return np.asarray(ids, dtype=np.int64)
 
     # -- diffusion ----------------------------------------------------------------------------------------------
-    def _sample_job(self, classes, n, *, seed, progress, callback, loop, **settings) -> SampleJob:
+    def _sample_job(self, classes, n, *, seed, progress, callback, loop, model="diffusion", **settings) -> SampleJob:
         """Every check of sample(), before any request; see TridentClient.sample for the arguments. settings: the
-        SamplingConfig fields (sampler, steps, guidance, eta, spacing, preview_every, sampler_options)."""
-        card = self.card("diffusion")
-        labels, count = self._labels_and_count(classes, n, "diffusion")
+        SamplingConfig fields (sampler, steps, guidance, eta, spacing, preview_every, sampler_options); sampler,
+        steps and spacing None: the model's defaults (sampling.default_settings: a step-distilled student's DDIM at
+        the steps it was distilled for, else DPM-Solver++(2M), 20 steps)."""
+        if model not in DIFFUSION_KINDS:
+            raise InvalidArgumentError(f"model must be one of {DIFFUSION_KINDS} (the diffusion teacher, or the student "
+                                       f"distilled from it), got {model!r}")
+        card = self.card(model)
+        labels, count = self._labels_and_count(classes, n, model)
+        for key, value in sampling.default_settings(card.distilled_steps).items():
+            if settings.get(key) is None:
+                settings[key] = value
         if loop not in LOOPS:
             raise InvalidArgumentError(f"loop must be one of {LOOPS}, got {loop!r}")
         if callback is not None and not callable(callback):
@@ -143,15 +153,16 @@ class ClientBase:
             steps_loop = sampling.sampling_loop(
                 (count, *card.image.shape), labels, schedule=sampling.NoiseSchedule.from_dict(card.schedule),
                 null_class=card.null_class, seed=seed, callback=callback if client_side else None,
-                progress=progress and client_side, prediction_type=card.prediction_type, **settings)
+                progress=progress and client_side, prediction_type=card.prediction_type,
+                guidance_range=card.guidance_range, distilled_steps=card.distilled_steps, **settings)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
         config = steps_loop.config
         if client_side:
-            return SampleJob(card, count, loop=steps_loop)
+            return SampleJob(card, count, loop=steps_loop, model=model)
 
         streamed = progress or callback is not None
-        server = self.backend.require_server_loop(stream=streamed)
+        server = self.backend.require_server_loop(stream=streamed, model=model)
         if count > server.max_images:
             raise InvalidArgumentError(f"n={count} images is more than the server's {server.spec.name} takes per "
                                        f"request ({server.max_images}); split the job or use loop='client'")
@@ -164,10 +175,18 @@ class ClientBase:
                                        f"repository with this trident or use loop='client'")
         feed = {name: value for name, value in feed.items() if name in served}
         on_step = ServerProgress(config.steps, config.sampler, progress, callback) if streamed else None
-        return SampleJob(card, count, feed=feed, on_step=on_step)
+        return SampleJob(card, count, feed=feed, on_step=on_step, model=model)
 
-    def _unet_feed(self, x, t, y) -> dict[str, np.ndarray]:
-        return self.backend.specs[UNET].feed({NOISY_SAMPLE: x, TIMESTEP: t, CLASS_LABEL: y})
+    def _unet_feed(self, x, t, y, w=None, graph: str = UNET) -> dict[str, np.ndarray]:
+        """A U-Net request from a SamplingLoop's model_input(): (x, t, y), or a student's (x, t, y, w)."""
+        values = {NOISY_SAMPLE: x, TIMESTEP: t, CLASS_LABEL: y}
+        if w is not None:
+            values[GUIDANCE] = w
+        return self.backend.specs[graph].feed(values)
+
+    @staticmethod
+    def _unet_of(job: SampleJob) -> str:
+        return DIFFUSION_MODELS[job.model].unet
 
     # -- GAN ----------------------------------------------------------------------------------------------------
     def _generate_request(self, classes, n, seed, truncation) -> tuple[dict, ModelCard]:

@@ -8,18 +8,23 @@ import sys
 import numpy as np
 
 from ..errors import TridentError
+from .. import sampling
 from ..sampling import SAMPLERS
 from .sdk import TridentClient
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trident sample", description=__doc__)
-    p.add_argument("--model", choices=("diffusion", "gan", "vae"), default="diffusion")
+    p.add_argument("--model", choices=("diffusion", "diffusion_student", "gan", "vae"), default="diffusion",
+                   help="diffusion_student: the student distilled from the diffusion teacher, served beside it (one "
+                        "network row per image per step; --guidance within its card's guidance_range)")
     p.add_argument("--class", dest="classes", action="append", default=None,
                    help="class name or id (repeatable; 'all' = one row per class); omit for unconditional")
     p.add_argument("--n", type=int, default=8, help="images per class (or in total when unconditional)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp-2m")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: dpmpp-2m; a step-distilled student: ddim (trailing spacing)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: 20; a step-distilled student: the steps it was distilled for")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--sampler-option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
                                    sample_timeout_s=args.sample_timeout) as client:
             rows = None
             classes = None
-            if args.classes and args.model in ("diffusion", "gan"):
+            if args.classes and args.model in ("diffusion", "diffusion_student", "gan"):
                 names = client.class_names(args.model)
                 wanted = names if args.classes == ["all"] else args.classes
                 ids = client.resolve_classes(wanted, args.model)
@@ -68,11 +73,13 @@ def main(argv=None) -> int:
                 rows = [names[i] for i in ids]
             elif args.classes and args.model == "vae":
                 raise TridentError("the VAE is unconditional: drop --class")
-            if args.model == "diffusion":
+            diffusion = args.model in ("diffusion", "diffusion_student")
+            if diffusion:
                 images = client.sample(classes, None if classes is not None else args.n, sampler=args.sampler,
                                        steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
-                                       progress=args.progress, loop=args.loop,
+                                       progress=args.progress, loop=args.loop, model=args.model,
                                        sampler_options=_sampler_options(args.sampler_options))
+                steps = (args.steps or sampling.default_settings(client.card(args.model).distilled_steps)["steps"])
             elif args.model == "gan":
                 images = client.generate(classes, None if classes is not None else args.n, seed=args.seed)
             else:
@@ -82,10 +89,10 @@ def main(argv=None) -> int:
     except TridentError as e:
         print(f"trident sample: error: {e}", file=sys.stderr)
         return 2
-    if args.model == "diffusion" and args.loop == "server":
-        detail = f", one request to the server-side loop ({args.steps} steps)"
-    elif args.model == "diffusion":
-        detail = f", {s.calls} model calls ({args.steps} steps), {s.per_call_ms:.1f} ms per call"
+    if diffusion and args.loop == "server":
+        detail = f", one request to the server-side loop ({steps} steps)"
+    elif diffusion:
+        detail = f", {s.calls} model calls ({steps} steps), {s.per_call_ms:.1f} ms per call"
     else:
         detail = f", {s.per_call_ms:.1f} ms per call"
     print(f"wrote {path}: {len(images)} images in {s.wall_s:.2f} s{detail}")

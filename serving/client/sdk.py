@@ -19,7 +19,7 @@ import numpy as np
 from .. import sampling, toolchain
 from ..errors import InvalidArgumentError, ModelNotReadyError, ServerUnreachableError, TridentError
 from ..graph_runtime import IMAGE, MEAN, PREDICTION
-from ..spec import DECODER, ENCODER, GENERATOR, UNET
+from ..spec import DECODER, DIFFUSION_MODELS, ENCODER, GENERATOR, UNET
 from .backends import OnnxRuntimeBackend, TritonBackend
 from .base import LOOPS, MAX_IMAGES, ClientBase, SampleJob, SampleStats  # noqa: F401  (LOOPS: part of the API)
 
@@ -63,16 +63,21 @@ class TridentClient(ClientBase):
         self.last_stats.add(time.perf_counter() - t0, len(next(iter(inputs.values()))))
         return out
 
-    def eps_model(self) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-        """The U-Net as the sampler's callable eps(x, t, y) (one backend call per sampler call)."""
-        out_name = self.backend.specs[UNET].role(PREDICTION).name
-        return lambda x, t, y: self._timed_run(UNET, self._unet_feed(x, t, y))[out_name]
+    def eps_model(self, model: str = "diffusion") -> Callable[..., np.ndarray]:
+        """The U-Net of a diffusion model ("diffusion", or "diffusion_student") as the sampler's callable eps(x, t, y),
+        or the student's eps(x, t, y, w) (one backend call per sampler call)."""
+        graph = DIFFUSION_MODELS[model].unet if model in DIFFUSION_MODELS else UNET
+        if graph not in self.backend.specs:
+            raise ModelNotReadyError(f"no {graph} on this backend (it has {sorted(self.backend.specs)})")
+        out_name = self.backend.specs[graph].role(PREDICTION).name
+        return lambda *args: self._timed_run(graph, self._unet_feed(*args, graph=graph))[out_name]
 
     # -- diffusion ----------------------------------------------------------------------------------------------
-    def sample(self, classes=None, n: int | None = None, *, sampler: str = "dpmpp-2m", steps: int = 20,
+    def sample(self, classes=None, n: int | None = None, *, sampler: str | None = None, steps: int | None = None,
                guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0, spacing: str | None = None,
                progress: bool = False, callback: Callable | None = None, raw: bool = False,
-               loop: str = "client", preview_every: int = 0, sampler_options: dict | None = None) -> np.ndarray:
+               loop: str = "client", preview_every: int = 0, sampler_options: dict | None = None,
+               model: str = "diffusion") -> np.ndarray:
         """Draw images from the diffusion model: uint8 (N, H, W, C), or float32 (N, C, H, W) in [-1, 1] with raw.
 
         classes: one id/name (repeated n times), a list of ids/names (one image each), or None (unconditional,
@@ -86,10 +91,16 @@ class TridentClient(ClientBase):
         same images for the same arguments (to float tolerance: the U-Net may run in different bucket layouts).
         sampler_options: further options of the sampler (sampling.sampler_options_of), e.g.
         {"use_clipped_model_output": False} for DDIM; they reach the server-side loop too.
+
+        model: "diffusion" (the teacher) or "diffusion_student" (the student distilled from it, served beside it:
+        its U-Net takes the guidance scale as an input, so every step sends one row per image at any guidance, and
+        a guidance outside the card's guidance_range is refused). sampler, steps (and spacing) None: the model's
+        defaults, DPM-Solver++(2M) with 20 steps, or for a step-distilled student DDIM with "trailing" spacing at
+        the steps it was distilled for (card.distilled_steps); any steps may still be asked for.
         """
         job = self._sample_job(classes, n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                                spacing=spacing, progress=progress, callback=callback, loop=loop,
-                               preview_every=preview_every, sampler_options=sampler_options)
+                               preview_every=preview_every, sampler_options=sampler_options, model=model)
         self.last_stats = SampleStats()
         t0 = time.perf_counter()
         x = self._run_loop_on_server(job) if job.loop is None else self._run_loop_here(job)
@@ -97,12 +108,12 @@ class TridentClient(ClientBase):
         return self._finish(x, job.card, raw)
 
     def _run_loop_here(self, job: SampleJob) -> np.ndarray:
-        return sampling.last_estimate(sampling.drive(self.eps_model(), job.loop))
+        return sampling.last_estimate(sampling.drive(self.eps_model(job.model), job.loop))
 
     def _run_loop_on_server(self, job: SampleJob) -> np.ndarray:
         t0 = time.perf_counter()
         try:
-            x = self.backend.run_loop(job.feed, on_step=job.on_step)
+            x = self.backend.run_loop(job.feed, on_step=job.on_step, model=job.model)
         finally:
             if job.on_step is not None:
                 job.on_step.close()

@@ -11,7 +11,10 @@ embedded (default)  For the tritonserver bundled with nvidia-pytriton, which has
                     graph_model.py that runs the static-batch ONNX files (copied next to it) in ONNX Runtime. With a
                     diffusion export, also `diffusion_sampler`: the whole sampling loop on the server (serving/server/
                     runtime/loop_model.py), one request per batch of images, and `diffusion_sampler_stream`, the same
-                    loop streaming its progress over gRPC (`--no-server-loop` leaves both out).
+                    loop streaming its progress over gRPC (`--no-server-loop` leaves both out). A distilled student's
+                    export (`trident distill`) is served beside the teacher under its own names:
+                    diffusion_student_unet (with its guidance input), diffusion_student_sampler and
+                    diffusion_student_sampler_stream.
                     Self-contained: the repository also runs in a Triton container where trident is not installed.
 container           For the official Triton container. Per graph: one native onnxruntime model per bucket
                     (diffusion_unet_b8, ...: `max_batch_size: 0` with the full static shape, `1/model.onnx`; `--gpu`
@@ -42,11 +45,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from trident.serving import manifest, precision, toolchain
 from trident.serving.errors import ExportMetadataError, TridentError
@@ -57,7 +63,7 @@ from trident.serving.server.pbtxt import to_pbtxt
 from trident.serving.server.runtime import MODEL_FILES, RUNTIME_FILES
 from trident.serving.server.request_limits import largest_request
 from trident.serving.server.runtime import protocol as P
-from trident.serving.spec import GRAPHS_OF_KIND, UNET, TensorSpec, loop_spec
+from trident.serving.spec import GRAPHS_OF_KIND, UNETS, TensorSpec, loop_spec
 
 __all__ = [
     "BUCKET_BACKENDS",
@@ -219,12 +225,14 @@ def measure(exports: list[Export], options: BuildOptions, log=None) -> dict[str,
 class ModelPlan:
     """One model of the repository: its configuration, the export files copied into its version folder ({path
     there: (source, sha256)}), the files the build writes there ({path: text}: MEASURED_FILE) and the runtime file
-    it runs as model.py (a MODEL_FILES key; None for a native backend)."""
+    it runs as model.py (a MODEL_FILES key; None for a native backend), and the warm-up requests' input data files
+    (warmup_data)."""
 
     config: dict
     files: dict[str, tuple[Path, str]] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
     runs: str | None = None
+    warmup: dict[str, bytes] = field(default_factory=dict)  # {file in <model>/warmup/: raw input data} (warmup_data)
 
     @property
     def name(self) -> str:
@@ -257,12 +265,40 @@ def _card(export: Export, graph: str) -> dict[str, str]:
     return {P.CARD: export.card.with_buckets({graph: export.graphs[graph].buckets}).to_json()}
 
 
-def _warmup(name: str, batch_size: int, io: list[dict]) -> dict:
+def _warmup(name: str, batch_size: int, io: list[dict], values: dict[str, float] | None = None) -> dict:
     # zero_data, not random_data: Triton's random data is random bytes, which for FP32 includes NaN/Inf and
     # huge values that model.py rightly rejects (a failed warmup fails the model load). Zero is a valid value
-    # for every input (timestep 0, class 0).
+    # for every input (timestep 0, class 0) but a student's guidance scale, whose range may exclude it: such an input
+    # (values: warmup_values) reads its value from a file in the model's warmup/ folder (warmup_data writes it).
+    def data(t: dict) -> dict:
+        if t["name"] not in (values or {}):
+            return {"zero_data": True}
+        return {"input_data_file": f"{t['name']}_x{math.prod(t['dims'])}"}
+
     return {"name": name, "batch_size": batch_size,
-            "inputs": {t["name"]: {"data_type": t["data_type"], "dims": t["dims"], "zero_data": True} for t in io}}
+            "inputs": {t["name"]: {"data_type": t["data_type"], "dims": t["dims"], **data(t)} for t in io}}
+
+
+def warmup_values(export: Export, graph: str) -> dict[str, float]:
+    """{input: value} of a graph's inputs for which zero is not valid (a student's guidance scale): their warm-up
+    requests carry the low end of the input's range (manifest.input_ranges, what the models check)."""
+    ranges = manifest.input_ranges(export.graphs[graph].spec, export.card)
+    return {name: r.low for name, r in ranges.items() if r.outside(np.zeros(1))[0]}
+
+
+def warmup_data(config: dict, values: dict[str, float]) -> dict[str, bytes]:
+    """The files that a configuration's warm-up requests read (input_data_file: raw data, row-major, of one request;
+    Triton repeats it for each of batch_size), from warmup_values."""
+    out = {}
+    for sample in config.get("model_warmup", []):
+        for name, entry in sample["inputs"].items():
+            if "input_data_file" in entry:
+                dtype = np.dtype(TRITON_NUMPY[entry["data_type"]])
+                out[entry["input_data_file"]] = np.full(math.prod(entry["dims"]), values[name], dtype).tobytes()
+    return out
+
+
+TRITON_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP64": "float64", "TYPE_INT64": "int64", "TYPE_INT32": "int32"}
 
 
 def graph_config(export: Export, runtime: GraphRuntime, options: BuildOptions) -> dict:
@@ -286,7 +322,9 @@ def graph_config(export: Export, runtime: GraphRuntime, options: BuildOptions) -
         "instance_group": [{"kind": "KIND_GPU" if options.gpu and not front else "KIND_CPU", "count": 1}],
     }
     if not front:
-        config["model_warmup"] = [_warmup(f"zeros_b{n}", n, inputs) for n in runtime.sizes if n <= max_batch_size]
+        values = warmup_values(export, runtime.graph)
+        config["model_warmup"] = [_warmup(f"zeros_b{n}", n, inputs, values) for n in runtime.sizes
+                                  if n <= max_batch_size]
     config["parameters"] = _parameters({**_card(export, runtime.graph), P.RUNTIME: runtime.to_json()})
     return config
 
@@ -295,8 +333,9 @@ def loop_config(export: Export, runtime: GraphRuntime, options: BuildOptions, st
     """The sampling loop model (serving/server/runtime/loop_model.py) over the U-Net (runtime: its sessions, or in
     the container flavour its per-bucket models): not batched by Triton (max_batch_size 0, one request = one batch
     of images). stream: the decoupled variant (diffusion_sampler_stream, gRPC streaming: progress, then the images),
-    which makes its sessions on its first request."""
-    spec = loop_spec(export.card.image.shape, stream=stream)
+    which makes its sessions on its first request. A student's export gives the student's loop models
+    (diffusion_student_sampler, ..._stream: spec.DIFFUSION_MODELS), over its own U-Net."""
+    spec = loop_spec(export.card.image.shape, stream=stream, kind=export.card.kind)
     config = {
         "name": spec.name,
         "backend": "python",
@@ -306,7 +345,7 @@ def loop_config(export: Export, runtime: GraphRuntime, options: BuildOptions, st
         "output": [{"name": t.name, "data_type": t.config_dtype, "dims": list(t.shape)} for t in spec.outputs],
         "instance_group": [{"kind": "KIND_GPU" if options.gpu and runtime.bucket_models is None else "KIND_CPU",
                             "count": 1}],
-        "parameters": _parameters({**_card(export, UNET), P.RUNTIME: runtime.to_json(),
+        "parameters": _parameters({**_card(export, runtime.graph), P.RUNTIME: runtime.to_json(),
                                    P.MAX_IMAGES: str(options.max_images)}),
     }
     if stream:
@@ -332,7 +371,7 @@ def bucket_config(export: Export, graph: str, bucket: int, options: BuildOptions
         "input": inputs,
         "output": [_static_io(t, bucket) for t in spec.outputs],
         "instance_group": [{"kind": "KIND_GPU" if options.gpu else "KIND_CPU", "count": 1}],
-        "model_warmup": [_warmup("zeros", 1, inputs)],  # a non-batching model warms up with batch_size 1
+        "model_warmup": [_warmup("zeros", 1, inputs, warmup_values(export, graph))],  # a non-batching model: batch 1
         "parameters": _parameters({P.ORT_BACKEND_THREADS: str(options.runtime.threads)}),
     }
     if options.fp16:
@@ -385,8 +424,9 @@ def _plan_embedded(export: Export, graph: str, options: BuildOptions, measuremen
     # per machine: beside the graph files, not in config.pbtxt (a committed repository stays the same wherever it is
     # rebuilt): the measured shard limit, and the variant `auto` chose for each bucket
     written = {MEASURED_FILE: measurement.measured.to_json()} if runtime.measured else {}
-    models = [ModelPlan(graph_config(export, runtime, options), files, written, "graph")]
-    if graph == UNET and options.server_loop:
+    config = graph_config(export, runtime, options)
+    models = [ModelPlan(config, files, written, "graph", warmup_data(config, warmup_values(export, graph)))]
+    if graph in UNETS and options.server_loop:
         models += [ModelPlan(loop_config(export, runtime, options, stream), files, written, "loop")
                    for stream in (False, True)]
     return models
@@ -399,17 +439,22 @@ def _plan_container(export: Export, graph: str, options: BuildOptions) -> list[M
     for n in entry.buckets:
         if options.bucket_backend == "onnxruntime":
             file = entry.file(precision.REFERENCE, n)  # TensorRT FP16 starts from the fp32 graph (see bucket_config)
-            model = ModelPlan(bucket_config(export, graph, n, options),
-                              {"model.onnx": (export.directory / file.file, file.sha256)})
+            config = bucket_config(export, graph, n, options)
+            model = ModelPlan(config, {"model.onnx": (export.directory / file.file, file.sha256)},
+                              warmup=warmup_data(config, warmup_values(export, graph)))
         else:
             alone = replace(options.runtime, row_shards=1, shard_limit=0)
-            runtime = manifest.graph_runtime(export, graph, alone, {n: options.runtime.precision})
-            model = ModelPlan(stand_in_config(export, runtime, options), _graph_files(export, runtime), runs="graph")
+            # no input ranges, as the native model it stands in for: the front model checked every request's rows,
+            # and the rows that pad a chunk to the bucket are zeros (outside a student's guidance range)
+            runtime = replace(manifest.graph_runtime(export, graph, alone, {n: options.runtime.precision}), ranges={})
+            config = stand_in_config(export, runtime, options)
+            model = ModelPlan(config, _graph_files(export, runtime), runs="graph",
+                              warmup=warmup_data(config, warmup_values(export, graph)))
         models.append(model)
         bucket_models[n] = model.name
     front = manifest.graph_runtime(export, graph, options.runtime, models=bucket_models)
     models.append(ModelPlan(graph_config(export, front, options), runs="router"))
-    if graph == UNET and options.server_loop:
+    if graph in UNETS and options.server_loop:
         models += [ModelPlan(loop_config(export, front, options, stream), runs="loop") for stream in (False, True)]
     return models
 
@@ -479,6 +524,9 @@ def build_repository(export_dirs: list[Path], out: Path, flavour: str = "embedde
                 _copy_checked(source, version / name, sha256)
             for name, text in model.written.items():
                 (version / name).write_text(text)
+            for name, data in model.warmup.items():
+                (tmp / model.name / "warmup").mkdir(exist_ok=True)
+                (tmp / model.name / "warmup" / name).write_bytes(data)
             if model.runs is not None:
                 shutil.copyfile(MODEL_FILES[model.runs], version / "model.py")
                 for name, source in RUNTIME_FILES.items():

@@ -14,7 +14,7 @@ class BatchedInputs:
     """What a request must hold, from the model's GraphRuntime (serving/graph_runtime.py, built from spec.py): input
     names, dtypes and per-item shapes (as the model sees them: after Triton's reshape a per-item scalar declared [1]
     is (), and a per-bucket model's static first axis is the batch), the output names and dtypes, and the valid
-    ranges of label and timestep inputs."""
+    ranges of label, timestep and guidance inputs."""
 
     def __init__(self, name: str, runtime):
         self.name = name
@@ -48,14 +48,9 @@ class BatchedInputs:
                 raise InvalidRequest(f"{self.name}: input '{name}' holds NaN or Inf (first at index {bad.tolist()}); "
                                      "send finite values")
             valid = self.ranges.get(name)
-            if valid is not None:
-                outside = (array < valid.low) | (array >= valid.high)
-                if np.any(outside):
-                    row = int(np.argwhere(outside)[0][0])
-                    raise InvalidRequest(
-                        f"{self.name}: input '{name}' must be in [{valid.low}, {valid.high}) "
-                        f"({valid.hint}); got {array[outside][0].item()} at row {row}"
-                    )
+            refusal = None if valid is None else valid.refusal(self.name, name, array)
+            if refusal is not None:
+                raise InvalidRequest(refusal)
             arrays[name] = array
         return arrays, rows
 

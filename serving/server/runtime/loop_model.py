@@ -12,6 +12,10 @@ In the container flavour the U-Net runs on its per-bucket models instead, throug
 onnxruntime needed in Triton's Python.
 Requests of one execute() call run one after another; a bad one gets an error response, the others go on.
 
+A distilled student's loop models (diffusion_student_sampler, diffusion_student_sampler_stream) run this file too,
+over the student's U-Net: its card (guidance_range) makes each step one row per image with the guidance scale as
+the U-Net's input, and a guidance outside the range an invalid request.
+
 Two models run this file, told apart by their configuration:
   diffusion_sampler         one response per request (any HTTP client, gRPC unary); warmed at load.
   diffusion_sampler_stream  decoupled (gRPC streaming only: Triton's HTTP /infer refuses decoupled models): progress
@@ -35,7 +39,7 @@ import protocol as P  # noqa: E402  (siblings copied in by `trident serve build`
 import sampling  # noqa: E402
 from bls import BucketModels  # noqa: E402
 from card import ModelCard  # noqa: E402
-from graph_runtime import CLASS_LABEL, NOISY_SAMPLE, PREDICTION, TIMESTEP, GraphRuntime  # noqa: E402
+from graph_runtime import CLASS_LABEL, GUIDANCE, NOISY_SAMPLE, PREDICTION, TIMESTEP, GraphRuntime  # noqa: E402
 from ort_runner import BucketRunner, execution_providers  # noqa: E402
 from protocol import InvalidRequest, error_response  # noqa: E402
 
@@ -56,6 +60,9 @@ class TritonPythonModel:
         self.schedule = sampling.NoiseSchedule.from_dict(card.schedule)
         self.null_class = card.null_class
         self.prediction_type = card.prediction_type
+        # a distilled student (diffusion_student_sampler): its U-Net takes the guidance scale, one row per image, and a
+        # guidance outside its range is refused before any step; a step-distilled one samples on the trailing grid
+        self.guidance_range, self.distilled_steps = card.guidance_range, card.distilled_steps
         self.image_shape = card.image.shape
         self.max_images = int(params[P.MAX_IMAGES])
         self.unet = GraphRuntime.from_json(params[P.RUNTIME])  # the U-Net's tensors, bound by role
@@ -84,8 +91,12 @@ class TritonPythonModel:
         # clients never stream holds no second set of U-Net sessions (benchmarks/results/optimizations.md has the
         # memory each set holds).
 
-    def _eps(self, x, t, y):
-        return self.runner.run(self.unet.feed({NOISY_SAMPLE: x, TIMESTEP: t, CLASS_LABEL: y}))[self.eps_name]
+    def _eps(self, x, t, y, w=None):
+        """The U-Net on one step's rows: (x, t, y), or a student's (x, t, y, w) (sampling.SamplingLoop)."""
+        values = {NOISY_SAMPLE: x, TIMESTEP: t, CLASS_LABEL: y}
+        if w is not None:
+            values[GUIDANCE] = w
+        return self.runner.run(self.unet.feed(values))[self.eps_name]
 
     # -- one request ----------------------------------------------------------------------------------------------
 
@@ -135,7 +146,8 @@ class TritonPythonModel:
         try:
             steps = sampling.sample_progressive(
                 self._eps, shape, a["labels"], schedule=self.schedule, null_class=self.null_class, config=a["config"],
-                seed=a["seed"], callback=callback, prediction_type=self.prediction_type)
+                seed=a["seed"], callback=callback, prediction_type=self.prediction_type,
+                guidance_range=self.guidance_range, distilled_steps=self.distilled_steps)
         except ValueError as e:  # an argument out of range: sample_progressive checks before any U-Net call
             raise InvalidRequest(f"{self.name}: {e}") from None
         if P.shutting_down():  # a request that arrives while the server drains does not start
