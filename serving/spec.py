@@ -58,7 +58,8 @@ UNETS = tuple(m.unet for m in DIFFUSION_MODELS.values())
 # loop model name -> (card kind, streams)
 LOOP_MODELS = {name: (kind, name == m.stream) for kind, m in DIFFUSION_MODELS.items() for name in (m.loop, m.stream)}
 
-DEFAULT_BUCKETS = {UNET: (1, 2, 4, 8, 16, 32), STUDENT_UNET: (1, 2, 4, 8, 16, 32), GENERATOR: (1, 8, 32), DECODER: (1, 8, 32), ENCODER: (1, 8, 32)}
+DEFAULT_BUCKETS = {UNET: (1, 2, 4, 8, 16, 32), STUDENT_UNET: (1, 2, 4, 8, 16, 32),
+                   GENERATOR: (1, 8, 32), DECODER: (1, 8, 32), ENCODER: (1, 8, 32)}
 
 _TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
                   "uint8": "UINT8", "bytes": "BYTES"}

@@ -577,6 +577,7 @@ class TritonServer:
                 pass
         _kill_group(process.pid)  # leftover stubs; also the server itself if it ignored SIGINT
         process.wait()  # reap: no zombie left behind
+        _wait_group_gone(process.pid)  # the stubs, orphaned when the server exited, until init has reaped them
         _LIVE_SERVERS.discard(self)
         # The Python backend leaves its regions in /dev/shm when Triton exits on an error (e.g. a port taken
         # after the models loaded) or is killed; the prefix is unique to this start, so they are ours to remove.
@@ -668,6 +669,19 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Wait until no process of the group is left, zombies included: a killed stub's parent (the server) is gone, so
+    init reaps it, which on a loaded machine takes a moment; returning before would leave a caller that checks (or
+    reuses the resources) seeing processes that are still there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)  # succeeds while any member exists, zombies too
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
