@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from trident.serving.card import PREDICTION_TYPES, ImageFormat, ModelCard
 from trident.serving.files import file_sha256
 from trident.serving.images import labelled_grid, save_png, to_uint8
-from trident.serving.sampling import NoiseSchedule, sample
+from trident.serving.sampling import NoiseSchedule, default_settings, sample
 
 from . import checkpoint as ckpt
 from . import distill
@@ -408,8 +408,7 @@ def preview(kind: str, module: torch.nn.Module, meta: dict, per_class: int = 8, 
         def net(*args):  # the torch module as the sampler's callable: (x, t, y), or a student's (x, t, y, w)
             return module(*[torch.from_numpy(a).to(device) for a in args]).cpu().numpy()
 
-        how = ({"sampler": "dpmpp-2m", "steps": 20, "spacing": None} if student_steps is None
-               else {"sampler": "ddim", "steps": student_steps, "spacing": distill.STUDENT_SPACING})
+        how = default_settings(student_steps)  # what the SDK draws this model with by default
         guidance_range = meta["card"].get("guidance_range") if c.guidance_input else None
         w = 3.0 if guidance_range is None else min(max(3.0, guidance_range[0]), guidance_range[1])
         imgs = sample(net, (len(labels), c.in_channels, c.image_size, c.image_size), labels,
