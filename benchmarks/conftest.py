@@ -1,5 +1,6 @@
 """Session fixtures of the latency benchmarks: the shipped checkpoints exported once (cached under .trident/exports),
-one model repository and one embedded Triton server for the whole session, and a client per backend.
+one model repository and one embedded Triton server for the whole session (the distilled student served beside the
+teacher where its checkpoint exists), and a client per backend.
 
 Every backend gets the same intra-op thread count (settings.threads): torch, the in-process ONNX Runtime sessions,
 the Triton model instances and the matmul peak. Kinds whose checkpoint is missing are skipped with a message.
@@ -15,7 +16,7 @@ import pytest
 
 from trident.benchmarks import settings as bench_settings
 from trident.benchmarks.common import graph_buckets, require, warm
-from trident.benchmarks.settings import KINDS, BenchSettings
+from trident.benchmarks.settings import KINDS, STUDENT, BenchSettings
 from trident.serving.files import file_sha256
 from trident.serving.spec import UNET, load_export_metadata
 
@@ -106,7 +107,7 @@ def _sha12(path: Path) -> str:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     s = settings_of(config)
-    ckpts = {kind: s.checkpoints / kind / "model.safetensors" for kind in KINDS}
+    ckpts = {kind: s.checkpoints / kind / "model.safetensors" for kind in (*KINDS, STUDENT)}
     machine_info["trident"] = {
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -139,8 +140,9 @@ def checkpoints(settings) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def exports(settings, checkpoints) -> dict[str, Path]:
     """kind -> export folder: TRIDENT_BENCH_EXPORTS, else each checkpoint exported once (cached by its sha256)."""
-    if settings.exports:
-        return {load_export_metadata(d)["card"]["kind"]: Path(d) for d in settings.exports}
+    if settings.exports:  # the student's, if given, is the student_export fixture's (served, not in-process)
+        given = {load_export_metadata(d)["card"]["kind"]: Path(d) for d in settings.exports}
+        return {kind: d for kind, d in given.items() if kind != STUDENT}
     from trident.export.build import ensure_export
 
     if not checkpoints:
@@ -149,18 +151,34 @@ def exports(settings, checkpoints) -> dict[str, Path]:
                                 fp16=settings.fp16) for kind, path in checkpoints.items()}
 
 
+@pytest.fixture(scope="session")
+def student_export(settings) -> Path | None:
+    """The distilled student's export (issue 19), which the session's server serves beside the teacher: the one of
+    kind diffusion_student in TRIDENT_BENCH_EXPORTS, else <checkpoints>/diffusion_student/model.safetensors exported
+    once (cached like the others); None where there is neither (item 9 is then skipped)."""
+    if settings.exports:
+        return next((Path(d) for d in settings.exports if load_export_metadata(d)["card"]["kind"] == STUDENT), None)
+    checkpoint = settings.checkpoints / STUDENT / "model.safetensors"
+    if not checkpoint.is_file():
+        return None
+    from trident.export.build import ensure_export
+
+    return ensure_export(checkpoint, settings.work / "exports", STUDENT, buckets=settings.buckets, fp16=settings.fp16)
+
+
 CUDA_FALLBACK_LOG = ("CUDA execution provider was requested but", "Failed to create CUDAExecutionProvider")
 
 
 @pytest.fixture(scope="session")
-def server(settings, exports, tmp_path_factory):
-    """One embedded Triton server over a repository of every export, for the whole session."""
+def server(settings, exports, student_export, tmp_path_factory):
+    """One embedded Triton server over a repository of every export (the student's too), for the whole session."""
     from trident.serving.server.repository import build_repository
     from trident.serving.server.launcher import ServerConfig, TritonServer
 
     root = tmp_path_factory.mktemp("triton")
     repository = root / "model_repository"
-    build_repository(list(exports.values()), repository, gpu=settings.device == "cuda", fp16=settings.fp16,
+    served = [*exports.values(), *([student_export] if student_export else [])]
+    build_repository(served, repository, gpu=settings.device == "cuda", fp16=settings.fp16,
                      intra_op_threads=settings.threads)
     config = ServerConfig(repository, http_port=0, grpc_port=0, metrics_port=0, log_file=root / "tritonserver.log",
                           startup_timeout_s=300.0)

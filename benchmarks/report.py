@@ -4,7 +4,7 @@ with PASS/FAIL) and bar charts (PNG, drawn with Pillow).
     python -m trident.benchmarks.report benchmarks/results/latest.json [--out DIR]
 
 Every benchmark carries extra_info["item"] (peak, step, cfg, e2e, loop, stream, peer, concurrency, oneshot,
-scaling) and the fields that identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
+scaling, student) and the fields that identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
 ratios are taken between medians measured in the same run.
 """
 from __future__ import annotations
@@ -55,12 +55,15 @@ TARGETS = {
     "memory_mb": Target(200, False),         # resident memory of each U-Net host (MEMORY_HOSTS)
     # issue "Beyond one machine"
     "replica_scaling": Target(1.7),          # images/s of 2 replicas on 2 cores over 1 replica on 1 core
+    # issue 19 (the distilled student)
+    "student_speedup": Target(8.0),          # served images/s at B=8, student 4 steps vs teacher DPM-Solver++-20
 }
 PRECISION_LABELS = {"ort-session": "ORT fp32, one session", "onnxruntime-fp32": "ORT fp32 (row shards)",
                     "onnxruntime-int8": "ORT int8", "openvino-fp32": "OpenVINO fp32", "openvino-bf16": "OpenVINO bf16",
                     "openvino-int8": "OpenVINO int8", "auto": "auto", "torch-compile": "torch.compile"}
 MEMORY_HOSTS = ("diffusion_unet", "diffusion_sampler", "diffusion_sampler_stream")  # the models that run the U-Net
 ISSUE_E2E = ("dpmpp-2m", 20, 8)  # sampler, steps, B of the serving-overhead and peer targets
+ISSUE_STUDENT_STEPS = 4  # the student's steps of issue 19's images/s target
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,6 +303,49 @@ def analyse_stream(data):
     return lines, {"ratios": ratios}
 
 
+def analyse_student(data):
+    """Section 9: the distilled student against its teacher, served: per B, each one's ms/image and images/s (the
+    teacher timed by hand in the same rounds, extra_info teacher_s), and the ratio of their images/s."""
+    bs = sorted(items(data, "student"), key=lambda b: b["extra_info"]["images"])
+    rows, speedups, latency = [], {}, {}
+    for b in bs:
+        e, n = b["extra_info"], b["extra_info"]["images"]
+        teacher = e.get("teacher_s") or []
+        t_med, t_mean = (statistics.median(teacher), statistics.mean(teacher)) if teacher else (None, None)
+        speedups[n] = ratio(t_med, med(b))  # images/s ratio = inverse time ratio, same B
+        latency[n] = (t_med, med(b))
+        rows.append([n, e["teacher_rows"] // n, "-" if t_med is None else f"{ms(t_med / n)} ({ms(t_mean / n)})",
+                     num(ratio(n, t_med)), e["rows"] // n, ms_cell(b, n), num(ratio(n, med(b))), times(speedups[n]),
+                     b["stats"]["rounds"]])
+    if not rows:
+        return [], {"speedups": speedups}
+    e = bs[0]["extra_info"]
+    teacher_label, student_label = run_label(e["teacher_sampler"], e["teacher_steps"]), run_label(e["sampler"],
+                                                                                                  e["steps"])
+    checkpoints = ", ".join(f"{k} {v or '?'}" for k, v in e.get("checkpoints", {}).items())
+    precision = "; ".join(f"{graph} {v if isinstance(v, str) else '+'.join(v)}"
+                          for graph, v in e.get("precision", {}).items()) or "-"
+    lines = [f"Teacher {teacher_label} (one request of 2B rows, [cond; null], per step) against the student "
+             f"{student_label} ({e['spacing']} spacing; one row per image per step, the guidance scale an input of "
+             f"its U-Net), both at guidance {e['guidance']:g}, from the same Triton server and repository (precision: "
+             f"{precision}), through the {e['loop']} loop (item 3's headline; {e['protocol']}). The two alternate "
+             "round by round. " + (f"Checkpoints (sha256[:12]): {checkpoints}; the" if checkpoints else "The")
+             + f" student's card: distilled steps {e.get('distilled_steps')}, guidance range "
+               f"{e.get('guidance_range')}.", ""]
+    lines += table(["B", "teacher rows/image", "teacher ms/image", "teacher images/s", "student rows/image",
+                    "student ms/image", "student images/s", "student / teacher images/s", "rounds"], rows)
+    if 1 in latency and None not in latency[1]:
+        t, s_ = latency[1]
+        lines += [f"Latency of one image (B=1, median): teacher {ms(t)} ms, student {ms(s_)} ms "
+                  f"(**{times(ratio(t, s_))}** faster).", ""]
+    if e.get("distilled_steps") != e["steps"]:
+        distilled = ("was not step-distilled (a guidance-only student)" if e.get("distilled_steps") is None else
+                     f"was distilled for {e['distilled_steps']} steps, not the {e['steps']} measured here")
+        lines += [f"Note: the served student {distilled}: these are the timings of {e['steps']} steps, not a "
+                  f"{e['steps']}-step student's quality.", ""]
+    return lines, {"speedups": speedups, "labels": (teacher_label, student_label)}
+
+
 def analyse_peer(data):
     bs = items(data, "peer")
     lines, ratios, plot = [], {}, ([], {})
@@ -528,7 +574,7 @@ def precision_targets(prec: dict, peer_images_per_s: float | None, auto_images_p
 # ----------------------------------------------------------------------------------------------------------------
 
 def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: int, peer_steps: int,
-            scaling: dict | None = None) -> list[str]:
+            scaling: dict | None = None, student: dict | None = None) -> list[str]:
     rows = []
     sp = {n: v for n, v in step["speedups"].items()}
     ok = None if not sp or any(v is None for v in sp.values()) else all(v > 1 for v in sp.values())
@@ -563,6 +609,16 @@ def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: i
         rows.append([f"2 replicas on separate cores >= {TARGETS['replica_scaling'].bound}x the images/s of 1 replica "
                      f"on one core ({loop} loop, DPM-Solver++-{ISSUE_E2E[1]}, B={ISSUE_E2E[2]})",
                      times(r), verdict(TARGETS["replica_scaling"].check(r))])
+    sr = (student or {}).get("speedups", {}).get(sample_batch)
+    if sr is None:
+        measured = "-"
+    else:
+        teacher_label, student_label = student["labels"]
+        measured = f"{sr:.2f}x (student {student_label} vs teacher {teacher_label}, B={sample_batch})"
+    rows.append([f"Served student >= {TARGETS['student_speedup'].bound:g}x the images/s of its teacher at "
+                 f"B={ISSUE_E2E[2]}, guidance 3 (student at {ISSUE_STUDENT_STEPS} steps, one row per image per step, "
+                 f"vs teacher DPM-Solver++-{ISSUE_E2E[1]}, [cond; null] per step; same server, same run)", measured,
+                 verdict(TARGETS["student_speedup"].check(sr))])
     lines = table(["target (from the issue)", "measured", "result"], rows, left=3)
     if smoke:
         lines += ["**Smoke run**: sizes were shrunk (few steps, small batches, one round) to check that the suite "
@@ -642,6 +698,7 @@ def render(data: dict, out_dir: Path) -> str:
     oneshot_lines = analyse_oneshot(data, {r: t for r, t in e2e_triton.items() if t})
     prec_lines, prec = analyse_precision(data)
     scaling_lines, scaling = analyse_scaling(data)
+    student_lines, student = analyse_student(data)
 
     conc_names, conc_series = conc["plot"]
     plots = {
@@ -665,7 +722,7 @@ def render(data: dict, out_dir: Path) -> str:
 
     lines = ["# trident latency benchmarks", ""] + _machine(data)
     lines += ["## Targets", ""] + targets(step, peak["peak_gflops"], peak["dtype"], cfg, e2e, peer, smoke, sample_batch,
-                                          peer_steps, scaling)
+                                          peer_steps, scaling, student)
     lines += ["## 1. One U-Net step per bucket", "",
               "Same inputs (N rows, numpy in and out) through each backend. Speedup = torch median / ORT median; "
               "Triton rows = Triton median / ORT median - 1 (the price of the server hop). 'ORT in-process' and the "
@@ -710,6 +767,8 @@ def render(data: dict, out_dir: Path) -> str:
         lines += prec_lines
     if scaling_lines:
         lines += ["## 8. Scaling over replicas: 1 and 2 replicas, each pinned to its own core", ""] + scaling_lines
+    if student_lines:
+        lines += ["## 9. The distilled student against its teacher, served", ""] + student_lines
     return "\n".join(lines).rstrip() + "\n"
 
 

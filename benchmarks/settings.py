@@ -8,7 +8,8 @@
     TRIDENT_BENCH_DEVICE=cuda      CUDA execution provider, fp16 graphs, torch on cuda (see benchmarks/gpu.sh)
     TRIDENT_BENCH_PROTOCOL=grpc    Triton protocol of the sampling, CFG, peer, concurrency and GAN/VAE items (default
                                    http, the SDK's default; the U-Net step item always measures both)
-    TRIDENT_BENCH_CHECKPOINTS=DIR  folder holding {diffusion,gan,vae}/model.safetensors (default: ./checkpoints)
+    TRIDENT_BENCH_CHECKPOINTS=DIR  folder holding {diffusion,gan,vae}/model.safetensors (default: ./checkpoints), and
+                                   diffusion_student/model.safetensors where the distilled student is measured too
     TRIDENT_BENCH_EXPORTS=D1:D2    ready `trident export` folders to use instead of exporting the checkpoints
     TRIDENT_BENCH_WORK=DIR         export cache and repository folder (default: ./.trident)
     TRIDENT_BENCH_QUALITY_GATE=F   the quality gate's verdicts `--precision auto` reads (default:
@@ -24,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("diffusion", "gan", "vae")
+STUDENT = "diffusion_student"  # the distilled student (issue 19): served beside the teacher by the session's server
+STUDENT_STEPS = 4  # the student's network evaluations per image in item 9: the issue's target is stated at 4
 
 # (sampler, steps) of the end-to-end item, as named in the issue; smoke keeps the samplers and cuts the steps.
 SAMPLER_RUNS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmpp-2m", 20), ("dpmpp-2m", 10))
@@ -66,6 +69,7 @@ class BenchSettings:
     scaling_clients: int = 8         # concurrent clients of the replica-scaling item (1 and 2 replicas alike)
     scaling_draws: int = 2           # sample() calls of B=sample_batch images per client per round
     oneshot_batches: tuple[int, ...] = (1, 8)
+    student_steps: int = STUDENT_STEPS  # kept in a smoke run: 4 one-row-per-image steps are already small
     peak_sizes: tuple[int, ...] = (1024, 2048)
     peak_repeats: int = 5
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -88,7 +92,7 @@ class BenchSettings:
                 "concurrency": list(self.concurrency),
                 "concurrency_steps": self.concurrency_steps, "concurrency_images": self.concurrency_images,
                 "scaling_clients": self.scaling_clients, "scaling_draws": self.scaling_draws,
-                "oneshot_batches": list(self.oneshot_batches)}
+                "oneshot_batches": list(self.oneshot_batches), "student_steps": self.student_steps}
 
 
 def from_env(env=None, *, smoke: bool | None = None) -> BenchSettings:

@@ -12,7 +12,7 @@ import pytest
 from trident.benchmarks import metrics, report
 
 ITEMS = ("peak", "step", "cfg", "e2e", "loop", "stream", "peer", "concurrency", "oneshot", "precision",
-         "precision-e2e", "memory") + (("scaling",) if len(os.sched_getaffinity(0)) >= 2 else ())  # 1 core: skipped
+         "precision-e2e", "memory", "student") + (("scaling",) if len(os.sched_getaffinity(0)) >= 2 else ())  # 1 core: skipped
 
 PROMETHEUS = """\
 # HELP nv_inference_count Number of inferences performed
@@ -40,13 +40,14 @@ def test_metrics_summary_gives_batch_size_and_per_request_times_from_deltas():
 
 def test_report_renders_with_every_item_missing(tmp_path):
     text = report.render({"benchmarks": [], "machine_info": {}}, tmp_path)
-    assert "## Targets" in text and text.count("| n/a |") == 5
+    assert "## Targets" in text and text.count("| n/a |") == 6
     assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints, export_dirs, tmp_path):
+def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints, export_dirs, student_export,
+                                                                   tmp_path):
     ckpts = tmp_path / "checkpoints"
     for kind, path in checkpoints.items():
         (ckpts / kind).mkdir(parents=True)
@@ -54,7 +55,7 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
     out = tmp_path / "results"
     env = dict(os.environ, TRIDENT_BENCH_SMOKE="1", TRIDENT_BENCH_THREADS="1", OMP_NUM_THREADS="1",
                TRIDENT_BENCH_CHECKPOINTS=str(ckpts), TRIDENT_BENCH_WORK=str(tmp_path / "work"),
-               TRIDENT_BENCH_EXPORTS=os.pathsep.join(str(d) for d in export_dirs.values()))
+               TRIDENT_BENCH_EXPORTS=os.pathsep.join(str(d) for d in [*export_dirs.values(), student_export]))
     env.pop("TRIDENT_BENCH_DEVICE", None)
     done = subprocess.run([sys.executable, "-m", "trident.benchmarks.run", "--smoke", "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=480)
@@ -66,7 +67,7 @@ def test_benchmark_suite_runs_at_smoke_sizes_and_the_report_renders(checkpoints,
     text = (out / "report.md").read_text()
     for heading in ("## Targets", "## 1. One U-Net step", "## 2. Batched CFG", "## 3. End-to-end", "### 3b. Where",
                     "### 3c. Streaming", "## 4. Peer", "## 5. Concurrent", "## 6. GAN", "## 7. Precision",
-                    *(["## 8. Scaling over replicas"] if "scaling" in ITEMS else [])):
+                    *(["## 8. Scaling over replicas"] if "scaling" in ITEMS else []), "## 9. The distilled student"):
         assert heading in text
     assert "**Smoke run**" in text and text.count("| n/a |") == 0
     assert "ORT, row shards off ms" in text and "row shards on vs off" in text  # the before/after of row shards
@@ -82,9 +83,20 @@ def _bench(item: str, median: float, **info) -> dict:
             "stats": {"median": median, "mean": median, "min": median, "max": median, "stddev": 0.0, "rounds": 5}}
 
 
-def _synthetic_run(torch_s=0.030, ort_s=0.010, two_calls_s=0.017, triton_e2e_s=1.08, peer_s=3.0, ours_s=1.5) -> dict:
+def _student(images: int, student_s: float, teacher_s: list[float], distilled_steps: int | None = 4) -> dict:
+    return _bench("student", student_s, images=images, teacher_s=teacher_s, rows=4 * images,
+                  teacher_rows=40 * images, sampler="ddim", steps=4, spacing="trailing", teacher_sampler="dpmpp-2m",
+                  teacher_steps=20, guidance=3.0, loop="client", protocol="http", distilled_steps=distilled_steps,
+                  checkpoints={"teacher": "bbc4b0d6f733", "student": "0123456789ab"},
+                  guidance_range=[1.0, 5.0], precision={"diffusion_unet": ["onnxruntime-fp32"],
+                                                        "diffusion_student_unet": ["onnxruntime-fp32"]})
+
+
+def _synthetic_run(torch_s=0.030, ort_s=0.010, two_calls_s=0.017, triton_e2e_s=1.08, peer_s=3.0, ours_s=1.5,
+                   student_s=0.100) -> dict:
     """Medians in seconds. Peak: 2 GFLOP in 10 ms = 200 GFLOP/s; the b8 step is 1.6 GFLOP, so ORT at 10 ms does
-    160 GFLOP/s = 80% of it. Defaults pass every target by a known margin."""
+    160 GFLOP/s = 80% of it; the teacher's B=8 draws take a median 1.0 s. Defaults pass every target by a known
+    margin."""
     return {"machine_info": {"trident": {"settings": {"smoke": False, "sample_batch": 8, "peer_steps": 20}}},
             "benchmarks": [
                 _bench("peak", 0.010, impl="numpy", n=1000, dtype="float32", flops=2e9),
@@ -98,6 +110,7 @@ def _synthetic_run(torch_s=0.030, ort_s=0.010, two_calls_s=0.017, triton_e2e_s=1
                 _bench("e2e", triton_e2e_s, sampler="dpmpp-2m", steps=20, images=8, backend="triton", protocol="grpc"),
                 _bench("peer", peer_s, steps=20, images=8, impl="diffusers-torch"),
                 _bench("peer", ours_s, steps=20, images=8, impl="ours-triton"),
+                _student(8, student_s, teacher_s=[0.9, 1.0, 1.4]),
             ]}
 
 
@@ -115,6 +128,7 @@ def test_report_targets_compute_ratios_the_right_way_up_and_pass_when_met(tmp_pa
     assert got["Triton client loop"][0].startswith("+8") and got["Triton client loop"][1] == "**PASS**"  # 1.08 / 1
     assert got["Batched CFG >="] == ("1.70x", "**PASS**")  # two calls / batched
     assert got[">= 1.5x the"] == ("2.00x (DPM-Solver++-20, B=8)", "**PASS**")  # diffusers time / ours
+    assert got["Served student >="] == ("10.00x (student DDIM-4 vs teacher DPM-Solver++-20, B=8)", "**PASS**")
 
 
 @pytest.mark.parametrize("slow,target", [
@@ -123,6 +137,7 @@ def test_report_targets_compute_ratios_the_right_way_up_and_pass_when_met(tmp_pa
     (dict(triton_e2e_s=1.12), "Triton client loop"),    # +12% over ORT
     (dict(two_calls_s=0.015), "Batched CFG >="),        # 1.5x < 1.6x
     (dict(ours_s=2.5), ">= 1.5x the"),                  # 1.2x the images/s of diffusers
+    (dict(student_s=0.13), "Served student >="),        # 7.7x the teacher's images/s < 8x
 ])
 def test_report_target_fails_when_just_missed(tmp_path, slow, target):
     got = _targets(report.render(_synthetic_run(**slow), tmp_path))
@@ -139,6 +154,27 @@ def test_report_streaming_cost_is_the_streamed_median_over_the_one_response_medi
     rows = [line for line in section.splitlines() if line.startswith("| DPM")]
     assert len(rows) == 2 and "| +5.0% |" in rows[0] and "| -1.0% |" in rows[1], rows  # B=1: 210/200, B=8: 792/800
     assert "| 200 (213) | 210 (210) |" in rows[0], rows[0]  # one response: median (mean) of its own timings
+
+
+def test_report_student_section_reads_the_teacher_from_the_same_rounds_and_gives_both_latencies_at_b1(tmp_path):
+    runs = [_student(1, 0.020, teacher_s=[0.100, 0.110, 0.150]), _student(8, 0.080, teacher_s=[0.70, 0.80, 0.84])]
+    text = report.render({"benchmarks": runs, "machine_info": {}}, tmp_path)
+    section = text.split("## 9. The distilled student", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
+    # B=8: teacher median 0.8 s / 8 = 100 ms/image, mean 0.78 s / 8 = 97.5; student 10 ms/image; 10x the images/s
+    assert rows == ["| 1 | 40 | 110 (120) | 9.09 | 4 | 20 (20) | 50 | 5.50x | 5 |",
+                    "| 8 | 40 | 100 (97.5) | 10 | 4 | 10 (10) | 100 | 10.00x | 5 |"], rows
+    assert "Latency of one image (B=1, median): teacher 110 ms, student 20 ms (**5.50x** faster)" in section
+    assert "precision: diffusion_unet onnxruntime-fp32; diffusion_student_unet onnxruntime-fp32" in section
+    assert "through the client loop" in section and "Checkpoints (sha256[:12]): teacher bbc4b0d6f733, student " \
+        "0123456789ab; the student's card: distilled steps 4" in section and "Note: the served student" not in section
+    targets = text.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    assert "| 10.00x (student DDIM-4 vs teacher DPM-Solver++-20, B=8) | **PASS** |" in targets
+    # a guidance-only student timed at 4 steps (a stand-in for the step-distilled one) says so
+    text = report.render({"benchmarks": [_student(8, 0.08, [0.8], distilled_steps=None)], "machine_info": {}},
+                         tmp_path)
+    assert "Note: the served student was not step-distilled (a guidance-only student): these are the timings of 4 " \
+        "steps" in text
 
 
 def _scaling(loop: str, replicas: int, images_per_s: float) -> dict:
