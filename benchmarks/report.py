@@ -4,8 +4,8 @@ with PASS/FAIL) and bar charts (PNG, drawn with Pillow).
     python -m trident.benchmarks.report benchmarks/results/latest.json [--out DIR]
 
 Every benchmark carries extra_info["item"] (peak, step, cfg, e2e, loop, stream, peer, concurrency, oneshot,
-scaling, student) and the fields that identify it; this module reads those, never test names. Times are medians over rounds unless a cell says otherwise;
-ratios are taken between medians measured in the same run.
+scaling, student) and the fields that identify it; this module reads those, never test names. Times are medians over
+rounds unless a cell says otherwise; ratios are taken between medians measured in the same run.
 """
 from __future__ import annotations
 

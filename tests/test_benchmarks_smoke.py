@@ -12,7 +12,8 @@ import pytest
 from trident.benchmarks import metrics, report
 
 ITEMS = ("peak", "step", "cfg", "e2e", "loop", "stream", "peer", "concurrency", "oneshot", "precision",
-         "precision-e2e", "memory", "student") + (("scaling",) if len(os.sched_getaffinity(0)) >= 2 else ())  # 1 core: skipped
+         "precision-e2e", "memory", "student") + (
+    ("scaling",) if len(os.sched_getaffinity(0)) >= 2 else ())  # 1 core: skipped
 
 PROMETHEUS = """\
 # HELP nv_inference_count Number of inferences performed
