@@ -14,6 +14,10 @@ from .charts import lines, save_panels, scatter
 GUIDANCE_STEPS = 20   # the guidance sweep's step count
 STEPS_GUIDANCE = 3.0  # the step sweep's guidance
 COLUMNS = ("nfe", "agreement", "fd", "precision", "recall", "diversity", "sharpness", "brightness")
+# Issue 19's targets, judged on the sweep's results (n = 1000): the teacher at DPM-Solver++-20, the student at its
+# distilled 4 steps against the teacher at the same guidance
+TEACHER_TARGETS = {"unguided_fd": 20.0, "best_fd": 18.0, "g3_agreement": 0.99}
+STUDENT_TARGETS = {"steps": 4, "fd_ratio": 1.1, "agreement_drop": 0.01, "guidance": (1.5, 3.0)}
 
 
 def _find(results, **match):
@@ -69,6 +73,69 @@ def diffusion(results, sampler, steps, guidance, variant=""):
     return _find(results, model="diffusion", sampler=sampler, steps=steps, guidance=guidance, variant=variant)
 
 
+def student(results, steps, guidance):
+    return _find(results, model="diffusion_student", steps=steps, guidance=guidance)
+
+
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def distillation_section(res: list[dict]) -> list[str]:
+    """The teacher's targets and the student against it at equal guidance (issue 19), or [] without a student."""
+    studs = [r for r in res if r["model"] == "diffusion_student"]
+    if not studs:
+        return []
+    md = ["## The distilled student against its teacher", "",
+          "The student (`diffusion_student`: guidance scale as an input, one row per image per step, DDIM on the "
+          "trailing grid it was distilled on) against the teacher's DPM-Solver++-20 with guidance (40 rows per "
+          "image) at the same guidance; ratio = student FD / teacher FD, drop = teacher agreement - student's.", ""]
+    steps = sorted({r["steps"] for r in studs})
+    for g in sorted({r["guidance"] for r in studs}):
+        teacher = diffusion(res, "dpmpp-2m", 20, g)
+        if not teacher:
+            continue
+        md += [f"Guidance {g:g}: teacher FD {teacher['fd']:.1f}, agreement {100 * teacher['agreement']:.1f}%, "
+               f"recall {teacher['recall']:.3f}.", "",
+               "| student steps | nfe | FD | ratio | agreement | drop | recall |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in steps:
+            if r := student(res, n, g):
+                md.append(f"| {n} | {r['nfe']} | {r['fd']:.1f} | {r['fd'] / teacher['fd']:.2f}x | "
+                          f"{100 * r['agreement']:.1f}% | {100 * (teacher['agreement'] - r['agreement']):+.1f} pt | "
+                          f"{r['recall']:.3f} |")
+        md.append("")
+    md += ["| target | measured | |", "|---|---:|---|"]
+    unguided = diffusion(res, "dpmpp-2m", 20, 1.0)
+    grid = sorted((r for r in res if _in_guidance_sweep(r) and r["sampler"] == "dpmpp-2m"), key=lambda r: r["guidance"])
+    g3 = diffusion(res, "dpmpp-2m", 20, 3.0)
+    if unguided:
+        md.append(f"| teacher: unguided DPM-Solver++-20 FD <= {TEACHER_TARGETS['unguided_fd']:g} | "
+                  f"{unguided['fd']:.1f} | {_verdict(unguided['fd'] <= TEACHER_TARGETS['unguided_fd'])} |")
+    if grid:
+        best = min(grid, key=lambda r: r["fd"])
+        scales = ", ".join(f"{r['guidance']:g}" for r in grid)
+        md.append(f"| teacher: best DPM-Solver++-20 FD over guidance {scales} "
+                  f"<= {TEACHER_TARGETS['best_fd']:g} | {best['fd']:.1f} (g {best['guidance']:g}) | "
+                  f"{_verdict(best['fd'] <= TEACHER_TARGETS['best_fd'])} |")
+    if g3:
+        md.append(f"| teacher: DPM-Solver++-20 guidance 3 agreement >= {100 * TEACHER_TARGETS['g3_agreement']:.0f}% | "
+                  f"{100 * g3['agreement']:.1f}% | {_verdict(g3['agreement'] >= TEACHER_TARGETS['g3_agreement'])} |")
+    n = STUDENT_TARGETS["steps"]
+    for g in STUDENT_TARGETS["guidance"]:
+        r, t = student(res, n, g), diffusion(res, "dpmpp-2m", 20, g)
+        if r and t:
+            ratio = r["fd"] / t["fd"]
+            md.append(f"| student, {n} steps, guidance {g:g}: FD <= {STUDENT_TARGETS['fd_ratio']:g}x the teacher's "
+                      f"({t['fd']:.1f}) | {r['fd']:.1f} = {ratio:.2f}x | {_verdict(ratio <= STUDENT_TARGETS['fd_ratio'])} |")
+    r, t = student(res, n, 3.0), g3
+    if r and t:
+        drop = t["agreement"] - r["agreement"]
+        md.append(f"| student, {n} steps, guidance 3: agreement within {100 * STUDENT_TARGETS['agreement_drop']:.0f} "
+                  f"point of the teacher's ({100 * t['agreement']:.1f}%) | {100 * r['agreement']:.1f}% | "
+                  f"{_verdict(drop <= STUDENT_TARGETS['agreement_drop'] + 1e-9)} |")
+    return md + [""]
+
+
 def gan_verdict(results, truncation: float = 0.0) -> tuple[dict | None, dict | None, dict | None]:
     from trident.benchmarks.evaluate import check_gan_targets
 
@@ -99,6 +166,7 @@ def render_markdown(report: dict, pictures: dict[str, str]) -> str:
           "## Headline", ""]
     head = [diffusion(res, "dpmpp-2m", 20, 3.0), diffusion(res, "ddim", 20, 3.0), diffusion(res, "ddpm", 50, 3.0),
             diffusion(res, "ddpm", 1000, 3.0), diffusion(res, "dpmpp-2m", 20, 1.0),
+            student(res, STUDENT_TARGETS["steps"], 3.0), student(res, 2 * STUDENT_TARGETS["steps"], 3.0),
             _find(res, model="gan", truncation=0.0), _find(res, model="gan", truncation=1.0),
             _find(res, model="vae", variant="prior"), _find(res, model="ae", variant="prior")]
     md += _table([r for r in head if r]) + [""]
@@ -118,6 +186,8 @@ def render_markdown(report: dict, pictures: dict[str, str]) -> str:
                         lambda sampler, g: diffusion(res, sampler, GUIDANCE_STEPS, g),
                         lambda r: f"{r['fd']:.1f} / {100 * r['agreement']:.0f}% / {r['recall']:.2f}")
     md += ["", f"![FD and agreement vs guidance]({pictures['guidance']})", ""]
+
+    md += distillation_section(res)
 
     ddim_rows = [r for s in (20, 50) for r in (diffusion(res, "ddim", s, 3.0, "diffusers"),
                                               diffusion(res, "ddim", s, 3.0), diffusion(res, "dpmpp-2m", s, 3.0))

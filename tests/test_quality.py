@@ -227,3 +227,21 @@ def test_report_judges_the_gan_targets_from_the_measured_figures(tmp_path):
     assert "| within-class diversity >= 0.70 of real data | 0.71 pass | 0.69 FAIL |" in md
     assert "| class agreement >= 95% | 96.0% pass | 94.0% FAIL |" in md
     assert "| ddim-20 g3 (diffusers DDIM) | 40 | 50.0% | 60.0 |" in md
+
+
+def test_report_judges_the_student_against_its_teacher_at_equal_guidance():
+    from trident.benchmarks.quality_report import distillation_section
+
+    teacher = [_result("diffusion", fd, a, sampler="dpmpp-2m", steps=20, guidance=g)
+               for g, fd, a in ((1.0, 19.0, 0.9), (1.5, 17.5, 0.96), (3.0, 100.0, 0.995))]
+    students = [_result("diffusion_student", fd, a, sampler="ddim", steps=s, guidance=g)
+                for s, g, fd, a in ((4, 1.5, 19.0, 0.97), (4, 3.0, 111.0, 0.984), (8, 3.0, 90.0, 0.99))]
+    assert distillation_section(teacher) == []  # no student measured: no section
+    md = "\n".join(distillation_section(teacher + students))
+    assert "| 4 | 4 | 111.0 | 1.11x | 98.4% | +1.1 pt |" in md and "| 8 | 8 | 90.0 | 0.90x | 99.0% | +0.5 pt |" in md
+    # 19 / 17.5 = 1.086 passes, 111 / 100 fails; 1.1 points of agreement lost fails
+    assert "| student, 4 steps, guidance 1.5: FD <= 1.1x the teacher's (17.5) | 19.0 = 1.09x | pass |" in md
+    assert "| student, 4 steps, guidance 3: FD <= 1.1x the teacher's (100.0) | 111.0 = 1.11x | FAIL |" in md
+    assert "agreement within 1 point of the teacher's (99.5%) | 98.4% | FAIL |" in md
+    assert "| teacher: unguided DPM-Solver++-20 FD <= 20 | 19.0 | pass |" in md
+    assert "| teacher: best DPM-Solver++-20 FD over guidance 1, 1.5, 3 <= 18 | 17.5 (g 1.5) | pass |" in md
