@@ -6,6 +6,7 @@
   trident evaluate --model diffusion_student --steps 4  # a distilled student (<checkpoints>/diffusion_student/)
   trident evaluate --url 127.0.0.1:8001 --protocol grpc   # draw through a Triton server instead of in-process
   trident evaluate --sweep                           # every setting; writes benchmarks/results/quality.{md,json,png}
+  trident evaluate --precision-gate [--gate-models diffusion_student]  # bf16/int8 against fp32, per served model
 
 Images are drawn through the client SDK (in-process ONNX Runtime on exports of the checkpoints, cached in
 .trident/exports, by default; a Triton server with --url) with a fixed seed, classes in equal shares, and judged by
@@ -19,13 +20,14 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from trident.serving import precision, sampling
 from trident.serving.client import TridentClient
+from trident.serving.errors import TridentError
 from trident.serving.files import atomic_file, file_sha256
 
 from trident.training.quality import FeatureNet, RealReference, evaluate_images
@@ -232,8 +234,13 @@ def ae_vae_picture(clients: Clients, ref: RealReference, path: Path, seed: int =
 # The quality gate of reduced precisions (serving/precision.py: `auto` offers only what passed it)
 # ----------------------------------------------------------------------------------------------------------------
 
-GATE_SETTINGS = {"diffusion": Setting("diffusion", "dpmpp-2m", 20, 3.0), "gan": Setting("gan"),
-                 "vae": Setting("vae", variant="prior")}
+# Each served model's default setting. The student's is its own default sampler and steps at guidance 3, read from its
+# card by gate_settings (a step-distilled student: DDIM at its distilled steps on the trailing grid; the 4-step one's
+# below); it is gated where its checkpoint is there, and judged on its own graphs (serving/precision.py JUDGED_GRAPHS).
+GATE_SETTINGS = {"diffusion": Setting("diffusion", "dpmpp-2m", 20, 3.0),
+                 "diffusion_student": Setting("diffusion_student", "ddim", 4, 3.0),
+                 "gan": Setting("gan"), "vae": Setting("vae", variant="prior")}
+OPTIONAL_GATED = ("diffusion_student",)  # gated when <checkpoints>/<model>/model.safetensors is there
 GATE_RULE = {"fd_ratio_max": 1.05, "agreement_drop_max": 0.01}
 GATE_RULE_TEXT = ("FD within 5% of fp32's (fd <= 1.05 * fd_fp32) and class agreement at most 1 point below fp32's, "
                   "on the same n images drawn with the same seeds at the model's default setting")
@@ -254,16 +261,36 @@ def gate_verdict(fp32: dict, variant: dict, int8_method: str | None = None) -> d
             "draw_seconds_fp32": fp32["draw_seconds"], **({"int8_method": int8_method} if int8_method else {})}
 
 
+def gate_settings(checkpoints: dict[str, Path], models: tuple[str, ...] | None = None) -> dict[str, Setting]:
+    """What `--precision-gate` draws: GATE_SETTINGS for `models` (default: all of them), leaving out an OPTIONAL_GATED
+    model whose checkpoint is not there; a student at the sampler and steps its card gives (default_sampling)."""
+    out = {}
+    for model in GATE_SETTINGS if models is None else models:
+        setting, path = GATE_SETTINGS[model], checkpoints.get(model)
+        if model in OPTIONAL_GATED and (path is None or not path.is_file()):
+            if models is None:
+                continue
+            raise ValueError(f"{path or model} not found: the gate cannot judge {model} without its checkpoint")
+        if model == "diffusion_student":
+            default = default_sampling(model, checkpoints[model])
+            setting = replace(setting, sampler=default["sampler"], steps=default["steps"])
+        out[model] = setting
+    return out
+
+
 def precision_gate(checkpoints: dict[str, Path], work: Path, ref: RealReference, n: int, seed: int, batch: int,
-                   variants: tuple[str, ...], gate_file: Path, log=print) -> dict:
-    """Draw each served model's default setting at fp32 and at each reduced-precision variant (in-process, the same
-    seeds), judge each against fp32, and merge the verdicts into gate_file (keyed by checkpoint sha256)."""
+                   variants: tuple[str, ...], gate_file: Path, log=print,
+                   settings: dict[str, Setting] | None = None) -> dict:
+    """Draw each served model's default setting (settings; default gate_settings(checkpoints)) at fp32 and at each
+    reduced-precision variant (in-process, the same seeds), judge each against fp32, and merge the verdicts into
+    gate_file (keyed by checkpoint sha256: the verdicts of checkpoints not drawn here stay)."""
     from trident.serving.spec import load_export_metadata
 
+    settings = gate_settings(checkpoints) if settings is None else settings
     data = json.loads(gate_file.read_text()) if gate_file.is_file() else {}
     data.update(rule=GATE_RULE_TEXT, machine=precision.cpu_info())
     entries = data.setdefault("checkpoints", {})
-    for model, setting in GATE_SETTINGS.items():
+    for model, setting in settings.items():
         measured, int8_method = {}, {}
         for variant in ("onnxruntime-fp32", *variants):
             clients = Clients(checkpoints, work, log=log, precision=variant)
@@ -339,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "serving/precision.py NATIVE_FLAGS)")
     p.add_argument("--gate-file", default=str(precision.DEFAULT_QUALITY_GATE),
                    help="default: the one `trident serve build --precision auto` reads, in the package's repository")
+    p.add_argument("--gate-models", default=None,
+                   help="--precision-gate: the models to judge, comma-separated (default: " + ", ".join(GATE_SETTINGS)
+                        + "; the student where its checkpoint is there); the other checkpoints' verdicts stay")
     return p
 
 
@@ -349,10 +379,19 @@ def _check_args(args) -> None:
         raise ValueError(f"--truncation applies to --model gan and must be > 0, got {args.truncation}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.gate_models is not None and not args.precision_gate:
+        raise ValueError("--gate-models applies to --precision-gate")
+    unknown = [m for m in _gate_models(args) or () if m not in GATE_SETTINGS]
+    if unknown or _gate_models(args) == ():
+        raise ValueError(f"--gate-models takes {', '.join(GATE_SETTINGS)}, got {args.gate_models!r}")
     if args.variant and not (args.model in ("vae", "ae") and args.variant in ("prior", "fitted", "midpoints")
                              or args.model == "diffusion" and args.variant == "diffusers" and args.sampler == "ddim"):
         raise ValueError(f"--variant {args.variant!r} does not apply to --model {args.model} "
                          f"(--sampler {args.sampler})")
+
+
+def _gate_models(args) -> tuple[str, ...] | None:
+    return None if args.gate_models is None else tuple(m.strip() for m in args.gate_models.split(",") if m.strip())
 
 
 def main(argv=None) -> int:
@@ -369,8 +408,17 @@ def main(argv=None) -> int:
     root = Path(args.checkpoints)
     checkpoints = {m: root / m / "model.safetensors" for m in MODELS}
     classifier = Path(args.classifier) if args.classifier else root / "classifier" / "model.safetensors"
-    needed = [checkpoints[args.model]] if not args.sweep else [p for m, p in checkpoints.items()
-                                                                 if m != "diffusion_student"]  # a student: if there
+    if args.precision_gate:
+        try:
+            settings = gate_settings(checkpoints, _gate_models(args))
+        except (ValueError, TridentError) as e:  # a named model without its checkpoint; a student's unreadable card
+            print(f"trident evaluate: error: {e}", file=sys.stderr)
+            return 2
+        needed = [checkpoints[m] for m in settings]
+    elif args.sweep:
+        needed = [p for m, p in checkpoints.items() if m != "diffusion_student"]  # a student: if there
+    else:
+        needed = [checkpoints[args.model]]
     for path in [classifier] + needed:
         if not path.is_file():
             print(f"trident evaluate: error: {path} not found", file=sys.stderr)
@@ -382,8 +430,8 @@ def main(argv=None) -> int:
         variants = tuple(v.strip() for v in args.gate_variants.split(",") if v.strip())
         cpu = precision.cpu_info()
         variants = tuple(v for v in variants if precision.not_native(v, cpu) is None)
-        result = precision_gate({m: checkpoints[m] for m in GATE_SETTINGS}, Path(args.work), ref, args.n, args.seed,
-                                args.batch, variants, Path(args.gate_file), log=log)
+        result = precision_gate({m: checkpoints[m] for m in settings}, Path(args.work), ref, args.n, args.seed,
+                                args.batch, variants, Path(args.gate_file), log=log, settings=settings)
         print(json.dumps(result, indent=2))
         return 0
     clients = Clients(checkpoints, Path(args.work), args.url, args.protocol, log=log, precision=args.precision)

@@ -2,7 +2,8 @@
 
 `checkpoints` prefers the shipped checkpoints/<kind>/model.safetensors and otherwise trains a tiny model for a few
 steps on Fashion-MNIST; `export_dirs` exports each with buckets TEST_BUCKETS into the session's tmp dir.
-`student_checkpoint` / `student_export` are a tiny distilled diffusion student (no student is committed).
+`student_checkpoint` / `student_export` are a tiny distilled diffusion student (what serves it, tested on any
+machine); `shipped_student_export` exports the shipped one, checkpoints/diffusion_student/ (what it draws).
 """
 from __future__ import annotations
 
@@ -127,4 +128,18 @@ def student_export(student_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("student_export") / "diffusion_student"
     _run_together({"student": [sys.executable, "-m", "trident.export.onnx_export", str(student_checkpoint), "--out",
                                str(out), "--buckets", ",".join(map(str, TEST_BUCKETS))]})
+    return out
+
+
+SHIPPED_STUDENT = ROOT / "checkpoints" / "diffusion_student" / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def shipped_student_export(tmp_path_factory) -> Path:
+    """`trident export` of the shipped student with buckets TEST_BUCKETS (fp32 only): no tiny stand-in, as the tests
+    that use it judge what the shipped model draws."""
+    assert SHIPPED_STUDENT.is_file(), f"needs the shipped student {SHIPPED_STUDENT} (written by `trident distill`)"
+    out = tmp_path_factory.mktemp("shipped_student_export") / "diffusion_student"
+    _run_together({"student": [sys.executable, "-m", "trident.export.onnx_export", str(SHIPPED_STUDENT), "--out",
+                               str(out), "--buckets", ",".join(map(str, TEST_BUCKETS)), "--no-int8"]})
     return out

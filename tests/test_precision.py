@@ -403,6 +403,46 @@ def test_gate_verdict_passes_within_five_percent_fd_and_one_point_of_agreement_a
     assert vae["pass"] is True and "agreement_drop" not in vae
 
 
+def test_gate_draws_the_student_at_its_cards_steps_and_leaves_it_out_when_its_checkpoint_is_absent(
+        student_checkpoint, tmp_path, capsys):
+    from conftest import STUDENT_STEPS
+    from trident.benchmarks.evaluate import GATE_SETTINGS, Setting, gate_settings, main
+
+    root = tmp_path / "checkpoints"
+    checkpoints = {m: root / m / "model.safetensors" for m in ("diffusion", "diffusion_student", "gan", "vae")}
+    assert gate_settings(checkpoints) == {m: GATE_SETTINGS[m] for m in ("diffusion", "gan", "vae")}  # no student
+    checkpoints["diffusion_student"] = student_checkpoint  # step-distilled for 4 steps: DDIM-4 (trailing) at g3
+    settings = gate_settings(checkpoints)
+    assert settings["diffusion_student"] == GATE_SETTINGS["diffusion_student"] == Setting(
+        "diffusion_student", "ddim", STUDENT_STEPS, 3.0)
+    assert list(settings) == list(GATE_SETTINGS) and gate_settings(checkpoints, ("diffusion_student",)) == {
+        "diffusion_student": settings["diffusion_student"]}
+    # named but absent, or unknown: refused before anything is drawn
+    assert main(["--precision-gate", "--gate-models", "diffusion_student", "--checkpoints", str(root)]) == 2
+    assert "the gate cannot judge diffusion_student without its checkpoint" in capsys.readouterr().err
+    assert main(["--precision-gate", "--gate-models", "diffusion,student", "--checkpoints", str(root)]) == 2
+    assert "--gate-models takes diffusion, diffusion_student, gan, vae, got 'diffusion,student'" in (
+        capsys.readouterr().err)
+
+
+def test_auto_offers_the_students_unet_a_reduced_precision_only_with_a_passing_verdict_for_its_own_checkpoint(
+        student_export, tmp_path):
+    """The student's U-Net is gated as the teacher's is (precision.JUDGED_GRAPHS): its own checkpoint's verdict opens
+    bf16 and int8 to `auto`; the committed gate, whose teacher verdicts all passed, does not."""
+    from trident.serving.spec import STUDENT_UNET
+
+    export = load_export(student_export)
+    reduced = [v for v in precision.CPU_VARIANTS if precision.precision_of(v) in precision.REDUCED]
+    passed = precision.choose(export, STUDENT_UNET, "auto", row_shards=1,
+                              gate_file=passing_gate(tmp_path, load_export_metadata(student_export)))
+    assert {v: why for v, why in passed["excluded"].items() if v in reduced} == {
+        v: precision.not_native(v, CPU) for v in reduced if not runnable_here(v)}
+    teachers = precision.choose(export, STUDENT_UNET, "auto", row_shards=1, gate_file=COMMITTED_GATE)
+    assert all(teachers["excluded"][v].startswith(("no quality gate verdict for this checkpoint", "this CPU has none"))
+               for v in reduced), teachers["excluded"]
+    assert set(teachers["choice"].values()) <= {"onnxruntime-fp32", "openvino-fp32"}
+
+
 def test_serve_build_refuses_a_precision_the_export_lacks_or_the_container_flavour(export_dirs, tmp_path, capsys):
     from trident.serving.server.repository import main
 

@@ -106,7 +106,7 @@ def test_evaluate_rejects_non_finite_images(ref):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Quality regression: every sampler at its default steps with guidance 3, and the shipped GAN
+# Quality regression: every sampler at its default steps with guidance 3, the shipped student, and the shipped GAN
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,25 @@ def test_ddim_as_diffusers_runs_it_drifts_bright_so_the_quality_check_can_fail(d
     # the same check on DDIM with the model's unclipped eps (diffusers' default): it fails, as it did when shipped
     x, _ = _draw(diffusion_client, "ddim", use_clipped_model_output=False)
     assert q.brightness(x) > 100
+
+
+@pytest.mark.slow
+def test_shipped_student_draws_real_looking_images_at_its_default_steps_with_guidance(shipped_student_export, ref):
+    """The distilled student at what sample() picks for it (a step-distilled one: DDIM at its distilled steps on the
+    trailing grid), guidance 3 as its input: one row per image per step, and images the teacher's test would pass."""
+    from trident.serving import sampling
+    from trident.serving.client import TridentClient
+
+    labels = np.arange(20) % 10
+    with TridentClient.from_onnx([shipped_student_export]) as client:
+        x = client.sample(labels, guidance=3.0, seed=0, raw=True, model="diffusion_student")
+        steps = sampling.default_settings(client.card("diffusion_student").distilled_steps)["steps"]
+        stats = client.last_stats
+    assert (stats.calls, stats.rows) == (steps, steps * len(labels))
+    brightness = q.brightness(x)
+    pred = ref.net(x)[1].argmax(1)
+    assert 55 < brightness < 100, f"student, {steps} steps: mean pixel {brightness:.1f}"
+    assert np.mean(pred == labels) >= 0.8, f"student, {steps} steps: classifier agrees on {np.mean(pred == labels):.0%}"
 
 
 @pytest.mark.slow

@@ -562,6 +562,26 @@ def test_default_build_exports_once_then_reuses_cache_when_checkpoint_unchanged(
     assert not any("exporting" in line for line in logs)
 
 
+def test_default_build_serves_the_student_beside_the_others_only_when_its_checkpoint_is_there(checkpoints,
+                                                                                             student_checkpoint,
+                                                                                             tmp_path):
+    from trident.serving.spec import STUDENT_SAMPLING_LOOP, STUDENT_SAMPLING_LOOP_STREAM, STUDENT_UNET
+
+    root = tmp_path / "checkpoints"
+    (root / "gan").mkdir(parents=True)
+    os.symlink(checkpoints["gan"], root / "gan" / "model.safetensors")
+    kwargs = dict(work=tmp_path / "work", kinds=("gan",), buckets=(1,), log=lambda *_: None,
+                  precision_choice=precision.REFERENCE, shard_limit=0)  # no timing trials: what is built is tested
+    assert default_build(root, tmp_path / "repo", **kwargs) == ["gan_generator"]
+    (root / "diffusion_student").mkdir()
+    os.symlink(student_checkpoint, root / "diffusion_student" / "model.safetensors")
+    assert sorted(default_build(root, tmp_path / "repo", **kwargs)) == sorted(
+        ["gan_generator", STUDENT_UNET, STUDENT_SAMPLING_LOOP, STUDENT_SAMPLING_LOOP_STREAM])
+    digest = hashlib.sha256(student_checkpoint.read_bytes()).hexdigest()
+    # cached under the folder's name: a student's export never takes a teacher's (diffusion-<sha>) name
+    assert f"diffusion_student-{digest[:12]}-b1" in {p.name for p in (tmp_path / "work" / "exports").iterdir()}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # model.py's execute() with a stand-in for triton_python_backend_utils (which exists only inside the backend stub)
 # ---------------------------------------------------------------------------------------------------------------------
