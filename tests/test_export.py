@@ -12,7 +12,7 @@ from trident.export import onnx_export as ex
 from trident.serving.spec import GRAPHS_OF_KIND, export_card, graph_spec_of, load_export_metadata
 from trident.training import checkpoint as ckpt
 
-from conftest import TEST_BUCKETS
+from conftest import ROOT, TEST_BUCKETS
 
 
 def _graphs(export_dirs):
@@ -141,7 +141,10 @@ def test_metadata_round_trip_carries_everything_a_client_needs(checkpoints, expo
             assert entry["spec"] == graph_spec_of(graph, export_card(info)).to_dict()
         if kind == "diffusion":
             assert info["card"]["schedule"] == trained.schedule and info["card"]["null_class"] == 10
-            assert info["card"]["prediction_type"] == "epsilon"
+            # what the checkpoint was trained to predict (the shipped teacher: v), which every sampler follows
+            assert info["card"]["prediction_type"] == trained.prediction_type
+            assert trained.prediction_type == ("v_prediction" if checkpoints[kind].parent.parent == ROOT / "checkpoints"
+                                               else "epsilon")
         else:
             assert info["card"]["latent_dim"] == meta["config"]["latent_dim"]
         if kind == "vae":
