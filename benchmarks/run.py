@@ -44,7 +44,9 @@ def merge(latest: Path, new: Path, into: Path, selection: list[str]) -> None:
         raise ValueError(f"{new} is {kind} run and {latest} is not: merge like into like")
     names = {b["fullname"] for b in part["benchmarks"]}
     base["benchmarks"] = [b for b in base["benchmarks"] if b["fullname"] not in names] + part["benchmarks"]
-    base.setdefault("merged", []).append({
+    # an earlier merge whose benchmarks this one all replaced no longer describes any figure in the report
+    base["merged"] = [m for m in base.get("merged", []) if not set(m.get("benchmarks", [])) <= names]
+    base["merged"].append({
         "datetime": part.get("datetime"), "commit": part.get("commit_info", {}).get("id"),
         "selection": " ".join(selection), "benchmarks": sorted(names),
         "load_average": [part.get("machine_info", {}).get("trident", {}).get(f"load_average_at_{w}") for w in

@@ -217,6 +217,11 @@ def test_run_merge_replaces_the_benchmarks_of_the_same_name_and_keeps_the_rest(t
     assert merged["merged"][0]["selection"] == "-k scaling" and merged["merged"][0]["benchmarks"] == ["b", "c"]
     assert "Merged in later (`python -m trident.benchmarks.run --merge -- -k scaling`): 2 benchmarks" in "".join(
         report._machine(merged))  # the report's header says what was measured when
+    # merging the same selection again replaces the figures and the record of the merge they came from
+    part.write_text(json.dumps(run(False, ("b", "scaling", 4.0), ("c", "scaling", 5.0))))
+    merge(tmp_path / "merged.json", part, tmp_path / "again.json", ["-k", "scaling"])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert len(again["merged"]) == 1 and sorted(b["stats"]["median"] for b in again["benchmarks"]) == [1.0, 4.0, 5.0]
     part.write_text(json.dumps(run(True, ("b", "scaling", 2.0))))
     with pytest.raises(ValueError, match="merge like into like"):  # a smoke run's sizes into a full report: refused
         merge(full, part, tmp_path / "merged.json", [])
