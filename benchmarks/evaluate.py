@@ -381,8 +381,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.gate_models is not None and not args.precision_gate:
         raise ValueError("--gate-models applies to --precision-gate")
-    unknown = [m for m in _gate_models(args) or () if m not in GATE_SETTINGS]
-    if unknown or _gate_models(args) == ():
+    gate_models = _gate_models(args)
+    if gate_models == () or any(m not in GATE_SETTINGS for m in gate_models or ()):
         raise ValueError(f"--gate-models takes {', '.join(GATE_SETTINGS)}, got {args.gate_models!r}")
     if args.variant and not (args.model in ("vae", "ae") and args.variant in ("prior", "fitted", "midpoints")
                              or args.model == "diffusion" and args.variant == "diffusers" and args.sampler == "ddim"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trident.benchmarks.charts import bars, save_panels
-from trident.benchmarks.settings import SAMPLER_LABELS
+from trident.benchmarks.settings import SAMPLER_LABELS, STUDENT_STEPS
 
 STEP_BACKENDS = ("torch", "ort-whole", "ort", "triton-http", "triton-grpc", "ort-cudagraph")
 STEP_LABELS = {"torch": "PyTorch eager", "ort-whole": "ORT, row shards off", "ort": "ORT in-process",
@@ -63,7 +63,6 @@ PRECISION_LABELS = {"ort-session": "ORT fp32, one session", "onnxruntime-fp32": 
                     "openvino-int8": "OpenVINO int8", "auto": "auto", "torch-compile": "torch.compile"}
 MEMORY_HOSTS = ("diffusion_unet", "diffusion_sampler", "diffusion_sampler_stream")  # the models that run the U-Net
 ISSUE_E2E = ("dpmpp-2m", 20, 8)  # sampler, steps, B of the serving-overhead and peer targets
-ISSUE_STUDENT_STEPS = 4  # the student's steps of issue 19's images/s target
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -616,7 +615,7 @@ def targets(step, peak, peak_dtype, cfg, e2e, peer, smoke: bool, sample_batch: i
         teacher_label, student_label = student["labels"]
         measured = f"{sr:.2f}x (student {student_label} vs teacher {teacher_label}, B={sample_batch})"
     rows.append([f"Served student >= {TARGETS['student_speedup'].bound:g}x the images/s of its teacher at "
-                 f"B={ISSUE_E2E[2]}, guidance 3 (student at {ISSUE_STUDENT_STEPS} steps, one row per image per step, "
+                 f"B={ISSUE_E2E[2]}, guidance 3 (student at {STUDENT_STEPS} steps, one row per image per step, "
                  f"vs teacher DPM-Solver++-{ISSUE_E2E[1]}, [cond; null] per step; same server, same run)", measured,
                  verdict(TARGETS["student_speedup"].check(sr))])
     lines = table(["target (from the issue)", "measured", "result"], rows, left=3)

@@ -122,13 +122,17 @@ def student_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+def _export_student(checkpoint: Path, out: Path, *options: str) -> Path:
+    """`trident export` of a student checkpoint with buckets TEST_BUCKETS into out."""
+    _run_together({"student": [sys.executable, "-m", "trident.export.onnx_export", str(checkpoint), "--out", str(out),
+                               "--buckets", ",".join(map(str, TEST_BUCKETS)), *options]})
+    return out
+
+
 @pytest.fixture(scope="session")
 def student_export(student_checkpoint, tmp_path_factory) -> Path:
     """`trident export` of the tiny student with buckets TEST_BUCKETS (fp32 and int8)."""
-    out = tmp_path_factory.mktemp("student_export") / "diffusion_student"
-    _run_together({"student": [sys.executable, "-m", "trident.export.onnx_export", str(student_checkpoint), "--out",
-                               str(out), "--buckets", ",".join(map(str, TEST_BUCKETS))]})
-    return out
+    return _export_student(student_checkpoint, tmp_path_factory.mktemp("student_export") / "diffusion_student")
 
 
 SHIPPED_STUDENT = ROOT / "checkpoints" / "diffusion_student" / "model.safetensors"
@@ -139,7 +143,5 @@ def shipped_student_export(tmp_path_factory) -> Path:
     """`trident export` of the shipped student with buckets TEST_BUCKETS (fp32 only): no tiny stand-in, as the tests
     that use it judge what the shipped model draws."""
     assert SHIPPED_STUDENT.is_file(), f"needs the shipped student {SHIPPED_STUDENT} (written by `trident distill`)"
-    out = tmp_path_factory.mktemp("shipped_student_export") / "diffusion_student"
-    _run_together({"student": [sys.executable, "-m", "trident.export.onnx_export", str(SHIPPED_STUDENT), "--out",
-                               str(out), "--buckets", ",".join(map(str, TEST_BUCKETS)), "--no-int8"]})
-    return out
+    return _export_student(SHIPPED_STUDENT, tmp_path_factory.mktemp("shipped_student_export") / "diffusion_student",
+                           "--no-int8")
