@@ -2,7 +2,9 @@
 
 `trident export CHECKPOINT --out DIR [--buckets 2,8,32] [--fp16] [--no-int8]` writes into DIR:
   <graph>_b<N>.onnx          fp32 graph, every dimension static (batch N included), for the CPU path
-  int8/<graph>_b<N>.onnx     int8 QDQ graph calibrated on real inputs (export/quantize.py), unless --no-int8
+  int8/<graph>_b<N>.onnx     int8 QDQ graph calibrated on real inputs (export/quantize.py), unless --no-int8; a graph
+                             whose int8 graph strays beyond INT8_TOLERANCE at any bucket has none (metadata.json
+                             says why: "int8_refused", and `--precision auto` does not offer int8 for it)
   fp16/<graph>_b<N>.onnx     optional fp16 graph with float32 inputs/outputs, for the GPU path
   metadata.json              everything a client needs to sample with no other file (kind, image shape, class names,
                              null class, schedule, prediction type, latent size, buckets, tensor specs, parity figures)
@@ -268,10 +270,18 @@ def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bu
             (tmp / name).write_bytes(data)
             entry["fp32"][str(n)] = {"file": name, "sha256": _sha256(data), "parity_max_abs_err": err}
             msg = f"{graph} b{n}: parity {err:.2e}"
-            if int8:
+            if int8 and "int8_refused" not in entry:
                 qdata = quantize.quantize_graph(data, spec, calibration, n)
                 qerr = parity(qdata, module, spec, n, card, inputs=held_out)  # on rows the calibration did not see
-                msg += _keep_reduced(tmp, entry, "int8", graph, n, qdata, qerr, INT8_TOLERANCE)
+                if qerr < INT8_TOLERANCE:
+                    msg += _keep_reduced(tmp, entry, "int8", graph, n, qdata, qerr, INT8_TOLERANCE)
+                else:  # int8 is an offer, not the export's purpose: the graph is exported without it, and says why
+                    entry["int8_refused"] = (f"its int8 graph at b{n} strays {qerr:.3g} from PyTorch (max abs, "
+                                             f"held-out rows), beyond {INT8_TOLERANCE}")
+                    for name in entry["int8"].values():
+                        (tmp / name["file"]).unlink()
+                    entry["int8"] = {}
+                    msg += f", no int8 graphs: {entry['int8_refused']}"
             if fp16:
                 half = to_fp16(proto)
                 onnx.checker.check_model(half)

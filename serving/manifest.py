@@ -47,6 +47,7 @@ class ExportGraph:
     buckets: tuple[int, ...]
     files: dict[str, dict[int, GraphFile]]
     parity_inputs: str | None = None
+    int8_refused: str | None = None  # why the export holds no int8 graphs of it though it quantized (None: it does)
 
     def file(self, variant: str, bucket: int) -> GraphFile:
         """The file a variant (serving/precision.py) runs at a bucket."""
@@ -77,7 +78,7 @@ def load_export(directory) -> Export:
         files = {p: {int(b): GraphFile(f["file"], f["sha256"]) for b, f in entry[p].items()}
                  for p in ("fp32", "fp16", "int8") if entry.get(p)}
         graphs[name] = ExportGraph(name, spec, tuple(sorted(int(b) for b in entry["buckets"])), files,
-                                   entry.get("parity_inputs"))
+                                   entry.get("parity_inputs"), entry.get("int8_refused"))
     return Export(Path(directory), card, graphs, info.get("source_checkpoint", {}).get("sha256"),
                   info.get("int8", {}).get("method"))
 
@@ -205,7 +206,7 @@ def graph_runtime(export: Export, graph: str, options: RuntimeOptions, choice: d
         for variant in sorted(set(choice.values())):
             files = precisions.VARIANTS[variant].files
             if files not in entry.files:
-                raise ValueError(precisions.missing_files(graph, variant))
+                raise ValueError(precisions.missing_files(graph, variant, entry.int8_refused))
         buckets = tuple(Bucket(n, variant=v, file=entry.file(v, n).file, engine=precisions.VARIANTS[v].engine)
                         for n, v in sorted(choice.items()))
         if as_measured and options.precision == "auto":

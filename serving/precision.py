@@ -20,7 +20,9 @@ bucket, the fastest variant that
   3. passes the parity gate here: max abs difference to onnxruntime-fp32 on the export's fixed batch of held-out
      real inputs within PARITY_TOLERANCE for its precision;
   4. beats onnxruntime-fp32 in each of three interleaved timed rounds at that bucket (so `auto` is never slower
-     than fp32 by noise); else the bucket stays onnxruntime-fp32.
+     than fp32 by noise); else the bucket stays onnxruntime-fp32;
+  5. keeps the graph on one runtime (onnxruntime or OpenVINO) unless mixing them is more than MIXED_RUNTIME_GAIN
+     faster over the buckets: each runtime a model loads costs it ~100 MB (one_runtime).
 The choice and every trial number are recorded (the repository's config parameters and trident_repository.json),
 and so is every variant not offered, with the reason (record["excluded"]; `trident serve build` prints them, one
 line per graph: `not_offered_line`).
@@ -96,9 +98,12 @@ def precision_of(variant: str) -> str:
     return VARIANTS[variant].precision
 
 
-def missing_files(graph: str, variant: str) -> str:
-    """Why a graph cannot run a variant whose files the export lacks, and how to export them."""
+def missing_files(graph: str, variant: str, refused: str | None = None) -> str:
+    """Why a graph cannot run a variant whose files the export lacks, and how to export them. refused: why the
+    export left out the int8 graphs it made (ExportGraph.int8_refused)."""
     files = VARIANTS[variant].files
+    if files == "int8" and refused:
+        return f"{graph}: the export has no int8 graphs for {variant}: {refused}"
     return (f"{graph}: the export has no {files} graphs for {variant}; re-export "
             + ("with --fp16" if files == "fp16" else "without --no-int8"))
 
@@ -175,15 +180,16 @@ def gate_reasons(gate_file: str | os.PathLike | None, checkpoint_sha256: str | N
 
 
 def candidates(precisions_exported: set[str], cpu: dict, gate: dict[str, str | None],
-               judged: bool = True) -> dict[str, str | None]:
+               judged: bool = True, int8_refused: str | None = None) -> dict[str, str | None]:
     """{CPU variant: None if auto may try it, else why not}. gate: gate_reasons' answer; judged: the quality gate
-    draws through this graph."""
+    draws through this graph; int8_refused: why the export left out this graph's int8 graphs."""
     out = {}
     for variant in CPU_VARIANTS:
         files = VARIANTS[variant].files
         precision = precision_of(variant)
         if files not in precisions_exported:
-            out[variant] = f"the export has no {files} graphs"
+            out[variant] = (f"the export has no {files} graphs"
+                            + (f": {int8_refused}" if files == "int8" and int8_refused else ""))
         elif not_native(variant, cpu):
             out[variant] = not_native(variant, cpu)
         elif precision in REDUCED and not judged:
@@ -280,9 +286,66 @@ def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allow
     finally:
         for runner in runners.values():
             runner.close()
-    choice = {b: min((v for v, r in results[b].items() if r["ok"]), key=lambda v: results[b][v]["ms"])
-              for b in buckets}
-    return {"choice": choice, "buckets": results, "failed": failed}
+    fastest = {b: min((v for v, r in results[b].items() if r["ok"]), key=lambda v: results[b][v]["ms"])
+               for b in buckets}
+    choice, runtimes = one_runtime(results, fastest)
+    record = {"choice": choice, "buckets": results, "failed": failed}
+    if runtimes is not None:
+        record["one_runtime"] = runtimes
+        if log:
+            log(runtimes["why"])
+    return record
+
+
+# A second runtime in one Triton model's process costs about 100 MB resident on top of the first: OpenVINO's
+# libraries and its first compiled U-Net (~100 MB here), or onnxruntime's library, arena and sessions. A U-Net host
+# that ran one OpenVINO bucket beside onnxruntime ones held 257 MB against ~180 MB on onnxruntime alone (an AVX-512
+# EPYC; benchmarks/results/optimizations.md). So auto mixes runtimes in one graph only where the mix is worth it:
+# faster than the best single runtime by more than this share of the time summed over the buckets.
+MIXED_RUNTIME_GAIN = 0.10
+
+
+def runtime_of(variant: str) -> str:
+    """The library a variant loads: "onnxruntime" or "openvino"."""
+    return "onnxruntime" if VARIANTS[variant].engine == "onnxruntime" else "openvino"
+
+
+def one_runtime(results: dict, fastest: dict) -> tuple[dict, dict | None]:
+    """The buckets' variants on one runtime, unless mixing runtimes wins by more than MIXED_RUNTIME_GAIN.
+
+    results: trial's {bucket: {variant: {"ms", "ok", ...}}}; fastest: {bucket: the fastest variant that passed}.
+    A single-runtime assignment takes, per bucket, the fastest passing variant on that runtime; it exists where the
+    runtime has one at every bucket (onnxruntime always does: its fp32 reference). The assignments are compared by
+    their time summed over the buckets (one call of each size). Returns (choice, record), the record None where
+    the fastest variants already share one runtime."""
+    if len({runtime_of(v) for v in fastest.values()}) < 2:
+        return fastest, None
+    options = {}
+    for runtime in ("onnxruntime", "openvino"):
+        assignment = {}
+        for b in fastest:
+            passed = [v for v, r in results[b].items() if r["ok"] and runtime_of(v) == runtime]
+            if not passed:
+                break
+            assignment[b] = min(passed, key=lambda v: results[b][v]["ms"])
+        else:
+            options[runtime] = assignment
+
+    def total(assignment):
+        return float(sum(results[b][v]["ms"] for b, v in assignment.items()))
+
+    mixed = total(fastest)
+    best = min(options, key=lambda runtime: total(options[runtime]))
+    single = total(options[best])
+    record = {"mixed_ms": round(mixed, 3), **{f"{r}_ms": round(total(a), 3) for r, a in options.items()}}
+    if single <= mixed * (1 + MIXED_RUNTIME_GAIN):
+        record.update(kept=best, why=f"one runtime ({best}): the buckets take {single:.2f} ms on it against "
+                                     f"{mixed:.2f} ms mixed, within {MIXED_RUNTIME_GAIN:.0%}, and a second runtime "
+                                     "costs ~100 MB per model")
+        return options[best], record
+    record.update(kept="mixed", why=f"mixed runtimes: {mixed:.2f} ms over the buckets against {single:.2f} ms on "
+                                    f"{best} alone, more than {MIXED_RUNTIME_GAIN:.0%} faster")
+    return fastest, record
 
 
 SHARD_SLACK = 0.02  # shard_trial keeps the smallest bucket whose time per row is within this of the fastest
@@ -382,11 +445,12 @@ def choose(export, graph: str, precision: str, *, gate_file=None, threads: int =
         if precision not in VARIANTS:
             raise ValueError(f"precision must be one of {CHOICES}, got {precision!r}")
         if VARIANTS[precision].files not in exported:
-            raise ValueError(missing_files(graph, precision))
+            raise ValueError(missing_files(graph, precision, entry.int8_refused))
         return {"precision": precision, "choice": dict.fromkeys(buckets, precision)}
     cpu = cpu_info()
     gate = gate_reasons(gate_file, export.checkpoint_sha256, export.int8_method)
-    allowed = candidates(exported, cpu, gate, judged=graph in JUDGED_GRAPHS.get(export.card.kind, ()))
+    allowed = candidates(exported, cpu, gate, judged=graph in JUDGED_GRAPHS.get(export.card.kind, ()),
+                         int8_refused=entry.int8_refused)
     parity = load_parity(export, graph)
     if parity is None:
         allowed = {v: (why or "the export has no fixed parity batch (re-export)") if v != REFERENCE else None

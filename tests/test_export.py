@@ -200,6 +200,26 @@ def test_failed_parity_leaves_previous_export_untouched(checkpoints, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left behind
 
 
+def test_int8_beyond_its_tolerance_is_left_out_and_the_reason_reaches_auto_and_a_fixed_int8_build(checkpoints,
+                                                                                                 tmp_path, monkeypatch):
+    from trident.serving import precision
+    from trident.serving.manifest import load_export
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(ex, "INT8_TOLERANCE", 0.0)  # a real parity check that fails, made certain
+    meta = ex.export_checkpoint(checkpoints["gan"], out, buckets="1,4", log=lambda *_: None)
+    entry = meta["graphs"]["gan_generator"]
+    assert entry["int8"] == {} and sorted(entry["fp32"]) == ["1", "4"]  # the fp32 export stands
+    assert entry["int8_refused"].startswith("its int8 graph at b1 strays") and "beyond 0.0" in entry["int8_refused"]
+    assert not (out / "int8").exists() or not any((out / "int8").iterdir())  # no int8 file left behind
+    export = load_export(out)
+    assert export.graphs["gan_generator"].int8_refused == entry["int8_refused"]
+    record = precision.choose(export, "gan_generator", "auto", gate_file=None, row_shards=1)
+    assert record["excluded"]["onnxruntime-int8"] == f"the export has no int8 graphs: {entry['int8_refused']}"
+    with pytest.raises(ValueError, match="no int8 graphs for onnxruntime-int8: its int8 graph at b1 strays"):
+        precision.choose(export, "gan_generator", "onnxruntime-int8")
+
+
 def test_cached_export_is_made_again_when_its_int8_graphs_came_from_another_quantization_method(checkpoints,
                                                                                                  tmp_path):
     from trident.export.build import ensure_export

@@ -158,14 +158,62 @@ def test_auto_measures_every_offered_variant_and_chooses_per_bucket_the_fastest_
     tried = {v for v in precision.CPU_VARIANTS if runnable_here(v)}  # a judged graph whose gate passed everything
     # nothing offered silently went missing (the gate, the graph's judgement, a runtime that did not load)
     assert set(record["excluded"]) == set(precision.CPU_VARIANTS) - tried, record["excluded"]
-    for b, variant in record["choice"].items():
+    fastest = {}
+    for b in record["choice"]:
         results = record["buckets"][b]
         assert set(results) == tried and all(len(r["rounds_ms"]) == precision.ROUNDS for r in results.values())
         assert all((r["ok"], r["why"]) == precision.judge(v, r["max_abs_err"], r["rounds_ms"],
                                                           results[precision.REFERENCE]["rounds_ms"])
                    for v, r in results.items())
         passed = [v for v, r in results.items() if r["ok"]]
-        assert variant == min(passed, key=lambda v: results[v]["ms"])  # the fastest of those that passed
+        fastest[b] = min(passed, key=lambda v: results[v]["ms"])  # the fastest of those that passed
+    # ... kept on one runtime unless the mix wins by more than MIXED_RUNTIME_GAIN (test_one_runtime_*)
+    choice, runtimes = precision.one_runtime(record["buckets"], fastest)
+    assert record["choice"] == choice and record.get("one_runtime") == runtimes
+    assert all(record["buckets"][b][v]["ok"] for b, v in record["choice"].items())
+
+
+def _results(ms: dict[int, dict[str, float]], failed: dict[int, set] | None = None) -> dict:
+    """trial's per-bucket results from made-up medians ({bucket: {variant: ms}}), every variant passing unless
+    named in failed ({bucket: {variant}})."""
+    return {b: {v: {"ms": t, "ok": v not in (failed or {}).get(b, ())} for v, t in row.items()}
+            for b, row in ms.items()}
+
+
+def test_one_runtime_drops_a_second_runtime_that_wins_less_than_its_memory_is_worth():
+    # an AVX-512 EPYC's U-Net: openvino-bf16 wins only b1, onnxruntime-int8 the rest (trident_measured.json)
+    results = _results({1: {"onnxruntime-fp32": 2.98, "onnxruntime-int8": 2.93, "openvino-bf16": 2.25},
+                        2: {"onnxruntime-fp32": 4.80, "onnxruntime-int8": 3.07, "openvino-bf16": 3.91},
+                        16: {"onnxruntime-fp32": 33.0, "onnxruntime-int8": 19.1, "openvino-bf16": 25.0}},
+                       failed={1: {"onnxruntime-int8"}})
+    fastest = {1: "openvino-bf16", 2: "onnxruntime-int8", 16: "onnxruntime-int8"}
+    choice, record = precision.one_runtime(results, fastest)
+    assert choice == {1: "onnxruntime-fp32", 2: "onnxruntime-int8", 16: "onnxruntime-int8"}  # b1: int8 failed
+    assert record["kept"] == "onnxruntime" and record["mixed_ms"] == pytest.approx(2.25 + 3.07 + 19.1)
+    assert record["onnxruntime_ms"] == pytest.approx(2.98 + 3.07 + 19.1)
+    assert record["openvino_ms"] == pytest.approx(2.25 + 3.91 + 25.0)
+    assert "one runtime (onnxruntime)" in record["why"]
+
+
+def test_one_runtime_keeps_the_mix_when_it_wins_by_more_than_the_gain_and_prefers_the_faster_single_runtime():
+    ms = {1: {"onnxruntime-fp32": 5.0, "openvino-bf16": 2.0}, 32: {"onnxruntime-fp32": 40.0, "openvino-bf16": 20.0,
+                                                                  "onnxruntime-int8": 15.0}}
+    fastest = {1: "openvino-bf16", 32: "onnxruntime-int8"}
+    # 17 ms mixed against 20 on onnxruntime alone (+18%) and 22 on openvino alone: the mix stays
+    choice, record = precision.one_runtime(_results(ms), fastest)
+    assert choice == fastest and record["kept"] == "mixed"
+    assert (record["onnxruntime_ms"], record["openvino_ms"]) == pytest.approx((20.0, 22.0))
+    # int8 at 19.5: openvino alone (22.0) is within 10% of the mix (21.5) and beats onnxruntime alone (24.5)
+    ms[32]["onnxruntime-int8"] = 19.5
+    choice, record = precision.one_runtime(_results(ms), fastest)
+    assert choice == {1: "openvino-bf16", 32: "openvino-bf16"} and record["kept"] == "openvino"
+    # a runtime without a passing variant at some bucket is no single-runtime option (onnxruntime always has fp32)
+    ms[1]["onnxruntime-fp32"] = 3.0
+    choice, record = precision.one_runtime(_results(ms, failed={32: {"openvino-bf16"}}), fastest)
+    assert "openvino_ms" not in record and choice == {1: "onnxruntime-fp32", 32: "onnxruntime-int8"}
+    # one runtime already: nothing to decide, no record
+    assert precision.one_runtime(_results(ms), {1: "onnxruntime-fp32", 32: "onnxruntime-int8"}) == (
+        {1: "onnxruntime-fp32", 32: "onnxruntime-int8"}, None)
 
 
 def test_auto_keeps_fp32_when_every_variant_breaks_the_parity_gate(export_dirs, tmp_path, monkeypatch):
