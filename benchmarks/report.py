@@ -666,9 +666,10 @@ def _machine(data) -> list[str]:
     for m in data.get("merged", []):
         loads = " / ".join(", ".join(f"{x:.2f}" for x in la) if la else "-" for la in m.get("load_average", []))
         lines.append(f"- Merged in later (`python -m trident.benchmarks.run --merge -- {m.get('selection', '')}`): "
-                     f"{len(m.get('benchmarks', []))} benchmarks measured {m.get('datetime', '?')}, commit "
-                     f"{str(m.get('commit') or '?')[:12]}, load average at start / end {loads}; the rest of the "
-                     "report is the run described above.")
+                     f"{len(m.get('benchmarks', []))} benchmarks measured {m.get('datetime', '?')}"
+                     f"{' on ' + m['machine'] if m.get('machine') else ''}, commit "
+                     f"{str(m.get('commit') or '?')[:12]}{' (dirty)' if m.get('dirty') else ''}, load average at "
+                     f"start / end {loads}; the rest of the report is the run described above.")
     if s.get("device") == "cuda":
         lines.append("- GPU path: ORT in-process and Triton run the fp16 graphs on the CUDA execution provider (inputs "
                      "and outputs cross PCIe every call, as a client's do); PyTorch eager runs fp32; the diffusers "

@@ -46,11 +46,14 @@ def merge(latest: Path, new: Path, into: Path, selection: list[str]) -> None:
     base["benchmarks"] = [b for b in base["benchmarks"] if b["fullname"] not in names] + part["benchmarks"]
     # an earlier merge whose benchmarks this one all replaced no longer describes any figure in the report
     base["merged"] = [m for m in base.get("merged", []) if not set(m.get("benchmarks", [])) <= names]
+    t = part.get("machine_info", {}).get("trident", {})
     base["merged"].append({
         "datetime": part.get("datetime"), "commit": part.get("commit_info", {}).get("id"),
+        "dirty": bool(part.get("commit_info", {}).get("dirty")),
+        # the merged figures may come from another machine than the run they join: the report names it
+        "machine": f"{t['cpu_model']}, {t.get('logical_cpus', '?')} logical CPUs" if t.get("cpu_model") else None,
         "selection": " ".join(selection), "benchmarks": sorted(names),
-        "load_average": [part.get("machine_info", {}).get("trident", {}).get(f"load_average_at_{w}") for w in
-                         ("start", "end")]})
+        "load_average": [t.get(f"load_average_at_{w}") for w in ("start", "end")]})
     into.write_text(json.dumps(base, indent=2))
 
 

@@ -203,8 +203,8 @@ def test_run_merge_replaces_the_benchmarks_of_the_same_name_and_keeps_the_rest(t
     from trident.benchmarks.run import merge
 
     def run(smoke: bool, *benchmarks) -> dict:
-        return {"machine_info": {"trident": {"settings": {"smoke": smoke}}}, "datetime": "2026-12-05T02:00:00",
-                "commit_info": {"id": "0123456789abcdef"},
+        return {"machine_info": {"trident": {"settings": {"smoke": smoke}, "cpu_model": "AMD EPYC", "logical_cpus": 2}},
+                "datetime": "2026-12-05T02:00:00", "commit_info": {"id": "0123456789abcdef", "dirty": True},
                 "benchmarks": [dict(_bench(item, median), fullname=name) for name, item, median in benchmarks]}
 
     full, part = tmp_path / "full.json", tmp_path / "part.json"
@@ -216,7 +216,9 @@ def test_run_merge_replaces_the_benchmarks_of_the_same_name_and_keeps_the_rest(t
                                                                                         ("c", 3.0)]
     assert merged["merged"][0]["selection"] == "-k scaling" and merged["merged"][0]["benchmarks"] == ["b", "c"]
     assert "Merged in later (`python -m trident.benchmarks.run --merge -- -k scaling`): 2 benchmarks" in "".join(
-        report._machine(merged))  # the report's header says what was measured when
+        report._machine(merged))  # the report's header says what was measured when, where, from which commit
+    assert "measured 2026-12-05T02:00:00 on AMD EPYC, 2 logical CPUs, commit 0123456789ab (dirty)" in "".join(
+        report._machine(merged))
     # merging the same selection again replaces the figures and the record of the merge they came from
     part.write_text(json.dumps(run(False, ("b", "scaling", 4.0), ("c", "scaling", 5.0))))
     merge(tmp_path / "merged.json", part, tmp_path / "again.json", ["-k", "scaling"])
