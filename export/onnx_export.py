@@ -278,8 +278,8 @@ def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bu
                 else:  # int8 is an offer, not the export's purpose: the graph is exported without it, and says why
                     entry["int8_refused"] = (f"its int8 graph at b{n} strays {qerr:.3g} from PyTorch (max abs, "
                                              f"held-out rows), beyond {INT8_TOLERANCE}")
-                    for name in entry["int8"].values():
-                        (tmp / name["file"]).unlink()
+                    for kept in entry["int8"].values():
+                        (tmp / kept["file"]).unlink()
                     entry["int8"] = {}
                     msg += f", no int8 graphs: {entry['int8_refused']}"
             if fp16:
