@@ -286,8 +286,7 @@ def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allow
     finally:
         for runner in runners.values():
             runner.close()
-    fastest = {b: min((v for v, r in results[b].items() if r["ok"]), key=lambda v: results[b][v]["ms"])
-               for b in buckets}
+    fastest = {b: fastest_passed(results[b]) for b in buckets}  # REFERENCE always passes
     choice, runtimes = one_runtime(results, fastest)
     record = {"choice": choice, "buckets": results, "failed": failed}
     if runtimes is not None:
@@ -310,6 +309,13 @@ def runtime_of(variant: str) -> str:
     return "onnxruntime" if VARIANTS[variant].engine == "onnxruntime" else "openvino"
 
 
+def fastest_passed(row: dict, runtime: str | None = None) -> str | None:
+    """The fastest variant of one bucket's trial results ({variant: {"ms", "ok", ...}}) that passed, on `runtime`
+    only where one is given (runtime_of); None where none passed."""
+    passed = [v for v, r in row.items() if r["ok"] and (runtime is None or runtime_of(v) == runtime)]
+    return min(passed, key=lambda v: row[v]["ms"]) if passed else None
+
+
 def one_runtime(results: dict, fastest: dict) -> tuple[dict, dict | None]:
     """The buckets' variants on one runtime, unless mixing runtimes wins by more than MIXED_RUNTIME_GAIN.
 
@@ -322,13 +328,8 @@ def one_runtime(results: dict, fastest: dict) -> tuple[dict, dict | None]:
         return fastest, None
     options = {}
     for runtime in ("onnxruntime", "openvino"):
-        assignment = {}
-        for b in fastest:
-            passed = [v for v, r in results[b].items() if r["ok"] and runtime_of(v) == runtime]
-            if not passed:
-                break
-            assignment[b] = min(passed, key=lambda v: results[b][v]["ms"])
-        else:
+        assignment = {b: fastest_passed(results[b], runtime) for b in fastest}
+        if None not in assignment.values():
             options[runtime] = assignment
 
     def total(assignment):
