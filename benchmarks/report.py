@@ -99,6 +99,22 @@ def find(bs: list[dict], **match) -> dict | None:
     return None
 
 
+def measured_where(data: dict, bs: list[dict]) -> str:
+    """Where the figures of `bs` were measured, when some came from a merged-in run (which may be another machine
+    than the run the report describes): "" when all are the base run's."""
+    runs = set()
+    for b in bs:
+        m = next((i for i, m in enumerate(data.get("merged", [])) if b.get("fullname") in m.get("benchmarks", [])),
+                 None)
+        runs.add(m)
+    if runs <= {None}:
+        return ""
+    if len(runs) > 1:
+        return "measured in more than one run (the header lists them)"
+    m = data["merged"][runs.pop()]
+    return f"merged in: measured {str(m.get('datetime', '?'))[:16]} on {m.get('machine') or 'an unrecorded machine'}"
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -330,7 +346,8 @@ def analyse_student(data):
              f"{precision}), through the {e['loop']} loop (item 3's headline; {e['protocol']}). The two alternate "
              "round by round. " + (f"Checkpoints (sha256[:12]): {checkpoints}; the" if checkpoints else "The")
              + f" student's card: distilled steps {e.get('distilled_steps')}, guidance range "
-               f"{e.get('guidance_range')}.", ""]
+               f"{e.get('guidance_range')}." + (f" Figures {where}." if (where := measured_where(data, bs)) else ""),
+             ""]
     lines += table(["B", "teacher rows/image", "teacher ms/image", "teacher images/s", "student rows/image",
                     "student ms/image", "student images/s", "student / teacher images/s", "rounds"], rows)
     if 1 in latency and None not in latency[1]:
@@ -504,7 +521,9 @@ def analyse_precision(data):
               "int8 operations against the int8 GEMM peak; bf16 against the bf16 GEMM peak.", ""]
     cpu = next((b["extra_info"].get("cpu") for b in bs if b["extra_info"].get("cpu")), None)
     if cpu:
-        lines += [f"CPU: {cpu['model']}, {cpu['cores']} cores; flags in play: {', '.join(cpu['flags']) or 'none'}.", ""]
+        where = measured_where(data, bs)
+        lines += [f"CPU of this table: {cpu['model']}, {cpu['cores']} cores; flags in play: "
+                  f"{', '.join(cpu['flags']) or 'none'}{' (' + where + ')' if where else ''}.", ""]
     served = items(data, "precision-e2e")
     srows, served_ratio = [], {}
     for n in sorted({b["extra_info"]["images"] for b in served}):
@@ -513,15 +532,20 @@ def analyse_precision(data):
         srows.append([n, ms_cell(fp32, n), ms_cell(auto, n), times(served_ratio[n])])
     if srows:
         steps = served[0]["extra_info"]["steps"]
+        where = measured_where(data, served)
         lines += [f"Served DPM-Solver++-{steps} (client loop, gRPC, guidance in one batched call), the fp32 repository "
-                  "against one built with `--precision auto` on this machine:", ""]
+                  "against one built with `--precision auto` on the machine that served them"
+                  f"{' (' + where + ')' if where else ''}:", ""]
         lines += table(["B", "fp32 repository ms/image", "auto repository ms/image", "auto speedup"], srows)
-    memory = {b["extra_info"]["repo"]: b["extra_info"]["resident_mb"] for b in items(data, "memory")}
+    mem_bs = items(data, "memory")
+    memory = {b["extra_info"]["repo"]: b["extra_info"]["resident_mb"] for b in mem_bs}
     if memory:
         models = sorted({m for v in memory.values() for m in v})
+        wheres = [f"'{b['extra_info']['repo']}' {w}" for b in mem_bs if (w := measured_where(data, [b]))]
         lines += ["Resident memory of each served model's Python-backend stub (VmRSS, MB): a fresh server once ready "
                   "(after Triton's warm-up requests), and the suite's servers after the benchmarks' traffic (a "
-                  "B=32 sampling loop sends 64-row calls, whose sessions and activations stay):", ""]
+                  "B=32 sampling loop sends 64-row calls, whose sessions and activations stay)"
+                  + (f"; column {'; '.join(wheres)}" if wheres else "") + ":", ""]
         lines += table(["model", *memory], [[m, *(num(v.get(m), 0) if v.get(m) else "-" for v in memory.values())]
                                            for m in models])
     return lines, {"speed": speed, "choice": auto_choice, "served": served_ratio, "memory": memory, "cpu": cpu,

@@ -222,12 +222,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _keep_reduced(tmp: Path, entry: dict, precision: str, graph: str, n: int, data: bytes, err: float,
-                  tolerance: float) -> str:
-    """One bucket's int8 or fp16 graph: refused beyond its precision's tolerance against PyTorch, else written to
-    tmp/<precision>/ and recorded in the graph's entry. Returns the log fragment."""
-    if not err < tolerance:
-        raise ExportError(f"{graph} b{n} {precision}: max abs error {err:.3g} exceeds {tolerance}")
+def _keep_reduced(tmp: Path, entry: dict, precision: str, graph: str, n: int, data: bytes, err: float) -> str:
+    """One bucket's int8 or fp16 graph, within its tolerance (the caller checks: beyond it, int8 is left out and
+    fp16 fails the export): written to tmp/<precision>/ and recorded in the graph's entry. Returns the log fragment."""
     name = f"{graph}_b{n}.onnx"
     (tmp / precision).mkdir(exist_ok=True)
     (tmp / precision / name).write_bytes(data)
@@ -274,7 +271,7 @@ def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bu
                 qdata = quantize.quantize_graph(data, spec, calibration, n)
                 qerr = parity(qdata, module, spec, n, card, inputs=held_out)  # on rows the calibration did not see
                 if qerr < INT8_TOLERANCE:
-                    msg += _keep_reduced(tmp, entry, "int8", graph, n, qdata, qerr, INT8_TOLERANCE)
+                    msg += _keep_reduced(tmp, entry, "int8", graph, n, qdata, qerr)
                 else:  # int8 is an offer, not the export's purpose: the graph is exported without it, and says why
                     entry["int8_refused"] = (f"its int8 graph at b{n} strays {qerr:.3g} from PyTorch (max abs, "
                                              f"held-out rows), beyond {INT8_TOLERANCE}")
@@ -286,8 +283,10 @@ def _export_into(tmp: Path, checkpoint: Path, model, card: ModelCard, graphs, bu
                 half = to_fp16(proto)
                 onnx.checker.check_model(half)
                 hdata = half.SerializeToString()
-                msg += _keep_reduced(tmp, entry, "fp16", graph, n, hdata, parity(hdata, module, spec, n, card),
-                                     FP16_TOLERANCE)
+                herr = parity(hdata, module, spec, n, card)
+                if not herr < FP16_TOLERANCE:  # asked for by --fp16: a graph that cannot keep it fails the export
+                    raise ExportError(f"{graph} b{n} fp16: max abs error {herr:.3g} exceeds {FP16_TOLERANCE}")
+                msg += _keep_reduced(tmp, entry, "fp16", graph, n, hdata, herr)
             log(f"{msg} ({time.time() - t0:.1f}s)")
         info["graphs"][graph] = entry
     (tmp / "metadata.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -296,6 +296,40 @@ def trial(files: dict[str, dict[int, str]], parity: dict[str, np.ndarray], allow
     return record
 
 
+# The trial times the variants against each other on this machine's cores: what other processes run meanwhile slows
+# them unevenly (a contended bucket may go to the variant that suffered least), so the build measures that load and
+# warns above this many cores' worth of other work, averaged over the trial.
+BUSY_CORES = 0.5
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy clock ticks of all CPUs, clock ticks of this process and its threads), from /proc; None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return user + nice + system + irq + softirq, int(own[11]) + int(own[12])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_load(before: tuple[int, int] | None, after: tuple[int, int] | None, wall_s: float) -> float | None:
+    """Cores' worth of CPU time that other processes used between two _cpu_ticks() readings `wall_s` apart."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy, own = after[0] - before[0], after[1] - before[1]
+    return max(0.0, (busy - own) / hz / wall_s)
+
+
+def busy_warning(graph: str, cores: float | None) -> str | None:
+    if cores is None or cores <= BUSY_CORES:
+        return None
+    return (f"warning: other processes used {cores:.2f} cores on average while {graph}'s variants were timed: the "
+            "trial's choice may not hold on a quiet machine; rebuild when the machine is quiet "
+            "(trident_measured.json records the load)")
+
+
 # A second runtime in one Triton model's process costs about 100 MB resident on top of the first: OpenVINO's
 # libraries and its first compiled U-Net (~100 MB here), or onnxruntime's library, arena and sessions. A U-Net host
 # that ran one OpenVINO bucket beside onnxruntime ones held 257 MB against ~180 MB on onnxruntime alone (an AVX-512
@@ -464,6 +498,11 @@ def choose(export, graph: str, precision: str, *, gate_file=None, threads: int =
     if tried == [REFERENCE]:
         record["choice"] = dict.fromkeys(buckets, REFERENCE)
         return record
+    ticks, t0 = _cpu_ticks(), time.perf_counter()
     record.update(trial(files, parity, tried, threads=threads, row_shards=row_shards, log=log))
+    load = other_load(ticks, _cpu_ticks(), time.perf_counter() - t0)
+    record["other_load_cores"] = None if load is None else round(load, 2)
+    if log and (warning := busy_warning(graph, load)):
+        log(warning)
     record["excluded"].update({v: f"could not run here: {why}" for v, why in record.pop("failed").items()})
     return record

@@ -219,6 +219,11 @@ def test_run_merge_replaces_the_benchmarks_of_the_same_name_and_keeps_the_rest(t
         report._machine(merged))  # the report's header says what was measured when, where, from which commit
     assert "measured 2026-12-05T02:00:00 on AMD EPYC, 2 logical CPUs, commit 0123456789ab (dirty)" in "".join(
         report._machine(merged))
+    by_name = {b["fullname"]: b for b in merged["benchmarks"]}  # each item says where its own figures come from
+    assert report.measured_where(merged, [by_name["a"]]) == ""
+    assert report.measured_where(merged, [by_name["b"], by_name["c"]]) == \
+        "merged in: measured 2026-12-05T02:00 on AMD EPYC, 2 logical CPUs"
+    assert report.measured_where(merged, [by_name["a"], by_name["b"]]).startswith("measured in more than one run")
     # merging the same selection again replaces the figures and the record of the merge they came from
     part.write_text(json.dumps(run(False, ("b", "scaling", 4.0), ("c", "scaling", 5.0))))
     merge(tmp_path / "merged.json", part, tmp_path / "again.json", ["-k", "scaling"])

@@ -180,6 +180,31 @@ def _results(ms: dict[int, dict[str, float]], failed: dict[int, set] | None = No
             for b, row in ms.items()}
 
 
+def test_the_trial_measures_what_other_processes_ran_and_warns_when_it_was_busy():
+    import os
+    import subprocess
+    import sys
+    import time
+    hz = os.sysconf("SC_CLK_TCK")
+    # all CPUs busy for 3 s of ticks, this process for 1 s of them, over 2 s: the others used one core
+    assert precision.other_load((0, 0), (3 * hz, hz), 2.0) == pytest.approx(1.0)
+    assert precision.other_load(None, (1, 1), 1.0) is None
+    assert precision.busy_warning("unet", 0.2) is None and precision.busy_warning("unet", None) is None
+    assert "other processes used 0.80 cores on average while unet's variants were timed" in \
+        precision.busy_warning("unet", 0.8)
+    # a real neighbour that spins one core for the whole window is seen (other work only adds to it)
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    try:
+        time.sleep(0.5)
+        before, t0 = precision._cpu_ticks(), time.perf_counter()
+        time.sleep(2.0)
+        load = precision.other_load(before, precision._cpu_ticks(), time.perf_counter() - t0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert load is not None and load >= 0.7, load
+
+
 def test_one_runtime_drops_a_second_runtime_that_wins_less_than_its_memory_is_worth():
     # an AVX-512 EPYC's U-Net: openvino-bf16 wins only b1, onnxruntime-int8 the rest (trident_measured.json)
     results = _results({1: {"onnxruntime-fp32": 2.98, "onnxruntime-int8": 2.93, "openvino-bf16": 2.25},
@@ -261,6 +286,7 @@ def test_serve_build_auto_records_choice_and_trial_when_built(export_dirs, tmp_p
     assert json.loads((out / MARKER).read_text())["precision"] == {"gan_generator": "auto"}
     record = auto_record(out, "gan_generator")  # per machine: in the model's generated file
     assert record["precision"] == "auto" and record["quality_gate"] == str(tmp_path / "gate.json")
+    assert record["other_load_cores"] >= 0  # what else ran while the variants were timed
     tried = {v for v in precision.CPU_VARIANTS if runnable_here(v)}
     assert set(record["excluded"]) == set(precision.CPU_VARIANTS) - tried
     assert all(set(results) == tried for results in record["buckets"].values())

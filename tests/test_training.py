@@ -1,4 +1,5 @@
 """Models, training steps, checkpoints, resume and torchrun: tiny configs, fixed seeds."""
+import dataclasses
 import json
 import math
 import os
@@ -498,6 +499,45 @@ def test_step_distillation_resumes_across_a_stage_boundary_exactly(tmp_path, tin
     assert ckpt.card_of(ma).distilled_steps == 2 and ckpt.card_of(ma).kind == "diffusion_student"
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
+
+
+def _stage2_cfg(tmp_path, steps_per_stage, **kw):
+    base = dict(kind="diffusion", out_dir=str(tmp_path), distill="steps", teacher="t.safetensors",
+                distill_from_steps=32, distill_to_steps=4, lr=1e-4, lr_schedule="cosine", warmup_steps=100)
+    return TrainConfig(**{**base, "steps": 3 * steps_per_stage, **kw})
+
+
+def test_resume_with_a_longer_halving_warns_what_moves_and_refuses_one_that_changes_the_halving(tmp_path):
+    from trident.training.train import resume_changes
+    old = dataclasses.asdict(_stage2_cfg(tmp_path, 2000))  # as recorded in last.safetensors
+    assert resume_changes(old, _stage2_cfg(tmp_path, 2000), 6000) == []
+    # at step 6000 two swaps are done under 2000 and under 2500 per halving: the same halving, so it may continue
+    (w,) = resume_changes(old, _stage2_cfg(tmp_path, 2500), 6000)
+    assert "halvings now 2500 steps each (were 2000): this one ends at step 7500 instead of 6000" in w
+    assert "the learning rate at step 6000 jumps from" in w
+    # under 3000 per halving step 6000 would be in halving 2, with the teacher of halving 3 in the checkpoint
+    with pytest.raises(ckpt.CheckpointError, match="put it in halving 3 of 3, 3000 would put it in halving 2"):
+        resume_changes(old, _stage2_cfg(tmp_path, 3000), 6000)
+    with pytest.raises(ckpt.CheckpointError, match="distill_from_steps=32, not 64"):
+        resume_changes(old, _stage2_cfg(tmp_path, 2000, distill_from_steps=64, steps=8000), 100)
+    with pytest.raises(ckpt.CheckpointError, match="is not the one the checkpoint was distilled from"):
+        resume_changes(old, _stage2_cfg(tmp_path, 2000), 100, "a" * 64, "b" * 64)
+    (w,) = resume_changes(old, _stage2_cfg(tmp_path, 2000, lr=2e-4), 50)  # in warm-up: both rates scale
+    assert "lr 0.0001 -> 0.0002" in w and "jumps from 5.1e-05 to 0.000102" in w
+
+
+def test_resume_says_on_stderr_when_the_run_is_extended(tmp_path, tiny_data, capsys):
+    kw = dict(lr_schedule="cosine", warmup_steps=1)
+    train(_cfg("diffusion", tmp_path, tiny_data, steps=2, **kw))
+    capsys.readouterr()
+    train(_cfg("diffusion", tmp_path, tiny_data, steps=4, **kw))
+    err = capsys.readouterr().err
+    assert "warning: resuming at step 2 with a changed schedule: steps 2 -> 4" in err
+    assert "the learning rate at step 2 jumps from" in err
+    train(_cfg("diffusion", tmp_path, tiny_data, steps=5, time_limit_min=0.0, **kw))  # 4 -> 5, then the same again
+    capsys.readouterr()
+    train(_cfg("diffusion", tmp_path, tiny_data, steps=5, **kw))
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,msg", [

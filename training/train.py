@@ -228,6 +228,60 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# What a resume may change: the length and the optimiser's settings (a run is often extended on purpose), each one
+# named in a warning with what it does to the run; anything else would make the checkpoint a different run.
+_RESUME_WARN = ("steps", "lr", "lr_schedule", "lr_min_ratio", "warmup_steps", "batch_size", "ema_decay", "seed",
+                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max")
+_RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps")
+
+
+def resume_changes(old: dict, cfg: TrainConfig, step: int, old_teacher_sha: str | None = None,
+                   teacher_sha: str | None = None) -> list[str]:
+    """Compare the run recorded in a checkpoint (its `train_config`, at `step`) with the one asked for now.
+
+    Raises CheckpointError where resuming would not continue the same run (another distillation stage, halvings or
+    teacher, or a step-distillation length that puts the step in another halving than the teacher saved with it);
+    returns one warning per schedule change that it can continue with, saying what the change does at this step.
+    """
+    def refuse(what):
+        raise ckpt.CheckpointError(f"resuming at step {step}: {what}; use another --out directory or the same "
+                                   "arguments")
+
+    for key in _RESUME_REFUSE:
+        if key in old and old[key] != getattr(cfg, key):
+            refuse(f"the checkpoint was trained with {key}={old[key]!r}, not {getattr(cfg, key)!r}")
+    if old_teacher_sha and teacher_sha and old_teacher_sha != teacher_sha:
+        refuse(f"the teacher {cfg.teacher} is not the one the checkpoint was distilled from "
+               f"(sha256 {teacher_sha[:12]}, recorded {old_teacher_sha[:12]})")
+    changed = [k for k in _RESUME_WARN if k in old and old[k] != getattr(cfg, k)]
+    if not changed:
+        return []
+    try:
+        before = dataclasses.replace(cfg, **{k: old[k] for k in changed})
+    except (TypeError, ValueError):  # an older record that the config no longer accepts: name the changes only
+        return [f"resuming at step {step} with changed {', '.join(changed)}"]
+    notes = []
+    if cfg.stages and before.stage_length != cfg.stage_length:
+        # swaps done so far (the teacher saved with the checkpoint) against what the loop would assume
+        done, now = (step - 1) // before.stage_length, (step - 1) // cfg.stage_length
+        if step > 0 and done != now:
+            refuse(f"{before.stage_length} steps per halving put it in halving {done + 1} of {len(cfg.stages)}, "
+                   f"{cfg.stage_length} would put it in halving {now + 1}, with the teacher of halving {done + 1}")
+        notes.append(f"halvings now {cfg.stage_length} steps each (were {before.stage_length}): "
+                     f"this one ends at step {(now + 1) * cfg.stage_length} instead of {(done + 1) * before.stage_length}")
+    for k in changed:
+        if k not in ("steps",):
+            notes.append(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}")
+    if "steps" in changed and not cfg.stages:
+        notes.append(f"steps {old['steps']} -> {cfg.steps}")
+    f0, f1 = lr_factor(before, step), lr_factor(cfg, step)
+    lr0, lr1 = (before.lr or 0) * f0, (cfg.lr or 0) * f1
+    if abs(lr1 - lr0) > 1e-12 * max(abs(lr0), 1e-30):
+        notes.append(f"the learning rate at step {step} jumps from {lr0:.3g} to {lr1:.3g} "
+                     f"({cfg.lr_schedule} schedule over the new length)")
+    return [f"resuming at step {step} with a changed schedule: " + "; ".join(notes)]
+
+
 def _autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
@@ -520,6 +574,9 @@ def train(cfg: TrainConfig) -> Path:
             if old_card.get(key) != meta["card"].get(key):
                 raise ckpt.CheckpointError(f"{last} was trained with {key} {old_card.get(key)!r}, not "
                                            f"{meta['card'].get(key)!r}; use another --out directory or the same {key}")
+        warnings = resume_changes(old["train"].get("train_config", {}), cfg, old["train"]["step"],
+                                  (old.get("distill") or {}).get("teacher_sha256"),
+                                  (meta.get("distill") or {}).get("teacher_sha256"))
         for name, m in mods.items():
             ckpt.load_state(m, tensors, f"train.{name}", last)
             ckpt.restore_optimizer(opts[name], name, tensors, old["train"]["optim"][name])
@@ -531,6 +588,8 @@ def train(cfg: TrainConfig) -> Path:
         history = old["train"].get("last_losses", {})
         if rank == 0:
             print(f"resuming {cfg.kind} from {last} at step {step}", flush=True)
+            for w in warnings:
+                print(f"warning: {w}", file=sys.stderr, flush=True)
     if step >= cfg.steps:
         if rank == 0:
             print(f"{last} is already at step {step} >= --steps {cfg.steps}; nothing to do")
