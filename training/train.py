@@ -274,11 +274,13 @@ def resume_changes(old: dict, cfg: TrainConfig, step: int, old_teacher_sha: str 
             notes.append(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}")
     if "steps" in changed and not cfg.stages:
         notes.append(f"steps {old['steps']} -> {cfg.steps}")
-    f0, f1 = lr_factor(before, step), lr_factor(cfg, step)
-    lr0, lr1 = (before.lr or 0) * f0, (cfg.lr or 0) * f1
-    if abs(lr1 - lr0) > 1e-12 * max(abs(lr0), 1e-30):
-        notes.append(f"the learning rate at step {step} jumps from {lr0:.3g} to {lr1:.3g} "
-                     f"({cfg.lr_schedule} schedule over the new length)")
+    # against the recorded schedule at this step, or at its last step where the recorded run had ended
+    ended = step >= before.steps
+    lr0 = (before.lr or 0) * lr_factor(before, step - 1 if ended else step)
+    lr1 = (cfg.lr or 0) * lr_factor(cfg, step)
+    if abs(lr1 - lr0) > 1e-9 * max(abs(lr0), 1e-30):
+        notes.append(f"the learning rate at step {step} is {lr1:.3g} against {lr0:.3g} "
+                     f"{'at the recorded run' + chr(39) + 's last step' if ended else 'in the recorded schedule'}")
     return [f"resuming at step {step} with a changed schedule: " + "; ".join(notes)]
 
 
