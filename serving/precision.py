@@ -306,7 +306,7 @@ def _cpu_ticks() -> tuple[int, int] | None:
     """(busy clock ticks of all CPUs, clock ticks of this process and its threads), from /proc; None off Linux."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
         own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         return user + nice + system + irq + softirq, int(own[11]) + int(own[12])  # utime, stime
     except (OSError, ValueError, IndexError):

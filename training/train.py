@@ -269,18 +269,15 @@ def resume_changes(old: dict, cfg: TrainConfig, step: int, old_teacher_sha: str 
                    f"{cfg.stage_length} would put it in halving {now + 1}, with the teacher of halving {done + 1}")
         notes.append(f"halvings now {cfg.stage_length} steps each (were {before.stage_length}): "
                      f"this one ends at step {(now + 1) * cfg.stage_length} instead of {(done + 1) * before.stage_length}")
-    for k in changed:
-        if k not in ("steps",):
-            notes.append(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}")
-    if "steps" in changed and not cfg.stages:
-        notes.append(f"steps {old['steps']} -> {cfg.steps}")
+    # a step-distillation run's length is its halvings' (said above); any other change is named as it is
+    notes += [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed if not (k == "steps" and cfg.stages)]
     # against the recorded schedule at this step, or at its last step where the recorded run had ended
     ended = step >= before.steps
     lr0 = (before.lr or 0) * lr_factor(before, step - 1 if ended else step)
     lr1 = (cfg.lr or 0) * lr_factor(cfg, step)
     if abs(lr1 - lr0) > 1e-9 * max(abs(lr0), 1e-30):
-        notes.append(f"the learning rate at step {step} is {lr1:.3g} against {lr0:.3g} "
-                     f"{'at the recorded run' + chr(39) + 's last step' if ended else 'in the recorded schedule'}")
+        where = "at the recorded run's last step" if ended else "in the recorded schedule"
+        notes.append(f"the learning rate at step {step} is {lr1:.3g} against {lr0:.3g} {where}")
     return [f"resuming at step {step} with a changed schedule: " + "; ".join(notes)]
 
 
