@@ -102,11 +102,9 @@ def find(bs: list[dict], **match) -> dict | None:
 def measured_where(data: dict, bs: list[dict]) -> str:
     """Where the figures of `bs` were measured, when some came from a merged-in run (which may be another machine
     than the run the report describes): "" when all are the base run's."""
-    runs = set()
-    for b in bs:
-        m = next((i for i, m in enumerate(data.get("merged", [])) if b.get("fullname") in m.get("benchmarks", [])),
-                 None)
-        runs.add(m)
+    # a benchmark merged twice belongs to the later merge (an earlier record is kept while some of its others stay)
+    owner = {name: i for i, m in enumerate(data.get("merged", [])) for name in m.get("benchmarks", [])}
+    runs = {owner.get(b.get("fullname")) for b in bs}
     if runs <= {None}:
         return ""
     if len(runs) > 1:

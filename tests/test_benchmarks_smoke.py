@@ -224,6 +224,13 @@ def test_run_merge_replaces_the_benchmarks_of_the_same_name_and_keeps_the_rest(t
     assert report.measured_where(merged, [by_name["b"], by_name["c"]]) == \
         "merged in: measured 2026-12-05T02:00 on AMD EPYC, 2 logical CPUs"
     assert report.measured_where(merged, [by_name["a"], by_name["b"]]).startswith("measured in more than one run")
+    # merged again on its own later, "b" is that run's, while the first record stays for "c"
+    part.write_text(json.dumps(dict(run(False, ("b", "scaling", 6.0)), datetime="2026-12-06T09:00:00")))
+    merge(tmp_path / "merged.json", part, tmp_path / "twice.json", ["-k", "b"])
+    twice = json.loads((tmp_path / "twice.json").read_text())
+    assert len(twice["merged"]) == 2
+    assert report.measured_where(twice, [b for b in twice["benchmarks"] if b["fullname"] == "b"]).startswith(
+        "merged in: measured 2026-12-06T09:00")
     # merging the same selection again replaces the figures and the record of the merge they came from
     part.write_text(json.dumps(run(False, ("b", "scaling", 4.0), ("c", "scaling", 5.0))))
     merge(tmp_path / "merged.json", part, tmp_path / "again.json", ["-k", "scaling"])
