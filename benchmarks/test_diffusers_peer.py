@@ -26,7 +26,8 @@ def diffusers_dpmpp(unet, card, device: str):
 
     sched = card.schedule
     # Our DPM-Solver++ clips the x0 estimate to the data range by default (pixel-space data); in diffusers that is
-    # dynamic thresholding with sample_max_value = 1 (the quantile is clamped to [1, 1]).
+    # dynamic thresholding with sample_max_value = 1 (the quantile is clamped to [1, 1]). Its default timesteps are
+    # uniform in log-SNR, a layout diffusers has no name for: run() hands them over as custom timesteps.
     ours = sampling.make_sampler("dpmpp-2m", sampling.NoiseSchedule.from_dict(sched))
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=int(sched["num_train_timesteps"]), beta_start=float(sched["beta_start"]),
@@ -46,7 +47,8 @@ def diffusers_dpmpp(unet, card, device: str):
         class_labels = torch.tensor(labels, dtype=torch.int64, device=device)
         class_null = torch.full((b,), null, dtype=torch.int64, device=device)
         class_in = torch.cat([class_labels, class_null])
-        scheduler.set_timesteps(steps, device=device)
+        ours.set_timesteps(steps)  # our default layout (DPM-Solver++: "logsnr"), which diffusers takes as timesteps=
+        scheduler.set_timesteps(timesteps=ours.timesteps.tolist(), device=device)
         for t in scheduler.timesteps:
             latent_in = torch.cat([latents] * 2)
             latent_in = scheduler.scale_model_input(latent_in, t)

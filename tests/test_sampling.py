@@ -89,8 +89,12 @@ def diffusers_scheduler(name, schedule, spacing, *, clip_sample=None, set_alpha_
     return sched
 
 
-def diffusers_set_timesteps(sched, steps):
-    sched.set_timesteps(steps)
+def diffusers_set_timesteps(sched, steps, timesteps=None):
+    """diffusers' own layout of `steps`, or the given timesteps (a spacing diffusers has no name for)."""
+    if timesteps is None:
+        sched.set_timesteps(steps)
+    else:
+        sched.set_timesteps(timesteps=[int(t) for t in timesteps])
     ts = sched.timesteps.numpy()
     if isinstance(sched, DPMSolverMultistepScheduler):
         # set_timesteps rebuilds sigmas from alphas_cumprod and casts them to float32: redo it in float64
@@ -114,8 +118,11 @@ def compare_loops(name, schedule, spacing, steps, *, eta=0.0, **options):
     """Run our sampler and the diffusers oracle over a whole loop from the same x_T and the same step noise; assert
     equal timesteps and every step's prev_sample and x0 prediction to float32 tolerance. Returns the number of steps."""
     clipped_eps = options.pop("use_clipped_model_output", True)  # DDIM; ours defaults to True, diffusers to False
-    theirs = diffusers_scheduler(name, schedule, spacing, **options)
-    their_ts = diffusers_set_timesteps(theirs, steps)
+    # "logsnr" has no diffusers name (its use_lu_lambdas lays out another grid): the oracle is given our timesteps
+    custom = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, skip_zero=name == "dpmpp-2m",
+                              alphas_cumprod=schedule.alphas_cumprod) if spacing == "logsnr" else None
+    theirs = diffusers_scheduler(name, schedule, "linspace" if custom is not None else spacing, **options)
+    their_ts = diffusers_set_timesteps(theirs, steps, custom)
     our_options = {"clip_sample": options["clip_sample"]} if options.get("clip_sample") is not None else {}
     if name == "ddim":
         our_options.update(eta=eta, set_alpha_to_one=options.get("set_alpha_to_one", True))
@@ -214,13 +221,60 @@ def test_dpmpp_matches_diffusers_every_step_when_many_steps():
     compare_loops("dpmpp-2m", LINEAR, "linspace", 20)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("schedule,steps", [(LINEAR, 20), (LINEAR, 7), (COSINE, 20)], ids=["linear-20", "linear-7",
+                                                                                      "cosine-20"])
+def test_dpmpp_matches_diffusers_every_step_when_logsnr_spacing(schedule, steps):
+    assert compare_loops("dpmpp-2m", schedule, "logsnr", steps) == steps
+
+
+@pytest.mark.parametrize("skip_zero", [False, True], ids=["with-zero", "skip-zero"])
+@pytest.mark.parametrize("steps", [1, 2, 7, 20, 50, 200, T - 1])
+@pytest.mark.parametrize("schedule", [LINEAR, COSINE], ids=["linear", "cosine"])
+def test_logsnr_spacing_gives_distinct_descending_timesteps_when_any_steps(schedule, steps, skip_zero):
+    ts = spaced_timesteps(T, steps, "logsnr", skip_zero=skip_zero, alphas_cumprod=schedule.alphas_cumprod)
+    assert ts.dtype == np.int64 and len(ts) == steps
+    assert ts[0] == T - 1 and ts.min() >= 0 and np.all(np.diff(ts) < 0)
+    if not skip_zero and steps > 1:
+        assert ts[-1] == 0
+
+
+def test_logsnr_spacing_takes_nearest_timestep_to_uniform_log_snr_when_linear_20_steps():
+    lam = 0.5 * np.log(LINEAR.alphas_cumprod / (1 - LINEAR.alphas_cumprod))
+    ts = spaced_timesteps(T, 20, "logsnr", skip_zero=True, alphas_cumprod=LINEAR.alphas_cumprod)
+    targets = np.linspace(lam[-1], lam[0], 21)[:20]  # 21 points, t = 0 dropped (DPM-Solver's final step)
+    nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+    np.testing.assert_array_equal(ts, nearest)
+    h = (lam[0] - lam[-1]) / 20  # in log-SNR the steps are equal up to rounding to whole timesteps, which near
+    assert np.abs(np.diff(lam[ts]) - h).max() < 0.1  # t = 0 (lambda 4.6 at t=0, 4.1 at t=1) costs up to ~0.1
+
+
+def test_logsnr_spacing_raises_value_error_when_schedule_missing_or_steps_exceed_T():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        spaced_timesteps(T, 20, "logsnr")
+    with pytest.raises(ValueError, match="distinct timesteps"):
+        spaced_timesteps(T, T, "logsnr", skip_zero=True, alphas_cumprod=LINEAR.alphas_cumprod)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
 def test_sampler_default_spacing_equals_diffusers_default_when_spacing_omitted(name):
-    theirs = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler}[name]()
+    theirs = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[name]()
     theirs.set_timesteps(10)
     ours = make_sampler(name, LINEAR)
     ours.set_timesteps(10)
     np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
+
+
+def test_dpmpp_default_spacing_is_logsnr_and_linspace_is_diffusers_default_when_spacing_omitted():
+    # DPM-Solver++ departs from diffusers' default layout on purpose (DPMSolverPP2MSampler); "linspace" is diffusers'
+    theirs = DPMSolverMultistepScheduler()
+    theirs.set_timesteps(10)
+    ours, linspace = make_sampler("dpmpp-2m", LINEAR), make_sampler("dpmpp-2m", LINEAR)
+    ours.set_timesteps(10)
+    linspace.set_timesteps(10, spacing="linspace")
+    assert ours.spacing == "logsnr"
+    np.testing.assert_array_equal(ours.timesteps, spaced_timesteps(T, 10, "logsnr", skip_zero=True,
+                                                                    alphas_cumprod=LINEAR.alphas_cumprod))
+    np.testing.assert_array_equal(linspace.timesteps, theirs.timesteps.numpy())
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -478,9 +532,12 @@ def test_sample_matches_diffusers_loop_when_model_predicts_v(name):
     """A v-predicting model through our loop (prediction_type="v_prediction") against diffusers' scheduler told the
     same; unconditional, so each step is the model's output as it is."""
     steps = 8
-    theirs = diffusers_scheduler(name, LINEAR, make_sampler(name, LINEAR).default_spacing,
+    spacing = make_sampler(name, LINEAR).default_spacing
+    custom = spaced_timesteps(T, steps, spacing, skip_zero=name == "dpmpp-2m",
+                              alphas_cumprod=LINEAR.alphas_cumprod) if spacing == "logsnr" else None
+    theirs = diffusers_scheduler(name, LINEAR, "linspace" if custom is not None else spacing,
                                  prediction_type="v_prediction")
-    diffusers_set_timesteps(theirs, steps)
+    diffusers_set_timesteps(theirs, steps, custom)
     x = torch.from_numpy(np.random.default_rng(3).standard_normal(SHAPE))  # what sample_progressive draws, seed 3
     for t in theirs.timesteps:
         kwargs = {"use_clipped_model_output": False} if name == "ddim" else {}
