@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
+LOGSNR_MIN = -5.1  # the lowest log-SNR a "logsnr" grid starts from (diffusers' lambda_min_clipped for cosine)
 SCHEDULE_KINDS = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the model callable returns (card.PREDICTION_TYPES)
 
@@ -140,18 +141,24 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, *, skip
     if spacing == "logsnr":
         if alphas_cumprod is None or len(alphas_cumprod) != T:
             raise ValueError(f"spacing 'logsnr' needs the schedule's alphas_cumprod ({T} values)")
+        if m > T:
+            raise ValueError(f"steps={steps} with spacing='logsnr' needs {m} distinct timesteps, more than "
+                             f"num_train_timesteps={T}; use fewer steps")
         lam = log_snr(alphas_cumprod)  # [T], decreasing
-        targets = np.linspace(lam[T - 1], lam[0], m) if m > 1 else lam[T - 1:]
+        # the grid starts at LOGSNR_MIN at the lowest: the cosine schedule's capped last beta drops lambda from -6.5 at
+        # t=998 to -9.9 at t=999, and a grid from -9.9 would spend its first steps on 999, 998, 997, ... (diffusers'
+        # lambda_min_clipped); the first point is still t = T - 1, where the loop starts from pure noise
+        low = max(lam[T - 1], LOGSNR_MIN)
+        targets = np.linspace(low, lam[0], m) if m > 1 else np.array([low])
         # nearest timestep in lambda: lam is decreasing, so search the increasing -lam
         right = np.clip(np.searchsorted(-lam, -targets), 1, T - 1)
         left = right - 1
         ts = np.where(np.abs(lam[left] - targets) <= np.abs(lam[right] - targets), left, right)
-        # where lambda moves fast between neighbouring timesteps (t near 0; the cosine schedule's last ones) several
-        # points share a nearest timestep: each then takes the next free one, below its predecessor, then above its
-        # successor, so the steps stay distinct and in [0, T)
-        if m > T:
-            raise ValueError(f"steps={steps} with spacing='logsnr' needs {m} distinct timesteps, more than "
-                             f"num_train_timesteps={T}; use fewer steps")
+        ts[0] = T - 1
+        # where lambda moves fast between neighbouring timesteps (t near 0) several points share a nearest timestep:
+        # each then takes the next free one, below its predecessor, then above its successor, so the steps stay
+        # distinct and in [0, T). With skip_zero the dropped last point counts too: at 50+ steps the kept ones end
+        # ..., 3, 2, 1 rather than at 0.
         for i in range(1, m):
             ts[i] = min(ts[i], ts[i - 1] - 1)
         ts[-1] = max(ts[-1], 0)

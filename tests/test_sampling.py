@@ -18,6 +18,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from trident.serving.sampling import (
+    LOGSNR_MIN,
     SAMPLERS,
     NoiseSchedule,
     SamplingCancelled,
@@ -246,6 +247,16 @@ def test_logsnr_spacing_takes_nearest_timestep_to_uniform_log_snr_when_linear_20
     np.testing.assert_array_equal(ts, nearest)
     h = (lam[0] - lam[-1]) / 20  # in log-SNR the steps are equal up to rounding to whole timesteps, which near
     assert np.abs(np.diff(lam[ts]) - h).max() < 0.1  # t = 0 (lambda 4.6 at t=0, 4.1 at t=1) costs up to ~0.1
+
+
+def test_logsnr_spacing_starts_at_T_then_steps_evenly_from_clipped_log_snr_when_cosine_schedule():
+    # the cosine schedule's capped last beta: lambda -6.5 at t=998, -9.9 at t=999. A grid from -9.9 spent 9 of 20 steps
+    # on t >= 986 (999, 998, ..., 992, 986); from LOGSNR_MIN (-5.1) every step after the first is even in log-SNR
+    lam = 0.5 * np.log(COSINE.alphas_cumprod / (1 - COSINE.alphas_cumprod))
+    ts = spaced_timesteps(T, 20, "logsnr", skip_zero=True, alphas_cumprod=COSINE.alphas_cumprod)
+    assert ts[0] == T - 1 and np.sum(ts >= 986) <= 3
+    h = (lam[0] - LOGSNR_MIN) / 20
+    assert np.abs(np.diff(lam[ts[1:]]) - h).max() < 0.1
 
 
 def test_logsnr_spacing_raises_value_error_when_schedule_missing_or_steps_exceed_T():

@@ -47,7 +47,7 @@ def draw(model, card, w=1.0, interval=None, rescale=0.0, spacing="linspace", tim
         if clip is not None:
             kw["clip_sample"] = clip
         loop = sampling.sampling_loop((len(lab), 1, 28, 28), lab, schedule=schedule, null_class=card.null_class, **kw)
-        if timesteps is not None:  # a layout spaced_timesteps has no name for (diffusers' use_lu_lambdas grid)
+        if timesteps is not None:  # a layout given as timesteps (DPM-Solver++ otherwise drops the zero step)
             s = loop.solver
             s.timesteps = np.asarray(timesteps, np.int64)
             a = abar[s.timesteps]
@@ -75,12 +75,18 @@ def draw(model, card, w=1.0, interval=None, rescale=0.0, spacing="linspace", tim
     return np.concatenate(chunks), labels
 
 
-LU = [999, 947, 893, 834, 772, 704, 629, 546, 454, 353, 253, 166, 103, 61, 35, 19, 10, 4, 1, 0]  # diffusers 0.42
+# the timesteps diffusers 0.42 lays out with use_lu_lambdas=True: logsnr without the zero step dropped (20 calls ending at
+# t=0), which is spaced_timesteps(1000, 20, "logsnr"); run here with each timestep's own alpha and sigma, where
+# diffusers would step with the unrounded sigmas
+LU = [999, 947, 893, 834, 772, 704, 629, 546, 454, 353, 253, 166, 103, 61, 35, 19, 10, 4, 1, 0]
+QUADRATIC = np.round(np.linspace(np.sqrt(999), 0, 21) ** 2).astype(np.int64)[:20]  # t = 999 (1 - i/20)^2, DPM-Solver's
+# time-quadratic layout, the zero step dropped
 EDM_INTERVAL = (0.28, 5.42)  # Kynkaanniemi et al. 2024's interval for EDM2 (sigma), here t in [82, 578]
 EXPERIMENTS = {
     "w1": dict(),
     "w1 noclip": dict(clip=False),
     "w1 logsnr": dict(spacing="logsnr"),
+    "w1 quadratic": dict(timesteps=QUADRATIC),
     "w1 diffusers-lu": dict(timesteps=LU),
     "w1.25": dict(w=1.25),
     "w1.5 interval": dict(w=1.5, interval=EDM_INTERVAL),
