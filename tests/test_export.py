@@ -237,3 +237,25 @@ def test_cached_export_is_made_again_when_its_int8_graphs_came_from_another_quan
     assert ensure_export(checkpoints["gan"], tmp_path, "gan", buckets=(1,), log=logs.append) == directory
     assert any("another quantization method" in line for line in logs), logs
     assert load_export_metadata(directory)["int8"]["method"] == METHOD
+
+
+def test_teacher_int8_calibration_walks_the_linspace_layout_its_gate_verdict_judged(checkpoints):
+    """The teacher's int8 graphs are calibrated on DPM-Solver++ 20 steps on the linspace layout, not on the sampler's
+    default (logsnr since session 7): the int8 export cache keys the quantization method only, so a fresh export must
+    calibrate as the cached one that precision_gate.json judged did."""
+    from trident.export import quantize
+    from trident.serving import sampling
+    from trident.serving.spec import UNET
+    from trident.training.checkpoint import card_of, load_model, read_meta
+
+    path = checkpoints["diffusion"]
+    module, _ = load_model(path, "diffusion")
+    card = card_of(read_meta(path), path)
+    rows = quantize.calibration_inputs(UNET, graph_spec_of(UNET, card), module.eval(), card)
+    seen = np.unique(rows[1].astype(np.int64))[::-1]
+    schedule = sampling.NoiseSchedule.from_dict(card.schedule)
+    linspace = sampling.spaced_timesteps(schedule.num_train_timesteps, 20, "linspace", skip_zero=True)
+    default = sampling.make_sampler("dpmpp-2m", schedule)
+    default.set_timesteps(20)
+    np.testing.assert_array_equal(seen, linspace)
+    assert not np.array_equal(seen, default.timesteps)  # the pin matters: the default layout is another one
