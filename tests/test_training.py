@@ -499,6 +499,19 @@ def test_step_distillation_resumes_across_a_stage_boundary_exactly(tmp_path, tin
     assert ckpt.card_of(ma).distilled_steps == 2 and ckpt.card_of(ma).kind == "diffusion_student"
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
+    # each halving's student is kept, its card at its own steps; the last one is model.safetensors
+    final, _ = ckpt.load_checkpoint(a / "model.safetensors")
+    for run in (a, b):
+        assert sorted(p.name for p in (run / "stages").iterdir()) == ["steps_0002.safetensors", "steps_0004.safetensors"]
+        for n in (4, 2):
+            tensors, meta = ckpt.load_checkpoint(run / "stages" / f"steps_{n:04d}.safetensors")
+            assert ckpt.card_of(meta).distilled_steps == n and ckpt.card_of(meta).kind == "diffusion_student"
+    first, first_meta = ckpt.load_checkpoint(a / "stages" / "steps_0004.safetensors")
+    last, last_meta = ckpt.load_checkpoint(a / "stages" / "steps_0002.safetensors")
+    assert (first_meta["train"]["step"], last_meta["train"]["step"]) == (3, 6)
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the second halving trained on
+    for k in final:
+        torch.testing.assert_close(last[k], final[k], rtol=0, atol=0, msg=k)
 
 
 def _stage2_cfg(tmp_path, steps_per_stage, **kw):

@@ -504,6 +504,11 @@ def model_card(cfg: TrainConfig, model_cfg) -> ModelCard:
         distilled_steps=cfg.distill_to_steps if student and cfg.distill == "steps" else None)
 
 
+def _halving_done(cfg: TrainConfig, step: int) -> bool:
+    """Whether `step` ends a halving of step distillation (its EMA then becomes the next halving's teacher)."""
+    return bool(cfg.stages) and step > 0 and step % cfg.stage_length == 0
+
+
 def _meta(cfg: TrainConfig, model_cfg) -> dict:
     meta = {"kind": cfg.kind, "config": model_cfg.to_dict(), "card": model_card(cfg, model_cfg).to_dict()}
     if cfg.kind == "diffusion":
@@ -635,6 +640,11 @@ def train(cfg: TrainConfig) -> Path:
             (out / "snapshots").mkdir(exist_ok=True)
             ckpt.save_checkpoint(out / "snapshots" / f"step_{step:07d}.safetensors", export_tensors,
                                  {**meta, "card": card, "train": train_meta})
+        if _halving_done(cfg, step):  # each halving's student, servable at its own steps (the card says which)
+            n = cfg.stages[step // cfg.stage_length - 1]
+            (out / "stages").mkdir(exist_ok=True)
+            ckpt.save_checkpoint(out / "stages" / f"steps_{n:04d}.safetensors", export_tensors,
+                                 {**meta, "card": {**card, "distilled_steps": n}, "train": train_meta})
 
     log_path = out / "log.csv"
     log_file = None
@@ -704,7 +714,7 @@ def train(cfg: TrainConfig) -> Path:
                 flag = torch.tensor([float(stop)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop = bool(flag.item())
-            snapshot = cfg.snapshot_every and step % cfg.snapshot_every == 0
+            snapshot = (cfg.snapshot_every and step % cfg.snapshot_every == 0) or _halving_done(cfg, step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop or snapshot:
                 save()
             final = (step == cfg.steps or stop) and step >= cfg.sample_every  # no preview for tiny test runs
