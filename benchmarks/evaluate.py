@@ -284,7 +284,7 @@ def precision_gate(checkpoints: dict[str, Path], work: Path, ref: RealReference,
     """Draw each served model's default setting (settings; default gate_settings(checkpoints)) at fp32 and at each
     reduced-precision variant (in-process, the same seeds), judge each against fp32, and merge the verdicts into
     gate_file (keyed by checkpoint sha256: the verdicts of checkpoints not drawn here stay)."""
-    from trident.serving.spec import load_export_metadata
+    from trident.serving.spec import export_card, load_export_metadata
 
     settings = gate_settings(checkpoints) if settings is None else settings
     data = json.loads(gate_file.read_text()) if gate_file.is_file() else {}
@@ -302,8 +302,11 @@ def precision_gate(checkpoints: dict[str, Path], work: Path, ref: RealReference,
                 int8_method[variant] = load_export_metadata(clients.exports[model]).get("int8", {}).get("method")
             log(f"{model} {variant}: " + _summary(measured[variant]))
         fp32 = measured.pop("onnxruntime-fp32")
+        # a diffusion model's default sampling (what was drawn here: gate_settings) walks these timesteps
+        timesteps = precision.gated_timesteps(export_card(load_export_metadata(clients.exports[model])))
         entries[file_sha256(checkpoints[model])] = {
             "kind": model, "checkpoint": str(checkpoints[model]), "setting": setting.label, "n": n, "seed": seed,
+            **({"timesteps": timesteps} if timesteps is not None else {}),
             "fp32": {k: fp32[k] for k in ("fd", "agreement", "precision", "recall", "brightness", "draw_seconds")
                      if k in fp32},
             "variants": {v: gate_verdict(fp32, r, int8_method.get(v)) for v, r in measured.items()}}

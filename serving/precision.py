@@ -132,12 +132,14 @@ def cpu_info() -> dict:
 
 
 def gate_reasons(gate_file: str | os.PathLike | None, checkpoint_sha256: str | None,
-                 int8_method: str | None = None) -> dict[str, str | None]:
+                 int8_method: str | None = None, timesteps: list[int] | None = None) -> dict[str, str | None]:
     """{reduced-precision CPU variant: None where the quality gate passed it for this checkpoint, else why not}.
 
     int8_method: how the export being served quantized its int8 graphs (metadata.json "int8": {"method"}). An int8
     verdict counts only when the gate judged graphs made by the same method: another method's graphs compute other
     numbers (8-bit weights saturate on CPUs without VNNI, see export/quantize.py), so its verdict says nothing here.
+    timesteps (a diffusion model): the ones its default sampling walks today (sampling.default_timesteps); the
+    verdicts count only where the gate recorded the same, since they judge images drawn at those timesteps.
     """
     variants = [v for v in CPU_VARIANTS if precision_of(v) in REDUCED]
     if gate_file is None:
@@ -158,6 +160,14 @@ def gate_reasons(gate_file: str | os.PathLike | None, checkpoint_sha256: str | N
     if not isinstance(entry, dict):
         return dict.fromkeys(variants, f"no quality gate verdict for this checkpoint (sha256 {checkpoint_sha256[:12]}) "
                                        f"in {path}: run `trident evaluate --precision-gate`")
+    if timesteps is not None and entry.get("timesteps") != list(timesteps):
+        judged, now = entry.get("timesteps"), f"{len(timesteps)} steps from {list(timesteps)[:3]}..."
+        return dict.fromkeys(variants, (
+            f"the quality gate recorded no sampling timesteps for this checkpoint (judged before it did); its default "
+            f"sampling walks {now}" if judged is None else
+            f"the quality gate judged this checkpoint sampled at other timesteps ({len(judged)} steps from "
+            f"{judged[:3]}...) than its default sampling walks now ({now})")
+            + ": run `trident evaluate --precision-gate` again")
     verdicts = entry.get("variants") if isinstance(entry.get("variants"), dict) else {}
     out = {}
     for variant in variants:
@@ -177,6 +187,16 @@ def gate_reasons(gate_file: str | os.PathLike | None, checkpoint_sha256: str | N
         else:
             out[variant] = None
     return out
+
+
+def gated_timesteps(card) -> list[int] | None:
+    """The timesteps a diffusion model's gate verdicts must have been drawn at (its default sampling's); None for the
+    other kinds."""
+    if card.schedule is None:
+        return None
+    from .sampling import NoiseSchedule, default_timesteps
+
+    return default_timesteps(NoiseSchedule.from_dict(card.schedule), card.distilled_steps)
 
 
 def candidates(precisions_exported: set[str], cpu: dict, gate: dict[str, str | None],
@@ -483,7 +503,7 @@ def choose(export, graph: str, precision: str, *, gate_file=None, threads: int =
             raise ValueError(missing_files(graph, precision, entry.int8_refused))
         return {"precision": precision, "choice": dict.fromkeys(buckets, precision)}
     cpu = cpu_info()
-    gate = gate_reasons(gate_file, export.checkpoint_sha256, export.int8_method)
+    gate = gate_reasons(gate_file, export.checkpoint_sha256, export.int8_method, gated_timesteps(export.card))
     allowed = candidates(exported, cpu, gate, judged=graph in JUDGED_GRAPHS.get(export.card.kind, ()),
                          int8_refused=entry.int8_refused)
     parity = load_parity(export, graph)

@@ -534,6 +534,16 @@ def default_settings(distilled_steps: int | None = None) -> dict:
     return {"sampler": "ddim", "steps": int(distilled_steps), "spacing": STUDENT_SPACING}
 
 
+def default_timesteps(schedule: NoiseSchedule, distilled_steps: int | None = None) -> list[int]:
+    """The timesteps a diffusion model's default sampling (default_settings) walks on this schedule: what its quality
+    gate verdicts were drawn at, recorded with them, so that a verdict judged before the default changed (DPM-Solver++
+    moved from linspace to logsnr) is not taken for a current one (serving/precision.py gate_reasons)."""
+    d = default_settings(distilled_steps)
+    solver = make_sampler(d["sampler"], schedule)
+    solver.set_timesteps(d["steps"], d.get("spacing"))
+    return [int(t) for t in solver.timesteps]
+
+
 # Bounds on the loop's numeric arguments, checked before any model call (the SDK, the CLI and the server-side loop
 # all pass through sample_progressive). Guidance past ~10 only saturates the images (quality.md: FD rises from
 # guidance 1.5 on); 50 leaves room to experiment and keeps a guided eps far from float overflow. DDIM's eta runs from

@@ -13,7 +13,7 @@ import pytest
 from trident.serving import precision
 from trident.serving.ort_runner import BucketRunner
 from trident.serving.manifest import load_export
-from trident.serving.spec import GRAPHS_OF_KIND, UNET, load_export_metadata
+from trident.serving.spec import GRAPHS_OF_KIND, UNET, export_card, load_export_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = precision.cpu_info()
@@ -42,13 +42,16 @@ def files_of(export_dir: Path, entry: dict, files: str) -> dict[int, str]:
 def passing_gate(tmp_path: Path, meta: dict, variants=("openvino-bf16", "onnxruntime-int8", "openvino-int8"),
                  passed: bool = True, method: str | None = "the export's") -> Path:
     """A gate file in the format `trident evaluate --precision-gate` writes, with these verdicts for meta's checkpoint
-    (int8 verdicts judged on the export's quantization method unless method says otherwise; the real verdicts for the
-    shipped checkpoints are in benchmarks/results/precision_gate.json)."""
+    (int8 verdicts judged on the export's quantization method unless method says otherwise, a diffusion model's at the
+    timesteps its default sampling walks; the real verdicts for the shipped checkpoints are in
+    benchmarks/results/precision_gate.json)."""
     sha = meta["source_checkpoint"]["sha256"]
     method = meta["int8"]["method"] if method == "the export's" else method
     verdicts = {v: {"pass": passed, **({"int8_method": method} if method and "int8" in v else {})} for v in variants}
+    timesteps = precision.gated_timesteps(export_card(meta))  # a diffusion model's: what its default sampling walks
+    entry = {"variants": verdicts, **({"timesteps": timesteps} if timesteps is not None else {})}
     path = tmp_path / "gate.json"
-    path.write_text(json.dumps({"checkpoints": {sha: {"variants": verdicts}}}))
+    path.write_text(json.dumps({"checkpoints": {sha: entry}}))
     return path
 
 
@@ -463,6 +466,37 @@ def test_gate_reasons_read_each_kind_of_gate_file(tmp_path):
     assert set(precision.gate_reasons(tmp_path / "none.json", gan, METHOD).values()) == {
         f"no quality gate file at {tmp_path / 'none.json'} (`trident evaluate --precision-gate` writes it, "
         "--quality-gate names another)"}
+
+
+def test_gate_verdicts_of_the_shipped_diffusion_models_were_drawn_at_the_timesteps_their_default_sampling_walks(
+        tmp_path):
+    """The committed gate is current for the shipped teacher and student: each entry records the timesteps its
+    verdicts were drawn at, and they are what the default sampling walks now (a verdict from before DPM-Solver++'s
+    default moved from linspace to logsnr does not count); another layout's or an unrecorded one's is refused."""
+    from trident.export.quantize import METHOD
+    from trident.serving.files import file_sha256
+    from trident.serving.sampling import NoiseSchedule, default_timesteps
+    from trident.training.checkpoint import card_of, read_meta
+
+    gate = json.loads(COMMITTED_GATE.read_text())
+    for kind in ("diffusion", "diffusion_student"):
+        path = ROOT / "checkpoints" / kind / "model.safetensors"
+        card, sha = card_of(read_meta(path), path), file_sha256(path)
+        now = precision.gated_timesteps(card)
+        assert now == default_timesteps(NoiseSchedule.from_dict(card.schedule), card.distilled_steps)
+        assert gate["checkpoints"][sha]["timesteps"] == now, kind
+        reasons = precision.gate_reasons(COMMITTED_GATE, sha, METHOD, now)
+        assert reasons["openvino-bf16"] is None and reasons["onnxruntime-int8"] is None, (kind, reasons)
+        other = [999 - 50 * i for i in range(len(now))]  # another layout of as many steps
+        assert all(why.startswith("the quality gate judged this checkpoint sampled at other timesteps")
+                   for why in precision.gate_reasons(COMMITTED_GATE, sha, METHOD, other).values()), kind
+        del gate["checkpoints"][sha]["timesteps"]
+    unrecorded = tmp_path / "unrecorded.json"
+    unrecorded.write_text(json.dumps(gate))
+    assert all(why.startswith("the quality gate recorded no sampling timesteps for this checkpoint")
+               for why in precision.gate_reasons(unrecorded, sha, METHOD, now).values())
+    gan = ROOT / "checkpoints" / "gan" / "model.safetensors"
+    assert precision.gated_timesteps(card_of(read_meta(gan), gan)) is None
 
 
 def test_gate_verdict_passes_within_five_percent_fd_and_one_point_of_agreement_and_records_the_int8_method():
