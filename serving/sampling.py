@@ -149,7 +149,7 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, *, skip
         # t=998 to -9.9 at t=999, and a grid from -9.9 would spend its first steps on 999, 998, 997, ... (diffusers'
         # lambda_min_clipped); the first point is still t = T - 1, where the loop starts from pure noise
         low = max(lam[T - 1], LOGSNR_MIN)
-        targets = np.linspace(low, lam[0], m) if m > 1 else np.array([low])
+        targets = np.linspace(low, lam[0], m)  # m = 1: [low]
         # nearest timestep in lambda: lam is decreasing, so search the increasing -lam
         right = np.clip(np.searchsorted(-lam, -targets), 1, T - 1)
         left = right - 1

@@ -90,6 +90,18 @@ def diffusers_scheduler(name, schedule, spacing, *, clip_sample=None, set_alpha_
     return sched
 
 
+def diffusers_oracle(name, schedule, spacing, steps, **options):
+    """diffusers_scheduler with its timesteps set: diffusers' own layout of `spacing`, or for "logsnr", which diffusers
+    has no name for (its use_lu_lambdas lays out another grid), ours handed over as custom timesteps."""
+    if spacing != "logsnr":
+        theirs = diffusers_scheduler(name, schedule, spacing, **options)
+        return theirs, diffusers_set_timesteps(theirs, steps)
+    custom = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, skip_zero=name == "dpmpp-2m",
+                              alphas_cumprod=schedule.alphas_cumprod)
+    theirs = diffusers_scheduler(name, schedule, "linspace", **options)
+    return theirs, diffusers_set_timesteps(theirs, steps, custom)
+
+
 def diffusers_set_timesteps(sched, steps, timesteps=None):
     """diffusers' own layout of `steps`, or the given timesteps (a spacing diffusers has no name for)."""
     if timesteps is None:
@@ -119,11 +131,7 @@ def compare_loops(name, schedule, spacing, steps, *, eta=0.0, **options):
     """Run our sampler and the diffusers oracle over a whole loop from the same x_T and the same step noise; assert
     equal timesteps and every step's prev_sample and x0 prediction to float32 tolerance. Returns the number of steps."""
     clipped_eps = options.pop("use_clipped_model_output", True)  # DDIM; ours defaults to True, diffusers to False
-    # "logsnr" has no diffusers name (its use_lu_lambdas lays out another grid): the oracle is given our timesteps
-    custom = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, skip_zero=name == "dpmpp-2m",
-                              alphas_cumprod=schedule.alphas_cumprod) if spacing == "logsnr" else None
-    theirs = diffusers_scheduler(name, schedule, "linspace" if custom is not None else spacing, **options)
-    their_ts = diffusers_set_timesteps(theirs, steps, custom)
+    theirs, their_ts = diffusers_oracle(name, schedule, spacing, steps, **options)
     our_options = {"clip_sample": options["clip_sample"]} if options.get("clip_sample") is not None else {}
     if name == "ddim":
         our_options.update(eta=eta, set_alpha_to_one=options.get("set_alpha_to_one", True))
@@ -543,12 +551,8 @@ def test_sample_matches_diffusers_loop_when_model_predicts_v(name):
     """A v-predicting model through our loop (prediction_type="v_prediction") against diffusers' scheduler told the
     same; unconditional, so each step is the model's output as it is."""
     steps = 8
-    spacing = make_sampler(name, LINEAR).default_spacing
-    custom = spaced_timesteps(T, steps, spacing, skip_zero=name == "dpmpp-2m",
-                              alphas_cumprod=LINEAR.alphas_cumprod) if spacing == "logsnr" else None
-    theirs = diffusers_scheduler(name, LINEAR, "linspace" if custom is not None else spacing,
+    theirs, _ = diffusers_oracle(name, LINEAR, make_sampler(name, LINEAR).default_spacing, steps,
                                  prediction_type="v_prediction")
-    diffusers_set_timesteps(theirs, steps, custom)
     x = torch.from_numpy(np.random.default_rng(3).standard_normal(SHAPE))  # what sample_progressive draws, seed 3
     for t in theirs.timesteps:
         kwargs = {"use_clipped_model_output": False} if name == "ddim" else {}

@@ -641,7 +641,7 @@ def train(cfg: TrainConfig) -> Path:
             ckpt.save_checkpoint(out / "snapshots" / f"step_{step:07d}.safetensors", export_tensors,
                                  {**meta, "card": card, "train": train_meta})
         if _halving_done(cfg, step):  # each halving's student, servable at its own steps (the card says which)
-            n = cfg.stages[step // cfg.stage_length - 1]
+            n = cfg.stages[distill.stage_of(step - 1, cfg.stage_length, cfg.stages)]  # the halving just ended
             (out / "stages").mkdir(exist_ok=True)
             ckpt.save_checkpoint(out / "stages" / f"steps_{n:04d}.safetensors", export_tensors,
                                  {**meta, "card": {**card, "distilled_steps": n}, "train": train_meta})
