@@ -460,6 +460,31 @@ def test_guided_output_is_cfg_combine_of_one_stacked_call():
     assert calls == [6, 6]  # one stacked call of 2N rows (plus the reference's)
 
 
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
+def test_guidance_loss_weighs_each_row_by_w_to_the_minus_power(power):
+    from trident.serving.sampling import NoiseSchedule
+    from trident.training.distill import guidance_distillation_loss, guided_output
+    seen = {}
+
+    def teacher(x, t, y):
+        return 0.5 * x + (y[:, None, None, None] == 10).double() + t[:, None, None, None] / 1000
+
+    def student(x, t, y, w):
+        seen.update(x=x, t=t, y=y, w=w)
+        return 0.25 * x
+
+    acp = torch.from_numpy(NoiseSchedule().alphas_cumprod.copy())
+    x0 = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss = guidance_distillation_loss(student, teacher, x0, torch.arange(8) % 10, torch.Generator().manual_seed(0),
+                                      acp, null_class=10, label_dropout=0.25, guidance_range=(1.0, 5.0),
+                                      prediction_type="v_prediction", guidance_weight_power=power)
+    w = seen["w"]
+    assert w.min() >= 1 and w.max() <= 5 and len(set(w.tolist())) == 8
+    target = guided_output(teacher, seen["x"], seen["t"], seen["y"], w, 10)
+    rows = (0.25 * seen["x"] - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, (rows * w.pow(-power)).mean(), rtol=1e-12, atol=0)
+
+
 def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tiny_data):
     teacher_path = _v_teacher(tmp_path, tiny_data)
     teacher, _ = ckpt.load_model(teacher_path, "diffusion")
@@ -557,6 +582,8 @@ def test_resume_says_on_stderr_when_the_run_is_extended(tmp_path, tiny_data, cap
     (["steps", "{teacher}", "--from-steps", "12", "--to-steps", "4"], "times a power of two"),
     (["steps", "{teacher}"], "the teacher must take the guidance scale"),
     (["guidance", "{missing}"], "none.safetensors does not exist"),
+    (["guidance", "{teacher}", "--guidance-min", "0", "--guidance-weight-power", "2"], "needs guidance_min > 0"),
+    (["guidance", "{teacher}", "--guidance-weight-power", "-1"], "guidance_weight_power must be >= 0"),
 ])
 def test_distill_cli_exits_2_naming_the_problem(tmp_path, tiny_data, capsys, args, msg):
     from trident.training.train import distill_main

@@ -136,13 +136,20 @@ def _noised_batch(x0, y, t, gen, alphas_cumprod, null_class: int, label_dropout:
 
 
 def guidance_distillation_loss(student, teacher, x0, y, gen, alphas_cumprod, *, null_class: int, label_dropout: float,
-                               guidance_range: tuple[float, float], prediction_type: str):
+                               guidance_range: tuple[float, float], prediction_type: str,
+                               guidance_weight_power: float = 0.0):
     """Stage 1: MSE between the student's one row at w and the teacher's guided pair, on x_t from the forward process
-    at t ~ U[0, T), w ~ U[guidance_range], labels dropped to the null class with probability label_dropout."""
+    at t ~ U[0, T), w ~ U[guidance_range], labels dropped to the null class with probability label_dropout. Each
+    row's squared error is weighted by w ** -guidance_weight_power (0: plain MSE). The guided target
+    cond + (w - 1)(cond - uncond) grows with w, so plain MSE spends the student's capacity on the largest scales;
+    a power of 2 weighs each row's error relative to the target's scale (checkpoints/diffusion_student_guidance)."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen, device=x0.device)
     x_t, _, _, y, w = _noised_batch(x0, y, t, gen, alphas_cumprod, null_class, label_dropout, guidance_range)
     target = guided_output(teacher, x_t, t.float(), y, w, null_class)
-    return (student(x_t, t.float(), y, w) - target).pow(2).mean()
+    err = (student(x_t, t.float(), y, w) - target).pow(2).flatten(1).mean(1)
+    if guidance_weight_power:
+        err = err * w.float().pow(-guidance_weight_power)
+    return err.mean()
 
 
 def step_distillation_loss(student, teacher, x0, y, gen, alphas_cumprod, *, null_class: int, label_dropout: float,

@@ -67,6 +67,7 @@ class TrainConfig:
     teacher: str | None = None        # the teacher's model.safetensors
     guidance_min: float = 1.0         # w ~ U[guidance_min, guidance_max] for the student's guidance input
     guidance_max: float = 5.0
+    guidance_weight_power: float = 0.0  # guidance stage: each row's loss x w ** -power (distill.guidance_distillation_loss)
     distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
     distill_to_steps: int = 4         # ... down to the final student's
     ema_decay: float = 0.999            # diffusion and GAN: the exported weights are this EMA of the trained ones
@@ -116,6 +117,11 @@ class TrainConfig:
                                  and 0 <= self.guidance_min <= self.guidance_max):
             raise ValueError(f"guidance range must satisfy 0 <= min <= max, got [{self.guidance_min}, "
                              f"{self.guidance_max}]")
+        if not (math.isfinite(self.guidance_weight_power) and self.guidance_weight_power >= 0):
+            raise ValueError(f"guidance_weight_power must be >= 0, got {self.guidance_weight_power}")
+        if self.guidance_weight_power and self.distill == "guidance" and self.guidance_min <= 0:
+            raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs rows by w ** -power and "
+                             f"needs guidance_min > 0, got {self.guidance_min}")
         if self.distill == "steps":
             stages = distill.halvings(self.distill_from_steps, self.distill_to_steps)  # ValueError when not halvings
             if self.steps % len(stages):
@@ -231,7 +237,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 # What a resume may change: the length and the optimiser's settings (a run is often extended on purpose), each one
 # named in a warning with what it does to the run; anything else would make the checkpoint a different run.
 _RESUME_WARN = ("steps", "lr", "lr_schedule", "lr_min_ratio", "warmup_steps", "batch_size", "ema_decay", "seed",
-                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max")
+                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power")
 _RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps")
 
 
@@ -317,7 +323,8 @@ def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
               guidance_range=(cfg.guidance_min, cfg.guidance_max), prediction_type=cfg.prediction_type)
     with _autocast(cfg, x0.device):
         if cfg.distill == "guidance":
-            loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod, **kw)
+            loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
+                                                      guidance_weight_power=cfg.guidance_weight_power, **kw)
         else:
             n = cfg.stages[distill.stage_of(step, cfg.stage_length, cfg.stages)]
             loss = distill.step_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
@@ -894,6 +901,9 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-steps", type=int, default=4, help="steps: the final student's DDIM steps")
     p.add_argument("--guidance-min", type=float, default=1.0)
     p.add_argument("--guidance-max", type=float, default=5.0)
+    p.add_argument("--guidance-weight-power", type=float, default=0.0,
+                   help="guidance: weigh each row's loss by w ** -P (0: plain MSE; 2: error relative to the guided "
+                        "target's scale)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
@@ -920,6 +930,7 @@ def distill_main(argv=None) -> int:
                            steps=args.steps_per_stage * n_stages if n_stages else args.steps,
                            distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
                            guidance_min=args.guidance_min, guidance_max=args.guidance_max,
+                           guidance_weight_power=args.guidance_weight_power,
                            batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
                            precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
