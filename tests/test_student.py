@@ -4,7 +4,7 @@ tritonserver (sync and asyncio SDK; the client loop, the server loop and the str
 outside the student's range refused with a 4xx naming the input and the range.
 
 The student is conftest's tiny built one (`student_checkpoint`: a step-distilled card, 4 DDIM steps, guidance range
-[1, 5]); no student checkpoint is committed yet.
+[1, 5]), so what is checked here does not hang on the committed student's weights (tests/test_quality.py judges those).
 """
 from __future__ import annotations
 
