@@ -508,60 +508,6 @@ def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tin
     assert log[-1]["loss"] < log[0]["loss"], log
 
 
-def test_guidance_heads_loss_is_each_heads_mse_against_its_half_of_the_pair():
-    from trident.serving.sampling import NoiseSchedule
-    from trident.training.distill import guidance_distillation_loss, guided_pair
-    seen = {}
-
-    def teacher(x, t, y):
-        return 0.5 * x + (y[:, None, None, None] == 10).double() + t[:, None, None, None] / 1000
-
-    def student(x, t, y, w, return_heads=False):
-        assert return_heads
-        seen.update(x=x, t=t, y=y)
-        return torch.cat([0.25 * x, -x], dim=1)  # (cond, uncond)
-
-    acp = torch.from_numpy(NoiseSchedule().alphas_cumprod.copy())
-    x0 = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    loss = guidance_distillation_loss(student, teacher, x0, torch.arange(8) % 10, torch.Generator().manual_seed(0),
-                                      acp, null_class=10, label_dropout=0.5, guidance_range=(1.0, 5.0),
-                                      prediction_type="v_prediction", heads=True)
-    cond, uncond = guided_pair(teacher, seen["x"], seen["t"], seen["y"], 10)
-    want = ((0.25 * seen["x"] - cond).pow(2).mean() + (-seen["x"] - uncond).pow(2).mean()) / 2
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
-    assert (seen["y"] == 10).any() and (seen["y"] != 10).any()  # label dropout reached the pair
-
-
-def test_guidance_heads_student_starts_as_its_teacher_combines_its_heads_by_w_and_learns(tmp_path, tiny_data):
-    teacher_path = _v_teacher(tmp_path, tiny_data)
-    teacher, _ = ckpt.load_model(teacher_path, "diffusion")
-    out = tmp_path / "h"
-    train(_cfg("diffusion", out, tiny_data, model={}, distill="guidance", teacher=str(teacher_path), steps=1,
-               lr=1e-12, warmup_steps=0, guidance_heads=True))
-    student, meta = ckpt.load_model(out / "model.safetensors", "diffusion")
-    assert student.config.guidance_input and student.config.guidance_heads
-    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([10.0, 500.0, 800.0]), torch.tensor([3, 7, 10])
-    with torch.no_grad():
-        for w in (1.0, 4.0):  # both heads start as the teacher's conditional output
-            torch.testing.assert_close(student(x, t, y, torch.full((3,), w)), teacher(x, t, y), rtol=1e-5, atol=1e-5)
-        student.out[-1].bias.copy_(torch.tensor([0.5, -0.25]))  # heads apart: forward is uncond + w (cond - uncond)
-        w = torch.tensor([1.0, 2.5, 5.0])
-        cond, uncond = student(x, t, y, w, return_heads=True).chunk(2, dim=1)
-        torch.testing.assert_close(student(x, t, y, w), uncond + w[:, None, None, None] * (cond - uncond))
-        torch.testing.assert_close(cond - uncond, torch.full_like(cond, 0.75), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="one output head"):
-        teacher(x, t, y, return_heads=True)
-    out2 = tmp_path / "h2"
-    train(_cfg("diffusion", out2, tiny_data, model={}, distill="guidance", teacher=str(teacher_path), steps=40,
-               lr=2e-3, log_every=10, guidance_heads=True))
-    log = _log(out2)
-    assert log[-1]["loss"] < log[0]["loss"], log
-    # stage two keeps its teacher's heads
-    steps = train(_cfg("diffusion", tmp_path / "s", tiny_data, model={}, distill="steps", teacher=str(out2 / "model.safetensors"),
-                       distill_from_steps=2, distill_to_steps=1, steps=1))
-    assert ckpt.load_model(steps, "diffusion")[0].config.guidance_heads
-
-
 def test_step_distillation_resumes_across_a_stage_boundary_exactly(tmp_path, tiny_data):
     teacher_path = _v_teacher(tmp_path, tiny_data)
     stage1 = train(_cfg("diffusion", tmp_path / "g", tiny_data, model={}, distill="guidance",
@@ -639,8 +585,6 @@ def test_resume_says_on_stderr_when_the_run_is_extended(tmp_path, tiny_data, cap
     (["guidance", "{teacher}", "--guidance-min", "0", "--guidance-weight-power", "2"], "needs guidance_min > 0"),
     (["guidance", "{teacher}", "--guidance-weight-power", "-1"], "guidance_weight_power must be >= 0"),
     (["steps", "{teacher}", "--guidance-weight-power", "2"], "would be ignored here (distill 'steps')"),
-    (["steps", "{teacher}", "--guidance-heads"], "a later stage keeps its teacher's heads"),
-    (["guidance", "{teacher}", "--guidance-heads", "--guidance-weight-power", "2"], "no w is weighed"),
 ])
 def test_distill_cli_exits_2_naming_the_problem(tmp_path, tiny_data, capsys, args, msg):
     from trident.training.train import distill_main

@@ -55,17 +55,12 @@ def ddim_step(out, z, alpha, sigma, alpha_next, sigma_next, prediction_type: str
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def guided_pair(teacher, x, t, y, null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's (cond, uncond) outputs from one call on [x; x] with [y; null], as sampling.cfg_eps sends them;
-    rows whose y is the null class get the unconditional output twice."""
+def guided_output(teacher, x, t, y, w, null_class: int) -> torch.Tensor:
+    """The teacher's classifier-free guided output uncond + w * (cond - uncond) (Ho & Salimans 2022), from one call on
+    [x; x] with [y; null] as sampling.cfg_eps; rows whose y is the null class get the unconditional output."""
     n = x.shape[0]
     both = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))  # (2N, ...)
-    return both[:n], both[n:]
-
-
-def guided_output(teacher, x, t, y, w, null_class: int) -> torch.Tensor:
-    """The teacher's classifier-free guided output uncond + w * (cond - uncond) (Ho & Salimans 2022)."""
-    cond, uncond = guided_pair(teacher, x, t, y, null_class)
+    cond, uncond = both[:n], both[n:]
     return uncond + w[:, None, None, None] * (cond - uncond)
 
 
@@ -142,18 +137,14 @@ def _noised_batch(x0, y, t, gen, alphas_cumprod, null_class: int, label_dropout:
 
 def guidance_distillation_loss(student, teacher, x0, y, gen, alphas_cumprod, *, null_class: int, label_dropout: float,
                                guidance_range: tuple[float, float], prediction_type: str,
-                               guidance_weight_power: float = 0.0, heads: bool = False):
+                               guidance_weight_power: float = 0.0):
     """Stage 1: MSE between the student's one row at w and the teacher's guided pair, on x_t from the forward process
     at t ~ U[0, T), w ~ U[guidance_range], labels dropped to the null class with probability label_dropout. Each
     row's squared error is weighted by w ** -guidance_weight_power (0: plain MSE). The guided target
     cond + (w - 1)(cond - uncond) grows with w, so plain MSE spends the student's capacity on the largest scales;
-    a power of 2 weighs each row's error relative to the target's scale (checkpoints/diffusion_student_guidance).
-    heads (a student with config.guidance_heads): MSE of its two heads against the teacher's cond and uncond."""
+    a power of 2 weighs each row's error relative to the target's scale (checkpoints/diffusion_student_guidance)."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen, device=x0.device)
     x_t, _, _, y, w = _noised_batch(x0, y, t, gen, alphas_cumprod, null_class, label_dropout, guidance_range)
-    if heads:  # each head its half of the pair: the combination by w is exact, so no w needs weighing
-        target = torch.cat(guided_pair(teacher, x_t, t.float(), y, null_class), dim=1)
-        return (student(x_t, t.float(), y, w, return_heads=True) - target).pow(2).mean()
     target = guided_output(teacher, x_t, t.float(), y, w, null_class)
     err = (student(x_t, t.float(), y, w) - target).pow(2).flatten(1).mean(1)
     if guidance_weight_power:

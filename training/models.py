@@ -40,12 +40,8 @@ class UNetConfig:
     groups: int = 8
     dropout: float = 0.0
     guidance_input: bool = False                # a guidance-distilled student: forward takes the guidance scale w
-    guidance_heads: bool = False                # with guidance_input: two output heads, cond and uncond, combined
-                                                # as uncond + w (cond - uncond) inside forward (UNet.heads)
 
     def __post_init__(self):
-        if self.guidance_heads and not self.guidance_input:
-            raise ValueError("guidance_heads combines two heads by the guidance scale: it needs guidance_input")
         if self.image_size % (2 ** (len(self.channel_mult) - 1)):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**(levels-1)")
         if any(lvl >= len(self.channel_mult) for lvl in self.attention_levels):
@@ -116,9 +112,7 @@ class UNet(nn.Module):
     y == config.null_class means "no class". With config.guidance_input, forward(x, t, y, w) also takes the guidance
     scale w (N,) and predicts the guided output in one row (Meng et al. 2023, stage one): an embedding of w, its last
     layer zero-initialised, added to the class embedding, so a student copied from its teacher starts as the teacher's
-    conditional prediction at every w. With config.guidance_heads the last conv has two heads, cond and uncond, and
-    forward returns uncond + w (cond - uncond): a student copied from its teacher starts with both heads on the
-    teacher's conditional output, and stage one teaches each head its half of the teacher's pair."""
+    conditional prediction at every w."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -162,27 +156,12 @@ class UNet(nn.Module):
                 if level != 0 and i == c.num_res_blocks:
                     blocks.append(Upsample(cur))
                 self.up.append(nn.ModuleList(blocks))
-        out_channels = c.in_channels * (2 if c.guidance_heads else 1)
-        self.out = nn.Sequential(nn.GroupNorm(c.groups, cur), nn.SiLU(), nn.Conv2d(cur, out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(c.groups, cur), nn.SiLU(), nn.Conv2d(cur, c.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None,
-                return_heads: bool = False) -> torch.Tensor:
-        # x (N, C, H, W), t (N,) float timesteps, y (N,) int64 class ids in [0, num_classes], w (N,) guidance scales.
-        # config.guidance_heads: two heads (cond, uncond) combined by w, so the guided output is linear in w by
-        # construction, as the teacher's pair is; return_heads=True gives them, stacked on the channels (N, 2C, H, W)
-        out = self._net(x, t, y, w)
-        if return_heads:
-            if not self.config.guidance_heads:
-                raise ValueError("return_heads: this U-Net has one output head (config.guidance_heads is False)")
-            return out
-        if self.config.guidance_heads:
-            cond, uncond = out.chunk(2, dim=1)
-            return uncond + w.to(cond.dtype)[:, None, None, None] * (cond - uncond)
-        return out
-
-    def _net(self, x, t, y, w):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        # x (N, C, H, W), t (N,) float timesteps, y (N,) int64 class ids in [0, num_classes], w (N,) guidance scales
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels)) + self.class_emb(y)  # (N, 4ch)
         if self.config.guidance_input:
             if w is None:

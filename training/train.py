@@ -68,7 +68,6 @@ class TrainConfig:
     guidance_min: float = 1.0         # w ~ U[guidance_min, guidance_max] for the student's guidance input
     guidance_max: float = 5.0
     guidance_weight_power: float = 0.0  # guidance stage: each row's loss x w ** -power (distill.guidance_distillation_loss)
-    guidance_heads: bool = False  # guidance stage: a student with cond and uncond heads combined by w (UNetConfig)
     distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
     distill_to_steps: int = 4         # ... down to the final student's
     ema_decay: float = 0.999            # diffusion and GAN: the exported weights are this EMA of the trained ones
@@ -123,12 +122,6 @@ class TrainConfig:
         if self.guidance_weight_power and self.distill != "guidance":
             raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs stage 1's rows "
                              f"(distill 'guidance') and would be ignored here (distill {self.distill or 'none'!r})")
-        if self.guidance_heads and self.distill != "guidance":
-            raise ValueError("guidance_heads shapes the stage-1 student (distill 'guidance'); a later stage keeps its "
-                             "teacher's heads")
-        if self.guidance_heads and self.guidance_weight_power:
-            raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs the guided output by w; "
-                             "with guidance_heads each head learns its half of the pair and no w is weighed")
         if self.guidance_weight_power and self.guidance_min <= 0:
             raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs rows by w ** -power and "
                              f"needs guidance_min > 0, got {self.guidance_min}")
@@ -247,8 +240,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 # What a resume may change: the length and the optimiser's settings (a run is often extended on purpose), each one
 # named in a warning with what it does to the run; anything else would make the checkpoint a different run.
 _RESUME_WARN = ("steps", "lr", "lr_schedule", "lr_min_ratio", "warmup_steps", "batch_size", "ema_decay", "seed",
-                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power",
-                "guidance_heads")
+                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power")
 _RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps")
 
 
@@ -335,8 +327,7 @@ def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     with _autocast(cfg, x0.device):
         if cfg.distill == "guidance":
             loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
-                                                      guidance_weight_power=cfg.guidance_weight_power,
-                                                      heads=_unwrap(student).config.guidance_heads, **kw)
+                                                      guidance_weight_power=cfg.guidance_weight_power, **kw)
         else:
             n = cfg.stages[distill.stage_of(step, cfg.stage_length, cfg.stages)]
             loss = distill.step_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
@@ -544,8 +535,7 @@ def _distill_setup(cfg: TrainConfig, device) -> tuple[torch.nn.Module, TrainConf
     card = ckpt.card_of(tmeta, cfg.teacher).to_dict()
     distill.check_teacher(cfg.distill, teacher.config, card)
     cfg = dataclasses.replace(cfg, schedule=card["schedule"], prediction_type=card["prediction_type"])
-    student_cfg = dataclasses.replace(teacher.config, guidance_input=True,
-                                      guidance_heads=teacher.config.guidance_heads or cfg.guidance_heads)
+    student_cfg = dataclasses.replace(teacher.config, guidance_input=True)
     return teacher.to(device).eval().requires_grad_(False), cfg, student_cfg
 
 
@@ -571,10 +561,7 @@ def train(cfg: TrainConfig) -> Path:
     mods = {"model": build_model(cfg.kind, model_cfg).to(device)}
     if teacher is not None:
         # the student starts as its teacher; a stage-1 student's new guidance embedding starts at zero
-        state = teacher.state_dict()
-        if model_cfg.guidance_heads and not teacher.config.guidance_heads:  # both heads start as the teacher's one
-            state = {**state, **{k: torch.cat([state[k], state[k]]) for k in ("out.2.weight", "out.2.bias")}}
-        missing, unexpected = mods["model"].load_state_dict(state, strict=False)
+        missing, unexpected = mods["model"].load_state_dict(teacher.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("guidance_mlp.") for k in missing), (missing, unexpected)
         meta["distill"] = {"stage": cfg.distill, "teacher": str(cfg.teacher),
                            "teacher_sha256": file_sha256(cfg.teacher),
@@ -920,9 +907,6 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-weight-power", type=float, default=0.0,
                    help="guidance: weigh each row's loss by w ** -P (0: plain MSE; 2: error relative to the guided "
                         "target's scale)")
-    p.add_argument("--guidance-heads", action="store_true",
-                   help="guidance: the student gets two output heads, cond and uncond, combined as uncond + w (cond - "
-                        "uncond), each trained on its half of the teacher's pair")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
@@ -949,7 +933,7 @@ def distill_main(argv=None) -> int:
                            steps=args.steps_per_stage * n_stages if n_stages else args.steps,
                            distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
                            guidance_min=args.guidance_min, guidance_max=args.guidance_max,
-                           guidance_weight_power=args.guidance_weight_power, guidance_heads=args.guidance_heads,
+                           guidance_weight_power=args.guidance_weight_power,
                            batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
                            precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
