@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from trident.export.build import default_build
 from trident.serving.server.repository import MARKER
 from trident.serving.server.runtime import RUNTIME_FILES
 from trident.serving.graph_runtime import MEASURED_FILE
@@ -18,10 +17,17 @@ SHIPPED = ROOT / "checkpoints"
 STUDENT = "diffusion_student"  # the distilled student (issue 19): a diffusion checkpoint written by `trident distill`
 
 
-@pytest.fixture(scope="session")
-def shipped_work(tmp_path_factory) -> Path:
-    """A fresh export cache of the shipped checkpoints at the default buckets (what `trident demo` builds)."""
-    return tmp_path_factory.mktemp("shipped_work")
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`trident demo` run once on the shipped checkpoints, from a fresh export cache into a fresh repository: its
+    build is the default `trident serve build` (default_build, `--precision auto`), so the tests below judge both
+    the demo and the repository a fresh build writes, for one build's cost (the precision trial is most of it)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    out, repo = tmp / "demo", tmp / "repo"
+    cmd = [sys.executable, "-m", "trident.serving.cli", "demo", "--out", str(out), "--model-repository", str(repo),
+           "--work", str(tmp / "work"), "--per-class", "2", "--steps", "4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return r, out, repo
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "gan", "vae", "classifier", STUDENT])
@@ -37,9 +43,11 @@ def test_shipped_checkpoint_exists_and_records_how_it_was_trained(kind):
     assert (SHIPPED / kind / "TRAINING.md").is_file()
 
 
-def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path):
-    fresh = tmp_path / "model_repository"
-    default_build(SHIPPED, fresh, shipped_work, log=lambda *_: None)  # with the student's models where it is shipped
+@pytest.mark.server
+@pytest.mark.slow
+def test_committed_model_repository_equals_a_fresh_build(demo):
+    r, _, fresh = demo  # the demo's build: default_build, with the student's models where it is shipped
+    assert (fresh / MARKER).is_file(), r.stdout[-2000:] + r.stderr[-3000:]
     # Committed: the marker and every config.pbtxt. Generated only: the graphs, model.py and the runtime files
     # (copies of serving/server/runtime/*_model.py and of RUNTIME_FILES), and what the build measured on its machine
     # (MEASURED_FILE: the row shards' bucket limit), all git-ignored, so the committed files are the same wherever
@@ -60,11 +68,8 @@ def test_committed_model_repository_equals_a_fresh_build(shipped_work, tmp_path)
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_writes_its_images(shipped_work, tmp_path):
-    out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "trident.serving.cli", "demo", "--out", str(out), "--model-repository",
-           str(tmp_path / "repo"), "--work", str(shipped_work), "--per-class", "2", "--steps", "4"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_demo_runs_end_to_end_and_writes_its_images(demo):
+    r, out, repo = demo
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     names = ["diffusion.png", "diffusion_guidance.png", "gan.png", "vae.png", "vae_interpolation.png"]
     student = (SHIPPED / STUDENT / "model.safetensors").is_file()
@@ -78,7 +83,7 @@ def test_demo_runs_end_to_end_and_writes_its_images(shipped_work, tmp_path):
         assert not (out / f"{STUDENT}.png").exists()
     # the demo serves `auto` (issue 21): every graph's precision measured here, in the generated files
     import json
-    assert set(json.loads((tmp_path / "repo" / MARKER).read_text())["precision"].values()) == {"auto"}
+    assert set(json.loads((repo / MARKER).read_text())["precision"].values()) == {"auto"}
 
 
 def test_only_the_configs_of_the_model_repository_are_committed():
