@@ -524,11 +524,12 @@ def test_serve_exits_within_5_s_of_sigterm_with_sampling_loops_in_flight(export_
         server_pid = int(output.split("tritonserver pid ", 1)[1].split(",")[0])
         clients = [threading.Thread(target=draw, args=("http", fields["HTTP"])),
                    threading.Thread(target=draw, args=("grpc", fields["gRPC"]),
-                                    kwargs=dict(callback=lambda *step: streaming.set()))]
+                                    kwargs=dict(callback=lambda i, *step: streaming.set() if i >= 10 else None))]
         for client in clients:
             client.start()
-        assert streaming.wait(120), "the streamed loop never reported a step"
-        time.sleep(1.0)  # both loops a few steps in
+        # Both loops at their steady pace: the streaming model makes its U-Net sessions on its first request, so its
+        # first steps take a second or more, and a loop stops at the end of the step it is in.
+        assert streaming.wait(120), "the streamed loop never reported 10 steps"
 
         t0 = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -565,11 +566,16 @@ def test_server_ends_when_the_process_that_started_it_is_killed(model_repository
         assert Path(f"/proc/{pid}/exe").resolve().name == "tritonserver"
         child.send_signal(sig.SIGKILL)
         child.wait(timeout=10)
+        def alive():  # a zombie has ended: its parent is gone, and init reaps it when it gets to it
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
         deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while alive() and time.monotonic() < deadline:
             time.sleep(0.1)
-        alive = Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-        assert not alive, f"tritonserver {pid} outlived the process that started it"
+        assert not alive(), f"tritonserver {pid} outlived the process that started it"
     finally:
         child.kill()
         if pid is not None and Path(f"/proc/{pid}").exists():
