@@ -68,6 +68,7 @@ class TrainConfig:
     guidance_min: float = 1.0         # w ~ U[guidance_min, guidance_max] for the student's guidance input
     guidance_max: float = 5.0
     guidance_weight_power: float = 0.0  # guidance stage: each row's loss x w ** -power (distill.guidance_distillation_loss)
+    extra_mid_blocks: int = 0         # guidance stage: the student gets this many more middle res blocks than its teacher
     distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
     distill_to_steps: int = 4         # ... down to the final student's
     ema_decay: float = 0.999            # diffusion and GAN: the exported weights are this EMA of the trained ones
@@ -122,6 +123,11 @@ class TrainConfig:
         if self.guidance_weight_power and self.distill != "guidance":
             raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs stage 1's rows "
                              f"(distill 'guidance') and would be ignored here (distill {self.distill or 'none'!r})")
+        if self.extra_mid_blocks and self.distill != "guidance":
+            raise ValueError(f"extra_mid_blocks {self.extra_mid_blocks} adds blocks to a stage-1 student; "
+                             "stage 2 keeps its teacher's architecture, and plain training takes --model")
+        if self.extra_mid_blocks < 0:
+            raise ValueError(f"extra_mid_blocks must be >= 0, got {self.extra_mid_blocks}")
         if self.guidance_weight_power and self.guidance_min <= 0:
             raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs rows by w ** -power and "
                              f"needs guidance_min > 0, got {self.guidance_min}")
@@ -535,7 +541,8 @@ def _distill_setup(cfg: TrainConfig, device) -> tuple[torch.nn.Module, TrainConf
     card = ckpt.card_of(tmeta, cfg.teacher).to_dict()
     distill.check_teacher(cfg.distill, teacher.config, card)
     cfg = dataclasses.replace(cfg, schedule=card["schedule"], prediction_type=card["prediction_type"])
-    student_cfg = dataclasses.replace(teacher.config, guidance_input=True)
+    student_cfg = dataclasses.replace(teacher.config, guidance_input=True,
+                                      extra_mid_blocks=teacher.config.extra_mid_blocks + cfg.extra_mid_blocks)
     return teacher.to(device).eval().requires_grad_(False), cfg, student_cfg
 
 
@@ -560,9 +567,13 @@ def train(cfg: TrainConfig) -> Path:
     meta = _meta(cfg, model_cfg)
     mods = {"model": build_model(cfg.kind, model_cfg).to(device)}
     if teacher is not None:
-        # the student starts as its teacher; a stage-1 student's new guidance embedding starts at zero
+        # the student starts as its teacher: a stage-1 student's new guidance embedding starts at zero, and its extra
+        # middle blocks (extra_mid_blocks) as the identity
         missing, unexpected = mods["model"].load_state_dict(teacher.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("guidance_mlp.") for k in missing), (missing, unexpected)
+        first_new = len(teacher.mid)
+        new_blocks = tuple(f"mid.{i}." for i in range(first_new, len(mods["model"].mid)))
+        assert not unexpected and all(k.startswith(("guidance_mlp.", *new_blocks)) for k in missing), (missing,
+                                                                                                      unexpected)
         meta["distill"] = {"stage": cfg.distill, "teacher": str(cfg.teacher),
                            "teacher_sha256": file_sha256(cfg.teacher),
                            "guidance_range": [cfg.guidance_min, cfg.guidance_max], "stages": cfg.stages,
@@ -907,6 +918,9 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-weight-power", type=float, default=0.0,
                    help="guidance: weigh each row's loss by w ** -P (0: plain MSE; 2: error relative to the guided "
                         "target's scale)")
+    p.add_argument("--extra-mid-blocks", type=int, default=0,
+                   help="guidance: give the student this many more res blocks at the lowest resolution than its "
+                        "teacher, each starting as the identity (more capacity for a few %% more FLOPs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
@@ -933,7 +947,7 @@ def distill_main(argv=None) -> int:
                            steps=args.steps_per_stage * n_stages if n_stages else args.steps,
                            distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
                            guidance_min=args.guidance_min, guidance_max=args.guidance_max,
-                           guidance_weight_power=args.guidance_weight_power,
+                           guidance_weight_power=args.guidance_weight_power, extra_mid_blocks=args.extra_mid_blocks,
                            batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
                            precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
