@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import dataclasses
 import csv
 import json
@@ -69,6 +70,7 @@ class TrainConfig:
     guidance_max: float = 5.0
     guidance_weight_power: float = 0.0  # guidance stage: each row's loss x w ** -power (distill.guidance_distillation_loss)
     extra_mid_blocks: int = 0         # guidance stage: the student gets this many more middle res blocks than its teacher
+    guidance_t_weight_power: float = 0.0  # guidance stage: rows also x (E|cond - uncond|^2 at t / its mean) ** -power
     distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
     distill_to_steps: int = 4         # ... down to the final student's
     ema_decay: float = 0.999            # diffusion and GAN: the exported weights are this EMA of the trained ones
@@ -126,6 +128,11 @@ class TrainConfig:
         if self.extra_mid_blocks and self.distill != "guidance":
             raise ValueError(f"extra_mid_blocks {self.extra_mid_blocks} adds blocks to a stage-1 student; "
                              "stage 2 keeps its teacher's architecture, and plain training takes --model")
+        if not (math.isfinite(self.guidance_t_weight_power) and self.guidance_t_weight_power >= 0):
+            raise ValueError(f"guidance_t_weight_power must be >= 0, got {self.guidance_t_weight_power}")
+        if self.guidance_t_weight_power and self.distill != "guidance":
+            raise ValueError(f"guidance_t_weight_power {self.guidance_t_weight_power} weighs stage 1's rows; it would "
+                             f"be ignored here (distill {self.distill!r})")
         if self.extra_mid_blocks < 0:
             raise ValueError(f"extra_mid_blocks must be >= 0, got {self.extra_mid_blocks}")
         if self.guidance_weight_power and self.guidance_min <= 0:
@@ -246,7 +253,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 # What a resume may change: the length and the optimiser's settings (a run is often extended on purpose), each one
 # named in a warning with what it does to the run; anything else would make the checkpoint a different run.
 _RESUME_WARN = ("steps", "lr", "lr_schedule", "lr_min_ratio", "warmup_steps", "batch_size", "ema_decay", "seed",
-                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power")
+                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power",
+                "guidance_t_weight_power")
 _RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps")
 
 
@@ -325,7 +333,7 @@ def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     return {"loss": loss.item()}
 
 
-def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
+def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step, t_weight=None):
     """One step of either distillation stage (training/distill.py); the teacher is frozen."""
     student = mods["model"]
     kw = dict(null_class=_unwrap(student).config.null_class, label_dropout=cfg.label_dropout,
@@ -333,7 +341,8 @@ def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     with _autocast(cfg, x0.device):
         if cfg.distill == "guidance":
             loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
-                                                      guidance_weight_power=cfg.guidance_weight_power, **kw)
+                                                      guidance_weight_power=cfg.guidance_weight_power,
+                                                      t_weight=t_weight, **kw)
         else:
             n = cfg.stages[distill.stage_of(step, cfg.stage_length, cfg.stages)]
             loss = distill.step_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
@@ -631,6 +640,13 @@ def train(cfg: TrainConfig) -> Path:
     step_fn = _distill_step if cfg.distill else STEPS[cfg.kind]
     if teacher is not None:
         mods["teacher"] = teacher  # frozen: no optimizer, never wrapped, saved only when stages change it
+    if cfg.guidance_t_weight_power:  # measured again on a resume, the same: a fixed batch and generator
+        scale = distill.guidance_scale_by_t(teacher, images[:128], labels[:128], alphas_cumprod,
+                                            torch.Generator(device=device).manual_seed(cfg.seed))
+        step_fn = functools.partial(step_fn, t_weight=(scale / scale.mean()).pow(-cfg.guidance_t_weight_power))
+        if rank == 0:
+            print("guidance scale E|cond - uncond|^2 by t: " + ", ".join(f"t={t} {scale[t].item():.2e}"
+                                                                    for t in (0, 250, 500, 750, 999)), flush=True)
     local_bs = max(1, cfg.batch_size // world)
 
     def save(final: bool = False):
@@ -918,6 +934,9 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-weight-power", type=float, default=0.0,
                    help="guidance: weigh each row's loss by w ** -P (0: plain MSE; 2: error relative to the guided "
                         "target's scale)")
+    p.add_argument("--guidance-t-weight-power", type=float, default=0.0,
+                   help="guidance: also weigh each row by (E|cond - uncond|^2 at its t / its mean) ** -P, measured with "
+                        "the teacher (0: off; 1: error relative to the guidance direction's size at t)")
     p.add_argument("--extra-mid-blocks", type=int, default=0,
                    help="guidance: give the student this many more res blocks at the lowest resolution than its "
                         "teacher, each starting as the identity (more capacity for a few %% more FLOPs)")
@@ -948,6 +967,7 @@ def distill_main(argv=None) -> int:
                            distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
                            guidance_min=args.guidance_min, guidance_max=args.guidance_max,
                            guidance_weight_power=args.guidance_weight_power, extra_mid_blocks=args.extra_mid_blocks,
+                           guidance_t_weight_power=args.guidance_t_weight_power,
                            batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
                            precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
