@@ -135,28 +135,9 @@ def _noised_batch(x0, y, t, gen, alphas_cumprod, null_class: int, label_dropout:
     return a * x0 + s * eps, a, s, y, sample_guidance(n, *guidance_range, gen, dev)
 
 
-@torch.no_grad()
-def guidance_scale_by_t(teacher, x0, y, alphas_cumprod, gen: torch.Generator, bins: int = 20) -> torch.Tensor:
-    """E |cond - uncond|^2, the size of the guidance direction, at every timestep (T,): measured with the teacher on
-    x0 (a fixed batch of training images, their labels) noised at `bins` evenly spaced t, interpolated in between.
-    With a v- or eps-prediction teacher it is tiny at low noise (x_t pins the image) and large at high noise."""
-    num_t = len(alphas_cumprod)
-    ts = torch.linspace(0, num_t - 1, bins).round().long()
-    scale = []
-    for t_value in ts:
-        t = torch.full((x0.shape[0],), int(t_value), device=x0.device)
-        a, s = alpha_sigma(alphas_cumprod, t)
-        x_t = a * x0 + s * torch.randn(x0.shape, generator=gen, device=x0.device)
-        both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]).float(), torch.cat([y, torch.full_like(y, teacher.config.null_class)]))
-        scale.append((both[: len(y)] - both[len(y):]).float().pow(2).mean())
-    scale = torch.stack(scale)
-    grid = torch.arange(num_t, device=x0.device, dtype=torch.float32)
-    return torch.from_numpy(np.interp(grid.cpu().numpy(), ts.float().numpy(), scale.cpu().numpy())).float().to(x0.device)
-
-
 def guidance_distillation_loss(student, teacher, x0, y, gen, alphas_cumprod, *, null_class: int, label_dropout: float,
                                guidance_range: tuple[float, float], prediction_type: str,
-                               guidance_weight_power: float = 0.0, t_weight: torch.Tensor | None = None):
+                               guidance_weight_power: float = 0.0):
     """Stage 1: MSE between the student's one row at w and the teacher's guided pair, on x_t from the forward process
     at t ~ U[0, T), w ~ U[guidance_range], labels dropped to the null class with probability label_dropout. Each
     row's squared error is weighted by w ** -guidance_weight_power (0: plain MSE). The guided target
@@ -168,8 +149,6 @@ def guidance_distillation_loss(student, teacher, x0, y, gen, alphas_cumprod, *, 
     err = (student(x_t, t.float(), y, w) - target).pow(2).flatten(1).mean(1)
     if guidance_weight_power:
         err = err * w.float().pow(-guidance_weight_power)
-    if t_weight is not None:  # (T,): each row's error also weighed by its timestep's weight
-        err = err * t_weight[t]
     return err.mean()
 
 

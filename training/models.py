@@ -40,17 +40,12 @@ class UNetConfig:
     groups: int = 8
     dropout: float = 0.0
     guidance_input: bool = False                # a guidance-distilled student: forward takes the guidance scale w
-    extra_mid_blocks: int = 0                   # res blocks after the middle's last, at the lowest resolution, each
-                                                # the identity at initialisation (capacity for a student: cheap in
-                                                # FLOPs there, and it still starts as its teacher)
 
     def __post_init__(self):
         if self.image_size % (2 ** (len(self.channel_mult) - 1)):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**(levels-1)")
         if any(lvl >= len(self.channel_mult) for lvl in self.attention_levels):
             raise ValueError(f"attention_levels {self.attention_levels} out of range for {len(self.channel_mult)} levels")
-        if self.extra_mid_blocks < 0:
-            raise ValueError(f"extra_mid_blocks must be >= 0, got {self.extra_mid_blocks}")
 
     @property
     def null_class(self) -> int:
@@ -149,8 +144,7 @@ class UNet(nn.Module):
 
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, c.groups, c.dropout),
                                   Attention(cur, c.num_heads, c.groups),
-                                  ResBlock(cur, cur, emb_dim, c.groups, c.dropout),
-                                  *(ResBlock(cur, cur, emb_dim, c.groups, c.dropout) for _ in range(c.extra_mid_blocks))])
+                                  ResBlock(cur, cur, emb_dim, c.groups, c.dropout)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):

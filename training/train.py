@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import dataclasses
 import csv
 import json
@@ -69,8 +68,6 @@ class TrainConfig:
     guidance_min: float = 1.0         # w ~ U[guidance_min, guidance_max] for the student's guidance input
     guidance_max: float = 5.0
     guidance_weight_power: float = 0.0  # guidance stage: each row's loss x w ** -power (distill.guidance_distillation_loss)
-    extra_mid_blocks: int = 0         # guidance stage: the student gets this many more middle res blocks than its teacher
-    guidance_t_weight_power: float = 0.0  # guidance stage: rows also x (E|cond - uncond|^2 at t / its mean) ** -power
     distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
     distill_to_steps: int = 4         # ... down to the final student's
     ema_decay: float = 0.999            # diffusion and GAN: the exported weights are this EMA of the trained ones
@@ -125,16 +122,6 @@ class TrainConfig:
         if self.guidance_weight_power and self.distill != "guidance":
             raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs stage 1's rows "
                              f"(distill 'guidance') and would be ignored here (distill {self.distill or 'none'!r})")
-        if self.extra_mid_blocks and self.distill != "guidance":
-            raise ValueError(f"extra_mid_blocks {self.extra_mid_blocks} adds blocks to a stage-1 student; "
-                             "stage 2 keeps its teacher's architecture, and plain training takes --model")
-        if not (math.isfinite(self.guidance_t_weight_power) and self.guidance_t_weight_power >= 0):
-            raise ValueError(f"guidance_t_weight_power must be >= 0, got {self.guidance_t_weight_power}")
-        if self.guidance_t_weight_power and self.distill != "guidance":
-            raise ValueError(f"guidance_t_weight_power {self.guidance_t_weight_power} weighs stage 1's rows; it would "
-                             f"be ignored here (distill {self.distill!r})")
-        if self.extra_mid_blocks < 0:
-            raise ValueError(f"extra_mid_blocks must be >= 0, got {self.extra_mid_blocks}")
         if self.guidance_weight_power and self.guidance_min <= 0:
             raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs rows by w ** -power and "
                              f"needs guidance_min > 0, got {self.guidance_min}")
@@ -253,8 +240,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 # What a resume may change: the length and the optimiser's settings (a run is often extended on purpose), each one
 # named in a warning with what it does to the run; anything else would make the checkpoint a different run.
 _RESUME_WARN = ("steps", "lr", "lr_schedule", "lr_min_ratio", "warmup_steps", "batch_size", "ema_decay", "seed",
-                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power",
-                "guidance_t_weight_power")
+                "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power")
 _RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps")
 
 
@@ -333,7 +319,7 @@ def _diffusion_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     return {"loss": loss.item()}
 
 
-def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step, t_weight=None):
+def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     """One step of either distillation stage (training/distill.py); the teacher is frozen."""
     student = mods["model"]
     kw = dict(null_class=_unwrap(student).config.null_class, label_dropout=cfg.label_dropout,
@@ -341,8 +327,7 @@ def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step, t_weight=No
     with _autocast(cfg, x0.device):
         if cfg.distill == "guidance":
             loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
-                                                      guidance_weight_power=cfg.guidance_weight_power,
-                                                      t_weight=t_weight, **kw)
+                                                      guidance_weight_power=cfg.guidance_weight_power, **kw)
         else:
             n = cfg.stages[distill.stage_of(step, cfg.stage_length, cfg.stages)]
             loss = distill.step_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
@@ -550,8 +535,7 @@ def _distill_setup(cfg: TrainConfig, device) -> tuple[torch.nn.Module, TrainConf
     card = ckpt.card_of(tmeta, cfg.teacher).to_dict()
     distill.check_teacher(cfg.distill, teacher.config, card)
     cfg = dataclasses.replace(cfg, schedule=card["schedule"], prediction_type=card["prediction_type"])
-    student_cfg = dataclasses.replace(teacher.config, guidance_input=True,
-                                      extra_mid_blocks=teacher.config.extra_mid_blocks + cfg.extra_mid_blocks)
+    student_cfg = dataclasses.replace(teacher.config, guidance_input=True)
     return teacher.to(device).eval().requires_grad_(False), cfg, student_cfg
 
 
@@ -576,13 +560,9 @@ def train(cfg: TrainConfig) -> Path:
     meta = _meta(cfg, model_cfg)
     mods = {"model": build_model(cfg.kind, model_cfg).to(device)}
     if teacher is not None:
-        # the student starts as its teacher: a stage-1 student's new guidance embedding starts at zero, and its extra
-        # middle blocks (extra_mid_blocks) as the identity
+        # the student starts as its teacher; a stage-1 student's new guidance embedding starts at zero
         missing, unexpected = mods["model"].load_state_dict(teacher.state_dict(), strict=False)
-        first_new = len(teacher.mid)
-        new_blocks = tuple(f"mid.{i}." for i in range(first_new, len(mods["model"].mid)))
-        assert not unexpected and all(k.startswith(("guidance_mlp.", *new_blocks)) for k in missing), (missing,
-                                                                                                      unexpected)
+        assert not unexpected and all(k.startswith("guidance_mlp.") for k in missing), (missing, unexpected)
         meta["distill"] = {"stage": cfg.distill, "teacher": str(cfg.teacher),
                            "teacher_sha256": file_sha256(cfg.teacher),
                            "guidance_range": [cfg.guidance_min, cfg.guidance_max], "stages": cfg.stages,
@@ -640,13 +620,6 @@ def train(cfg: TrainConfig) -> Path:
     step_fn = _distill_step if cfg.distill else STEPS[cfg.kind]
     if teacher is not None:
         mods["teacher"] = teacher  # frozen: no optimizer, never wrapped, saved only when stages change it
-    if cfg.guidance_t_weight_power:  # measured again on a resume, the same: a fixed batch and generator
-        scale = distill.guidance_scale_by_t(teacher, images[:128], labels[:128], alphas_cumprod,
-                                            torch.Generator(device=device).manual_seed(cfg.seed))
-        step_fn = functools.partial(step_fn, t_weight=(scale / scale.mean()).pow(-cfg.guidance_t_weight_power))
-        if rank == 0:
-            print("guidance scale E|cond - uncond|^2 by t: " + ", ".join(f"t={t} {scale[t].item():.2e}"
-                                                                    for t in (0, 250, 500, 750, 999)), flush=True)
     local_bs = max(1, cfg.batch_size // world)
 
     def save(final: bool = False):
@@ -934,12 +907,6 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-weight-power", type=float, default=0.0,
                    help="guidance: weigh each row's loss by w ** -P (0: plain MSE; 2: error relative to the guided "
                         "target's scale)")
-    p.add_argument("--guidance-t-weight-power", type=float, default=0.0,
-                   help="guidance: also weigh each row by (E|cond - uncond|^2 at its t / its mean) ** -P, measured with "
-                        "the teacher (0: off; 1: error relative to the guidance direction's size at t)")
-    p.add_argument("--extra-mid-blocks", type=int, default=0,
-                   help="guidance: give the student this many more res blocks at the lowest resolution than its "
-                        "teacher, each starting as the identity (more capacity for a few %% more FLOPs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
@@ -966,8 +933,7 @@ def distill_main(argv=None) -> int:
                            steps=args.steps_per_stage * n_stages if n_stages else args.steps,
                            distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
                            guidance_min=args.guidance_min, guidance_max=args.guidance_max,
-                           guidance_weight_power=args.guidance_weight_power, extra_mid_blocks=args.extra_mid_blocks,
-                           guidance_t_weight_power=args.guidance_t_weight_power,
+                           guidance_weight_power=args.guidance_weight_power,
                            batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
                            precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
