@@ -84,6 +84,9 @@ INT8_DOT_FLAGS = ("amx_int8",)  # the int8 units openvino-int8 was measured to k
 # on an AVX512-VNNI EPYC (Zen 4, non-saturating VPDPBUSD, so not the int16 saturation once suspected) it strayed
 # 0.51 from fp32 at b1 (onnxruntime-int8: within 0.14) and a brief guided draw agreed with fp32 on 66% of classes
 # (tests/test_precision.py); its GAN and VAE matched. The U-Net alone multiplies two quantized activations (attention).
+# That was an older teacher: with the v-prediction teacher served since session 7 the same Zen-4 EPYC kept 0.188
+# (session 9; within tolerance), at the speed onnxruntime-int8's row shards already give there (21.5-22.6 ms at b16
+# against 21.8), so offering it off AMX would need a drawn check on such a CPU and would buy nothing measured.
 NATIVE_FLAGS = {"openvino-bf16": BF16_FLAGS, "openvino-int8": INT8_DOT_FLAGS}
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
 ROUNDS = 3
