@@ -723,10 +723,10 @@ def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
 
 
 def _become_subreaper() -> None:
-    """Make this process the one that reaps its orphaned descendants (prctl PR_SET_CHILD_SUBREAPER): the stubs
-    that stop() kills are then reaped here at once, not whenever init gets to them (1.6 s after the kill, measured on these machines).
-    Only the `trident serve` process does this: it owns its server, where a library caller may not want the orphans
-    of its other children."""
+    """Make this process the one that reaps its orphaned descendants (prctl PR_SET_CHILD_SUBREAPER): the stubs that
+    stop() kills are then reaped here at once, not whenever init gets to them (1.6 s after the kill, measured on these
+    machines). Only the `trident serve` process does this: it owns its server, where a library caller may not want the
+    orphans of its other children."""
     PR_SET_CHILD_SUBREAPER = 36  # noqa: N806  (linux/prctl.h)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
