@@ -410,11 +410,14 @@ def _stop_all_servers() -> None:
         server.stop(timeout=10)
 
 
+def _prctl(option: int, value: int) -> None:
+    """prctl(2) on this process (options from linux/prctl.h)."""
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(option, value)
+
+
 def _set_parent_death_signal() -> None:
     """Runs in the child before exec: SIGTERM it if the launching thread dies (even by SIGKILL)."""
-    PR_SET_PDEATHSIG = 1  # noqa: N806  (linux/prctl.h)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class TritonServer:
@@ -727,9 +730,7 @@ def _become_subreaper() -> None:
     stop() kills are then reaped here at once, not whenever init gets to them (1.6 s after the kill, measured on these
     machines). Only the `trident serve` process does this: it owns its server, where a library caller may not want the
     orphans of its other children."""
-    PR_SET_CHILD_SUBREAPER = 36  # noqa: N806  (linux/prctl.h)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
 
 
 # ---------------------------------------------------------------------------------------------------------------------
