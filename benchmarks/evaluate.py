@@ -15,6 +15,7 @@ the project's Fashion-MNIST classifier against the real test set. FD depends on 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import platform
@@ -288,7 +289,9 @@ def precision_gate(checkpoints: dict[str, Path], work: Path, ref: RealReference,
 
     settings = gate_settings(checkpoints) if settings is None else settings
     data = json.loads(gate_file.read_text()) if gate_file.is_file() else {}
-    data.update(rule=GATE_RULE_TEXT, machine=precision.cpu_info())
+    data["rule"] = GATE_RULE_TEXT
+    data.pop("machine", None)  # each entry names the machine that drew it (files before that had one for all)
+    machine, date = precision.cpu_info(), datetime.date.today().isoformat()
     entries = data.setdefault("checkpoints", {})
     for model, setting in settings.items():
         measured, int8_method = {}, {}
@@ -307,6 +310,7 @@ def precision_gate(checkpoints: dict[str, Path], work: Path, ref: RealReference,
         entries[file_sha256(checkpoints[model])] = {
             "kind": model, "checkpoint": str(checkpoints[model]), "setting": setting.label, "n": n, "seed": seed,
             **({"timesteps": timesteps} if timesteps is not None else {}),
+            "machine": machine, "date": date,  # a verdict is what these runtimes drew on this CPU's instructions
             "fp32": {k: fp32[k] for k in ("fd", "agreement", "precision", "recall", "brightness", "draw_seconds")
                      if k in fp32},
             "variants": {v: gate_verdict(fp32, r, int8_method.get(v)) for v, r in measured.items()}}

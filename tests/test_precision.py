@@ -4,6 +4,7 @@ and the fast version of the quality gate (a short sampling run judged by the cla
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -497,6 +498,17 @@ def test_gate_verdicts_of_the_shipped_diffusion_models_were_drawn_at_the_timeste
                for why in precision.gate_reasons(unrecorded, sha, METHOD, now).values())
     gan = ROOT / "checkpoints" / "gan" / "model.safetensors"
     assert precision.gated_timesteps(card_of(read_meta(gan), gan)) is None
+
+
+def test_every_committed_gate_entry_names_the_machine_and_date_that_drew_it():
+    """Verdicts drawn on different CPUs share one file (bf16 and int8 run other instructions on each), so each entry
+    says where and when it was drawn; the file has no single machine for all of them."""
+    gate = json.loads(COMMITTED_GATE.read_text())
+    assert "machine" not in gate
+    for sha, entry in gate["checkpoints"].items():
+        machine = entry["machine"]
+        assert machine["model"] and isinstance(machine["flags"], list) and machine["cores"] >= 1, sha
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", entry["date"]), sha
 
 
 def test_gate_verdict_passes_within_five_percent_fd_and_one_point_of_agreement_and_records_the_int8_method():
