@@ -501,6 +501,13 @@ def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tin
             torch.testing.assert_close(student(x, t, y, torch.full((2,), w)), teacher(x, t, y), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="takes the guidance scale"):
         student(x, t, y)
+    # a student with more capacity at full resolution: its extra blocks start as the identity
+    train(_cfg("diffusion", tmp_path / "g3", tiny_data, model={}, distill="guidance", teacher=str(teacher_path),
+               steps=1, lr=1e-12, warmup_steps=0, extra_top_blocks=2))
+    deeper, _ = ckpt.load_model(tmp_path / "g3" / "model.safetensors", "diffusion")
+    assert deeper.config.extra_top_blocks == 2 and len(deeper.top) == 2 and len(teacher.top) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(deeper(x, t, y, torch.full((2,), 3.0)), teacher(x, t, y), rtol=1e-5, atol=1e-5)
     out2 = tmp_path / "g2"
     train(_cfg("diffusion", out2, tiny_data, model={}, distill="guidance", teacher=str(teacher_path), steps=40,
                lr=2e-3, log_every=10))
@@ -585,6 +592,8 @@ def test_resume_says_on_stderr_when_the_run_is_extended(tmp_path, tiny_data, cap
     (["guidance", "{teacher}", "--guidance-min", "0", "--guidance-weight-power", "2"], "needs guidance_min > 0"),
     (["guidance", "{teacher}", "--guidance-weight-power", "-1"], "guidance_weight_power must be >= 0"),
     (["steps", "{teacher}", "--guidance-weight-power", "2"], "would be ignored here (distill 'steps')"),
+    (["steps", "{teacher}", "--extra-top-blocks", "2"], "stage 2 keeps its teacher's architecture"),
+    (["guidance", "{teacher}", "--extra-top-blocks", "-1"], "extra_top_blocks must be >= 0"),
 ])
 def test_distill_cli_exits_2_naming_the_problem(tmp_path, tiny_data, capsys, args, msg):
     from trident.training.train import distill_main

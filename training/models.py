@@ -40,12 +40,17 @@ class UNetConfig:
     groups: int = 8
     dropout: float = 0.0
     guidance_input: bool = False                # a guidance-distilled student: forward takes the guidance scale w
+    extra_top_blocks: int = 0                   # res blocks after the up path's last, at full resolution, each the
+                                                # identity at initialisation (capacity for a student where the
+                                                # image's detail is, and it still starts as its teacher)
 
     def __post_init__(self):
         if self.image_size % (2 ** (len(self.channel_mult) - 1)):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**(levels-1)")
         if any(lvl >= len(self.channel_mult) for lvl in self.attention_levels):
             raise ValueError(f"attention_levels {self.attention_levels} out of range for {len(self.channel_mult)} levels")
+        if self.extra_top_blocks < 0:
+            raise ValueError(f"extra_top_blocks must be >= 0, got {self.extra_top_blocks}")
 
     @property
     def null_class(self) -> int:
@@ -156,6 +161,7 @@ class UNet(nn.Module):
                 if level != 0 and i == c.num_res_blocks:
                     blocks.append(Upsample(cur))
                 self.up.append(nn.ModuleList(blocks))
+        self.top = nn.ModuleList(ResBlock(cur, cur, emb_dim, c.groups, c.dropout) for _ in range(c.extra_top_blocks))
         self.out = nn.Sequential(nn.GroupNorm(c.groups, cur), nn.SiLU(), nn.Conv2d(cur, c.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
@@ -181,6 +187,8 @@ class UNet(nn.Module):
             h = torch.cat([h, hs.pop()], dim=1)
             for b in blocks:
                 h = b(h, emb) if isinstance(b, ResBlock) else b(h)
+        for b in self.top:
+            h = b(h, emb)
         return self.out(h)
 
 
