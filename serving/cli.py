@@ -2,7 +2,6 @@
 
   trident train diffusion|gan|vae|classifier ...   train a model (torch)
   trident distill guidance|steps TEACHER ...       distil the diffusion teacher into a few-step student (torch)
-  trident distill calibrate STUDENT --teacher T    map a student's guidance input to its teacher's scale (torch)
   trident export CHECKPOINT --out DIR ...          checkpoint -> fixed-shape ONNX graphs + metadata (torch, onnx)
   trident serve build --export DIR ... --out REPO  write a Triton model repository
   trident serve deploy [--out deploy]              Kubernetes files for the container flavour
@@ -23,7 +22,6 @@ from .toolchain import TORCH_SIDE
 COMMANDS = {
     "train": TORCH_SIDE["train"],
     "distill": TORCH_SIDE["distill"],
-    "distill calibrate": TORCH_SIDE["distill calibrate"],
     "export": TORCH_SIDE["export"],
     "serve": "trident.serving.server.launcher:main",
     "serve build": "trident.serving.server.repository:main",
@@ -42,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve" and rest[:1] in (["build"], ["deploy"]):
         cmd, rest = f"serve {rest[0]}", rest[1:]
-    if cmd == "distill" and rest[:1] == ["calibrate"]:
-        cmd, rest = "distill calibrate", rest[1:]
     if cmd not in COMMANDS:
         print(f"trident: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

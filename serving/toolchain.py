@@ -16,7 +16,6 @@ from .errors import TridentError
 TORCH_SIDE = {
     "train": "trident.training.train:main",
     "distill": "trident.training.train:distill_main",
-    "distill calibrate": "trident.export.calibrate:main",
     "export": "trident.export.onnx_export:main",
     "evaluate": "trident.benchmarks.evaluate:main",
     "default_build": "trident.export.build:default_build",     # checkpoints -> exports (cached) -> repository

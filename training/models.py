@@ -43,11 +43,6 @@ class UNetConfig:
     extra_top_blocks: int = 0                   # res blocks after the up path's last, at full resolution, each the
                                                 # identity at initialisation (capacity for a student where the
                                                 # image's detail is, and it still starts as its teacher)
-    # A guidance-distilled student's calibration (`trident distill calibrate`): the guidance scale asked for at these
-    # knots (ascending) reaches the guidance embedding as these values, linear in between and flat outside, so that
-    # the student at w draws what its teacher draws at w. Empty: the scale goes in as asked.
-    guidance_calibration_w: tuple[float, ...] = ()
-    guidance_calibration_input: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.image_size % (2 ** (len(self.channel_mult) - 1)):
@@ -56,18 +51,6 @@ class UNetConfig:
             raise ValueError(f"attention_levels {self.attention_levels} out of range for {len(self.channel_mult)} levels")
         if self.extra_top_blocks < 0:
             raise ValueError(f"extra_top_blocks must be >= 0, got {self.extra_top_blocks}")
-        knots, values = self.guidance_calibration_w, self.guidance_calibration_input
-        if knots or values:
-            if not self.guidance_input:
-                raise ValueError("guidance_calibration_* needs a U-Net with a guidance input (guidance_input=True)")
-            if len(knots) != len(values) or len(knots) < 2:
-                raise ValueError(f"guidance_calibration_w and guidance_calibration_input must have the same length, "
-                                 f">= 2; got {len(knots)} and {len(values)}")
-            if any(not (math.isfinite(v)) for v in (*knots, *values)):
-                raise ValueError("guidance_calibration_* must be finite")
-            if any(b <= a for a, b in zip(knots, knots[1:])) or any(b < a for a, b in zip(values, values[1:])):
-                raise ValueError(f"guidance_calibration_w must ascend and guidance_calibration_input must not descend; "
-                                 f"got {knots} -> {values}")
 
     @property
     def null_class(self) -> int:
@@ -80,17 +63,6 @@ class UNetConfig:
 # The guidance scale w goes through the timestep embedding's sinusoids as w * GUIDANCE_EMBED_SCALE, so that the scales a
 # student is trained on (a few units) are spread over as many frequencies as timesteps are.
 GUIDANCE_EMBED_SCALE = 100.0
-
-
-def calibrated_guidance(w: torch.Tensor, knots: tuple[float, ...], values: tuple[float, ...]) -> torch.Tensor:
-    """The piecewise-linear map through (knots[i], values[i]), flat outside the knots; w unchanged without knots.
-    Written as a sum of clipped ramps, so that it exports to ONNX as Sub, Clip, Mul and Add."""
-    if not knots:
-        return w
-    out = torch.full_like(w, float(values[0]))
-    for (k0, k1), (v0, v1) in zip(zip(knots, knots[1:]), zip(values, values[1:])):
-        out = out + (v1 - v0) / (k1 - k0) * torch.clamp(w - k0, 0.0, k1 - k0)
-    return out
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -200,7 +172,6 @@ class UNet(nn.Module):
         if self.config.guidance_input:
             if w is None:
                 raise ValueError("this U-Net takes the guidance scale: call it as model(x, t, y, w)")
-            w = calibrated_guidance(w, self.config.guidance_calibration_w, self.config.guidance_calibration_input)
             emb = emb + self.guidance_mlp(timestep_embedding(w * GUIDANCE_EMBED_SCALE, self.config.base_channels))
         elif w is not None:
             raise ValueError("this U-Net has no guidance input (config.guidance_input is False); call model(x, t, y)")
