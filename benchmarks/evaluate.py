@@ -7,10 +7,15 @@
   trident evaluate --url 127.0.0.1:8001 --protocol grpc   # draw through a Triton server instead of in-process
   trident evaluate --sweep                           # every setting; writes benchmarks/results/quality.{md,json,png}
   trident evaluate --precision-gate [--gate-models diffusion_student]  # bf16/int8 against fp32, per served model
+  trident evaluate --model diffusion_student --guidance 1.5 --seeds 0,1,2 --against diffusion
+                                                     # each seed, the spread, and the ratios to the teacher per seed
 
 Images are drawn through the client SDK (in-process ONNX Runtime on exports of the checkpoints, cached in
 .trident/exports, by default; a Triton server with --url) with a fixed seed, classes in equal shares, and judged by
 the project's Fashion-MNIST classifier against the real test set. FD depends on n: compare figures at equal n only.
+It also depends on the seed, which draws other noise and other real images to compare with: at n=1000 the shipped
+models' FD moves 7.5-9.5 between seeds 0 and 1, more than many settings differ. --seeds measures each seed and the
+spread; --against measures a second model at the same seeds, so ratios are taken seed by seed.
 """
 from __future__ import annotations
 
@@ -212,6 +217,51 @@ def measure(clients: Clients, setting: Setting, ref: RealReference, n: int, seed
             "draw_seconds": round(seconds, 1)}
 
 
+SPREAD_KEYS = ("fd", "agreement", "recall", "precision")
+
+
+def _span(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def across_seeds(clients: Clients, setting: Setting, ref: RealReference, n: int, seeds: list[int], batch: int = 100,
+                 against: Setting | None = None, log=None) -> dict:
+    """A setting measured at each seed, and the spread (mean, min, max) of its figures. With against: that setting
+    too, at the same seeds (the same noise and the same real images), and per seed the FD ratio (setting / against)
+    and the agreement difference (setting - against): the form in which a bound like "FD <= 1.1x the teacher's" can
+    be checked, since the ratio at one seed moves less than either FD."""
+    per_seed = []
+    for seed in seeds:
+        r = measure(clients, setting, ref, n, seed, batch, progress=log is not None)
+        row = {"seed": seed, **{k: r[k] for k in SPREAD_KEYS if k in r}, "fd_floor": ref.floor(n, seed),
+               "draw_seconds": r["draw_seconds"]}
+        if against is not None:
+            a = measure(clients, against, ref, n, seed, batch, progress=log is not None)
+            row["against"] = {k: a[k] for k in (*SPREAD_KEYS, "draw_seconds") if k in a}
+            row["fd_ratio"] = r["fd"] / a["fd"]
+            if "agreement" in r and "agreement" in a:
+                row["agreement_diff"] = r["agreement"] - a["agreement"]
+        per_seed.append(row)
+        if log is not None:
+            log(f"seed {seed}: {setting.label} " + _brief(row)
+                + (f"; {against.label} " + _brief(row["against"]) + f"; FD ratio {row['fd_ratio']:.3f}"
+                   + (f", agreement {100 * row['agreement_diff']:+.1f} points" if "agreement_diff" in row else "")
+                   if against is not None else ""))
+    keys = [k for k in (*SPREAD_KEYS, "fd_ratio", "agreement_diff") if k in per_seed[0]]
+    result = {"label": setting.label, **asdict(setting), "nfe": setting.nfe, "n": n, "seeds": list(seeds),
+              "per_seed": per_seed, "spread": {k: _span([row[k] for row in per_seed]) for k in keys}}
+    if against is not None:
+        result["against"] = {"label": against.label, **asdict(against), "nfe": against.nfe,
+                             "spread": {k: _span([row["against"][k] for row in per_seed])
+                                        for k in SPREAD_KEYS if k in per_seed[0]["against"]}}
+    return result
+
+
+def _brief(r: dict) -> str:
+    return f"FD {r['fd']:.1f}" + (f", agreement {r['agreement']:.3f}" if "agreement" in r else "") \
+        + f", recall {r['recall']:.3f}"
+
+
 def ae_vae_picture(clients: Clients, ref: RealReference, path: Path, seed: int = 0, per_row: int = 10) -> Path:
     """The picture of why the VAE exists: VAE and AE samples from z ~ N(0, I), then for three pairs of real test
     images the VAE's and the AE's decoded straight line between their codes."""
@@ -347,7 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="", help="vae/ae: prior (default), fitted, midpoints; diffusion: diffusers "
                                                  "(DDIM with the unclipped eps)")
     p.add_argument("--n", type=int, default=1000, help="images per setting (FD depends on n: compare at equal n)")
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seeds", default=None,
+                       help="comma-separated seeds: measure the setting at each, with the spread (mean, min, max)")
+    p.add_argument("--against", choices=DIFFUSION, default=None,
+                   help="diffusion models: also measure this model (its default sampler and steps, the same "
+                        "guidance) at the same seeds, and report FD ratio and agreement difference per seed")
     p.add_argument("--batch", type=int, default=100, help="images per SDK call")
     p.add_argument("--checkpoints", default="checkpoints", help="folder with <model>/model.safetensors")
     p.add_argument("--classifier", default=None, help="default: <checkpoints>/classifier/model.safetensors")
@@ -391,10 +447,31 @@ def _check_args(args) -> None:
     gate_models = _gate_models(args)
     if gate_models == () or any(m not in GATE_SETTINGS for m in gate_models or ()):
         raise ValueError(f"--gate-models takes {', '.join(GATE_SETTINGS)}, got {args.gate_models!r}")
+    seeds = _seeds(args)
+    if args.against is not None or args.seeds is not None:
+        if args.sweep or args.precision_gate:
+            raise ValueError("--seeds and --against measure one setting: not with --sweep or --precision-gate")
+    if args.against is not None and (args.model not in DIFFUSION or args.against == args.model):
+        raise ValueError(f"--against {args.against} compares two diffusion models: --model must be the other one, "
+                         f"got --model {args.model}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds lists a seed twice: {args.seeds!r}")
     if args.variant and not (args.model in ("vae", "ae") and args.variant in ("prior", "fitted", "midpoints")
                              or args.model == "diffusion" and args.variant == "diffusers" and args.sampler == "ddim"):
         raise ValueError(f"--variant {args.variant!r} does not apply to --model {args.model} "
                          f"(--sampler {args.sampler})")
+
+
+def _seeds(args) -> list[int]:
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(x < 0 for x in seeds):
+        raise ValueError(f"--seeds takes comma-separated integers >= 0, got {args.seeds!r}")
+    return seeds
 
 
 def _gate_models(args) -> tuple[str, ...] | None:
@@ -425,7 +502,7 @@ def main(argv=None) -> int:
     elif args.sweep:
         needed = [p for m, p in checkpoints.items() if m != "diffusion_student"]  # a student: if there
     else:
-        needed = [checkpoints[args.model]]
+        needed = [checkpoints[args.model]] + ([checkpoints[args.against]] if args.against else [])
     for path in [classifier] + needed:
         if not path.is_file():
             print(f"trident evaluate: error: {path} not found", file=sys.stderr)
@@ -477,8 +554,15 @@ def main(argv=None) -> int:
                         args.guidance if diffusion else 0.0,
                         args.variant or ("prior" if args.model in ("vae", "ae") else ""),
                         args.truncation if args.model == "gan" else 0.0)
-            result = measure(clients, s, ref, args.n, args.seed, args.batch, progress=True)
-            result["fd_floor"] = ref.floor(args.n, args.seed)
+            if args.seeds is None and args.against is None:
+                result = measure(clients, s, ref, args.n, args.seed, args.batch, progress=True)
+                result["fd_floor"] = ref.floor(args.n, args.seed)
+            else:
+                against = None
+                if args.against:
+                    other = default_sampling(args.against, checkpoints[args.against])
+                    against = Setting(args.against, other["sampler"], other["steps"], args.guidance)
+                result = across_seeds(clients, s, ref, args.n, _seeds(args), args.batch, against, log=log)
             result["classifier_test_accuracy"] = net.test_accuracy
             print(json.dumps(result, indent=2))
     finally:

@@ -211,6 +211,31 @@ def test_evaluate_cli_measures_the_gan_through_the_sdk(tmp_path, capsys):
     assert "does not apply" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, error", [
+    (["--seeds", "0,x"], "--seeds takes comma-separated integers >= 0, got '0,x'"),
+    (["--seeds", ""], "--seeds takes comma-separated integers >= 0"),
+    (["--seeds", "0,-1"], "--seeds takes comma-separated integers >= 0"),
+    (["--seeds", "1,1"], "--seeds lists a seed twice: '1,1'"),
+    (["--seeds", "0,1", "--sweep"], "not with --sweep or --precision-gate"),
+    (["--against", "diffusion", "--precision-gate"], "not with --sweep or --precision-gate"),
+    (["--against", "diffusion"], "--model must be the other one, got --model diffusion"),
+    (["--model", "gan", "--against", "diffusion"], "--model must be the other one, got --model gan"),
+])
+def test_evaluate_refuses_seeds_and_against_where_they_do_not_apply(args, error, capsys):
+    from trident.benchmarks.evaluate import main
+
+    assert main(args) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_evaluate_takes_seed_or_seeds_not_both(capsys):
+    from trident.benchmarks.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--seed", "1", "--seeds", "0,1"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def _result(model, fd, agreement=None, diversity=1.0, sampler="", steps=0, guidance=0.0, variant="",
             truncation=0.0):
     from trident.benchmarks.evaluate import Setting

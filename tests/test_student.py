@@ -284,6 +284,39 @@ def test_cli_draws_the_student_at_its_distilled_steps_with_one_call_per_step(emb
 
 
 @pytest.mark.server
+def test_evaluate_across_seeds_takes_the_ratio_to_the_teacher_seed_by_seed(embedded, tmp_path):
+    """`trident evaluate --seeds 0,1 --against diffusion`: each seed's figures are what one measurement at that seed
+    gives, the ratio and the difference are taken within a seed, and the spread is over the seeds."""
+    from pathlib import Path
+
+    from trident.benchmarks.evaluate import Clients, Setting, across_seeds, measure
+    from trident.training import quality as q
+
+    _, server = embedded
+    classifier = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier" / "model.safetensors"
+    ref = q.RealReference.build(q.FeatureNet(classifier), test_limit=2000, train_limit=2000, cache_dir=tmp_path / "q")
+    student, teacher = Setting(STUDENT, "ddim", STUDENT_STEPS, 3.0), Setting("diffusion", "dpmpp-2m", 4, 3.0)
+    clients = Clients({}, tmp_path, url=server.http_url)
+    try:
+        r = across_seeds(clients, student, ref, 20, [0, 1], batch=20, against=teacher)
+        alone, other = (measure(clients, s, ref, 20, seed=1, batch=20) for s in (student, teacher))
+    finally:
+        clients.close()
+    assert r["seeds"] == [0, 1] and [row["seed"] for row in r["per_seed"]] == [0, 1] and r["n"] == 20
+    row = r["per_seed"][1]
+    assert row["fd"] == pytest.approx(alone["fd"]) and row["against"]["fd"] == pytest.approx(other["fd"])
+    assert row["fd_ratio"] == pytest.approx(alone["fd"] / other["fd"])
+    assert row["agreement_diff"] == pytest.approx(alone["agreement"] - other["agreement"])
+    assert row["fd_floor"] == pytest.approx(ref.floor(20, 1))
+    assert r["per_seed"][0]["fd"] != row["fd"]  # another seed: other noise, other real images to compare with
+    for key in ("fd", "agreement", "recall", "fd_ratio", "agreement_diff"):
+        values = [x[key] for x in r["per_seed"]]
+        assert r["spread"][key] == pytest.approx({"mean": np.mean(values), "min": min(values), "max": max(values)})
+    assert r["against"]["label"] == teacher.label and r["against"]["spread"]["fd"]["max"] == pytest.approx(
+        max(x["against"]["fd"] for x in r["per_seed"]))
+
+
+@pytest.mark.server
 def test_evaluate_draws_the_student_at_each_step_count_with_one_row_per_image_per_step(embedded, student_checkpoint,
                                                                                        tmp_path):
     """`trident evaluate`'s code path for a student (the figures themselves come from the harness on a real one)."""
