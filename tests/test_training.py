@@ -546,6 +546,28 @@ def test_step_distillation_resumes_across_a_stage_boundary_exactly(tmp_path, tin
         torch.testing.assert_close(last[k], final[k], rtol=0, atol=0, msg=k)
 
 
+def test_snapshots_keep_the_exported_weights_every_n_steps(tmp_path, tiny_data):
+    """--snapshot-every N: the weights model.safetensors held at each multiple of N, loadable as a model, so a long
+    run can be measured at points along it without stopping it."""
+    out = tmp_path / "s"
+    train(_cfg("diffusion", out, tiny_data, steps=4, snapshot_every=2))
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_0000002.safetensors",
+                                                                     "step_0000004.safetensors"]
+    (t2, m2), (t4, m4) = (ckpt.load_checkpoint(out / "snapshots" / f"step_000000{n}.safetensors") for n in (2, 4))
+    final, final_meta = ckpt.load_checkpoint(out / "model.safetensors")
+    assert (m2["train"]["step"], m4["train"]["step"], final_meta["train"]["step"]) == (2, 4, 4)
+    assert m2["card"] == final_meta["card"] and set(t2) == set(final)
+    for k in final:
+        torch.testing.assert_close(t4[k], final[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(t2[k], t4[k]) for k in t2)  # two more steps trained on
+    model, _ = ckpt.load_model(out / "snapshots" / "step_0000002.safetensors", "diffusion")
+    assert model.config.to_dict() == ckpt.load_model(out / "model.safetensors", "diffusion")[0].config.to_dict()
+    train(_cfg("diffusion", tmp_path / "none", tiny_data, steps=2))  # 0, the default: no snapshots
+    assert not (tmp_path / "none" / "snapshots").exists()
+    with pytest.raises(ValueError, match="snapshot_every must be >= 0, got -1"):
+        _cfg("diffusion", out, tiny_data, steps=4, snapshot_every=-1)
+
+
 def _stage2_cfg(tmp_path, steps_per_stage, **kw):
     base = dict(kind="diffusion", out_dir=str(tmp_path), distill="steps", teacher="t.safetensors",
                 distill_from_steps=32, distill_to_steps=4, lr=1e-4, lr_schedule="cosine", warmup_steps=100)
