@@ -6,6 +6,7 @@
   trident evaluate --model diffusion_student --steps 4  # a distilled student (<checkpoints>/diffusion_student/)
   trident evaluate --url 127.0.0.1:8001 --protocol grpc   # draw through a Triton server instead of in-process
   trident evaluate --sweep                           # every setting; writes benchmarks/results/quality.{md,json,png}
+  trident evaluate --sweep --merge diffusion_student # re-measure one model's settings, keep the rest of the report
   trident evaluate --precision-gate [--gate-models diffusion_student]  # bf16/int8 against fp32, per served model
   trident evaluate --model diffusion_student --guidance 1.5 --seeds 0,1,2 --against diffusion
                                                      # each seed, the spread, and the ratios to the teacher per seed
@@ -417,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "the sweep's time)")
     p.add_argument("--out", default="benchmarks/results", help="--sweep: report folder")
     p.add_argument("--fresh", action="store_true", help="--sweep: re-measure settings whose results are cached")
+    p.add_argument("--merge", default=None,
+                   help="--sweep: re-measure only these models' settings (comma-separated) and keep every other "
+                        "result of --out's quality.json, which must be at the same n, seed, batch and backend and, "
+                        "where it records them, on the same checkpoints")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.add_argument("--precision", default="fp32",
                    help="in-process: the runtime and precision of every bucket (fp32, openvino-bf16, "
@@ -447,6 +452,12 @@ def _check_args(args) -> None:
     gate_models = _gate_models(args)
     if gate_models == () or any(m not in GATE_SETTINGS for m in gate_models or ()):
         raise ValueError(f"--gate-models takes {', '.join(GATE_SETTINGS)}, got {args.gate_models!r}")
+    if args.merge is not None:
+        if not args.sweep:
+            raise ValueError("--merge applies to --sweep")
+        merge = _merge_models(args)
+        if not merge or any(m not in MODELS for m in merge):
+            raise ValueError(f"--merge takes {', '.join(MODELS)}, comma-separated, got {args.merge!r}")
     seeds = _seeds(args)
     if args.against is not None or args.seeds is not None:
         if args.sweep or args.precision_gate:
@@ -472,6 +483,32 @@ def _seeds(args) -> list[int]:
     if not seeds or any(x < 0 for x in seeds):
         raise ValueError(f"--seeds takes comma-separated integers >= 0, got {args.seeds!r}")
     return seeds
+
+
+def _merge_models(args) -> tuple[str, ...]:
+    return tuple(m.strip() for m in args.merge.split(",") if m.strip())
+
+
+def _previous_report(out: Path, args, backend: str, checkpoints: dict[str, Path], merge: tuple[str, ...],
+                     log) -> dict:
+    """The report a --merge sweep keeps the other models' results from, checked to be comparable: the same n, seed,
+    batch and backend, and (where the report records them) the same checkpoints for the models it keeps."""
+    path = out / "quality.json"
+    if not path.is_file():
+        raise ValueError(f"--merge keeps the other results of {path}, which does not exist: run the full --sweep")
+    report = json.loads(path.read_text())
+    for key, want in (("n", args.n), ("seed", args.seed), ("batch", args.batch), ("backend", backend)):
+        if report.get(key, 100 if key == "batch" else None) != want:  # reports before batch was recorded: 100
+            raise ValueError(f"--merge: {path} was measured with {key} {report.get(key)!r}, this run's is {want!r}; "
+                             "figures at another setting do not compare: run the full --sweep")
+    recorded = report.get("checkpoints", {})
+    for model in sorted({r["model"] for r in report["results"]} - set(merge)):
+        if model not in recorded:
+            log(f"warning: {path} does not record which {model} checkpoint it measured; keeping its results")
+        elif checkpoints[model].is_file() and recorded[model] != file_sha256(checkpoints[model])[:12]:
+            raise ValueError(f"--merge: {path} measured {model} at checkpoint {recorded[model]}, the current one is "
+                             f"{file_sha256(checkpoints[model])[:12]}: add {model} to --merge")
+    return report
 
 
 def _gate_models(args) -> tuple[str, ...] | None:
@@ -525,10 +562,27 @@ def main(argv=None) -> int:
 
             settings = sweep_settings(include_ddpm_1000=not args.no_ddpm_1000,
                                       student=checkpoints["diffusion_student"].is_file())
+            backend = args.url or "onnxruntime (in-process)"
+            merge = _merge_models(args) if args.merge else ()
+            previous = None
+            if merge:
+                try:
+                    previous = _previous_report(Path(args.out), args, backend, checkpoints, merge, log)
+                except ValueError as e:
+                    print(f"trident evaluate: error: {e}", file=sys.stderr)
+                    return 2
+                kept = {(r["model"], r["label"]): r for r in previous["results"] if r["model"] not in merge}
             results = []
             for i, s in enumerate(settings):
                 cache = _cache_path(Path(args.work), s, args, checkpoints, net)
-                if cache.is_file() and not args.fresh:
+                if merge and s.model not in merge:
+                    r = kept.get((s.model, s.label))
+                    if r is None:
+                        print(f"trident evaluate: error: --merge: {args.out}/quality.json has no result for "
+                              f"{s.label} ({s.model}): run the full --sweep", file=sys.stderr)
+                        return 2
+                    log(f"[{i + 1}/{len(settings)}] {s.label} (kept from the report): " + _summary(r))
+                elif cache.is_file() and not args.fresh:
                     r = json.loads(cache.read_text())
                     log(f"[{i + 1}/{len(settings)}] {s.label} (cached: {cache}): " + _summary(r))
                 else:
@@ -538,11 +592,23 @@ def main(argv=None) -> int:
                     log(f"[{i + 1}/{len(settings)}] {s.label}: " + _summary(r))
                 results.append(r)
             real = ref.real_scores(args.n, args.seed)
-            report = {"n": args.n, "seed": args.seed, "classifier_test_accuracy": net.test_accuracy,
-                      "fd_floor": real["fd"], "real": real, "backend": args.url or "onnxruntime (in-process)",
-                      "machine": platform.processor() or platform.machine(), "results": results}
-            report["command"] = "trident evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
-            picture = ae_vae_picture(clients, ref, Path(args.out) / "quality_ae_vae.png", args.seed)
+            command = "trident evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+            machine = platform.processor() or platform.machine()
+            measured = {m: file_sha256(checkpoints[m])[:12] for m in {s.model for s in settings}
+                        if not merge or m in merge}
+            report = {"n": args.n, "seed": args.seed, "batch": args.batch,
+                      "classifier_test_accuracy": net.test_accuracy, "fd_floor": real["fd"], "real": real,
+                      "backend": backend, "machine": machine, "results": results, "command": command,
+                      "checkpoints": measured}
+            if previous is not None:  # the header stays the full sweep's; the merge is named below it
+                report.update(machine=previous["machine"], command=previous.get("command", "trident evaluate --sweep"),
+                              checkpoints={**previous.get("checkpoints", {}), **measured},
+                              merged=previous.get("merged", []) + [{
+                                  "models": list(merge), "command": command, "machine": machine,
+                                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}])
+            picture = Path(args.out) / "quality_ae_vae.png"
+            if not merge or {"vae", "ae"} & set(merge) or not picture.is_file():
+                picture = ae_vae_picture(clients, ref, picture, args.seed)
             paths = write_report(report, Path(args.out), {"ae_vae": picture.name})
             print("\n".join(str(p) for p in paths))
             result = report

@@ -153,6 +153,9 @@ def render_markdown(report: dict, pictures: dict[str, str]) -> str:
           f"per setting (seed {report['seed']}, classes in equal shares), drawn through {report['backend']} on "
           f"{report['machine']}, judged by the project's classifier (test accuracy "
           f"{report['classifier_test_accuracy']:.2%}) against the 10,000 real test images.", "",
+          *[f"- Merged in later (`{m['command']}`, {m['date']} on {m['machine']}): every `{'`, `'.join(m['models'])}` "
+            "setting re-measured; the rest of the report is the run described above." for m in report.get("merged", [])],
+          *([""] if report.get("merged") else []),
           "- **agreement**: share of images the classifier assigns to the requested class (conditional models).",
           "- **fd**: Frechet distance in the classifier's 256-d penultimate features against the real test set; lower "
           f"is better. FD grows as n shrinks: compare at equal n. Floor at n = {n} (real training images vs the test "

@@ -218,6 +218,8 @@ def test_evaluate_cli_measures_the_gan_through_the_sdk(tmp_path, capsys):
     (["--seeds", "1,1"], "--seeds lists a seed twice: '1,1'"),
     (["--seeds", "0,1", "--sweep"], "not with --sweep or --precision-gate"),
     (["--against", "diffusion", "--precision-gate"], "not with --sweep or --precision-gate"),
+    (["--merge", "gan"], "--merge applies to --sweep"),
+    (["--sweep", "--merge", "gan,bogus"], "--merge takes diffusion, diffusion_student, gan, vae, ae"),
     (["--against", "diffusion"], "--model must be the other one, got --model diffusion"),
     (["--model", "gan", "--against", "diffusion"], "--model must be the other one, got --model gan"),
 ])
@@ -234,6 +236,65 @@ def test_evaluate_takes_seed_or_seeds_not_both(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--seed", "1", "--seeds", "0,1"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def _fake_report(n: int, **extra) -> dict:
+    """A quality.json as a full --sweep --no-ddpm-1000 writes it, with made-up figures, for --merge to keep."""
+    from dataclasses import asdict
+
+    from trident.benchmarks.evaluate import sweep_settings
+
+    results = [{**asdict(s), "label": s.label, "nfe": s.nfe, "n": n, "fd": 50.0 + i, "precision": 0.9, "recall": 0.5,
+                "diversity": 1.0, "sharpness": 1.0, "brightness": 80.0, "real_brightness": 73.0, "draw_seconds": 1.0,
+                **({} if s.model in ("vae", "ae") else {"agreement": 0.9})}
+               for i, s in enumerate(sweep_settings(include_ddpm_1000=False, student=True))]
+    return {"n": n, "seed": 0, "classifier_test_accuracy": 0.91, "fd_floor": 5.0, "backend": "onnxruntime (in-process)",
+            "machine": "elsewhere", "command": "trident evaluate --sweep --no-ddpm-1000", "results": results, **extra}
+
+
+def test_sweep_merge_re_measures_one_model_and_keeps_the_rest_of_the_report(tmp_path, capsys):
+    import json
+
+    from trident.benchmarks.evaluate import main
+    from trident.serving.files import file_sha256
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    before = _fake_report(20)
+    (out / "quality.json").write_text(json.dumps(before))
+    (out / "quality_ae_vae.png").write_bytes(b"kept")  # not redrawn: neither the VAE nor the AE is merged
+    args = ["--sweep", "--no-ddpm-1000", "--merge", "gan", "--n", "20", "--out", str(out), "--work", str(work)]
+    assert main(args) == 0
+    after = json.loads((out / "quality.json").read_text())
+    assert [r["label"] for r in after["results"]] == [r["label"] for r in before["results"]]
+    for old, new in zip(before["results"], after["results"]):
+        if old["model"] == "gan":  # measured now: the shipped GAN at n = 20 (its figures, not the made-up 50 + i)
+            assert new["n"] == 20 and new["fd"] != old["fd"] and len(new["per_class_agreement"]) == 10
+        else:
+            assert new == old
+    gan_sha = file_sha256(ROOT / "checkpoints" / "gan" / "model.safetensors")[:12]
+    assert after["checkpoints"] == {"gan": gan_sha} and after["machine"] == "elsewhere"
+    (merged,) = after["merged"]
+    assert merged["models"] == ["gan"] and merged["command"] == "trident evaluate " + " ".join(args)
+    assert (out / "quality_ae_vae.png").read_bytes() == b"kept"
+    md = (out / "quality.md").read_text()
+    assert "- Merged in later (`trident evaluate --sweep --no-ddpm-1000 --merge gan" in md
+    assert "every `gan` setting re-measured" in md
+    err = capsys.readouterr().err
+    assert "does not record which diffusion checkpoint it measured" in err  # a report from before they were recorded
+
+    # figures that would not compare, or a kept model whose checkpoint changed since, are refused; nothing is written
+    (out / "quality.json").write_text(json.dumps(_fake_report(40)))
+    assert main(args) == 2
+    assert "was measured with n 40, this run's is 20" in capsys.readouterr().err
+    stale = _fake_report(20, checkpoints={"vae": "0" * 12})
+    (out / "quality.json").write_text(json.dumps(stale))
+    assert main(args) == 2
+    assert "measured vae at checkpoint 000000000000, the current one is" in capsys.readouterr().err
+    assert json.loads((out / "quality.json").read_text()) == stale
+    (out / "quality.json").unlink()
+    assert main(args) == 2
+    assert "which does not exist: run the full --sweep" in capsys.readouterr().err
 
 
 def _result(model, fd, agreement=None, diversity=1.0, sampler="", steps=0, guidance=0.0, variant="",
