@@ -24,7 +24,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -593,7 +592,8 @@ def main(argv=None) -> int:
                 results.append(r)
             real = ref.real_scores(args.n, args.seed)
             command = "trident evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
-            machine = platform.processor() or platform.machine()
+            cpu = precision.cpu_info()
+            machine = f"{cpu['model']}, {cpu['cores']} logical CPUs"
             measured = {m: file_sha256(checkpoints[m])[:12] for m in {s.model for s in settings}
                         if not merge or m in merge}
             report = {"n": args.n, "seed": args.seed, "batch": args.batch,
