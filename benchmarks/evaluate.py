@@ -578,7 +578,9 @@ def main(argv=None) -> int:
                     r = kept.get((s.model, s.label))
                     if r is None:
                         print(f"trident evaluate: error: --merge: {args.out}/quality.json has no result for "
-                              f"{s.label} ({s.model}): run the full --sweep", file=sys.stderr)
+                              f"{s.label} ({s.model}): merge with the options it was made with "
+                              f"(`{previous.get('command', 'trident evaluate --sweep')}`), or run the full --sweep",
+                              file=sys.stderr)
                         return 2
                     log(f"[{i + 1}/{len(settings)}] {s.label} (kept from the report): " + _summary(r))
                 elif cache.is_file() and not args.fresh:

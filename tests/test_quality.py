@@ -292,6 +292,10 @@ def test_sweep_merge_re_measures_one_model_and_keeps_the_rest_of_the_report(tmp_
     assert main(args) == 2
     assert "measured vae at checkpoint 000000000000, the current one is" in capsys.readouterr().err
     assert json.loads((out / "quality.json").read_text()) == stale
+    (out / "quality.json").write_text(json.dumps(before))  # made without DDPM-1000: merging with it is refused
+    assert main([a for a in args if a != "--no-ddpm-1000"]) == 2
+    assert ("has no result for ddpm-1000 g3 (diffusion): merge with the options it was made with (`trident evaluate "
+            "--sweep --no-ddpm-1000`)") in capsys.readouterr().err
     (out / "quality.json").unlink()
     assert main(args) == 2
     assert "which does not exist: run the full --sweep" in capsys.readouterr().err
