@@ -484,8 +484,13 @@ def _seeds(args) -> list[int]:
     return seeds
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of model names, as --gate-models and --merge take it."""
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 def _merge_models(args) -> tuple[str, ...]:
-    return tuple(m.strip() for m in args.merge.split(",") if m.strip())
+    return _names(args.merge)
 
 
 def _previous_report(out: Path, args, backend: str, checkpoints: dict[str, Path], merge: tuple[str, ...],
@@ -511,7 +516,7 @@ def _previous_report(out: Path, args, backend: str, checkpoints: dict[str, Path]
 
 
 def _gate_models(args) -> tuple[str, ...] | None:
-    return None if args.gate_models is None else tuple(m.strip() for m in args.gate_models.split(",") if m.strip())
+    return None if args.gate_models is None else _names(args.gate_models)
 
 
 def main(argv=None) -> int:
