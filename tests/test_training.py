@@ -485,6 +485,42 @@ def test_guidance_loss_weighs_each_row_by_w_to_the_minus_power(power):
     torch.testing.assert_close(loss, (rows * w.pow(-power)).mean(), rtol=1e-12, atol=0)
 
 
+def test_guidance_interval_targets_the_conditional_output_below_t_min():
+    """--guidance-t-min: rows at t < t_min are scored against the teacher's conditional output (whatever w the
+    student is given), rows at t >= t_min against the guided pair at w, each weighted by its w ** -P, as a direct
+    computation says."""
+    from trident.serving.sampling import NoiseSchedule
+    from trident.training.distill import guidance_distillation_loss
+    seen = {}
+
+    def teacher(x, t, y):
+        return 0.5 * x + (y[:, None, None, None] == 10).double() + t[:, None, None, None] / 1000
+
+    def student(x, t, y, w):
+        seen.update(x=x, t=t, y=y, w=w)
+        return 0.25 * x
+
+    acp = torch.from_numpy(NoiseSchedule().alphas_cumprod.copy())
+    x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(null_class=10, label_dropout=0.0, guidance_range=(1.0, 5.0), prediction_type="v_prediction",
+              guidance_weight_power=2.0)
+    loss = guidance_distillation_loss(student, teacher, x0, torch.arange(64) % 10, torch.Generator().manual_seed(0),
+                                      acp, guidance_t_min=300, **kw)
+    x, t, y, w = seen["x"], seen["t"], seen["y"], seen["w"]
+    low = t < 300
+    assert 0 < low.sum() < 64 and (w[low] > 1.5).any()  # both kinds of rows, some low ones asked for real guidance
+    cond = 0.5 * x + t[:, None, None, None] / 1000  # the toy teacher's conditional output (y is never null here)
+    uncond = cond + 1.0
+    w_eff = torch.where(low, torch.ones_like(w), w)[:, None, None, None]
+    rows = (0.25 * x - (uncond + w_eff * (cond - uncond))).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, (rows * w.pow(-2.0)).mean(), rtol=1e-12, atol=0)
+    # 0 guides everywhere: the same draw scores every row against the guided pair at its w
+    everywhere = guidance_distillation_loss(student, teacher, x0, torch.arange(64) % 10,
+                                            torch.Generator().manual_seed(0), acp, **kw)
+    rows = (0.25 * x - (uncond + w[:, None, None, None] * (cond - uncond))).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(everywhere, (rows * w.pow(-2.0)).mean(), rtol=1e-12, atol=0)
+
+
 def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tiny_data):
     teacher_path = _v_teacher(tmp_path, tiny_data)
     teacher, _ = ckpt.load_model(teacher_path, "diffusion")
@@ -593,6 +629,19 @@ def test_resume_with_a_longer_halving_warns_what_moves_and_refuses_one_that_chan
     assert "lr 0.0001 -> 0.0002" in w and "is 0.000102 against 5.1e-05 in the recorded schedule" in w
 
 
+def test_resume_refuses_another_guidance_interval_also_against_a_record_that_predates_it(tmp_path):
+    from trident.training.train import resume_changes
+    cfg = dict(kind="diffusion", out_dir=str(tmp_path), distill="guidance", teacher="t.safetensors", steps=2000)
+    old = dataclasses.asdict(TrainConfig(**cfg))
+    assert resume_changes(old, TrainConfig(**cfg), 500) == []
+    with pytest.raises(ckpt.CheckpointError, match="trained with guidance_t_min=0, not 300"):
+        resume_changes(old, TrainConfig(**cfg, guidance_t_min=300), 500)
+    del old["guidance_t_min"]  # a checkpoint from before the option: it guided every timestep
+    assert resume_changes(old, TrainConfig(**cfg), 500) == []
+    with pytest.raises(ckpt.CheckpointError, match="trained with guidance_t_min=0, not 300"):
+        resume_changes(old, TrainConfig(**cfg, guidance_t_min=300), 500)
+
+
 def test_resume_says_on_stderr_when_the_run_is_extended(tmp_path, tiny_data, capsys):
     kw = dict(lr_schedule="cosine", warmup_steps=1)
     train(_cfg("diffusion", tmp_path, tiny_data, steps=2, **kw))
@@ -616,6 +665,9 @@ def test_resume_says_on_stderr_when_the_run_is_extended(tmp_path, tiny_data, cap
     (["steps", "{teacher}", "--guidance-weight-power", "2"], "would be ignored here (distill 'steps')"),
     (["steps", "{teacher}", "--extra-top-blocks", "2"], "stage 2 keeps its teacher's architecture"),
     (["guidance", "{teacher}", "--extra-top-blocks", "-1"], "extra_top_blocks must be >= 0"),
+    (["guidance", "{teacher}", "--guidance-t-min", "-5"], "guidance_t_min must be an integer timestep >= 0"),
+    (["guidance", "{teacher}", "--guidance-t-min", "1000"], "would leave no timestep guided"),
+    (["steps", "{teacher}", "--guidance-t-min", "300"], "would be ignored here (distill 'steps')"),
 ])
 def test_distill_cli_exits_2_naming_the_problem(tmp_path, tiny_data, capsys, args, msg):
     from trident.training.train import distill_main

@@ -68,6 +68,7 @@ class TrainConfig:
     guidance_min: float = 1.0         # w ~ U[guidance_min, guidance_max] for the student's guidance input
     guidance_max: float = 5.0
     guidance_weight_power: float = 0.0  # guidance stage: each row's loss x w ** -power (distill.guidance_distillation_loss)
+    guidance_t_min: int = 0           # guidance stage: the teacher's pair guided only at t >= this (distill.interval_guidance)
     extra_top_blocks: int = 0         # guidance stage: the student gets this many more full-resolution res blocks
     distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
     distill_to_steps: int = 4         # ... down to the final student's
@@ -123,6 +124,12 @@ class TrainConfig:
         if self.guidance_weight_power and self.distill != "guidance":
             raise ValueError(f"guidance_weight_power {self.guidance_weight_power} weighs stage 1's rows "
                              f"(distill 'guidance') and would be ignored here (distill {self.distill or 'none'!r})")
+        if not (isinstance(self.guidance_t_min, int) and not isinstance(self.guidance_t_min, bool)
+                and self.guidance_t_min >= 0):
+            raise ValueError(f"guidance_t_min must be an integer timestep >= 0, got {self.guidance_t_min!r}")
+        if self.guidance_t_min and self.distill != "guidance":
+            raise ValueError(f"guidance_t_min {self.guidance_t_min} limits stage 1's guided target (distill "
+                             f"'guidance') and would be ignored here (distill {self.distill or 'none'!r})")
         if self.extra_top_blocks < 0:
             raise ValueError(f"extra_top_blocks must be >= 0, got {self.extra_top_blocks}")
         if self.extra_top_blocks and self.distill != "guidance":
@@ -247,7 +254,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 # named in a warning with what it does to the run; anything else would make the checkpoint a different run.
 _RESUME_WARN = ("steps", "lr", "lr_schedule", "lr_min_ratio", "warmup_steps", "batch_size", "ema_decay", "seed",
                 "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power")
-_RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps", "extra_top_blocks")
+_RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps", "extra_top_blocks", "guidance_t_min")
 
 
 def resume_changes(old: dict, cfg: TrainConfig, step: int, old_teacher_sha: str | None = None,
@@ -262,9 +269,11 @@ def resume_changes(old: dict, cfg: TrainConfig, step: int, old_teacher_sha: str 
         raise ckpt.CheckpointError(f"resuming at step {step}: {what}; use another --out directory or the same "
                                    "arguments")
 
-    for key in _RESUME_REFUSE:
-        if key in old and old[key] != getattr(cfg, key):
-            refuse(f"the checkpoint was trained with {key}={old[key]!r}, not {getattr(cfg, key)!r}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in _RESUME_REFUSE:  # a record older than the field was trained with its default
+        recorded = old.get(key, defaults[key])
+        if recorded != getattr(cfg, key):
+            refuse(f"the checkpoint was trained with {key}={recorded!r}, not {getattr(cfg, key)!r}")
     if old_teacher_sha and teacher_sha and old_teacher_sha != teacher_sha:
         refuse(f"the teacher {cfg.teacher} is not the one the checkpoint was distilled from "
                f"(sha256 {teacher_sha[:12]}, recorded {old_teacher_sha[:12]})")
@@ -333,7 +342,8 @@ def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
     with _autocast(cfg, x0.device):
         if cfg.distill == "guidance":
             loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
-                                                      guidance_weight_power=cfg.guidance_weight_power, **kw)
+                                                      guidance_weight_power=cfg.guidance_weight_power,
+                                                      guidance_t_min=cfg.guidance_t_min, **kw)
         else:
             n = cfg.stages[distill.stage_of(step, cfg.stage_length, cfg.stages)]
             loss = distill.step_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
@@ -540,6 +550,9 @@ def _distill_setup(cfg: TrainConfig, device) -> tuple[torch.nn.Module, TrainConf
     teacher, tmeta = ckpt.load_model(cfg.teacher, "diffusion")
     card = ckpt.card_of(tmeta, cfg.teacher).to_dict()
     distill.check_teacher(cfg.distill, teacher.config, card)
+    if cfg.guidance_t_min >= card["schedule"]["num_train_timesteps"]:
+        raise ValueError(f"guidance_t_min {cfg.guidance_t_min} would leave no timestep guided: the teacher's schedule "
+                         f"has T={card['schedule']['num_train_timesteps']} (t in [0, T))")
     cfg = dataclasses.replace(cfg, schedule=card["schedule"], prediction_type=card["prediction_type"])
     student_cfg = dataclasses.replace(teacher.config, guidance_input=True,
                                       extra_top_blocks=teacher.config.extra_top_blocks + cfg.extra_top_blocks)
@@ -814,6 +827,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--lr-min-ratio", type=float, default=0.05)
     p.add_argument("--precision", default="fp32", choices=TRAIN_PRECISIONS,
                    help="diffusion: bf16 autocast; auto = bf16 where the CPU/GPU computes bf16 natively, else fp32")
+    p.add_argument("--guidance-t-min", type=int, default=0,
+                   help="guidance: the teacher's pair is guided only at timesteps t >= T (below, the target is its "
+                        "conditional output at any w: guidance limited to an interval of noise levels; 0 = everywhere)")
     p.add_argument("--snapshot-every", type=int, default=0,
                    help="also keep the exported weights as snapshots/step_N.safetensors every N steps (0 = never)")
     p.add_argument("--ema-decay", type=float, default=0.999)
@@ -916,6 +932,9 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-weight-power", type=float, default=0.0,
                    help="guidance: weigh each row's loss by w ** -P (0: plain MSE; 2: error relative to the guided "
                         "target's scale)")
+    p.add_argument("--guidance-t-min", type=int, default=0,
+                   help="guidance: the teacher's pair is guided only at timesteps t >= T (below, the target is its "
+                        "conditional output at any w: guidance limited to an interval of noise levels; 0 = everywhere)")
     p.add_argument("--snapshot-every", type=int, default=0,
                    help="also keep the exported weights as snapshots/step_N.safetensors every N steps (0 = never; "
                         "step distillation keeps each halving's as stages/steps_NNNN.safetensors anyway)")
@@ -949,7 +968,8 @@ def distill_main(argv=None) -> int:
                            steps=args.steps_per_stage * n_stages if n_stages else args.steps,
                            distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
                            guidance_min=args.guidance_min, guidance_max=args.guidance_max,
-                           guidance_weight_power=args.guidance_weight_power, extra_top_blocks=args.extra_top_blocks,
+                           guidance_weight_power=args.guidance_weight_power, guidance_t_min=args.guidance_t_min,
+                           extra_top_blocks=args.extra_top_blocks,
                            batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
                            precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
