@@ -460,10 +460,10 @@ def test_guided_output_is_cfg_combine_of_one_stacked_call():
     assert calls == [6, 6]  # one stacked call of 2N rows (plus the reference's)
 
 
-@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
-def test_guidance_loss_weighs_each_row_by_w_to_the_minus_power(power):
+def _toy_guidance_pair():
+    """A linear toy teacher (its unconditional output is its conditional one + 1), a student that records what it was
+    given (in `seen`) and answers x / 4, and the default schedule's alphas_cumprod."""
     from trident.serving.sampling import NoiseSchedule
-    from trident.training.distill import guidance_distillation_loss, guided_output
     seen = {}
 
     def teacher(x, t, y):
@@ -473,7 +473,13 @@ def test_guidance_loss_weighs_each_row_by_w_to_the_minus_power(power):
         seen.update(x=x, t=t, y=y, w=w)
         return 0.25 * x
 
-    acp = torch.from_numpy(NoiseSchedule().alphas_cumprod.copy())
+    return seen, teacher, student, torch.from_numpy(NoiseSchedule().alphas_cumprod.copy())
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
+def test_guidance_loss_weighs_each_row_by_w_to_the_minus_power(power):
+    from trident.training.distill import guidance_distillation_loss, guided_output
+    seen, teacher, student, acp = _toy_guidance_pair()
     x0 = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     loss = guidance_distillation_loss(student, teacher, x0, torch.arange(8) % 10, torch.Generator().manual_seed(0),
                                       acp, null_class=10, label_dropout=0.25, guidance_range=(1.0, 5.0),
@@ -489,18 +495,8 @@ def test_guidance_interval_targets_the_conditional_output_below_t_min():
     """--guidance-t-min: rows at t < t_min are scored against the teacher's conditional output (whatever w the
     student is given), rows at t >= t_min against the guided pair at w, each weighted by its w ** -P, as a direct
     computation says."""
-    from trident.serving.sampling import NoiseSchedule
     from trident.training.distill import guidance_distillation_loss
-    seen = {}
-
-    def teacher(x, t, y):
-        return 0.5 * x + (y[:, None, None, None] == 10).double() + t[:, None, None, None] / 1000
-
-    def student(x, t, y, w):
-        seen.update(x=x, t=t, y=y, w=w)
-        return 0.25 * x
-
-    acp = torch.from_numpy(NoiseSchedule().alphas_cumprod.copy())
+    seen, teacher, student, acp = _toy_guidance_pair()
     x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     kw = dict(null_class=10, label_dropout=0.0, guidance_range=(1.0, 5.0), prediction_type="v_prediction",
               guidance_weight_power=2.0)

@@ -827,9 +827,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--lr-min-ratio", type=float, default=0.05)
     p.add_argument("--precision", default="fp32", choices=TRAIN_PRECISIONS,
                    help="diffusion: bf16 autocast; auto = bf16 where the CPU/GPU computes bf16 natively, else fp32")
-    p.add_argument("--guidance-t-min", type=int, default=0,
-                   help="guidance: the teacher's pair is guided only at timesteps t >= T (below, the target is its "
-                        "conditional output at any w: guidance limited to an interval of noise levels; 0 = everywhere)")
     p.add_argument("--snapshot-every", type=int, default=0,
                    help="also keep the exported weights as snapshots/step_N.safetensors every N steps (0 = never)")
     p.add_argument("--ema-decay", type=float, default=0.999)
