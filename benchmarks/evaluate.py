@@ -52,8 +52,9 @@ GAN_TARGETS = {"agreement": 0.95, "diversity": 0.70, "fd_vs_unguided_diffusion":
 @dataclass(frozen=True)
 class Setting:
     """One thing to measure. diffusion: sampler, steps, guidance (variant "diffusers" = DDIM with the model's
-    unclipped eps, diffusers' default); vae / ae: variant "prior" (decode z ~ N(0, I)), "fitted" (z from a Gaussian
-    fitted to the training images' codes) or "midpoints" (decode the midpoint of two real test images' codes)."""
+    unclipped eps, diffusers' default; guidance_t_min: guidance only at the steps whose t >= it, SamplingConfig's);
+    vae / ae: variant "prior" (decode z ~ N(0, I)), "fitted" (z from a Gaussian fitted to the training images'
+    codes) or "midpoints" (decode the midpoint of two real test images' codes)."""
 
     model: str
     sampler: str = ""
@@ -61,13 +62,15 @@ class Setting:
     guidance: float = 0.0
     variant: str = ""
     truncation: float = 0.0  # gan: z clipped to [-truncation, truncation] (the SDK's truncation); 0 = none
+    guidance_t_min: int = 0  # diffusion: guidance only at t >= this (0 = every step)
 
     @property
     def label(self) -> str:
         if self.model in DIFFUSION:
             extra = " (diffusers DDIM)" if self.variant == "diffusers" else ""
+            interval = f" t>={self.guidance_t_min}" if self.guidance_t_min else ""
             student = "student " if self.model == "diffusion_student" else ""
-            return f"{student}{self.sampler}-{self.steps} g{self.guidance:g}{extra}"
+            return f"{student}{self.sampler}-{self.steps} g{self.guidance:g}{interval}{extra}"
         if self.truncation:
             return f"{self.model} truncation {self.truncation:g}"
         return self.model if not self.variant else f"{self.model} {self.variant}"
@@ -75,7 +78,8 @@ class Setting:
     @property
     def nfe(self) -> int:
         """Network evaluations per image (rows through the network; the teacher's guidance doubles them, in one call a
-        step; a student takes the guidance scale as an input: one row per step)."""
+        step; a student takes the guidance scale as an input: one row per step). With guidance_t_min the teacher's
+        unguided steps send one row: that count needs the timesteps, so measure() records the rows it sent."""
         if self.model not in DIFFUSION:
             return 1
         return self.steps * (1 if self.guidance == 1 or self.model == "diffusion_student" else 2)
@@ -149,9 +153,10 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def draw(clients: Clients, setting: Setting, n: int, seed: int = 0, batch: int = 100, ref: RealReference | None = None,
-         progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+         progress: bool = False, rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """n images (float32 (n, C, H, W) in [-1, 1]) of a setting, and the requested classes (None: unconditional).
-    Classes come in equal shares (image i asks for class i % k); batch b uses seed + b."""
+    Classes come in equal shares (image i asks for class i % k); batch b uses seed + b. rows: a list that gets the
+    network rows each diffusion call sent."""
     client = clients.get(setting.model)
     kind = "vae" if setting.model == "ae" else setting.model
     k = len(client.class_names(kind))
@@ -168,6 +173,8 @@ def draw(clients: Clients, setting: Setting, n: int, seed: int = 0, batch: int =
                 m = min(batch, n - i)
                 if setting.model in DIFFUSION:
                     x = _sample(client, setting, labels[i:i + m], seed + i)
+                    if rows is not None:
+                        rows.append(client.last_stats.rows)
                 elif setting.model == "gan":
                     x = client.generate(labels[i:i + m], seed=seed + i, truncation=setting.truncation or None,
                                         raw=True)
@@ -186,7 +193,8 @@ def _sample(client: TridentClient, s: Setting, labels, seed) -> np.ndarray:
     # the "diffusers" variant: DDIM as diffusers' DDIMScheduler runs it by default (use_clipped_model_output=False)
     options = {"use_clipped_model_output": False} if s.variant == "diffusers" else None
     return client.sample(labels, sampler="ddim" if options else s.sampler, steps=s.steps, guidance=s.guidance,
-                         seed=seed, raw=True, sampler_options=options, model=s.model)
+                         seed=seed, raw=True, sampler_options=options, model=s.model,
+                         guidance_t_min=s.guidance_t_min)
 
 
 def _draw_latent(client: TridentClient, variant: str, n: int, seed: int, ref: RealReference) -> np.ndarray:
@@ -210,10 +218,12 @@ def measure(clients: Clients, setting: Setting, ref: RealReference, n: int, seed
             progress: bool = False) -> dict:
     """Draw one setting and judge it: the setting, its figures (training/quality.evaluate_images) and the time."""
     t0 = time.perf_counter()
-    images, labels = draw(clients, setting, n, seed, batch, ref, progress)
+    rows: list[int] = []
+    images, labels = draw(clients, setting, n, seed, batch, ref, progress, rows)
     seconds = time.perf_counter() - t0
     result = evaluate_images(images, ref, labels, seed)
-    return {"label": setting.label, **asdict(setting), "nfe": setting.nfe, **result,
+    nfe = round(sum(rows) / n, 2) if rows else setting.nfe  # what the client loop sent per image
+    return {"label": setting.label, **asdict(setting), "nfe": int(nfe) if nfe == int(nfe) else nfe, **result,
             "draw_seconds": round(seconds, 1)}
 
 
@@ -393,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="default: 20; a step-distilled student: the steps it was distilled for")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance-t-min", type=int, default=0, metavar="T",
+                   help="diffusion: guidance only at the steps whose timestep is >= T (0 = every step); "
+                        "--against draws with guidance at every step")
     p.add_argument("--truncation", type=float, default=0.0, help="gan: clip z to [-T, T] (0 = none)")
     p.add_argument("--variant", default="", help="vae/ae: prior (default), fitted, midpoints; diffusion: diffusers "
                                                  "(DDIM with the unclipped eps)")
@@ -446,6 +459,11 @@ def _check_args(args) -> None:
         raise ValueError(f"--truncation applies to --model gan and must be > 0, got {args.truncation}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.guidance_t_min and (args.model not in DIFFUSION or args.sweep or args.precision_gate):
+        raise ValueError("--guidance-t-min applies to one diffusion setting (--model diffusion or diffusion_student), "
+                         "not to --sweep or --precision-gate")
+    if args.guidance_t_min < 0:
+        raise ValueError(f"--guidance-t-min must be >= 0, got {args.guidance_t_min}")
     if args.gate_models is not None and not args.precision_gate:
         raise ValueError("--gate-models applies to --precision-gate")
     gate_models = _gate_models(args)
@@ -626,7 +644,7 @@ def main(argv=None) -> int:
                         args.steps or default.get("steps", 0) if diffusion else 0,
                         args.guidance if diffusion else 0.0,
                         args.variant or ("prior" if args.model in ("vae", "ae") else ""),
-                        args.truncation if args.model == "gan" else 0.0)
+                        args.truncation if args.model == "gan" else 0.0, args.guidance_t_min)
             if args.seeds is None and args.against is None:
                 result = measure(clients, s, ref, args.n, args.seed, args.batch, progress=True)
                 result["fd_floor"] = ref.floor(args.n, args.seed)
@@ -659,7 +677,8 @@ def _cache_path(work: Path, s: Setting, args, checkpoints: dict[str, Path], net:
     """Where a sweep keeps one setting's result: keyed by everything that decides it (the setting, n, seed, batch,
     backend, the model's and the classifier's bytes, and the sampler code for diffusion), so a re-run after a new
     GAN checkpoint re-measures the GAN alone."""
-    setting = {k: v for k, v in asdict(s).items() if not (k == "truncation" and not v)}  # keys made before it
+    # fields added later are left out at their default: the cache keys made before them stay valid
+    setting = {k: v for k, v in asdict(s).items() if not (k in ("truncation", "guidance_t_min") and not v)}
     key = {"setting": setting, "n": args.n, "seed": args.seed, "batch": args.batch, "url": args.url,
            "model": file_sha256(checkpoints[s.model]), "classifier": net.digest,
            "code": file_sha256(Path(sampling.__file__)) if s.model in DIFFUSION else None}

@@ -20,9 +20,12 @@ TEACHER_TARGETS = {"unguided_fd": 20.0, "best_fd": 18.0, "g3_agreement": 0.99}
 STUDENT_TARGETS = {"steps": 4, "fd_ratio": 1.1, "agreement_drop": 0.01, "guidance": (1.5, 3.0)}
 
 
+FIELD_DEFAULTS = {"truncation": 0.0, "guidance_t_min": 0}  # Setting fields that results made before them lack
+
+
 def _find(results, **match):
     for r in results:
-        if all(r.get(k, 0.0 if k == "truncation" else None) == v for k, v in match.items()):
+        if all(r.get(k, FIELD_DEFAULTS.get(k)) == v for k, v in match.items()):
             return r
     return None
 
@@ -52,11 +55,13 @@ def _table(rows: list[dict], columns=COLUMNS) -> list[str]:
 
 
 def _in_steps_sweep(r: dict) -> bool:
-    return r["model"] == "diffusion" and r["guidance"] == STEPS_GUIDANCE and not r["variant"]
+    return (r["model"] == "diffusion" and r["guidance"] == STEPS_GUIDANCE and not r["variant"]
+            and not r.get("guidance_t_min"))
 
 
 def _in_guidance_sweep(r: dict) -> bool:
-    return r["model"] == "diffusion" and r["steps"] == GUIDANCE_STEPS and not r["variant"]
+    return (r["model"] == "diffusion" and r["steps"] == GUIDANCE_STEPS and not r["variant"]
+            and not r.get("guidance_t_min"))
 
 
 def _sampler_grid(samplers, columns, header, lookup, cell) -> list[str]:
@@ -69,12 +74,13 @@ def _sampler_grid(samplers, columns, header, lookup, cell) -> list[str]:
     return out
 
 
-def diffusion(results, sampler, steps, guidance, variant=""):
-    return _find(results, model="diffusion", sampler=sampler, steps=steps, guidance=guidance, variant=variant)
+def diffusion(results, sampler, steps, guidance, variant="", guidance_t_min=0):
+    return _find(results, model="diffusion", sampler=sampler, steps=steps, guidance=guidance, variant=variant,
+                 guidance_t_min=guidance_t_min)
 
 
-def student(results, steps, guidance):
-    return _find(results, model="diffusion_student", steps=steps, guidance=guidance)
+def student(results, steps, guidance, guidance_t_min=0):
+    return _find(results, model="diffusion_student", steps=steps, guidance=guidance, guidance_t_min=guidance_t_min)
 
 
 def _verdict(ok: bool) -> str:

@@ -572,7 +572,10 @@ class SamplingConfig:
     1 = none, else uncond + guidance * (cond - uncond). eta: DDIM's noise (0 deterministic .. 1 DDPM-like).
     spacing: None = the sampler's default. clip_sample: None = the sampler's default. options: further keyword
     options of the sampler (sampler_options_of), e.g. DDIM's use_clipped_model_output. preview_every: the streaming
-    server loop sends the x_0 estimate every this many steps (0: never).
+    server loop sends the x_0 estimate every this many steps (0: never). guidance_t_min: guidance only at the steps
+    whose timestep t >= guidance_t_min, the conditional output alone below (guidance in a limited interval,
+    Kynkäänniemi et al. 2024): a teacher's step there sends B rows instead of the [cond; null] 2B, a student's gets
+    w = 1. 0 (the default): guidance at every step.
     """
 
     sampler: str = "dpmpp-2m"
@@ -583,6 +586,7 @@ class SamplingConfig:
     clip_sample: bool | None = None
     options: dict = field(default_factory=dict)
     preview_every: int = 0
+    guidance_t_min: int = 0
 
     def __post_init__(self):
         if self.sampler not in SAMPLER_CLASSES:
@@ -615,6 +619,10 @@ class SamplingConfig:
         if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p <= self.steps:
             raise ValueError(f"preview_every must be an integer in [0, steps={self.steps}] (0: no previews), got {p!r}")
         object.__setattr__(self, "preview_every", int(p))
+        m = self.guidance_t_min
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+            raise ValueError(f"guidance_t_min must be an integer timestep >= 0 (0: guidance at every step), got {m!r}")
+        object.__setattr__(self, "guidance_t_min", int(m))
 
     def solver(self, schedule: NoiseSchedule, rng: np.random.Generator | None = None) -> _Sampler:
         """The sampler this config names, on the schedule, with its timesteps set (steps <= T checked there)."""
@@ -692,6 +700,7 @@ LOOP_REQUEST = {
     # does not cancel the request; left out or 0 = no limit
     "max_seconds": ("float64", (1,), True),
     "sampler_options": ("bytes", (1,), True),  # JSON object of SamplingConfig.options; left out = none
+    "guidance_t_min": ("int64", (1,), True),   # left out or 0 = guidance at every step
 }
 LOOP_STREAM_REQUEST = {**LOOP_REQUEST, "preview_every": ("int64", (1,), True)}  # 0/absent: no previews
 
@@ -705,7 +714,8 @@ def loop_request(config: SamplingConfig, labels: np.ndarray, seed: int, max_seco
               "spacing": np.array([(config.spacing or "").encode()], dtype=object),
               "max_seconds": np.array([max_seconds], np.float64),
               "sampler_options": np.array([json.dumps(config.options, sort_keys=True).encode()], dtype=object),
-              "preview_every": np.array([config.preview_every], np.int64)}
+              "preview_every": np.array([config.preview_every], np.int64),
+              "guidance_t_min": np.array([config.guidance_t_min], np.int64)}
     return {name: values[name] for name in (LOOP_STREAM_REQUEST if stream else LOOP_REQUEST)}
 
 
@@ -740,7 +750,8 @@ def config_from_request(values: dict[str, np.ndarray]) -> tuple[SamplingConfig, 
     config = SamplingConfig(sampler=scalar("sampler", str), steps=scalar("steps", int),
                             guidance=scalar("guidance", float), eta=scalar("eta", float),
                             spacing=scalar("spacing", str) or None, options=options,
-                            preview_every=scalar("preview_every", int, 0))
+                            preview_every=scalar("preview_every", int, 0),
+                            guidance_t_min=scalar("guidance_t_min", int, 0))
     return config, labels, seed, max_seconds
 
 
@@ -772,13 +783,14 @@ class SamplingLoop:
             step = loop.advance(model(*args))       # the SamplingStep; the callback may raise SamplingCancelled
 
     guidance_input (a guidance-distilled student): model_input() is (x, t, y, w), one row per image, and the answer
-    is the guided output itself.
+    is the guided output itself. guidance_t_min: the steps at t below it run unguided (SamplingConfig.guidance_t_min).
     """
 
     def __init__(self, shape, labels, solver, guidance: float, null_class: int, callback=None, progress=False,
-                 prediction_type: str = "epsilon", config: SamplingConfig | None = None, guidance_input: bool = False):
+                 prediction_type: str = "epsilon", config: SamplingConfig | None = None, guidance_input: bool = False,
+                 guidance_t_min: int = 0):
         self.labels, self.solver, self.guidance, self.null_class = labels, solver, guidance, null_class
-        self.guidance_input = guidance_input
+        self.guidance_input, self.guidance_t_min = guidance_input, guidance_t_min
         self.prediction_type = prediction_type
         self.config = config  # the settings this run was made from (sampling_loop)
         self.callback, self.progress = callback, progress
@@ -797,6 +809,11 @@ class SamplingLoop:
         """The timestep of the next step."""
         return int(self.solver.timesteps[self.index])
 
+    @property
+    def step_guidance(self) -> float:
+        """The guidance scale of the next step: 1 (none) at t below guidance_t_min."""
+        return self.guidance if self.t >= self.guidance_t_min else 1.0
+
     def model_input(self) -> tuple[np.ndarray, ...]:
         """(x float32 [N, C, H, W], t float32 [N], y int64 [N]) of the next step's one model call; with
         guidance_input, (x, t, y, w float32 [N]) with N = B (guidance_input())."""
@@ -805,9 +822,9 @@ class SamplingLoop:
         if self.progress and self._bar is None and self.index == 0:
             self._bar = _progress_bar(self.num_steps, self.solver.name)
         if self.guidance_input:
-            args = guidance_input(self.x, self.t, self.labels, self.guidance, self.null_class)
+            args = guidance_input(self.x, self.t, self.labels, self.step_guidance, self.null_class)
         else:
-            args = cfg_model_input(self.x, self.t, self.labels, self.guidance, self.null_class)
+            args = cfg_model_input(self.x, self.t, self.labels, self.step_guidance, self.null_class)
         self._asked = args[0]
         return args
 
@@ -816,7 +833,8 @@ class SamplingLoop:
         if self._asked is None:
             raise ValueError("call model_input() before advance(): each step answers the call it asked for")
         # a student's one row is the guided output already: cfg_combine with guidance 1 checks the shape alone
-        guided = cfg_combine(model_output, self._asked, self.labels, 1.0 if self.guidance_input else self.guidance)
+        scale = 1.0 if self.guidance_input else self.step_guidance
+        guided = cfg_combine(model_output, self._asked, self.labels, scale)
         self._asked = None
         i, t = self.index, self.t
         eps = eps_from_prediction(guided, self.x, t, self.solver.schedule, self.prediction_type)
@@ -846,8 +864,8 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, null_class: in
     """A SamplingLoop for one run, every argument checked here (ValueError naming it) before any model call.
 
     config: a SamplingConfig, or its fields as keyword arguments (sampler="ddim", steps=10, guidance=2.0, eta,
-    spacing, clip_sample, options or sampler_options, preview_every). labels: int [B] in [0, null_class], or None
-    (unconditional). seed (or rng) fixes the initial and step noise. prediction_type: what the model returns (the
+    spacing, clip_sample, options or sampler_options, preview_every, guidance_t_min). labels: int [B] in
+    [0, null_class], or None (unconditional). seed (or rng) fixes the initial and step noise. prediction_type: what the model returns (the
     card's): "epsilon" or "v_prediction". callback(i, t, x, x0) returning False raises SamplingCancelled.
     guidance_range (a guidance-distilled student's card): the model takes the guidance scale as its input, one row
     per image (SamplingLoop.guidance_input), and a guidance outside [min, max] is refused. distilled_steps (a
@@ -865,6 +883,9 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, null_class: in
         if not low <= config.guidance <= high:
             raise ValueError(f"guidance must be in [{low:g}, {high:g}] for this student (it takes the guidance scale "
                              f"as an input and was distilled on that range), got {config.guidance:g}")
+        if config.guidance_t_min > 0 and low > 1:
+            raise ValueError(f"guidance_t_min needs a student that takes w = 1 (no guidance) below it; this one was "
+                             f"distilled on [{low:g}, {high:g}]")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if not (isinstance(shape, (tuple, list)) and len(shape) == 4
@@ -873,6 +894,7 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, null_class: in
     shape = tuple(int(d) for d in shape)
     null_class = _check_int("null_class", null_class, 0)
     _check_int("steps", config.steps, 1, schedule.num_train_timesteps)
+    _check_int("guidance_t_min", config.guidance_t_min, 0, schedule.num_train_timesteps)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.shape[0] != shape[0]:
@@ -889,7 +911,7 @@ def sampling_loop(shape, labels=None, *, schedule: NoiseSchedule, null_class: in
         raise ValueError("callback must be callable as callback(i, t, x, x0)")
     solver = config.solver(schedule, np.random.default_rng(seed) if rng is None else rng)
     return SamplingLoop(shape, labels, solver, config.guidance, null_class, callback, progress, prediction_type,
-                        config, guidance_input=guidance_range is not None)
+                        config, guidance_input=guidance_range is not None, guidance_t_min=config.guidance_t_min)
 
 
 def sample_progressive(model: EpsModel, shape, labels=None, **arguments) -> Iterator[SamplingStep]:

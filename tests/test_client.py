@@ -103,7 +103,8 @@ def test_triton_splits_batches_larger_than_max_batch(triton_client, ort_client):
     dict(classes=None, n=2, sampler="ddim", steps=4, eta=0.5, seed=3),                   # unconditional, step noise
     dict(classes=[3], n=2, sampler="ddpm", steps=3, guidance=1.0, seed=1),              # no guidance
     dict(classes=[1, 2], sampler="ddim", steps=3, spacing="trailing", seed=None),       # a random seed, sent along
-], ids=["dpmpp-cfg", "ddim-uncond-eta", "ddpm-no-guidance", "ddim-trailing"])
+    dict(classes=[1, 2], sampler="dpmpp-2m", steps=6, seed=2, guidance_t_min=500),      # guidance at t >= 500 only
+], ids=["dpmpp-cfg", "ddim-uncond-eta", "ddpm-no-guidance", "ddim-trailing", "dpmpp-guidance-interval"])
 def test_server_loop_draws_what_the_client_loop_draws_in_one_request(triton_client, ort_client, kw):
     server = triton_client.sample(**kw, raw=True, loop="server")
     assert triton_client.last_stats.calls == 1 and triton_client.last_stats.rows == len(server)
@@ -113,6 +114,14 @@ def test_server_loop_draws_what_the_client_loop_draws_in_one_request(triton_clie
     client = ort_client.sample(**kw, raw=True)
     assert server.shape == client.shape and server.dtype == np.float32
     np.testing.assert_allclose(server, client, atol=1e-4)
+    if kw.get("guidance_t_min"):  # the client loop sent [cond; null] above it and the cond rows alone below
+        schedule = sampling.NoiseSchedule.from_dict(ort_client.card("diffusion").schedule)
+        solver = sampling.make_sampler("dpmpp-2m", schedule)
+        solver.set_timesteps(6)
+        above = int((solver.timesteps >= 500).sum())
+        assert 0 < above < 6 and ort_client.last_stats.rows == 2 * (2 * above + 6 - above)
+        full = ort_client.sample(**{**kw, "guidance_t_min": 0}, raw=True)
+        assert np.abs(full - server).max() > 1e-3  # the interval reached the server's loop
 
 
 @pytest.mark.server
@@ -662,6 +671,10 @@ def test_sample_cli_writes_labelled_grid_and_prints_latency(server, tmp_path, ca
     printed = capsys.readouterr().out
     assert "6 images" in printed and "4 model calls (4 steps)" in printed and "ms per call" in printed
     assert Image.open(out).height == (2 * 30 + 2) * 2
+    interval = tmp_path / "interval.png"  # guidance only at t >= 500: the later steps send the 6 cond rows alone
+    assert main(["--model", "diffusion", "--class", "sneaker", "--class", "bag", "--n", "3", "--steps", "4",
+                 "--guidance-t-min", "500", "--url", url, "--protocol", protocol, "--out", str(interval)]) == 0
+    assert "4 model calls (4 steps)" in capsys.readouterr().out and interval.read_bytes() != out.read_bytes()
     assert main(["--model", "gan", "--class", "all", "--n", "2", "--url", url, "--protocol", protocol,
                  "--out", str(tmp_path / "gan.png")]) == 0
     server_loop = tmp_path / "server_loop.png"

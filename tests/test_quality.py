@@ -222,6 +222,9 @@ def test_evaluate_cli_measures_the_gan_through_the_sdk(tmp_path, capsys):
     (["--sweep", "--merge", "gan,bogus"], "--merge takes diffusion, diffusion_student, gan, vae, ae"),
     (["--against", "diffusion"], "--model must be the other one, got --model diffusion"),
     (["--model", "gan", "--against", "diffusion"], "--model must be the other one, got --model gan"),
+    (["--model", "gan", "--guidance-t-min", "300"], "--guidance-t-min applies to one diffusion setting"),
+    (["--sweep", "--guidance-t-min", "300"], "--guidance-t-min applies to one diffusion setting"),
+    (["--guidance-t-min", "-1"], "--guidance-t-min must be >= 0, got -1"),
 ])
 def test_evaluate_refuses_seeds_and_against_where_they_do_not_apply(args, error, capsys):
     from trident.benchmarks.evaluate import main

@@ -481,7 +481,7 @@ def test_cfg_eps_raises_value_error_when_model_returns_wrong_shape():
 def test_sampling_config_round_trips_through_json_and_the_loop_request():
     from trident.serving.sampling import SamplingConfig, config_from_request, loop_request
     config = SamplingConfig(sampler="ddim", steps=7, guidance=2.5, eta=0.3, spacing="trailing",
-                            options={"use_clipped_model_output": False}, preview_every=2)
+                            options={"use_clipped_model_output": False}, preview_every=2, guidance_t_min=300)
     assert SamplingConfig.from_json(config.to_json()) == config
     for stream in (False, True):
         feed = loop_request(config, np.array([1, 10]), 9, 4.0, stream=stream)
@@ -489,7 +489,7 @@ def test_sampling_config_round_trips_through_json_and_the_loop_request():
         assert back == (config if stream else SamplingConfig(**{**config.to_dict(), "preview_every": 0}))
         assert labels.tolist() == [1, 10] and seed == 9 and max_seconds == 4.0
     minimal = {k: v for k, v in loop_request(SamplingConfig(), np.array([0]), 1, 0.0, False).items()
-               if k not in ("max_seconds", "sampler_options")}  # the optional inputs left out
+               if k not in ("max_seconds", "sampler_options", "guidance_t_min")}  # the optional inputs left out
     assert config_from_request(minimal)[0] == SamplingConfig()
 
 
@@ -632,6 +632,53 @@ def test_sampling_loop_driven_by_hand_takes_the_steps_sample_progressive_takes()
     np.testing.assert_array_equal(steps[-1].pred_original_sample, reference[-1].pred_original_sample)
     with pytest.raises(ValueError, match="all 4 steps are done"):
         loop.model_input()
+
+
+def test_guidance_t_min_sends_2B_rows_above_it_and_B_below_and_steps_with_that_guidance():
+    """Guidance in a limited interval: the steps at t >= guidance_t_min send [cond; null] and combine them, the ones
+    below send the conditional rows alone; the images are those of a loop written out with cfg_eps per step."""
+    kw = model_kwargs(sampler="dpmpp-2m", steps=6, guidance=3.0)
+    model = RecordingModel()
+    got = sample(model, SHAPE, [1, 2], **kw, guidance_t_min=400)
+    solver = make_sampler("dpmpp-2m", LINEAR)
+    solver.set_timesteps(6)
+    ts = solver.timesteps.tolist()
+    assert [c["t"][0] for c in model.calls] == ts
+    assert [len(c["x"]) for c in model.calls] == [4 if t >= 400 else 2 for t in ts]
+    assert 2 in [len(c["x"]) for c in model.calls] and 4 in [len(c["x"]) for c in model.calls]
+    x = np.random.default_rng(0).standard_normal(SHAPE)  # the loop's x_T for seed 0
+    by_hand = RecordingModel()
+    for t in ts:
+        eps = cfg_eps(by_hand, x, t, np.array([1, 2]), 3.0 if t >= 400 else 1.0, NULL)
+        x = solver.step(eps, t, x).prev_sample
+    np.testing.assert_allclose(got, x.astype(np.float32), rtol=1e-6, atol=1e-6)
+    full = sample(RecordingModel(), SHAPE, [1, 2], **kw)
+    assert not np.allclose(got, full)  # the unguided steps changed the images
+    np.testing.assert_array_equal(sample(RecordingModel(), SHAPE, [1, 2], **kw, guidance_t_min=0), full)
+
+
+def test_guidance_t_min_gives_a_student_w_1_below_it():
+    calls = []
+
+    def student(x, t, y, w):
+        calls.append((int(t[0]), w.tolist()))
+        return (dummy_eps(x, t[:, None, None, None]) + 0.01 * w[:, None, None, None]).astype(np.float32)
+    sample(student, SHAPE, [1, 2], **model_kwargs(sampler="ddim", steps=4, spacing="trailing", guidance=2.5),
+           guidance_range=(1.0, 5.0), guidance_t_min=300)
+    assert calls == [(999, [2.5, 2.5]), (749, [2.5, 2.5]), (499, [2.5, 2.5]), (249, [1.0, 1.0])]
+    with pytest.raises(ValueError, match="guidance_t_min needs a student that takes w = 1"):
+        sample(student, SHAPE, [1, 2], **model_kwargs(guidance=2.5), guidance_range=(2.0, 5.0), guidance_t_min=300)
+
+
+@pytest.mark.parametrize("value,message", [(-1, "guidance_t_min must be an integer timestep >= 0"),
+                                           (True, "guidance_t_min must be an integer timestep >= 0"),
+                                           (2.5, "guidance_t_min must be an integer timestep >= 0"),
+                                           (T + 1, "guidance_t_min must be an integer in [0, 1000]")])
+def test_guidance_t_min_out_of_range_is_refused_before_any_model_call(value, message):
+    model = RecordingModel()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sample(model, SHAPE, [1, 2], **model_kwargs(), guidance_t_min=value)
+    assert model.calls == []
 
 
 def test_sampling_loop_refuses_an_answer_it_did_not_ask_for():

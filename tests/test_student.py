@@ -142,6 +142,10 @@ def test_sync_sdk_samples_the_student_with_every_loop_as_in_process_and_the_teac
         np.testing.assert_allclose(client.sample(**kw), want, rtol=0, atol=TOLERANCE)
         assert (client.last_stats.calls, client.last_stats.rows) == (2, 2 * len(CLASSES))
         np.testing.assert_allclose(client.sample(**kw, loop="server"), want, rtol=0, atol=TOLERANCE)
+        interval = dict(kw, guidance_t_min=600)  # of the 2 trailing steps (t = 999, 499) the second gets w = 1
+        want_interval = student_client.sample(**interval)
+        assert np.abs(want_interval - want).max() > 1e-3
+        np.testing.assert_allclose(client.sample(**interval, loop="server"), want_interval, rtol=0, atol=TOLERANCE)
         if protocol == "grpc":  # the streamed loop of the student's own streaming model
             steps = []
             streamed = client.sample(**kw, loop="server", callback=lambda i, *rest: steps.append(i))
@@ -334,5 +338,11 @@ def test_evaluate_draws_the_student_at_each_step_count_with_one_row_per_image_pe
             images, labels = draw(clients, Setting(STUDENT, "ddim", steps, 3.0), n=4, batch=4)
             assert images.shape == (4, 1, 28, 28) and np.isfinite(images).all() and labels.tolist() == [0, 1, 2, 3]
             assert clients.get(STUDENT).last_stats.rows == 4 * steps
+        interval = Setting(STUDENT, "ddim", 4, 3.0, guidance_t_min=300)  # w = 1 at its last step (t = 249)
+        assert interval.label == "student ddim-4 g3 t>=300"
+        rows: list[int] = []
+        images, _ = draw(clients, interval, n=4, batch=4, rows=rows)
+        assert rows == [4 * 4]  # still one row per image per step
+        assert np.abs(images - draw(clients, Setting(STUDENT, "ddim", 4, 3.0), n=4, batch=4)[0]).max() > 1e-3
     finally:
         clients.close()

@@ -239,12 +239,14 @@ class AsyncTridentClient(ClientBase):
                      steps: int | None = None, guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0,
                      spacing: str | None = None, progress: bool = False, callback: Callable | None = None,
                      raw: bool = False, loop: str = "client", preview_every: int = 0,
-                     sampler_options: dict | None = None, model: str = "diffusion") -> np.ndarray:
+                     sampler_options: dict | None = None, model: str = "diffusion",
+                     guidance_t_min: int = 0) -> np.ndarray:
         """TridentClient.sample as a coroutine: the same arguments (model="diffusion_student" for the student), the
         same images for the same seed."""
         job = self._sample_job(classes, n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                                spacing=spacing, progress=progress, callback=callback, loop=loop,
-                               preview_every=preview_every, sampler_options=sampler_options, model=model)
+                               preview_every=preview_every, sampler_options=sampler_options, model=model,
+                               guidance_t_min=guidance_t_min)
         self.last_stats = stats = SampleStats()
         t0 = time.perf_counter()
         x = await (self._run_loop_on_server(job, stats) if job.loop is None else self._run_loop_here(job, stats))

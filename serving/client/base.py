@@ -129,9 +129,9 @@ class ClientBase:
     # -- diffusion ----------------------------------------------------------------------------------------------
     def _sample_job(self, classes, n, *, seed, progress, callback, loop, model="diffusion", **settings) -> SampleJob:
         """Every check of sample(), before any request; see TridentClient.sample for the arguments. settings: the
-        SamplingConfig fields (sampler, steps, guidance, eta, spacing, preview_every, sampler_options); sampler,
-        steps and spacing None: the model's defaults (sampling.default_settings: a step-distilled student's DDIM at
-        the steps it was distilled for, else DPM-Solver++(2M), 20 steps)."""
+        SamplingConfig fields (sampler, steps, guidance, eta, spacing, preview_every, sampler_options,
+        guidance_t_min); sampler, steps and spacing None: the model's defaults (sampling.default_settings: a
+        step-distilled student's DDIM at the steps it was distilled for, else DPM-Solver++(2M), 20 steps)."""
         if model not in DIFFUSION_KINDS:
             raise InvalidArgumentError(f"model must be one of {DIFFUSION_KINDS} (the diffusion teacher, or the student "
                                        f"distilled from it), got {model!r}")
@@ -172,6 +172,9 @@ class ClientBase:
         served = {t.name for t in server.spec.inputs}
         if config.options and "sampler_options" not in served:
             raise InvalidArgumentError(f"the server's {server.spec.name} predates sampler options; rebuild its "
+                                       f"repository with this trident or use loop='client'")
+        if config.guidance_t_min and "guidance_t_min" not in served:
+            raise InvalidArgumentError(f"the server's {server.spec.name} predates guidance_t_min; rebuild its "
                                        f"repository with this trident or use loop='client'")
         feed = {name: value for name, value in feed.items() if name in served}
         on_step = ServerProgress(config.steps, config.sampler, progress, callback) if streamed else None

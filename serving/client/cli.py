@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: 20; a step-distilled student: the steps it was distilled for")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--guidance-t-min", type=int, default=0, metavar="T",
+                   help="guidance only at the steps whose timestep is >= T, unguided below (one row per image "
+                        "there); 0 = every step")
     p.add_argument("--sampler-option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
                    help="a further sampler option, VALUE as JSON (repeatable), e.g. use_clipped_model_output=false")
     p.add_argument("--seed", type=int, default=0)
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
                 images = client.sample(classes, None if classes is not None else args.n, sampler=args.sampler,
                                        steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
                                        progress=args.progress, loop=args.loop, model=args.model,
-                                       sampler_options=_sampler_options(args.sampler_options))
+                                       sampler_options=_sampler_options(args.sampler_options),
+                                       guidance_t_min=args.guidance_t_min)
                 steps = (args.steps or sampling.default_settings(client.card(args.model).distilled_steps)["steps"])
             elif args.model == "gan":
                 images = client.generate(classes, None if classes is not None else args.n, seed=args.seed)

@@ -77,7 +77,7 @@ class TridentClient(ClientBase):
                guidance: float = 3.0, eta: float = 0.0, seed: int | None = 0, spacing: str | None = None,
                progress: bool = False, callback: Callable | None = None, raw: bool = False,
                loop: str = "client", preview_every: int = 0, sampler_options: dict | None = None,
-               model: str = "diffusion") -> np.ndarray:
+               model: str = "diffusion", guidance_t_min: int = 0) -> np.ndarray:
         """Draw images from the diffusion model: uint8 (N, H, W, C), or float32 (N, C, H, W) in [-1, 1] with raw.
 
         classes: one id/name (repeated n times), a list of ids/names (one image each), or None (unconditional,
@@ -90,7 +90,9 @@ class TridentClient(ClientBase):
         cancels the sampling (SamplingCancelled), on the server too. Deterministic in seed: both loops draw the
         same images for the same arguments (to float tolerance: the U-Net may run in different bucket layouts).
         sampler_options: further options of the sampler (sampling.sampler_options_of), e.g.
-        {"use_clipped_model_output": False} for DDIM; they reach the server-side loop too.
+        {"use_clipped_model_output": False} for DDIM; they reach the server-side loop too. guidance_t_min: guidance
+        only at the steps whose timestep is >= it (Kynkäänniemi et al. 2024); below, the conditional output alone,
+        N rows per step instead of 2N (the student: w = 1). 0: guidance at every step.
 
         model: "diffusion" (the teacher) or "diffusion_student" (the student distilled from it, served beside it:
         its U-Net takes the guidance scale as an input, so every step sends one row per image at any guidance, and
@@ -100,7 +102,8 @@ class TridentClient(ClientBase):
         """
         job = self._sample_job(classes, n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
                                spacing=spacing, progress=progress, callback=callback, loop=loop,
-                               preview_every=preview_every, sampler_options=sampler_options, model=model)
+                               preview_every=preview_every, sampler_options=sampler_options, model=model,
+                               guidance_t_min=guidance_t_min)
         self.last_stats = SampleStats()
         t0 = time.perf_counter()
         x = self._run_loop_on_server(job) if job.loop is None else self._run_loop_here(job)
