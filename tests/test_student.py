@@ -161,17 +161,22 @@ def test_asyncio_sdk_samples_the_student_with_every_loop_as_in_process(embedded,
     _, server = embedded
     kw = dict(classes=CLASSES, steps=1, guidance=4.0, seed=5, raw=True, model=STUDENT)
     want = student_client.sample(**kw)
+    interval = dict(kw, steps=2, guidance_t_min=600)  # w = 1 at the second step (t = 499)
+    want_interval = student_client.sample(**interval)
 
     async def draw():
         async with AsyncTridentClient.connect(server.grpc_url, "grpc") as client:
             steps = []
             return await asyncio.gather(client.sample(**kw), client.sample(**kw, loop="server"),
-                                        client.sample(**kw, loop="server", callback=lambda i, *r: steps.append(i))
-                                        ), steps
+                                        client.sample(**kw, loop="server", callback=lambda i, *r: steps.append(i)),
+                                        client.sample(**interval),
+                                        client.sample(**interval, loop="server", callback=lambda *r: None)), steps
 
     drawn, steps = asyncio.run(draw())
-    for images in drawn:
+    for images in drawn[:3]:
         np.testing.assert_allclose(images, want, rtol=0, atol=TOLERANCE)
+    for images in drawn[3:]:  # the streamed loop took the interval too
+        np.testing.assert_allclose(images, want_interval, rtol=0, atol=TOLERANCE)
     assert steps == [0]
 
 
