@@ -104,11 +104,13 @@ def distillation_section(res: list[dict]) -> list[str]:
         md += [f"Guidance {g:g}: teacher FD {teacher['fd']:.1f}, agreement {100 * teacher['agreement']:.1f}%, "
                f"recall {teacher['recall']:.3f}.", "",
                "| student steps | nfe | FD | ratio | agreement | drop | recall |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        for n in steps:
-            if r := student(res, n, g):
-                md.append(f"| {n} | {r['nfe']} | {r['fd']:.1f} | {r['fd'] / teacher['fd']:.2f}x | "
-                          f"{100 * r['agreement']:.1f}% | {100 * (teacher['agreement'] - r['agreement']):+.1f} pt | "
-                          f"{r['recall']:.3f} |")
+        rows = [(str(n), r) for n in steps if (r := student(res, n, g))]
+        rows += [(f"{r['steps']}, guidance at t >= {r['guidance_t_min']}", r) for r in studs
+                 if r["guidance"] == g and r.get("guidance_t_min")]
+        for name, r in rows:
+            md.append(f"| {name} | {r['nfe']} | {r['fd']:.1f} | {r['fd'] / teacher['fd']:.2f}x | "
+                      f"{100 * r['agreement']:.1f}% | {100 * (teacher['agreement'] - r['agreement']):+.1f} pt | "
+                      f"{r['recall']:.3f} |")
         md.append("")
     md += ["| target | measured | |", "|---|---:|---|"]
     unguided = diffusion(res, "dpmpp-2m", 20, 1.0)
@@ -128,11 +130,16 @@ def distillation_section(res: list[dict]) -> list[str]:
                   f"{100 * g3['agreement']:.1f}% | {_verdict(g3['agreement'] >= TEACHER_TARGETS['g3_agreement'])} |")
     n = STUDENT_TARGETS["steps"]
     for g in STUDENT_TARGETS["guidance"]:
-        r, t = student(res, n, g), diffusion(res, "dpmpp-2m", 20, g)
-        if r and t:
+        t = diffusion(res, "dpmpp-2m", 20, g)
+        for r in [student(res, n, g)] + [r for r in studs if r["steps"] == n and r["guidance"] == g
+                                         and r.get("guidance_t_min")]:
+            if not (r and t):
+                continue
             ratio = r["fd"] / t["fd"]
-            md.append(f"| student, {n} steps, guidance {g:g}: FD <= {STUDENT_TARGETS['fd_ratio']:g}x the teacher's "
-                      f"({t['fd']:.1f}) | {r['fd']:.1f} = {ratio:.2f}x | {_verdict(ratio <= STUDENT_TARGETS['fd_ratio'])} |")
+            interval = f" (guidance at t >= {r['guidance_t_min']} only)" if r.get("guidance_t_min") else ""
+            md.append(f"| student, {n} steps, guidance {g:g}{interval}: FD <= {STUDENT_TARGETS['fd_ratio']:g}x the "
+                      f"teacher's ({t['fd']:.1f}) | {r['fd']:.1f} = {ratio:.2f}x | "
+                      f"{_verdict(ratio <= STUDENT_TARGETS['fd_ratio'])} |")
     r, t = student(res, n, 3.0), g3
     if r and t:
         drop = t["agreement"] - r["agreement"]

@@ -360,3 +360,11 @@ def test_report_judges_the_student_against_its_teacher_at_equal_guidance():
     assert "agreement within 1 point of the teacher's (99.5%) | 98.4% | FAIL |" in md
     assert "| teacher: unguided DPM-Solver++-20 FD <= 20 | 19.0 | pass |" in md
     assert "| teacher: best DPM-Solver++-20 FD over guidance 1, 1.5, 3 <= 18 | 17.5 (g 1.5) | pass |" in md
+    interval = _result("diffusion_student", 18.0, 0.96, sampler="ddim", steps=4, guidance=1.5)
+    interval.update(guidance_t_min=300, label="student ddim-4 g1.5 t>=300")  # a row of its own, after the default's
+    md = "\n".join(distillation_section(teacher + students + [interval]))
+    assert ("| 4 | 4 | 19.0 | 1.09x | 97.0% | -1.0 pt | 0.500 |\n"
+            "| 4, guidance at t >= 300 | 4 | 18.0 | 1.03x | 96.0% |") in md
+    assert ("| student, 4 steps, guidance 1.5: FD <= 1.1x the teacher's (17.5) | 19.0 = 1.09x | pass |\n"
+            "| student, 4 steps, guidance 1.5 (guidance at t >= 300 only): FD <= 1.1x the teacher's (17.5) | "
+            "18.0 = 1.03x | pass |") in md
