@@ -246,13 +246,15 @@ def across_seeds(clients: Clients, setting: Setting, ref: RealReference, n: int,
     too, at the same seeds (the same noise and the same real images), and per seed the FD ratio (setting / against)
     and the agreement difference (setting - against): the form in which a bound like "FD <= 1.1x the teacher's" can
     be checked, since the ratio at one seed moves less than either FD."""
-    per_seed = []
+    per_seed, nfe = [], {}
     for seed in seeds:
         r = measure(clients, setting, ref, n, seed, batch, progress=log is not None)
+        nfe["setting"] = r["nfe"]  # the rows the loop sent per image (the same at every seed)
         row = {"seed": seed, **{k: r[k] for k in SPREAD_KEYS if k in r}, "fd_floor": ref.floor(n, seed),
                "draw_seconds": r["draw_seconds"]}
         if against is not None:
             a = measure(clients, against, ref, n, seed, batch, progress=log is not None)
+            nfe["against"] = a["nfe"]
             row["against"] = {k: a[k] for k in (*SPREAD_KEYS, "draw_seconds") if k in a}
             row["fd_ratio"] = r["fd"] / a["fd"]
             if "agreement" in r and "agreement" in a:
@@ -264,10 +266,10 @@ def across_seeds(clients: Clients, setting: Setting, ref: RealReference, n: int,
                    + (f", agreement {100 * row['agreement_diff']:+.1f} points" if "agreement_diff" in row else "")
                    if against is not None else ""))
     keys = [k for k in (*SPREAD_KEYS, "fd_ratio", "agreement_diff") if k in per_seed[0]]
-    result = {"label": setting.label, **asdict(setting), "nfe": setting.nfe, "n": n, "seeds": list(seeds),
+    result = {"label": setting.label, **asdict(setting), "nfe": nfe["setting"], "n": n, "seeds": list(seeds),
               "per_seed": per_seed, "spread": {k: _span([row[k] for row in per_seed]) for k in keys}}
     if against is not None:
-        result["against"] = {"label": against.label, **asdict(against), "nfe": against.nfe,
+        result["against"] = {"label": against.label, **asdict(against), "nfe": nfe["against"],
                              "spread": {k: _span([row["against"][k] for row in per_seed])
                                         for k in SPREAD_KEYS if k in per_seed[0]["against"]}}
     return result

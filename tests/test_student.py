@@ -304,7 +304,9 @@ def test_evaluate_across_seeds_takes_the_ratio_to_the_teacher_seed_by_seed(embed
     _, server = embedded
     classifier = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier" / "model.safetensors"
     ref = q.RealReference.build(q.FeatureNet(classifier), test_limit=2000, train_limit=2000, cache_dir=tmp_path / "q")
-    student, teacher = Setting(STUDENT, "ddim", STUDENT_STEPS, 3.0), Setting("diffusion", "dpmpp-2m", 4, 3.0)
+    # the teacher guided at t >= 500 only: of its 4 steps, those below send one row per image, so 4 < nfe < 8
+    student, teacher = (Setting(STUDENT, "ddim", STUDENT_STEPS, 3.0),
+                        Setting("diffusion", "dpmpp-2m", 4, 3.0, guidance_t_min=500))
     clients = Clients({}, tmp_path, url=server.http_url)
     try:
         r = across_seeds(clients, student, ref, 20, [0, 1], batch=20, against=teacher)
@@ -323,6 +325,8 @@ def test_evaluate_across_seeds_takes_the_ratio_to_the_teacher_seed_by_seed(embed
         assert r["spread"][key] == pytest.approx({"mean": np.mean(values), "min": min(values), "max": max(values)})
     assert r["against"]["label"] == teacher.label and r["against"]["spread"]["fd"]["max"] == pytest.approx(
         max(x["against"]["fd"] for x in r["per_seed"]))
+    assert 4 < other["nfe"] < 8 and r["against"]["nfe"] == other["nfe"]  # the rows sent, not 2 x steps
+    assert r["nfe"] == alone["nfe"] == STUDENT_STEPS
 
 
 @pytest.mark.server
