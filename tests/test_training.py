@@ -515,6 +515,14 @@ def test_guidance_interval_targets_the_conditional_output_below_t_min():
                                             torch.Generator().manual_seed(0), acp, **kw)
     rows = (0.25 * x - (uncond + w[:, None, None, None] * (cond - uncond))).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(everywhere, (rows * w.pow(-2.0)).mean(), rtol=1e-12, atol=0)
+    # --guidance-interval-max-w 2.5: the interval only for rows with w <= 2.5, those above guided at every t
+    limited = guidance_distillation_loss(student, teacher, x0, torch.arange(64) % 10, torch.Generator().manual_seed(0),
+                                         acp, guidance_t_min=300, guidance_interval_max_w=2.5, **kw)
+    unguided = low & (w <= 2.5)
+    assert unguided.any() and (low & (w > 2.5)).any()  # low rows of both kinds
+    w_eff = torch.where(unguided, torch.ones_like(w), w)[:, None, None, None]
+    rows = (0.25 * x - (uncond + w_eff * (cond - uncond))).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(limited, (rows * w.pow(-2.0)).mean(), rtol=1e-12, atol=0)
 
 
 def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tiny_data):
@@ -632,6 +640,11 @@ def test_resume_refuses_another_guidance_interval_also_against_a_record_that_pre
     assert resume_changes(old, TrainConfig(**cfg), 500) == []
     with pytest.raises(ckpt.CheckpointError, match="trained with guidance_t_min=0, not 300"):
         resume_changes(old, TrainConfig(**cfg, guidance_t_min=300), 500)
+    interval = dataclasses.asdict(TrainConfig(**cfg, guidance_t_min=300))
+    with pytest.raises(ckpt.CheckpointError, match="trained with guidance_interval_max_w=0.0, not 2.5"):
+        resume_changes(interval, TrainConfig(**cfg, guidance_t_min=300, guidance_interval_max_w=2.5), 500)
+    del interval["guidance_interval_max_w"]  # recorded before that option: the interval held at every w
+    assert resume_changes(interval, TrainConfig(**cfg, guidance_t_min=300), 500) == []
     del old["guidance_t_min"]  # a checkpoint from before the option: it guided every timestep
     assert resume_changes(old, TrainConfig(**cfg), 500) == []
     with pytest.raises(ckpt.CheckpointError, match="trained with guidance_t_min=0, not 300"):
@@ -664,6 +677,9 @@ def test_resume_says_on_stderr_when_the_run_is_extended(tmp_path, tiny_data, cap
     (["guidance", "{teacher}", "--guidance-t-min", "-5"], "guidance_t_min must be an integer timestep >= 0"),
     (["guidance", "{teacher}", "--guidance-t-min", "1000"], "would leave no timestep guided"),
     (["steps", "{teacher}", "--guidance-t-min", "300"], "would be ignored here (distill 'steps')"),
+    (["guidance", "{teacher}", "--guidance-interval-max-w", "2"], "it needs guidance_t_min > 0 (got 0)"),
+    (["guidance", "{teacher}", "--guidance-t-min", "300", "--guidance-interval-max-w", "5"],
+     "a value in [guidance_min, guidance_max) = [1, 5)"),
 ])
 def test_distill_cli_exits_2_naming_the_problem(tmp_path, tiny_data, capsys, args, msg):
     from trident.training.train import distill_main

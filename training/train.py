@@ -69,6 +69,7 @@ class TrainConfig:
     guidance_max: float = 5.0
     guidance_weight_power: float = 0.0  # guidance stage: each row's loss x w ** -power (distill.guidance_distillation_loss)
     guidance_t_min: int = 0           # guidance stage: the teacher's pair guided only at t >= this (distill.interval_guidance)
+    guidance_interval_max_w: float = 0.0  # ... only for rows with w <= this (0: every w)
     extra_top_blocks: int = 0         # guidance stage: the student gets this many more full-resolution res blocks
     distill_from_steps: int = 64      # steps: the first teacher's DDIM steps; each stage halves them ...
     distill_to_steps: int = 4         # ... down to the final student's
@@ -130,6 +131,11 @@ class TrainConfig:
         if self.guidance_t_min and self.distill != "guidance":
             raise ValueError(f"guidance_t_min {self.guidance_t_min} limits stage 1's guided target (distill "
                              f"'guidance') and would be ignored here (distill {self.distill or 'none'!r})")
+        m = self.guidance_interval_max_w
+        if m and not (self.guidance_t_min and math.isfinite(m) and self.guidance_min <= m < self.guidance_max):
+            raise ValueError(f"guidance_interval_max_w {m} limits guidance_t_min's interval to the rows with w up to "
+                             f"it: it needs guidance_t_min > 0 (got {self.guidance_t_min}) and a value in "
+                             f"[guidance_min, guidance_max) = [{self.guidance_min:g}, {self.guidance_max:g})")
         if self.extra_top_blocks < 0:
             raise ValueError(f"extra_top_blocks must be >= 0, got {self.extra_top_blocks}")
         if self.extra_top_blocks and self.distill != "guidance":
@@ -254,7 +260,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 # named in a warning with what it does to the run; anything else would make the checkpoint a different run.
 _RESUME_WARN = ("steps", "lr", "lr_schedule", "lr_min_ratio", "warmup_steps", "batch_size", "ema_decay", "seed",
                 "min_snr_gamma", "label_dropout", "guidance_min", "guidance_max", "guidance_weight_power")
-_RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps", "extra_top_blocks", "guidance_t_min")
+_RESUME_REFUSE = ("distill", "distill_from_steps", "distill_to_steps", "extra_top_blocks", "guidance_t_min",
+                  "guidance_interval_max_w")
 
 
 def resume_changes(old: dict, cfg: TrainConfig, step: int, old_teacher_sha: str | None = None,
@@ -343,7 +350,8 @@ def _distill_step(cfg, mods, opts, x0, y, gen, alphas_cumprod, step):
         if cfg.distill == "guidance":
             loss = distill.guidance_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
                                                       guidance_weight_power=cfg.guidance_weight_power,
-                                                      guidance_t_min=cfg.guidance_t_min, **kw)
+                                                      guidance_t_min=cfg.guidance_t_min,
+                                                      guidance_interval_max_w=cfg.guidance_interval_max_w, **kw)
         else:
             n = cfg.stages[distill.stage_of(step, cfg.stage_length, cfg.stages)]
             loss = distill.step_distillation_loss(student, mods["teacher"], x0, y, gen, alphas_cumprod,
@@ -932,6 +940,9 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-t-min", type=int, default=0,
                    help="guidance: the teacher's pair is guided only at timesteps t >= T (below, the target is its "
                         "conditional output at any w: guidance limited to an interval of noise levels; 0 = everywhere)")
+    p.add_argument("--guidance-interval-max-w", type=float, default=0.0, metavar="W",
+                   help="guidance: --guidance-t-min's interval only for rows with w <= W; rows above W are guided "
+                        "at every t (0 = every row)")
     p.add_argument("--snapshot-every", type=int, default=0,
                    help="also keep the exported weights as snapshots/step_N.safetensors every N steps (0 = never; "
                         "step distillation keeps each halving's as stages/steps_NNNN.safetensors anyway)")
@@ -966,7 +977,7 @@ def distill_main(argv=None) -> int:
                            distill_from_steps=args.from_steps, distill_to_steps=args.to_steps,
                            guidance_min=args.guidance_min, guidance_max=args.guidance_max,
                            guidance_weight_power=args.guidance_weight_power, guidance_t_min=args.guidance_t_min,
-                           extra_top_blocks=args.extra_top_blocks,
+                           guidance_interval_max_w=args.guidance_interval_max_w, extra_top_blocks=args.extra_top_blocks,
                            batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
                            precision=args.precision, seed=args.seed, data_dir=args.data_dir, limit=args.limit,
