@@ -83,6 +83,12 @@ def student(results, steps, guidance, guidance_t_min=0):
     return _find(results, model="diffusion_student", steps=steps, guidance=guidance, guidance_t_min=guidance_t_min)
 
 
+def interval_students(results, guidance, steps=None) -> list[dict]:
+    """The student's results at this guidance drawn with guidance_t_min (at these steps, or any)."""
+    return [r for r in results if r["model"] == "diffusion_student" and r["guidance"] == guidance
+            and r.get("guidance_t_min") and steps in (None, r["steps"])]
+
+
 def _verdict(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
@@ -105,8 +111,8 @@ def distillation_section(res: list[dict]) -> list[str]:
                f"recall {teacher['recall']:.3f}.", "",
                "| student steps | nfe | FD | ratio | agreement | drop | recall |", "|---:|---:|---:|---:|---:|---:|---:|"]
         rows = [(str(n), r) for n in steps if (r := student(res, n, g))]
-        rows += [(f"{r['steps']}, guidance at t >= {r['guidance_t_min']}", r) for r in studs
-                 if r["guidance"] == g and r.get("guidance_t_min")]
+        rows += [(f"{r['steps']}, guidance at t >= {r['guidance_t_min']}", r)
+                 for r in interval_students(studs, g)]
         for name, r in rows:
             md.append(f"| {name} | {r['nfe']} | {r['fd']:.1f} | {r['fd'] / teacher['fd']:.2f}x | "
                       f"{100 * r['agreement']:.1f}% | {100 * (teacher['agreement'] - r['agreement']):+.1f} pt | "
@@ -131,8 +137,7 @@ def distillation_section(res: list[dict]) -> list[str]:
     n = STUDENT_TARGETS["steps"]
     for g in STUDENT_TARGETS["guidance"]:
         t = diffusion(res, "dpmpp-2m", 20, g)
-        for r in [student(res, n, g)] + [r for r in studs if r["steps"] == n and r["guidance"] == g
-                                         and r.get("guidance_t_min")]:
+        for r in [student(res, n, g)] + interval_students(studs, g, n):
             if not (r and t):
                 continue
             ratio = r["fd"] / t["fd"]
