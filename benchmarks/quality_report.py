@@ -93,6 +93,16 @@ def _verdict(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
+def ratio_text(ratio: float, bound: float) -> str:
+    """A ratio judged against a bound, to 2 decimals, or to as many more (up to 4) as it takes not to print the
+    bound itself for a ratio on the other side of it (1.1006 against 1.1 reads 1.101x, not 1.10x)."""
+    for digits in (2, 3, 4):
+        text = f"{ratio:.{digits}f}"
+        if ratio == bound or float(text) != bound:
+            break
+    return text + "x"
+
+
 def distillation_section(res: list[dict]) -> list[str]:
     """The teacher's targets and the student against it at equal guidance (issue 19), or [] without a student."""
     studs = [r for r in res if r["model"] == "diffusion_student"]
@@ -143,7 +153,7 @@ def distillation_section(res: list[dict]) -> list[str]:
             ratio = r["fd"] / t["fd"]
             interval = f" (guidance at t >= {r['guidance_t_min']} only)" if r.get("guidance_t_min") else ""
             md.append(f"| student, {n} steps, guidance {g:g}{interval}: FD <= {STUDENT_TARGETS['fd_ratio']:g}x the "
-                      f"teacher's ({t['fd']:.1f}) | {r['fd']:.1f} = {ratio:.2f}x | "
+                      f"teacher's ({t['fd']:.1f}) | {r['fd']:.1f} = {ratio_text(ratio, STUDENT_TARGETS['fd_ratio'])} | "
                       f"{_verdict(ratio <= STUDENT_TARGETS['fd_ratio'])} |")
     r, t = student(res, n, 3.0), g3
     if r and t:

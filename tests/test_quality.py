@@ -368,3 +368,17 @@ def test_report_judges_the_student_against_its_teacher_at_equal_guidance():
     assert ("| student, 4 steps, guidance 1.5: FD <= 1.1x the teacher's (17.5) | 19.0 = 1.09x | pass |\n"
             "| student, 4 steps, guidance 1.5 (guidance at t >= 300 only): FD <= 1.1x the teacher's (17.5) | "
             "18.0 = 1.03x | pass |") in md
+    # on the bound to 2 decimals: as many more as the verdict needs (28.65 / 26.03 = 1.1007, 28.63 / 26.03 = 1.0999)
+    near = [_result("diffusion", 26.03, 0.96, sampler="dpmpp-2m", steps=20, guidance=1.5),
+            _result("diffusion_student", 28.65, 0.97, sampler="ddim", steps=4, guidance=1.5)]
+    assert "| 28.6 = 1.101x | FAIL |" in "\n".join(distillation_section(near))
+    near[1]["fd"] = 28.63
+    assert "| 28.6 = 1.0999x | pass |" in "\n".join(distillation_section(near))
+
+
+def test_ratio_text_shows_the_digits_that_keep_a_ratio_off_its_bound():
+    from trident.benchmarks.quality_report import ratio_text
+
+    assert ratio_text(1.0862, 1.1) == "1.09x" and ratio_text(1.2, 1.1) == "1.20x" and ratio_text(1.1, 1.1) == "1.10x"
+    assert ratio_text(1.1006, 1.1) == "1.101x" and ratio_text(1.0996, 1.1) == "1.0996x"
+    assert ratio_text(1.10004, 1.1) == "1.1000x"  # past 4 decimals it stops: the verdict beside it still says FAIL
