@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -553,6 +554,25 @@ def test_guidance_student_starts_as_its_teacher_and_its_loss_falls(tmp_path, tin
                lr=2e-3, log_every=10))
     log = _log(out2)
     assert log[-1]["loss"] < log[0]["loss"], log
+
+
+def test_time_limit_counts_the_runs_recorded_time_and_a_resume_says_what_is_left(tmp_path, tiny_data, capsys):
+    """--time-limit bounds the run's training in all, across resumes: a resume whose checkpoint records more than
+    the limit takes one step and stops, and says so; one with time left says how much."""
+    out = tmp_path / "run"
+    train(_cfg("diffusion", out, tiny_data, steps=2))
+    tensors, meta = ckpt.load_checkpoint(out / "last.safetensors")
+    meta["train"]["elapsed_s"] = 7200.0  # two hours of an earlier call
+    ckpt.save_checkpoint(out / "last.safetensors", tensors, meta)
+    capsys.readouterr()
+    train(_cfg("diffusion", out, tiny_data, steps=4, time_limit_min=100))
+    assert "--time-limit 100 min counts the run's training in all: 120.0 min recorded, none left" in capsys.readouterr().out
+    _, meta = ckpt.load_checkpoint(out / "last.safetensors")
+    assert meta["train"]["step"] == 3 and meta["train"]["elapsed_s"] >= 7200
+    train(_cfg("diffusion", out, tiny_data, steps=4, time_limit_min=150))  # 30 min left: far more than a tiny step
+    assert re.search(r"in all: 120\.\d min recorded, (29\.\d|30\.0) min left", capsys.readouterr().out)
+    _, meta = ckpt.load_checkpoint(out / "last.safetensors")
+    assert meta["train"]["step"] == 4 and _log(out)[-1]["elapsed_s"] >= 7200
 
 
 def test_step_distillation_resumes_across_a_stage_boundary_exactly(tmp_path, tiny_data):

@@ -83,7 +83,8 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000
     ckpt_every: int = 500
-    time_limit_min: float | None = None  # stop (and save) after this many minutes of training
+    time_limit_min: float | None = None  # stop (and save) once the run has trained this many minutes in all,
+    # across resumes (the time its checkpoint records counts), so one recipe line stops a run at the same point
     progress: bool = True
     command: str | None = None        # the command line, recorded in the checkpoint
 
@@ -632,6 +633,12 @@ def train(cfg: TrainConfig) -> Path:
         history = old["train"].get("last_losses", {})
         if rank == 0:
             print(f"resuming {cfg.kind} from {last} at step {step}", flush=True)
+            if cfg.time_limit_min is not None:
+                left = cfg.time_limit_min - elapsed / 60
+                print(f"--time-limit {cfg.time_limit_min:g} min counts the run's training in all: {elapsed / 60:.1f} "
+                      f"min recorded, " + (f"{left:.1f} min left" if left > 0 else
+                                           "none left: one step, then stop (raise the limit to train on)"),
+                      flush=True)
             for w in warnings:
                 print(f"warning: {w}", file=sys.stderr, flush=True)
     if step >= cfg.steps:
@@ -847,7 +854,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--time-limit", type=float, default=None, help="stop and save after this many minutes")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop and save once the run has trained this many minutes in all (a resume counts the minutes its checkpoint records)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -963,7 +971,8 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=250)
-    p.add_argument("--time-limit", type=float, default=None, help="stop and save after this many minutes")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop and save once the run has trained this many minutes in all (a resume counts the minutes its checkpoint records)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
