@@ -566,7 +566,8 @@ def test_time_limit_counts_the_runs_recorded_time_and_a_resume_says_what_is_left
     ckpt.save_checkpoint(out / "last.safetensors", tensors, meta)
     capsys.readouterr()
     train(_cfg("diffusion", out, tiny_data, steps=4, time_limit_min=100))
-    assert "--time-limit 100 min counts the run's training in all: 120.0 min recorded, none left" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--time-limit 100 min counts the run's training in all: 120.0 min recorded, none left" in said
     _, meta = ckpt.load_checkpoint(out / "last.safetensors")
     assert meta["train"]["step"] == 3 and meta["train"]["elapsed_s"] >= 7200
     train(_cfg("diffusion", out, tiny_data, steps=4, time_limit_min=150))  # 30 min left: far more than a tiny step

@@ -819,6 +819,10 @@ def evaluate_classifier(clf, data_dir=None, split="test") -> float:
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 
+TIME_LIMIT_HELP = ("stop and save once the run has trained this many minutes in all (a resume counts the minutes "
+                   "its checkpoint records)")
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="trident train", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -854,8 +858,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop and save once the run has trained this many minutes in all (a resume counts the minutes its checkpoint records)")
+    p.add_argument("--time-limit", type=float, default=None, help=TIME_LIMIT_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -971,8 +974,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=250)
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop and save once the run has trained this many minutes in all (a resume counts the minutes its checkpoint records)")
+    p.add_argument("--time-limit", type=float, default=None, help=TIME_LIMIT_HELP)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
