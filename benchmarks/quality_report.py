@@ -150,11 +150,10 @@ def distillation_section(res: list[dict]) -> list[str]:
         for r in [student(res, n, g)] + interval_students(studs, g, n):
             if not (r and t):
                 continue
-            ratio = r["fd"] / t["fd"]
+            ratio, bound = r["fd"] / t["fd"], STUDENT_TARGETS["fd_ratio"]
             interval = f" (guidance at t >= {r['guidance_t_min']} only)" if r.get("guidance_t_min") else ""
-            md.append(f"| student, {n} steps, guidance {g:g}{interval}: FD <= {STUDENT_TARGETS['fd_ratio']:g}x the "
-                      f"teacher's ({t['fd']:.1f}) | {r['fd']:.1f} = {ratio_text(ratio, STUDENT_TARGETS['fd_ratio'])} | "
-                      f"{_verdict(ratio <= STUDENT_TARGETS['fd_ratio'])} |")
+            md.append(f"| student, {n} steps, guidance {g:g}{interval}: FD <= {bound:g}x the teacher's "
+                      f"({t['fd']:.1f}) | {r['fd']:.1f} = {ratio_text(ratio, bound)} | {_verdict(ratio <= bound)} |")
     r, t = student(res, n, 3.0), g3
     if r and t:
         drop = t["agreement"] - r["agreement"]
@@ -247,7 +246,8 @@ def render_markdown(report: dict, pictures: dict[str, str]) -> str:
                 ("diversity", f"within-class diversity >= {GAN_TARGETS['diversity']:.2f} of real data",
                  lambda v, g: f"{v[0]:.2f}"),
                 ("fd_vs_unguided_diffusion", f"FD <= {GAN_TARGETS['fd_vs_unguided_diffusion']:g}x unguided "
-                 f"DPM-Solver++-20 ({unguided['fd']:.1f})", lambda v, g: f"{g['fd']:.1f} = {v[0]:.2f}x")]
+                 f"DPM-Solver++-20 ({unguided['fd']:.1f})",
+                 lambda v, g: f"{g['fd']:.1f} = {ratio_text(v[0], GAN_TARGETS['fd_vs_unguided_diffusion'])}")]
         for key, text, fmt in rows:
             md.append(f"| {text} | " + " | ".join(
                 f"{fmt(v[2][key], v[0])} {'pass' if v[2][key][1] else 'FAIL'}" for v in verdicts.values()) + " |")

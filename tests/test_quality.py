@@ -382,3 +382,4 @@ def test_ratio_text_shows_the_digits_that_keep_a_ratio_off_its_bound():
     assert ratio_text(1.0862, 1.1) == "1.09x" and ratio_text(1.2, 1.1) == "1.20x" and ratio_text(1.1, 1.1) == "1.10x"
     assert ratio_text(1.1006, 1.1) == "1.101x" and ratio_text(1.0996, 1.1) == "1.0996x"
     assert ratio_text(1.10004, 1.1) == "1.1000x"  # past 4 decimals it stops: the verdict beside it still says FAIL
+    assert ratio_text(3.004, 3) == "3.004x" and ratio_text(3.05, 3) == "3.05x"  # the GAN's bound, 3x
